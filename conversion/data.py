@@ -1,0 +1,109 @@
+"""Offline training data for NAtS-L recovery: local text or a saved `datasets` dataset, packed.
+
+`load_packed_dataset(path, tokenizer, seq_len)` accepts
+
+- a text file (``.txt``, ``.md``, ``.rst``, ... any UTF-8 text): one document per file;
+- a directory of text files (searched recursively for ``*.txt``, ``*.md``, ``*.rst``);
+- a directory written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` with a
+  ``text`` column (or an ``input_ids`` column, already tokenised); for a `DatasetDict` the
+  ``train`` split is used unless `split` says otherwise.
+
+Every document is tokenised, an EOS token is appended, all documents are concatenated and cut
+into blocks of exactly `seq_len` tokens (the remainder is dropped), the usual
+`run_clm.py` "group_texts" packing. Each example has ``input_ids``, ``attention_mask`` and
+``labels`` (= ``input_ids``; the model shifts them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _read_text_files(path: Path) -> list[str]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(
+                f"No text files ({', '.join(TEXT_SUFFIXES)}) under {path}. Pass a text file, a directory of "
+                "text files, or a directory written by `datasets.Dataset.save_to_disk`."
+            )
+    texts = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            texts.append(text)
+    return texts
+
+
+def load_texts_or_ids(path: str | os.PathLike, split: str = "train"):
+    """Load the raw data at `path`: -> ("text", list[str]) or ("input_ids", datasets.Dataset)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist: pass a text file, a directory of .txt files, "
+                                "or a dataset saved with `save_to_disk`.")
+    if not _is_saved_dataset(path):
+        return "text", _read_text_files(path)
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ValueError(f"Saved DatasetDict at {path} has splits {list(ds)}, not {split!r}; pass split=...")
+        ds = ds[split]
+    if "input_ids" in ds.column_names:
+        return "input_ids", ds
+    if "text" in ds.column_names:
+        return "text", [t for t in ds["text"] if t and t.strip()]
+    raise ValueError(
+        f"Saved dataset at {path} has columns {ds.column_names}; NAtS-L distillation needs a 'text' column "
+        "(raw text) or an 'input_ids' column (tokenised). Rename the column with `dataset.rename_column`."
+    )
+
+
+def pack(token_lists, seq_len: int, eos_token_id: int | None) -> list[list[int]]:
+    """Concatenate token lists (EOS between documents) and cut into full blocks of `seq_len`."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
+            stream.append(eos_token_id)
+    n_blocks = len(stream) // seq_len
+    return [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_blocks)]
+
+
+def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max_blocks: int | None = None):
+    """Tokenise and pack the data at `path` into a `datasets.Dataset` of `seq_len`-token blocks."""
+    from datasets import Dataset
+
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: need at least 2 tokens per block for next-token prediction.")
+    kind, data = load_texts_or_ids(path, split)
+    if kind == "text":
+        token_lists = tokenizer(data, add_special_tokens=False)["input_ids"]
+    else:
+        token_lists = data["input_ids"]
+    blocks = pack(token_lists, seq_len, tokenizer.eos_token_id)
+    if not blocks:
+        total = sum(len(t) for t in token_lists)
+        raise ValueError(
+            f"{path} holds {total} tokens, fewer than one block of --seq-len {seq_len}: add text or lower --seq-len."
+        )
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    return Dataset.from_dict({
+        "input_ids": blocks,
+        "attention_mask": [[1] * seq_len for _ in blocks],
+        "labels": [list(b) for b in blocks],
+    })
+
+
+__all__ = ["load_packed_dataset", "load_texts_or_ids", "pack"]

@@ -1,0 +1,526 @@
+"""Recover a converted NAtS-L model's quality with two `Trainer` stages (SPEC.md section 5).
+
+Stage 1 -- attention transfer (LoLCATs / RADLADS practice).
+    Only the new NAtS-L parameters train (router, GDN conv / gates / output norm and gate,
+    alpha); every weight copied from the source stays frozen. Each NAtS-L layer is fed the
+    *source model's* input to that layer (captured with forward pre-hooks on a frozen copy of
+    the source running alongside) and its attention output is matched to the source layer's
+    attention output (captured with forward hooks), so the layers train independently and the
+    target is exactly what the source attention computes. The loss is
+
+        align_loss  = mean over NAtS-L layers of ||o_natsl - o_src||^2 / ||o_src||^2
+        loss        = align_loss + router_loss
+
+    where `router_loss` (computed by the model in train mode) is the budget term
+    `router_loss_weight * (mean p_softmax - softmax_budget)_+^2` per layer, which pushes chunks
+    to the GDN branch. The alignment is relative (scale-free per layer) so that it and the
+    router loss are commensurate for any model width.
+
+Stage 2 -- end-to-end fine-tuning.
+    `loss = lm_loss + router_loss + kd_weight * T^2 KL(p_src(T) || p_natsl(T))` on all
+    parameters, or on LoRA adapters (PEFT) on q/k/v/o and the new projections (a_proj, b_proj,
+    gdn_gate_proj). With LoRA the router and the small GDN parameters keep their stage-1 values.
+
+Both stages log, every logging step, through `Trainer.log` (console / TensorBoard / W&B):
+`softmax_fraction` (realised, over routable chunks), `router_loss`, and `align_loss`
+(stage 1) or `lm_loss` / `kd_loss` (stage 2), averaged over the steps since the last log and
+across processes.
+
+Works with gradient checkpointing (non-reentrant), bf16 autocast, `accelerate launch`
+(DDP; FSDP with `NatslDecoderLayer` as the wrap unit, see accelerate_configs/), resuming from
+a Trainer checkpoint (`--resume`), and PEFT LoRA.
+
+CLI::
+
+    natsl-distill --stage 1 --model CONVERTED_DIR --source SOURCE_DIR --data TEXT_OR_DATASET \\
+        --output-dir OUT [--max-steps N --lr LR --batch-size B --seq-len T --softmax-budget F \\
+        --kd-weight W --kd-temperature T --lora --bf16 --gradient-checkpointing --resume [CKPT]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from natsl_hf import NatslForCausalLM
+
+# Parameters a conversion adds to a NAtS-L layer (names relative to NatslAttention).
+NATSL_PARAM_KEYS = ("router.", "gdn_conv.", "a_proj.", "b_proj.", "A_log", "dt_bias", "gdn_gate_proj.",
+                    "gdn_norm.", "gdn_alpha")
+# LoRA targets in stage 2: the source attention projections and the new token-wise projections.
+# (The router reads `proj.weight` functionally, so it is not a LoRA target.)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "a_proj", "b_proj", "gdn_gate_proj")
+
+
+# ---------------------------------------------------------------------------- model helpers
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The NatslForCausalLM / source *ForCausalLM behind DDP / FSDP / PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """`model.model.layers` of a Llama-style causal LM (NAtS-L or source), through wrappers."""
+    base = _unwrap(model)
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(
+            f"{type(base).__name__} has no `model.layers`: natsl-distill needs a Llama/Qwen2/Qwen3-style "
+            "causal LM (the source) and a NatslForCausalLM (the converted model)."
+        )
+    return layers
+
+
+def natsl_layer_indices(model: nn.Module) -> list[int]:
+    return [i for i, layer in enumerate(decoder_layers(model)) if getattr(layer.self_attn, "natsl", False)]
+
+
+def is_natsl_parameter(name: str) -> bool:
+    """Whether a (NatslForCausalLM) parameter name is one of the parameters conversion adds."""
+    if ".self_attn." not in name:
+        return False
+    local = name.split(".self_attn.", 1)[1]
+    return local.startswith(NATSL_PARAM_KEYS)
+
+
+def freeze_for_stage1(model: NatslForCausalLM) -> list[str]:
+    """Train only the new NAtS-L parameters; returns their names."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_natsl_parameter(name))
+        if param.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(
+            "The model has no NAtS-L layers (config.natsl_layers is empty), so stage 1 has nothing to train."
+        )
+    return trainable
+
+
+def apply_lora(model: NatslForCausalLM, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """Wrap the model with PEFT LoRA adapters on q/k/v/o and the new NAtS-L projections."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is in the `train` extra
+        raise ImportError("--lora needs PEFT: pip install 'natsl-hf[train]' (or pip install peft).") from err
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a source model that is not the one the NAtS-L model was converted from (shapes)."""
+    s, t = _unwrap(student).config, _unwrap(teacher).config
+    for field in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if getattr(s, field) != getattr(t, field):
+            raise ValueError(
+                f"--source does not match --model: {field} is {getattr(t, field)} in the source and "
+                f"{getattr(s, field)} in the NAtS-L model. Pass the checkpoint the model was converted from."
+            )
+
+
+class AttentionTransfer:
+    """Forward hooks that feed each NAtS-L layer the source's layer input and collect both attention outputs.
+
+    Teacher side: a pre-hook on each source decoder layer records its input hidden states, a hook
+    on its `self_attn` records the attention output (before the residual). Student side: a pre-hook
+    on each NAtS-L decoder layer replaces its input with the recorded source input (so layers train
+    independently and the target is exact), and a hook on `self_attn` records its output.
+    The hooks act only while `enabled` is True (the trainer enables them for the forward *and* backward
+    of each training step, since recomputation under gradient checkpointing re-runs them with the same
+    recorded tensors); otherwise both models run untouched. `remove()` detaches them.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.enabled = False
+        self.layers = natsl_layer_indices(student)
+        self.teacher_in: dict[int, torch.Tensor] = {}
+        self.teacher_out: dict[int, torch.Tensor] = {}
+        self.student_out: dict[int, torch.Tensor] = {}
+        self.handles = []
+        s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
+        for i in self.layers:
+            self.handles += [
+                t_layers[i].register_forward_pre_hook(self._save_teacher_input(i), with_kwargs=True),
+                t_layers[i].self_attn.register_forward_hook(self._save(self.teacher_out, i)),
+                s_layers[i].register_forward_pre_hook(self._inject_teacher_input(i), with_kwargs=True),
+                s_layers[i].self_attn.register_forward_hook(self._save(self.student_out, i)),
+            ]
+
+    def _save_teacher_input(self, i):
+        def hook(module, args, kwargs):
+            if self.enabled:
+                self.teacher_in[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    def _inject_teacher_input(self, i):
+        def hook(module, args, kwargs):
+            if not self.enabled:
+                return None
+            if i not in self.teacher_in:
+                raise RuntimeError("AttentionTransfer: run the source model on the batch before the NAtS-L model.")
+            hidden = self.teacher_in[i].to(dtype=(args[0] if args else kwargs["hidden_states"]).dtype)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+        return hook
+
+    def _save(self, store, i):
+        def hook(module, args, output):
+            if self.enabled:
+                store[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def clear(self):
+        self.teacher_in.clear()
+        self.teacher_out.clear()
+        self.student_out.clear()
+
+    def loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over NAtS-L layers of the relative squared error of the attention outputs."""
+        losses = []
+        for i in self.layers:
+            s, t = self.student_out[i].float(), self.teacher_out[i].float()
+            if attention_mask is not None:
+                m = attention_mask[..., None].to(s.dtype)
+                err = ((s - t) ** 2 * m).sum() / (t**2 * m).sum().clamp_min(1e-12)
+            else:
+                err = ((s - t) ** 2).sum() / (t**2).sum().clamp_min(1e-12)
+            losses.append(err)
+        return torch.stack(losses).mean()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def route_budget_loss(routes, config) -> torch.Tensor:
+    """Sum over NAtS-L layers of `router_loss_weight * (mean m - softmax_budget)_+^2` over routable chunks,
+    with m = h + p - stopgrad(p) the straight-through route weight (value: the hard route)."""
+    total = None
+    for r in routes:
+        n = r.routable.sum()
+        if n == 0:
+            term = r.weight.sum() * 0.0
+        else:
+            frac = (r.weight * r.routable).sum() / n
+            term = config.router_loss_weight * torch.relu(frac - config.softmax_budget) ** 2
+        total = term if total is None else total + term
+    return total
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=None) -> torch.Tensor:
+    """`T^2 KL(softmax(t/T) || softmax(s/T))` per token, averaged over real tokens."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    if attention_mask is not None:
+        m = attention_mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
+    return kl.mean() * temperature**2
+
+
+# ---------------------------------------------------------------------------- Trainer
+class NatslDistillTrainer(Trainer):
+    """`Trainer` for both NAtS-L recovery stages (see the module docstring).
+
+    Args:
+        stage: 1 (attention transfer, only new parameters) or 2 (LM loss + optional logit KD).
+        teacher: the frozen source model (required for stage 1 and for stage 2 with kd_weight > 0).
+        kd_weight, kd_temperature: stage-2 logit distillation weight and temperature.
+        budget_on: "prob" (default) uses the model's router loss, a hinge on the mean router probability
+            p (SPEC.md section 2). "route" replaces it by the same hinge on the straight-through route
+            weight m (value: the realised hard fraction, gradient: that of p), so the penalty stops once
+            the *realised* fraction is within budget; with "prob", homogeneous p ~ budget < 0.5 routes
+            every chunk to GDN (realised fraction 0).
+        Everything else is passed to `Trainer` (model, args, train_dataset, data_collator, callbacks, ...).
+    """
+
+    def __init__(self, *args, stage: int, teacher: nn.Module | None = None, kd_weight: float = 0.0,
+                 kd_temperature: float = 1.0, budget_on: str = "prob", **kwargs):
+        if stage not in (1, 2):
+            raise ValueError(f"stage={stage!r}: expected 1 (attention transfer) or 2 (LM / KD fine-tuning).")
+        if (stage == 1 or kd_weight > 0) and teacher is None:
+            raise ValueError(f"stage {stage}{' with kd_weight > 0' if stage == 2 else ''} needs the source model "
+                             "as `teacher` (CLI: --source SOURCE_DIR).")
+        if kd_temperature <= 0:
+            raise ValueError(f"kd_temperature={kd_temperature}: expected > 0.")
+        if budget_on not in ("prob", "route"):
+            raise ValueError(f"budget_on={budget_on!r}: expected 'prob' (the model's router loss) or 'route'.")
+        super().__init__(*args, **kwargs)
+        self.stage, self.kd_weight, self.kd_temperature = stage, kd_weight, kd_temperature
+        self.budget_on = budget_on
+        self.teacher = None
+        if teacher is not None:
+            check_pair(self.model, teacher)
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.transfer = AttentionTransfer(self.model, self.teacher) if stage == 1 else None
+        self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: Trainer divides by GA steps
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.transfer is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self.transfer.enabled = True  # forward, and backward (recomputation under gradient checkpointing)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.transfer.enabled = False
+            self.transfer.clear()
+
+    def _router_loss(self, outputs, like: torch.Tensor) -> torch.Tensor:
+        if self.budget_on == "prob":
+            return outputs.router_loss if outputs.router_loss is not None else like.new_zeros(())
+        return route_budget_loss(outputs.routes, _unwrap(self.model).config)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        if self.budget_on == "route":
+            inputs["output_routes"] = True
+        mask = inputs.get("attention_mask")
+        if self.stage == 1:
+            if not self.transfer.enabled:
+                raise RuntimeError("Stage-1 losses are defined for training steps only (no evaluation loop).")
+            inputs.pop("labels", None)
+            self.transfer.clear()
+            with torch.no_grad():
+                self.teacher.model(input_ids=inputs["input_ids"], attention_mask=mask, use_cache=False)
+            # logits are not used in stage 1: compute them for the last position only
+            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+            align = self.transfer.loss(mask)
+            router = self._router_loss(outputs, align)
+            loss = align + router
+            metrics = {"align_loss": align, "router_loss": router}
+        else:
+            outputs = model(**inputs, use_cache=False)
+            if outputs.lm_loss is None:
+                raise ValueError("Stage 2 needs `labels` in the batch (load_packed_dataset provides them).")
+            router = self._router_loss(outputs, outputs.lm_loss)
+            loss = outputs.lm_loss + router
+            metrics = {"lm_loss": outputs.lm_loss, "router_loss": router}
+            if self.kd_weight > 0:
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=mask, use_cache=False).logits
+                kd = kd_loss(outputs.logits, t_logits, self.kd_temperature, mask)
+                loss = loss + self.kd_weight * kd
+                metrics["kd_loss"] = kd
+        if outputs.softmax_fraction is not None:
+            metrics["softmax_fraction"] = outputs.softmax_fraction
+        if model.training:
+            for key, value in metrics.items():
+                self._metrics[key].append(value.detach().float())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the NAtS-L metrics (mean since the last log, across processes) to the Trainer logs."""
+        if self._metrics and "loss" in logs:
+            for key, values in self._metrics.items():
+                value = torch.stack(values).nanmean().to(self.args.device)
+                value = self.accelerator.reduce(value, reduction="mean")
+                logs[key] = round(float(value), 6)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="natsl-distill",
+        description="Recover a converted NAtS-L model: stage 1 (attention transfer, new parameters only) "
+        "or stage 2 (LM loss + optional logit KD, full or LoRA) with transformers.Trainer.",
+    )
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--model", required=True, help="converted NAtS-L checkpoint directory (natsl-convert output)")
+    p.add_argument("--source", help="source checkpoint directory (the model converted from); stage 1 and KD")
+    p.add_argument("--data", required=True, help="text file, directory of .txt/.md files, or save_to_disk dataset")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 stage 1, 2e-5 stage 2, "
+                   "2e-4 stage 2 with --lora)")
+    p.add_argument("--batch-size", type=int, default=1, help="per-device batch size")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--max-blocks", type=int, default=None, help="use at most this many packed blocks")
+    p.add_argument("--softmax-budget", type=float, default=None, help="override config.softmax_budget")
+    p.add_argument("--router-loss-weight", type=float, default=None, help="override config.router_loss_weight")
+    p.add_argument("--budget-on", choices=("prob", "route"), default="prob",
+                   help="budget hinge on the mean router probability (model's router loss, default) or on the "
+                   "straight-through route weight, i.e. the realised fraction (see NatslDistillTrainer)")
+    p.add_argument("--kd-weight", type=float, default=0.0, help="stage 2: weight of the logit KD term")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--lora", action="store_true", help="stage 2: train LoRA adapters instead of all weights")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from the last checkpoint in --output-dir, or from the given checkpoint dir")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--save-total-limit", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-to", default="none", help="Trainer report_to (e.g. tensorboard, wandb, none)")
+    p.add_argument("--no-save-final", action="store_true", help="do not write the final model to --output-dir")
+    return p
+
+
+def _load_tokenizer(*dirs):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for d in dirs:
+        if d is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(d)
+        except (OSError, ValueError) as err:
+            errors.append(f"{d}: {err}")
+    raise OSError("No tokenizer found in --model or --source; save one beside the checkpoint "
+                  "(tokenizer.save_pretrained(dir)).\n" + "\n".join(errors))
+
+
+def load_source(path: str, dtype=torch.float32):
+    """The frozen source model (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM
+
+    import natsl_hf  # noqa: F401  (a NAtS-L checkpoint may serve as source too)
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def training_arguments(args, stage: int) -> TrainingArguments:
+    lr = args.lr if args.lr is not None else (1e-3 if stage == 1 else (2e-4 if args.lora else 2e-5))
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        warmup_steps=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        report_to=args.report_to,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        disable_tqdm=False,
+    )
+
+
+def prepare_student(model: NatslForCausalLM, stage: int, *, lora: bool = False, lora_r: int = 16,
+                    lora_alpha: int = 32, softmax_budget: float | None = None,
+                    router_loss_weight: float | None = None):
+    """Set the budget overrides and the trainable parameters for `stage`; returns the model to train."""
+    if softmax_budget is not None:
+        model.config.softmax_budget = float(softmax_budget)
+    if router_loss_weight is not None:
+        model.config.router_loss_weight = float(router_loss_weight)
+    model.config._validate_natsl()
+    model.config.use_cache = False
+    if stage == 1:
+        if lora:
+            raise ValueError("--lora applies to stage 2; stage 1 already trains only the new NAtS-L parameters.")
+        freeze_for_stage1(model)
+        return model
+    model.requires_grad_(True)
+    return apply_lora(model, lora_r, lora_alpha) if lora else model
+
+
+def check_routable(config, seq_len: int) -> None:
+    need = (config.num_sink_chunks + 1) * config.chunk_size
+    if config.natsl_layers and seq_len < need:
+        raise ValueError(
+            f"--seq-len {seq_len} leaves no routable chunk (chunk_size={config.chunk_size}, "
+            f"num_sink_chunks={config.num_sink_chunks}): use --seq-len >= {need}, a multiple of the chunk size."
+        )
+
+
+def save_final(trainer: NatslDistillTrainer, output_dir: str, tokenizer=None) -> None:
+    """Write the trained NAtS-L model (LoRA merged) with save_pretrained (keeps auto_map)."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # PEFT
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(output_dir)
+    else:
+        _unwrap(model).config.use_cache = True
+        trainer.save_model(output_dir)
+    if tokenizer is not None and trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+
+
+def train(args: argparse.Namespace) -> NatslDistillTrainer:
+    """Run one stage as parsed by `build_parser()`; returns the trainer (model trained, final model saved)."""
+    from .data import load_packed_dataset
+
+    if args.stage == 1 and not args.source:
+        raise SystemExit("natsl-distill: stage 1 needs --source SOURCE_DIR (the model that was converted).")
+    if args.stage == 2 and args.kd_weight > 0 and not args.source:
+        raise SystemExit("natsl-distill: --kd-weight > 0 needs --source SOURCE_DIR (the KD teacher).")
+    if not Path(args.model, "config.json").exists():
+        raise SystemExit(f"natsl-distill: --model {args.model} has no config.json; pass a natsl-convert output dir.")
+
+    model = NatslForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = _load_tokenizer(args.model, args.source)
+    check_routable(model.config, args.seq_len)
+    model = prepare_student(model, args.stage, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            softmax_budget=args.softmax_budget, router_loss_weight=args.router_loss_weight)
+    teacher = None
+    if args.stage == 1 or args.kd_weight > 0:
+        teacher = load_source(args.source, torch.bfloat16 if args.bf16 else torch.float32)
+    train_args = training_arguments(args, args.stage)
+    with train_args.main_process_first(desc="tokenise and pack"):
+        dataset = load_packed_dataset(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+    trainer = NatslDistillTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=dataset,
+        stage=args.stage,
+        teacher=teacher,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
+        budget_on=args.budget_on,
+    )
+    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.save_state()  # trainer_state.json (log history with the NAtS-L metrics) in --output-dir
+    if not args.no_save_final:
+        save_final(trainer, args.output_dir, tokenizer)
+    return trainer
+
+
+def main(argv=None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

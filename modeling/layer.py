@@ -1,0 +1,368 @@
+"""NatslAttention: the token-routed NAtS-L attention layer (SPEC.md sections 2-3).
+
+hidden x [B, T, D]
+  -> q, k, v with the source model's projections (biases, q/k norms, GQA layout kept)
+  -> router: per complete chunk of C tokens and KV group, softmax or linear (GDN)
+  -> softmax branch: causal softmax over the own chunk + earlier softmax chunks (RoPE'd q, k)
+  -> GDN branch: q~, k~ = L2norm(SiLU(conv(q, k before RoPE))), beta = sigmoid(b_proj x),
+     g = -exp(A_log) softplus(a_proj x + dt_bias); state written by linear chunks only,
+     read out inter-chunk
+  -> o = o_softmax + alpha_h * RMSNormGated(o_gdn, gate_proj x)   (alpha starts at 0)
+  -> o_proj
+
+A layer built with `natsl=False` is the source's plain softmax attention (no router, no GDN):
+every chunk counts as softmax, so the same code, cache and tests serve both.
+
+Decisions beyond SPEC.md (documented here, tested in tests/):
+- Chunks are counted per row over real (non-padding) tokens, so a left-padded prompt is
+  chunked exactly as the same prompt alone.
+- The GDN branch reads q and k after the source's q/k norm (Qwen3) and before RoPE.
+- The GDN output gate is its own projection (`gdn_gate_proj`, like fla's `g_proj`), normed
+  per head with one weight shared by heads (fla's FusedRMSNormGated(head_dim)).
+- `route_override="linear"` forces every routable chunk to GDN; sink chunks stay softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels, reference
+from .router import NatslRouter, Routes, decide_routes, router_loss
+from .state import NatslLayerState, append_kept, gather_open
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D], cos/sin: [B, T, D] -> [B, T, H, D]."""
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, fp32 inside (Llama's): the source's q/k norm, the GDN output norm
+    and the decoder norms."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+KERNEL_CHUNK_SIZES = (16, 32, 64)  # what modeling/kernels/gdn_branch.py takes
+
+
+def use_reference() -> bool:
+    return os.environ.get("NATSL_FORCE_REFERENCE", "0") not in ("", "0")
+
+
+class NatslAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, natsl: bool = True):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.natsl = natsl
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.chunk_size = config.chunk_size
+        self.scaling = self.head_dim**-0.5
+        qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, qd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(qd, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        if not natsl:
+            return
+        H = self.num_kv_heads
+        self.router = NatslRouter(config.hidden_size, H)
+        self.gdn_conv = nn.Conv1d(qd + kd, qd + kd, config.gdn_conv_size, groups=qd + kd, bias=False)
+        self.a_proj = nn.Linear(config.hidden_size, H, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, H, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.gdn_gate_proj = nn.Linear(config.hidden_size, qd, bias=False)
+        self.gdn_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.gdn_alpha = nn.Parameter(torch.zeros(self.num_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    @staticmethod
+    def initial_gates(num_heads: int) -> dict[str, torch.Tensor]:
+        """Fresh GDN gate parameters as fla initialises them: A_log = log U(1, 16),
+        dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1] (clamped at 1e-4)."""
+        A_log = torch.empty(num_heads).uniform_(1, 16).log()
+        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        return {"A_log": A_log, "dt_bias": dt + torch.log(-torch.expm1(-dt))}
+
+    def branch_backend(self, x: torch.Tensor, state, token_mask) -> str:
+        """"kernels" or "reference" for this call (see modeling/kernels/README.md).
+
+        The Triton/fla kernels take whole, unpadded sequences with no cache prefix (training and a
+        first prefill) on CUDA, chunk sizes 16/32/64; everything else (CPU, padding, decode against
+        a cache) runs the reference, which defines the same maths. `config.use_kernels=False` or
+        NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1 takes the kernels on
+        CPU too when triton runs in interpreter mode (tests).
+        """
+        if use_reference() or not self.config.use_kernels:
+            return "reference"
+        if state is not None or token_mask is not None or self.chunk_size not in KERNEL_CHUNK_SIZES:
+            return "reference"
+        on_device = x.is_cuda or os.environ.get("NATSL_FORCE_KERNELS", "0") == "1"
+        return "kernels" if on_device and kernels.kernels_available(x) else "reference"
+
+    def _is_plain_decode(self, state, n: int, token_mask) -> bool:
+        """One real token per row, no gradient, and no row's open chunk closes with it."""
+        if state is None or n != 1 or token_mask is not None or torch.is_grad_enabled():
+            return False
+        return bool(((state.seen + 1) % self.chunk_size != 0).all())
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_mask: torch.Tensor | None = None,
+        state: NatslLayerState | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, dict]:
+        """
+        hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
+        token_mask: [B, n] bool, False = padding (None = all real)
+        state: the layer's state from earlier calls (None = start of the sequences)
+        return_state: also return the updated state (the cache's next state) in aux["state"]
+        -> (output [B, n, D], aux: router_loss, n_routable, n_softmax, routes, state)
+        """
+        B, n, _ = hidden_states.shape
+        C, dev = self.chunk_size, hidden_states.device
+        x = hidden_states
+        valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
+        seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
+        q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
+
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [B,n,Hq,D]
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B,n,Hkv,D]
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self._is_plain_decode(state, n, token_mask):
+            return self._decode_step(x, v, q_rot, k_rot, q, k, state, return_state)
+
+        # segment = cached open-chunk tokens (slots) + new tokens
+        if state is not None:
+            open_len, open_start = seen % C, seen - seen % C
+            slots = torch.arange(C, device=dev)
+            open_pos = torch.where(slots[None] < open_len[:, None], open_start[:, None] + slots[None], -1)
+            k_pos = torch.cat([open_pos, q_pos], 1)
+            seg_k, seg_v = torch.cat([state.open_k, k_rot], 1), torch.cat([state.open_v, v], 1)
+        else:
+            k_pos, seg_k, seg_v = q_pos, k_rot, v
+
+        routes, rel, complete = self._route(x, k_pos, seen, state)
+        token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
+        key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
+        key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
+        backend = self.branch_backend(x, state, token_mask)
+        if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
+            route_weight = routes.weight[:, : math.ceil(n / C)]
+            o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)
+        else:
+            prefix = None if state is None else (state.kept_k, state.kept_v, state.kept_valid)
+            o = reference.softmax_branch(
+                q_rot, seg_k, seg_v, q_pos, k_pos, key_hard, key_weight, C, self.scaling, prefix
+            )
+
+        new_seen = seen + valid_new.sum(1)
+        open_chunk = torch.div(new_seen, C, rounding_mode="floor")  # [B] chunk left open after the call
+        gdn = None
+        if self.natsl:
+            o_gdn, gdn = self._gdn_branch(
+                x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,
+                backend,
+            )
+            o = self._combine(o, o_gdn, x)
+        o = o * valid_new[..., None, None].to(o.dtype)
+        out = self.o_proj(o.flatten(2).to(x.dtype))
+
+        aux = {
+            "backend": backend,
+            "routes": routes,
+            "n_routable": routes.routable.sum(),
+            "n_softmax": (routes.hard & routes.routable).sum(),
+        }
+        if self.natsl and self.training:
+            aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
+        if return_state:
+            keep = key_hard & token_complete[..., None]
+            kept_k, kept_v, kept_valid = append_kept(state, seg_k.detach(), seg_v.detach(), keep, B)
+            new_state = NatslLayerState(
+                seen=new_seen,
+                kept_k=kept_k,
+                kept_v=kept_v,
+                kept_valid=kept_valid,
+                open_k=gather_open(seg_k.detach(), k_pos, open_chunk, C),
+                open_v=gather_open(seg_v.detach(), k_pos, open_chunk, C),
+            )
+            if gdn is not None:
+                for name, value in gdn.items():
+                    setattr(new_state, name, value)
+            aux["state"] = new_state
+        return out, aux
+
+    def _route(self, x, k_pos, seen, state) -> tuple[Routes, torch.Tensor, torch.Tensor]:
+        """Route the chunks of the segment.
+
+        -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
+        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool.
+        """
+        B, S = k_pos.shape
+        C = self.chunk_size
+        base = torch.div(seen, C, rounding_mode="floor")  # [B] first chunk of the segment
+        rel = torch.div(k_pos, C, rounding_mode="floor") - base[:, None]
+        N = int((torch.div(k_pos.max(1).values.clamp(min=0), C, rounding_mode="floor") - base).max()) + 1
+        rel = torch.where(k_pos >= 0, rel, torch.full_like(rel, N))
+        counts = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
+        counts.scatter_add_(1, rel, torch.ones_like(rel))
+        complete = counts[:, :N] == C  # padding went to the dummy chunk N
+        sink = (base[:, None] + torch.arange(N, device=x.device)) < self.config.num_sink_chunks
+        scores = None
+        if self.natsl:
+            n_new = x.shape[1]
+            rel_new = rel[:, S - n_new:]
+            sums = x.new_zeros(B, N + 1, x.shape[-1], dtype=torch.float32)
+            sums = sums.scatter_add(1, rel_new[..., None].expand(-1, -1, x.shape[-1]), x.float())
+            if state is not None:
+                sums[:, 0] = sums[:, 0] + state.router_sum
+            scores = self.router(sums[:, :N] / C)
+        routes = decide_routes(
+            scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
+        )
+        # dummy chunk N for padding: softmax, weight 1, not routable (its keys are masked anyway)
+        pad = lambda t, val: torch.cat([t, torch.full_like(t[:, :1], val)], 1)  # noqa: E731
+        routes = Routes(pad(routes.hard, True), pad(routes.weight, 1.0), pad(routes.prob, 0.0), pad(routes.routable, False))
+        return routes, rel, pad(complete, False)
+
+    def _gdn_inputs(self, x, q, k, valid_new, conv_state):
+        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n]
+        -> conv_in [B,n,(Hq+Hkv)*D] (conv input, padding zeroed), q~ [B,n,Hq,D], k~ [B,n,Hkv,D]
+        (L2-normalised fp32), beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding)."""
+        qd = self.num_heads * self.head_dim
+        conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1) * valid_new[..., None].to(x.dtype)
+        qk = F.silu(reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state))
+        q_g = reference.l2norm(qk[..., :qd].unflatten(-1, (self.num_heads, self.head_dim)))
+        k_g = reference.l2norm(qk[..., qd:].unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return conv_in, q_g, k_g, beta, g * valid_new[..., None]
+
+    def _combine(self, o: torch.Tensor, o_gdn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o + alpha_h * RMSNormGated(o_gdn, gdn_gate_proj x); o, o_gdn: [B,n,Hq,D]."""
+        z = self.gdn_gate_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        gated = self.gdn_norm(o_gdn.to(x.dtype)) * F.silu(z)
+        return o + gated * self.gdn_alpha.to(x.dtype)[:, None]
+
+    def _decode_step(self, x, v, q_rot, k_rot, q, k, state: NatslLayerState, return_state: bool):
+        """One new token per row that does not close its row's open chunk: no chunk is routed and
+        the GDN state does not change, so the GDN readout is exp(sum of g since the chunk start)
+        times q~ S_start. Same maths as the general path (tests compare them), far fewer ops."""
+        B, C, H = x.shape[0], self.chunk_size, self.num_kv_heads
+        seen = state.seen
+        slot = seen % C  # [B] the new token's slot in the open chunk
+        slots = torch.arange(C, device=x.device)
+        open_pos = torch.where(slots[None] < slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
+        k_pos = torch.cat([open_pos, seen[:, None]], 1)
+        seg_k, seg_v = torch.cat([state.open_k, k_rot], 1), torch.cat([state.open_v, v], 1)
+        ones = torch.ones(B, C + 1, H, device=x.device)
+        prefix = (state.kept_k, state.kept_v, state.kept_valid)
+        o = reference.softmax_branch(q_rot, seg_k, seg_v, seen[:, None], k_pos, ones.bool(), ones, C, self.scaling, prefix)
+        new_state = None
+        if self.natsl:
+            valid = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+            conv_in, q_g, k_g, beta, g = self._gdn_inputs(x, q, k, valid, state.conv_state)
+            decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,H]
+            qg = q_g[:, 0].unflatten(1, (H, -1))  # [B,H,G,D]
+            o_gdn = (qg @ state.gdn_state) * decay.exp()[..., None, None] * self.scaling  # [B,H,G,D]
+            o = self._combine(o, o_gdn.flatten(1, 2)[:, None], x)
+        out = self.o_proj(o.flatten(2).to(x.dtype))
+        if return_state:
+            put = lambda buf, val: buf.scatter(1, slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:]), val.to(buf.dtype))  # noqa: E731
+            new_state = NatslLayerState(
+                seen=seen + 1, kept_k=state.kept_k, kept_v=state.kept_v, kept_valid=state.kept_valid,
+                open_k=put(state.open_k, k_rot), open_v=put(state.open_v, v),
+            )
+            if self.natsl:
+                new_state.gdn_k, new_state.gdn_g = put(state.gdn_k, k_g), put(state.gdn_g, g)
+                new_state.gdn_beta, new_state.gdn_state = put(state.gdn_beta, beta), state.gdn_state
+                new_state.conv_state = torch.cat([state.conv_state, conv_in], 1)[:, 1:]
+                new_state.router_sum = state.router_sum + x[:, 0].float()
+        empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
+        routes = decide_routes(None, empty, empty, 1.0, None, H)
+        aux = {"backend": "reference", "routes": routes, "n_routable": routes.routable.sum(),
+               "n_softmax": routes.routable.sum()}
+        if new_state is not None:
+            aux["state"] = new_state
+        return out, aux
+
+    def _gdn_branch(
+        self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,
+        backend,
+    ):
+        """key_weight [B,S,Hkv]: route weight m of each segment token's chunk; token_complete [B,S].
+        -> o_gdn [B, n, Hq, D] fp32, the GDN part of the next state (or None)."""
+        B, n, _ = x.shape
+        C = self.chunk_size
+        conv_state = None if state is None else state.conv_state
+        conv_in, q_g, k_g, beta, g = self._gdn_inputs(x, q, k, valid_new, conv_state)
+
+        if state is not None:
+            k_g = torch.cat([state.gdn_k, k_g], 1)
+            g = torch.cat([state.gdn_g, g], 1)
+            beta = torch.cat([state.gdn_beta, beta], 1)
+            v_seg = torch.cat([state.open_v, v], 1)
+        else:
+            v_seg = v
+        # linear-routed complete chunks write with beta * (1 - m); everything else writes 0
+        beta_eff = beta * (1.0 - key_weight) * token_complete[..., None]
+        if backend == "kernels":
+            o_gdn, gdn_state = kernels.routed_gdn_readout(q_g, k_g, v_seg, g, beta_eff, C, self.scaling)
+        else:
+            init = None if state is None else state.gdn_state
+            until = open_chunk if return_state else None
+            o_gdn, gdn_state = reference.gdn_branch(
+                q_g, k_g, v_seg, g, beta_eff, q_pos, k_pos, C, self.scaling, init, until
+            )
+        if not return_state:
+            return o_gdn, None
+        W = self.gdn_conv.weight.shape[-1]
+        prev = conv_in.new_zeros(B, W - 1, conv_in.shape[-1]) if conv_state is None else conv_state
+        new_router = gather_open(x.float(), q_pos, open_chunk, C).sum(1)
+        if state is not None:
+            same_chunk = (open_chunk == torch.div(state.seen, C, rounding_mode="floor"))[:, None]
+            new_router = new_router + state.router_sum * same_chunk
+        return o_gdn, {
+            "gdn_k": gather_open(k_g.detach(), k_pos, open_chunk, C),
+            "gdn_g": gather_open(g.detach(), k_pos, open_chunk, C),
+            "gdn_beta": gather_open(beta.detach(), k_pos, open_chunk, C),
+            "gdn_state": gdn_state.detach(),
+            "conv_state": torch.cat([prev, conv_in.detach()], 1)[:, -(W - 1):] if W > 1 else prev,
+            "router_sum": new_router.detach(),
+        }

@@ -1,0 +1,352 @@
+"""NAtS-L decoder models: NatslPreTrainedModel, NatslModel, NatslForCausalLM.
+
+The decoder is the Llama / Qwen2 / Qwen3 block (pre-norm attention + SwiGLU MLP) with each
+attention replaced by `NatslAttention` (natsl_hf.modeling.layer): token-routed softmax / Gated
+DeltaNet attention. Layers outside `config.natsl_layers` keep plain softmax attention through the
+same module. Caching goes through `NatslCache` (natsl_hf.cache), which keeps only softmax
+chunks' KV plus the GDN state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import PreTrainedModel
+
+from .cache import NatslCache
+from .configuration_natsl import NatslConfig
+from .modeling.layer import NatslAttention, RMSNorm
+from .remote_code import write_remote_code
+
+
+@dataclass
+class NatslModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    router_loss: sum over NAtS-L layers of the budget loss (training only, else None).
+    softmax_fraction: realised fraction of routable chunks routed softmax, over all NAtS-L layers.
+    layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer (NaN where nothing routable).
+    routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
+    """
+
+    router_loss: torch.FloatTensor | None = None
+    softmax_fraction: torch.FloatTensor | None = None
+    layer_softmax_fraction: torch.FloatTensor | None = None
+    routes: tuple | None = None
+
+
+@dataclass
+class NatslCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`loss` = LM loss + router_loss (when labels are given). Other fields as NatslModelOutputWithPast."""
+
+    lm_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    softmax_fraction: torch.FloatTensor | None = None
+    layer_softmax_fraction: torch.FloatTensor | None = None
+    routes: tuple | None = None
+
+
+class NatslRMSNorm(RMSNorm):
+    """The decoder's RMSNorm (input / post-attention / final), the same maths as Llama's."""
+
+
+class NatslMLP(nn.Module):
+    def __init__(self, config: NatslConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NatslRotaryEmbedding(nn.Module):
+    """RoPE as in the source model (default / llama3 / yarn / linear / dynamic scaling)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: NatslConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: NatslConfig, device=None, seq_len=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+class NatslDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NatslConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = NatslAttention(config, layer_idx, natsl=config.is_natsl_layer(layer_idx))
+        self.mlp = NatslMLP(config)
+        self.input_layernorm = NatslRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = NatslRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_mask: torch.Tensor | None = None,
+        past_key_values: NatslCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, dict]:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        state = None if past_key_values is None else past_key_values.layer_state(self.layer_idx)
+        hidden_states, aux = self.self_attn(
+            hidden_states, position_embeddings, token_mask, state, return_state=past_key_values is not None
+        )
+        if past_key_values is not None:
+            past_key_values.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1])
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual + self.mlp(hidden_states)
+        return hidden_states, aux
+
+
+class NatslPreTrainedModel(PreTrainedModel):
+    config_class = NatslConfig
+    config: NatslConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NatslDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # the GDN state cannot be rolled back: assisted / speculative decoding must refuse
+    _is_stateful = True
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` plus the remote-code modules its `auto_map` names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NatslAttention) and module.natsl:
+            std = self.config.initializer_range
+            init.normal_(module.router.proj.weight, mean=0.0, std=std)
+            bias = torch.zeros(module.num_kv_heads, 2)
+            bias[:, 0] = self.config.router_init_bias
+            init.copy_(module.router.proj.bias, bias.flatten())
+            conv = torch.zeros_like(module.gdn_conv.weight)
+            conv[:, 0, -1] = 1.0
+            init.copy_(module.gdn_conv.weight, conv)
+            for proj in (module.a_proj, module.b_proj, module.gdn_gate_proj):
+                init.normal_(proj.weight, mean=0.0, std=std)
+            fresh = NatslAttention.initial_gates(module.num_kv_heads)
+            init.copy_(module.A_log, fresh["A_log"])
+            init.copy_(module.dt_bias, fresh["dt_bias"])
+            init.ones_(module.gdn_norm.weight)
+            init.zeros_(module.gdn_alpha)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, NatslRotaryEmbedding):
+            rope_fn = (
+                module.compute_default_rope_parameters
+                if module.rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[module.rope_type]
+            )
+            buffer_value, _ = rope_fn(module.config)
+            init.copy_(module.inv_freq, buffer_value)
+            init.copy_(module.original_inv_freq, buffer_value)
+
+
+class NatslModel(NatslPreTrainedModel):
+    def __init__(self, config: NatslConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([NatslDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = NatslRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = NatslRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: NatslCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routes: bool = False,
+        **kwargs,
+    ) -> NatslModelOutputWithPast:
+        """
+        attention_mask: 2D [B, past + n] or [B, n] with 1 for real tokens and 0 for padding (left or
+            right). 4D masks are refused: NAtS-L builds its routed mask itself.
+        position_ids: [B, n]; default: real-token positions from the mask and the cache, so a
+            left-padded row gets the positions it would have alone.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, n = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if past_key_values is not None and not isinstance(past_key_values, NatslCache):
+            raise TypeError(
+                f"NAtS-L models need a NatslCache, got {type(past_key_values).__name__}. Pass "
+                "`past_key_values=None` (the model creates one) or `natsl_hf.NatslCache(model.config)`."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = NatslCache(self.config)
+
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"NAtS-L takes a 2D attention_mask [batch, length] (1 = token, 0 = padding), got shape "
+                    f"{tuple(attention_mask.shape)}; it builds the routed causal mask itself."
+                )
+            token_mask = attention_mask[:, -n:].bool()
+            if bool(token_mask.all()):
+                token_mask = None
+        if position_ids is None:
+            state = None if past_key_values is None else past_key_values.layer_state(0)
+            seen = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device) if state is None else state.seen
+            valid = torch.ones(B, n, dtype=torch.long, device=inputs_embeds.device) if token_mask is None else token_mask.long()
+            position_ids = (seen[:, None] + valid.cumsum(1) - 1).clamp(min=0)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = () if output_hidden_states else None
+        router_loss, routes = None, []
+        n_routable, n_softmax = [], []  # per NAtS-L layer
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, aux = layer(hidden_states, position_embeddings, token_mask, past_key_values)
+            if not layer.self_attn.natsl:
+                continue
+            if "router_loss" in aux:
+                router_loss = aux["router_loss"] if router_loss is None else router_loss + aux["router_loss"]
+            n_routable.append(aux["n_routable"])
+            n_softmax.append(aux["n_softmax"])
+            if output_routes:
+                routes.append(aux["routes"])
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        fraction = layer_fraction = None
+        if n_routable:  # 0/0 -> NaN where nothing was routable (no complete non-sink chunk)
+            n_routable, n_softmax = torch.stack(n_routable).float(), torch.stack(n_softmax).float()
+            layer_fraction = (n_softmax / n_routable).detach()
+            fraction = (n_softmax.sum() / n_routable.sum()).detach()
+        return NatslModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            router_loss=router_loss,
+            softmax_fraction=fraction,
+            layer_softmax_fraction=layer_fraction,
+            routes=tuple(routes) if output_routes else None,
+        )
+
+
+class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: NatslConfig):
+        super().__init__(config)
+        self.model = NatslModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model creates its NatslCache itself
+        return False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: NatslCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routes: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> NatslCausalLMOutputWithPast:
+        """labels -> `loss` = next-token cross-entropy + router loss (the budget term, training only)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_routes=output_routes,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss if outputs.router_loss is None else lm_loss + outputs.router_loss
+        return NatslCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_loss=outputs.router_loss,
+            softmax_fraction=outputs.softmax_fraction,
+            layer_softmax_fraction=outputs.layer_softmax_fraction,
+            routes=outputs.routes,
+        )
+
+
+__all__ = ["NatslPreTrainedModel", "NatslModel", "NatslForCausalLM"]

@@ -1,0 +1,47 @@
+"""Shared helpers for the tests: tiny configs and models with mixed routing."""
+
+from __future__ import annotations
+
+import torch
+
+from natsl_hf import NatslConfig, NatslForCausalLM
+
+
+def tiny_config(**overrides) -> NatslConfig:
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        chunk_size=4,
+        num_sink_chunks=1,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return NatslConfig(**kwargs)
+
+
+def mix_routes(model: torch.nn.Module, seed: int = 0, router_std: float = 0.5, alpha_std: float = 1.0):
+    """Randomise routers (so chunks split between softmax and GDN) and switch the GDN output on."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "NatslAttention" and module.natsl:
+                module.router.proj.weight.copy_(torch.randn(module.router.proj.weight.shape, generator=g) * router_std)
+                module.router.proj.bias.zero_()
+                module.gdn_alpha.copy_(torch.randn(module.gdn_alpha.shape, generator=g) * alpha_std)
+                module.a_proj.weight.copy_(torch.randn(module.a_proj.weight.shape, generator=g) * 0.3)
+                module.b_proj.weight.copy_(torch.randn(module.b_proj.weight.shape, generator=g) * 0.3)
+                module.gdn_conv.weight.add_(torch.randn(module.gdn_conv.weight.shape, generator=g) * 0.2)
+    return model
+
+
+def tiny_model(seed: int = 0, mixed: bool = True, **overrides) -> NatslForCausalLM:
+    torch.manual_seed(seed)
+    model = NatslForCausalLM(tiny_config(**overrides)).eval()
+    return mix_routes(model, seed) if mixed else model

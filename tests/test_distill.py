@@ -1,0 +1,282 @@
+"""Recovery training (natsl_hf.conversion.distill) on tiny models built here: CPU, a few seconds each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+
+from natsl_hf import NatslForCausalLM
+from natsl_hf.conversion.data import load_packed_dataset, pack
+from natsl_hf.conversion.distill import (
+    AttentionTransfer,
+    NatslDistillTrainer,
+    is_natsl_parameter,
+    prepare_student,
+    save_final,
+)
+
+VOCAB, SEQ, CHUNK = 64, 32, 8
+
+
+def tiny_source(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_natsl(source, seed: int = 0, **options) -> NatslForCausalLM:
+    """A NAtS-L model with the source's weights (as natsl-convert does) and fresh NAtS-L parameters."""
+    from natsl_hf.conversion.convert import convert_model
+
+    torch.manual_seed(seed)
+    options.setdefault("chunk_size", CHUNK)
+    return convert_model(source, **options)
+
+
+def token_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """Sequences over a skewed 12-token alphabet with a repeated motif: learnable by a tiny LM."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        motif = torch.randint(3, 15, (4,), generator=g)
+        noise = torch.randint(3, 15, (SEQ,), generator=g)
+        seq = torch.where(torch.rand(SEQ, generator=g) < 0.7, motif.repeat(SEQ // 4), noise)
+        rows.append(seq.tolist())
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * SEQ] * n, "labels": rows})
+
+
+def targs(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), max_steps=20, learning_rate=1e-2, per_device_train_batch_size=4,
+                logging_steps=5, report_to="none", remove_unused_columns=False, save_strategy="no",
+                disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def batch(ds: Dataset, n: int = 8) -> dict:
+    return {k: torch.tensor(ds[:n][k]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+@torch.no_grad()
+def alignment(model, teacher, b) -> float:
+    transfer = AttentionTransfer(model, teacher)
+    transfer.enabled = True
+    try:
+        teacher.model(input_ids=b["input_ids"])
+        model(input_ids=b["input_ids"], use_cache=False)
+        return transfer.loss().item()
+    finally:
+        transfer.remove()
+
+
+@torch.no_grad()
+def lm_loss(model, b) -> float:
+    was = model.training
+    model.eval()
+    out = model(**b, use_cache=False)
+    model.train(was)
+    return out.lm_loss.item()
+
+
+@torch.no_grad()
+def fraction(model, b) -> float:
+    was = model.training
+    model.eval()
+    out = model(input_ids=b["input_ids"], use_cache=False)
+    model.train(was)
+    return out.softmax_fraction.item()
+
+
+def test_stage1_trains_only_new_parameters_and_lowers_alignment(tmp_path):
+    src = tiny_source()
+    # start GDN-heavy with no budget pressure: the alignment loss alone must bring back the chunks the
+    # (untrained) GDN branch cannot serve, through the straight-through route weights into the router
+    model = tiny_natsl(src, router_init_bias=-1.0, softmax_budget=1.0)
+    ds = token_dataset()
+    b = batch(ds)
+    before_align = alignment(model, src, b)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not is_natsl_parameter(n)}
+    prepare_student(model, 1)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=20, learning_rate=3e-2),
+                                  train_dataset=ds, stage=1, teacher=src)
+    trainer.train()
+    model.eval()
+    after_align = alignment(model, src, b)
+    assert before_align > 1e-3
+    assert after_align < 0.5 * before_align, (before_align, after_align)
+    for n, p in model.named_parameters():  # copied source weights untouched
+        if n in frozen:
+            torch.testing.assert_close(p, frozen[n], rtol=0, atol=0)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all({"align_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
+
+
+def test_stage1_router_loss_moves_softmax_fraction_toward_budget(tmp_path):
+    src = tiny_source()
+    model = tiny_natsl(src, softmax_budget=0.0, router_loss_weight=50.0, router_init_bias=1.0)
+    ds = token_dataset()
+    b = batch(ds)
+    before = fraction(model, b)
+    prepare_student(model, 1)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=16, logging_steps=2,
+                                                          learning_rate=5e-2),
+                                  train_dataset=ds, stage=1, teacher=src)
+    trainer.train()
+    after = fraction(model, b)
+    assert before > 0.9  # softmax-biased init
+    assert after < 0.5, (before, after)
+    logged = [e["softmax_fraction"] for e in trainer.state.log_history if "softmax_fraction" in e]
+    assert logged[-1] < logged[0]
+    router = [e["router_loss"] for e in trainer.state.log_history if "router_loss" in e]
+    assert router[-1] < router[0]
+
+
+def test_stage2_lowers_lm_loss_with_kd(tmp_path):
+    src = tiny_source()
+    model = tiny_natsl(src)
+    ds = token_dataset()
+    b = batch(ds)
+    before = lm_loss(model, b)
+    prepare_student(model, 2)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=20, learning_rate=3e-3),
+                                  train_dataset=ds, stage=2, teacher=src, kd_weight=0.1, kd_temperature=2.0)
+    trainer.train()
+    after = lm_loss(model, b)
+    assert after < before - 0.5, (before, after)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all({"lm_loss", "kd_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
+
+
+def test_stage2_lora_wraps_natsl_layers_and_saves_merged(tmp_path):
+    peft = pytest.importorskip("peft")
+    src = tiny_source()
+    model = tiny_natsl(src)
+    ds = token_dataset()
+    b = batch(ds)
+    before = lm_loss(model, b)
+    peft_model = prepare_student(model, 2, lora=True, lora_r=8, lora_alpha=16)
+    assert isinstance(peft_model, peft.PeftModel)
+    names = [n for n, _ in peft_model.named_modules()]
+    for layer in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "a_proj", "b_proj", "gdn_gate_proj"):
+            assert any(f"layers.{layer}.self_attn.{proj}.lora_A" in n for n in names), (layer, proj)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base_q = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    trainer = NatslDistillTrainer(model=peft_model, args=targs(tmp_path, max_steps=40, learning_rate=5e-2),
+                                  train_dataset=ds, stage=2)
+    trainer.train()
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base_layer.weight, base_q, rtol=0, atol=0)
+    lora_b = model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.abs().max() > 0  # LoRA B starts at 0 and trained
+    after = lm_loss(peft_model, b)
+    assert after < before - 0.05, (before, after)
+    out = tmp_path / "final"
+    save_final(trainer, str(out))
+    merged = NatslForCausalLM.from_pretrained(out)
+    assert "auto_map" in merged.config.to_dict()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert abs(lm_loss(merged, b) - after) < 1e-3
+
+
+class FirstStep(TrainerCallback):
+    """Records the global step and the router weights when the (resumed) run takes its first step."""
+
+    def __init__(self):
+        self.step, self.router = None, None
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if self.step is None:
+            self.step = state.global_step
+            self.router = model.model.layers[0].self_attn.router.proj.weight.detach().clone()
+
+
+def test_resume_from_checkpoint_restores_routing_and_step(tmp_path):
+    src = tiny_source()
+    ds = token_dataset()
+
+    def run(out, resume=None, callbacks=()):
+        model = prepare_student(tiny_natsl(src, seed=1, softmax_budget=0.1, router_loss_weight=10.0), 1)
+        args = targs(out, max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1, learning_rate=2e-2)
+        trainer = NatslDistillTrainer(model=model, args=args, train_dataset=ds, stage=1, teacher=src,
+                                      callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    saved_router = load_file(ckpt / "model.safetensors")["model.layers.0.self_attn.router.proj.weight"]
+    first = FirstStep()
+    resumed = run(tmp_path / "resumed", resume=str(ckpt), callbacks=[first])
+    assert first.step == 3
+    torch.testing.assert_close(first.router, saved_router, rtol=0, atol=0)
+    assert resumed.state.global_step == 6
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        if "router" in n:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_text_data(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.WordLevel({c: i + 1 for i, c in enumerate(chars)} | {"<eos>": 0}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world " * 10)
+    (tmp_path / "docs" / "b.md").write_text("second document " * 10)
+    ds = load_packed_dataset(tmp_path / "docs", tokenizer, 16)
+    assert len(ds) == (120 + 1 + 160 + 1) // 16
+    assert all(len(r) == 16 for r in ds["input_ids"]) and ds["labels"] == ds["input_ids"]
+    Dataset.from_dict({"text": ["hello world " * 10]}).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_packed_dataset(tmp_path / "saved", tokenizer, 16)) == 121 // 16
+    assert pack([[5, 6], [7]], 2, eos_token_id=0) == [[5, 6], [0, 7]]
+    with pytest.raises(ValueError, match="--seq-len"):
+        load_packed_dataset(tmp_path / "docs" / "a.txt", tokenizer, 4096)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        load_packed_dataset(tmp_path / "missing", tokenizer, 16)
+
+
+def test_route_budget_loss_is_hinge_on_realised_fraction():
+    from natsl_hf.conversion.distill import route_budget_loss
+
+    src = tiny_source()
+    model = tiny_natsl(src, softmax_budget=0.25, router_loss_weight=2.0)
+    model.train()
+    b = batch(token_dataset())
+    out = model(input_ids=b["input_ids"], use_cache=False, output_routes=True)
+    loss = route_budget_loss(out.routes, model.config)
+    # value: the hinge on the realised (hard) fraction per layer; init routes everything softmax -> 2 * 0.75^2
+    expected = sum(2.0 * max(0.0, (r.hard & r.routable).sum().item() / r.routable.sum().item() - 0.25) ** 2
+                   for r in out.routes)
+    assert abs(loss.item() - expected) < 1e-5 and expected > 1.0
+    loss.backward()  # gradient reaches the router through the straight-through weights
+    assert model.model.layers[0].self_attn.router.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, stage):
+    src = tiny_source()
+    ds = token_dataset(8)
+
+    def run(gc: bool):
+        model = prepare_student(tiny_natsl(src, seed=3, softmax_budget=0.1), stage)
+        args = targs(tmp_path / f"gc{gc}", max_steps=2, gradient_checkpointing=gc,
+                     gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None)
+        trainer = NatslDistillTrainer(model=model, args=args, train_dataset=ds, stage=stage, teacher=src,
+                                      kd_weight=0.5 if stage == 2 else 0.0)
+        trainer.train()
+        assert all(layer.gradient_checkpointing == gc for layer in model.model.layers)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = run(False), run(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,174 @@
+"""Kernel path vs the PyTorch reference (modeling/reference.py).
+
+The Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before triton
+is imported) on CPU tensors, fp32, tiny shapes, chunk size 16 (T not a multiple of C, T < C,
+GQA ratios 1 and 4, random routes including all-softmax and all-linear, with/without an initial
+state). Outputs AND gradients are compared.
+
+Coverage of the GDN branch under the interpreter: our own Triton kernels (_readout_fwd,
+_readout_bwd, _dh_bwd, _chunk_bwd) run for real; fla's chunk kernels cannot run under the
+interpreter, so the per-chunk states (w, u, h, v_new) and the w/u backward are computed by the
+torch stand-ins in gdn_branch.py (_torch_wu, _torch_h, autograd). The fla path itself is checked
+on the GPU by bench/check_and_time.py (bf16 vs reference at T = 4059 and 1000).
+
+If triton was already imported by an earlier test module without the interpreter, the kernel
+tests run in a subprocess with TRITON_INTERPRET=1 instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IN_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mods():
+    try:
+        from natsl_hf.modeling import kernels as K
+        from natsl_hf.modeling import reference as R
+    except Exception:  # not installed: load from the source tree
+        sys.path.insert(0, ROOT)
+        from modeling import kernels as K  # type: ignore
+        from modeling import reference as R  # type: ignore
+    return K, R
+
+
+def _close(a, b, tol, what):
+    a, b = a.detach().float(), b.detach().float()
+    err = (a - b).abs().max().item()
+    ref = b.abs().max().item()
+    assert err <= tol * max(1.0, ref), f"{what}: max abs err {err:.3e} (ref max {ref:.3e})"
+
+
+SOFTMAX_CASES = [
+    # B, T, Hq, Hkv, D, Dv, C, p
+    (2, 50, 4, 1, 16, 32, 16, 0.5),    # GQA 4, T % C != 0
+    (1, 40, 2, 2, 32, 16, 16, 0.5),    # GQA 1
+    (1, 10, 4, 4, 16, 16, 16, 0.5),    # T < C
+    (1, 70, 8, 2, 16, 16, 16, 1.0),    # all softmax
+    (1, 70, 8, 2, 16, 16, 16, 0.0),    # all linear
+]
+
+GDN_CASES = [
+    # B, T, Hq, Hkv, K, V, C, p, with initial state
+    (1, 40, 2, 1, 16, 16, 16, 0.5, False),
+    (2, 50, 8, 2, 16, 32, 16, 0.5, True),   # GQA 4, T % C != 0
+    (1, 10, 2, 2, 16, 16, 16, 0.5, True),   # T < C
+    (1, 48, 4, 1, 32, 16, 16, 0.0, True),   # all linear (every complete chunk writes)
+    (1, 48, 2, 2, 16, 16, 16, 1.0, False),  # all softmax (no writes)
+]
+
+
+def _softmax_case(B, T, Hq, Hkv, D, Dv, C, p):
+    K, R = _mods()
+    g = torch.Generator().manual_seed(T * 7 + Hq)
+    NC = -(-T // C)
+    q = torch.randn(B, T, Hq, D, generator=g, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, generator=g, requires_grad=True)
+    v = torch.randn(B, T, Hkv, Dv, generator=g, requires_grad=True)
+    rw = (torch.rand(B, NC, Hkv, generator=g) < p).float()
+    if 0 < p < 1:  # make sure both kinds occur
+        rw[0, 0, 0], rw[0, -1, -1] = 1.0, 0.0
+    rw.requires_grad_()
+    scale = D ** -0.5
+    o = K.routed_softmax_attention(q, k, v, rw, C, scale)
+    do = torch.randn(o.shape, generator=g)
+    gk = torch.autograd.grad(o, (q, k, v, rw), do)
+    o_r = R.routed_softmax_attention(q, k, v, rw, C, scale)
+    gr = torch.autograd.grad(o_r, (q, k, v, rw), do)
+    _close(o, o_r, 1e-4, "o")
+    for n, a, b in zip(["dq", "dk", "dv", "droute"], gk, gr):
+        _close(a, b, 1e-4, n)
+    # d route is zero on chunks routed linear
+    assert (gk[3][rw.detach() == 0] == 0).all()
+
+
+def _gdn_case(B, T, Hq, Hkv, Kd, V, C, p, h0):
+    K, R = _mods()
+    g = torch.Generator().manual_seed(T * 11 + Hq)
+    NC = -(-T // C)
+    q = R.l2norm(torch.randn(B, T, Hq, Kd, generator=g)).requires_grad_()
+    k = R.l2norm(torch.randn(B, T, Hkv, Kd, generator=g)).requires_grad_()
+    v = torch.randn(B, T, Hkv, V, generator=g, requires_grad=True)
+    gate = (-torch.rand(B, T, Hkv, generator=g) * 0.3).requires_grad_()
+    m = (torch.rand(B, NC, Hkv, generator=g) < p).float()[:, torch.arange(T) // C]
+    tail = torch.ones(B, T, Hkv)
+    tail[:, (T // C) * C:] = 0
+    beta = (torch.rand(B, T, Hkv, generator=g) * (1 - m) * tail).requires_grad_()
+    S0 = torch.randn(B, Hkv, Kd, V, generator=g).mul(0.5).requires_grad_() if h0 else None
+    scale = Kd ** -0.5
+    ins = [q, k, v, gate, beta] + ([S0] if h0 else [])
+    o, st = K.routed_gdn_readout(q, k, v, gate, beta, C, scale, S0)
+    do, dst = torch.randn(o.shape, generator=g), torch.randn(st.shape, generator=g)
+    gk = torch.autograd.grad((o, st), ins, (do, dst))
+    o_r, st_r = R.routed_gdn_readout(q, k, v, gate, beta, C, scale, S0)
+    gr = torch.autograd.grad((o_r, st_r), ins, (do, dst))
+    _close(o, o_r, 1e-4, "o")
+    _close(st, st_r, 1e-4, "open_chunk_state")
+    for n, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], gk, gr):
+        _close(a, b, 1e-4, n)
+
+
+if _IN_INTERP:
+
+    @pytest.mark.parametrize("case", SOFTMAX_CASES)
+    def test_routed_softmax_attention_interpreter(case):
+        _softmax_case(*case)
+
+    @pytest.mark.parametrize("case", [SOFTMAX_CASES[0], SOFTMAX_CASES[3]])
+    def test_routed_softmax_attention_pair_dkv_interpreter(case, monkeypatch):
+        """the alternative dK/dV schedule (two softmax chunks per program)"""
+        from importlib import import_module
+        K, _ = _mods()
+        SB = import_module(K.__name__ + ".softmax_branch")
+        monkeypatch.setattr(SB, "DKV_MODE", "pair")
+        _softmax_case(*case)
+
+    @pytest.mark.parametrize("case", GDN_CASES)
+    def test_routed_gdn_readout_interpreter(case):
+        _gdn_case(*case)
+
+    def test_kernels_available_cpu_interpreter():
+        K, _ = _mods()
+        assert K.kernels_available(torch.zeros(1))
+
+else:
+
+    def test_kernels_in_interpreter_subprocess():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.abspath(__file__)],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def test_kernels_available_plain_cpu():
+    """Without the interpreter a CPU tensor never takes the kernel path."""
+    K, _ = _mods()
+    if _IN_INTERP:
+        pytest.skip("interpreter on: CPU tensors are allowed for the tests")
+    assert not K.kernels_available(torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU checks live in bench/check_and_time.py)")
+def test_cuda_bf16_against_reference():
+    K, R = _mods()
+    if _IN_INTERP:
+        pytest.skip("interpreter on")
+    torch.manual_seed(0)
+    B, T, Hq, Hkv, D, C = 1, 300, 8, 2, 64, 64
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    rw = (torch.rand(B, -(-T // C), Hkv, device="cuda") < 0.5).float()
+    o = K.routed_softmax_attention(q, k, v, rw, C, D ** -0.5)
+    o_r = R.routed_softmax_attention(q.float(), k.float(), v.float(), rw, C, D ** -0.5)
+    assert ((o.float() - o_r).norm() / o_r.norm()).item() < 1e-2
