@@ -10,13 +10,20 @@ GDN state random. Then a run of `chunk_size` one-token decode steps is timed (CU
 median over repeats) and divided by its length: the NAtS-L step that closes a chunk (routing,
 GDN write) is counted at its real frequency, as are the steps in between.
 
-Usage:  python bench/decode_bench.py --out bench/results/decode_<device>.json [--small]
+`--model DIR` takes the shape from a NAtS-L checkpoint's config.json instead (weights stay
+random: only the shape sets the step time): the NAtS-L model is that config exactly (chunk size,
+sink chunks, NAtS-L layers; layers outside `natsl_layers` keep every chunk), the baseline is its
+source family (llama / qwen2 / qwen3; others as llama) with the same shape. The report records
+that shape under "model", which `natsl-hub` checks before it puts the numbers on the card.
+
+Usage:  python bench/decode_bench.py --out bench/results/decode_<device>.json [--small | --model DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -24,7 +31,7 @@ import time
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import natsl_hf
 from natsl_hf import NatslCache, NatslConfig, NatslForCausalLM
@@ -53,20 +60,43 @@ def natsl_from(llama: LlamaForCausalLM, chunk_size: int) -> NatslForCausalLM:
     return model
 
 
-def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, gen) -> NatslLayerState:
+def checkpoint_models(model_dir: str) -> tuple[torch.nn.Module, NatslForCausalLM, str]:
+    """(softmax baseline, NAtS-L model, baseline family) with the shape of the checkpoint in
+    `model_dir` (its config.json only; random weights: the step time depends on the shape)."""
+    cfg = NatslConfig.from_pretrained(model_dir)
+    family = cfg.source_model_type if cfg.source_model_type in ("llama", "qwen2", "qwen3") else "llama"
+    base_cfg = AutoConfig.for_model(
+        family, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
+        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, max_position_embeddings=cfg.max_position_embeddings,
+    )
+    return AutoModelForCausalLM.from_config(base_cfg), NatslForCausalLM(cfg), family
+
+
+def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, gen,
+                    natsl: bool = True) -> NatslLayerState:
+    """A layer state after T tokens (T a multiple of chunk_size); natsl=False: a full-softmax layer,
+    every chunk kept, no GDN fields."""
     C, H, D = cfg.chunk_size, cfg.num_key_value_heads, cfg.head_dim
     n_chunks = T // C
     routable = n_chunks - cfg.num_sink_chunks
-    keep = cfg.num_sink_chunks + round(p * routable)  # chunks kept per (row, group)
+    keep = cfg.num_sink_chunks + round(p * routable) if natsl else n_chunks  # chunks kept per (row, group)
     L = keep * C
     rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dtype)  # noqa: E731
     width = (cfg.num_attention_heads + H) * D
-    return NatslLayerState(
+    kv = dict(
         seen=torch.full((B,), T, dtype=torch.long, device=device),
         kept_k=rnd(B, H, L, D), kept_v=rnd(B, H, L, D),
         kept_valid=torch.ones(B, H, L, dtype=torch.bool, device=device),
         open_k=torch.zeros(B, C, H, D, device=device, dtype=dtype),
         open_v=torch.zeros(B, C, H, D, device=device, dtype=dtype),
+    )
+    if not natsl:
+        return NatslLayerState(**kv)
+    return NatslLayerState(
+        **kv,
         gdn_k=torch.zeros(B, C, H, D, device=device, dtype=torch.float32),
         gdn_g=torch.zeros(B, C, H, device=device), gdn_beta=torch.zeros(B, C, H, device=device),
         gdn_state=torch.randn(B, H, D, D, device=device, generator=gen) * 0.1,
@@ -99,10 +129,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke run")
+    parser.add_argument("--model", metavar="DIR",
+                        help="take the model shape from this NAtS-L checkpoint's config.json (default: the "
+                        "Llama-3.2-1B shape, chunk 64, every layer NAtS-L)")
     parser.add_argument("--contexts", default="8192,32768,65536")
     parser.add_argument("--fractions", default="0.125,0.25")
     parser.add_argument("--iters", type=int, default=5, help="repeats of a chunk-long run of decode steps")
     args = parser.parse_args(argv)
+    if args.small and args.model:
+        parser.error("--small and --model both set the model shape; give one")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -110,9 +145,13 @@ def main(argv=None):
     fractions = [float(x) for x in args.fractions.split(",")]
     gen = torch.Generator(device=device).manual_seed(0)
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(llama_config(args.small)).to(device, dtype).eval()
+    if args.model:
+        llama, natsl, family = checkpoint_models(args.model)
+    else:
+        llama, family = LlamaForCausalLM(llama_config(args.small)), "llama"
+        natsl = natsl_from(llama, 64)
+    llama, natsl = llama.to(device, dtype).eval(), natsl.to(device, dtype).eval()
     llama.config._attn_implementation = "sdpa"
-    natsl = natsl_from(llama, 64).to(device, dtype).eval()
     cfg = natsl.config
     token = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
     rows = []
@@ -137,7 +176,8 @@ def main(argv=None):
                      "cache_bytes": kv_bytes})
         del cache
         for p in fractions:
-            states = [synthetic_state(cfg, 1, T, p, device, dtype, gen) for _ in range(cfg.num_hidden_layers)]
+            states = [synthetic_state(cfg, 1, T, p, device, dtype, gen, natsl=cfg.is_natsl_layer(i))
+                      for i in range(cfg.num_hidden_layers)]
             ncache = NatslCache(cfg)
 
             def natsl_step():
@@ -161,13 +201,20 @@ def main(argv=None):
 
     result = {
         "benchmark": "decode step, batch 1, one new token: mean over a run of chunk_size steps, median of repeats",
-        "command": " ".join([sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "command": " ".join([sys.executable, *(sys.argv if argv is None else [os.path.relpath(__file__), *argv])]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else f"CPU {platform.machine() or platform.processor() or ''}".strip(),
         "dtype": str(dtype),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "natsl_hf": natsl_hf.__version__, "python": platform.python_version()},
-        "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "num_key_value_heads", "head_dim", "chunk_size")},
+        "model": {
+            **{k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "num_key_value_heads", "head_dim", "chunk_size", "intermediate_size",
+                                            "vocab_size", "num_sink_chunks")},
+            "natsl_layers": list(cfg.natsl_layers),
+            "checkpoint": args.model,  # None: the built-in shape (--small or the 1B default)
+            "baseline": f"{family} (SDPA), same shape",
+        },
         "rows": rows,
     }
     with open(args.out, "w") as f:

@@ -10,7 +10,9 @@ Steps (every step runs as a subprocess whose exact command is stored in the resu
    (`pydoc_data.topics`, ~79 reference-manual sections, ~465k characters of English technical prose
    with code). Topics are split by a hash of their name: ~85 % train, ~15 % held out for evaluation;
 3. per budget: `natsl-convert`-equivalent `convert_checkpoint` (chunk size, sink, budget, NAtS-L layers
-   from the preset) -> `natsl-distill --stage 1` -> `natsl-distill --stage 2` (LM + logit KD);
+   from the preset) -> `natsl-distill --stage 1` (supervised routing + router calibration, or with
+   `--routing unsupervised` the router's own routing with the budget hinge) -> `natsl-distill --stage 2`
+   (LM + logit KD);
 4. `bench/eval_quality.py` on source / init / stage 1 / stage 2, written to
    `bench/results/quality_smollm2_b{budget}.json`, and a summary with all commands, the training log
    histories and wall times to `bench/results/quality_smollm2_recover.json`.
@@ -126,6 +128,10 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--budget-on", choices=("prob", "route"), default="prob",
                    help="natsl-distill --budget-on for both stages (prob: the model's router loss)")
+    p.add_argument("--routing", choices=("supervised", "unsupervised"), default="supervised",
+                   help="stage-1 routing: supervised by the source attention's heavy-hitter chunks, then calibrated "
+                   "to the budget (natsl-distill's default), or the router's own with the budget hinge "
+                   "(natsl-distill --no-supervised-routing)")
     p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
     args = p.parse_args(argv)
     sfx = f"_{args.tag}" if args.tag else ""
@@ -138,7 +144,8 @@ def main(argv=None) -> int:
     summary = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/smollm2_recover.py",
                                                                  *(sys.argv[1:] if argv is None else argv)]),
-        "preset": args.preset, "preset_settings": preset, "budget_on": args.budget_on, "runs": {},
+        "preset": args.preset, "preset_settings": preset, "budget_on": args.budget_on, "routing": args.routing,
+        "runs": {},
     }
 
     t0 = time.time()
@@ -165,6 +172,8 @@ def main(argv=None) -> int:
                   "--softmax-budget", str(budget), "--save-steps", "100000", "--budget-on", args.budget_on]
         s1 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "1", "--model", str(init_dir),
               "--output-dir", str(s1_dir), *common, *preset["stage1"]]
+        if args.routing == "unsupervised":
+            s1.append("--no-supervised-routing")
         run_info["steps"]["stage1"] = run(s1, workdir / "logs" / f"{tag}_stage1.log")
         s2 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "2", "--model", str(s1_dir),
               "--output-dir", str(s2_dir), *common, *preset["stage2"]]

@@ -33,9 +33,10 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -366,21 +367,61 @@ def _command_line(src, out, opts: dict) -> str:
 
 
 def _write_atomically(out: Path, write) -> None:
-    """Run `write(tmp_dir)` into a temp dir beside `out`, then rename it into place."""
+    """Run `write(tmp_dir)` into a temp dir beside `out`, then rename it into place.
+
+    The temp dir is made with a plain `mkdir` (mode 0o777 & ~umask), so OUT gets the permissions of
+    any directory its user creates (mkdtemp's 0o700 would make it unreadable to other users), and
+    every file written into it gets 0o666 & ~umask, as a plain `open` would give it (transformers
+    writes model.safetensors 0o600; copied files would keep their source's mode).
+    On any failure or interrupt (BaseException) the temp dir is removed; an existing `out` is only
+    moved aside once the new one is complete, and moved back if the swap fails.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.natsl-tmp-", dir=out.parent))
+    tmp = _fresh_dir(out.parent, f".{out.name}.natsl-tmp-", create=True)
+    old = None
     try:
         write(tmp)
+        _normalise_modes(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.natsl-old-{os.getpid()}")
+            old = _fresh_dir(out.parent, f".{out.name}.natsl-old-", create=False)
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if old is not None and old.exists() and not out.exists():
+                old.rename(out)  # the swap failed halfway: put the previous OUT back
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _normalise_modes(root: Path) -> None:
+    """Give everything under `root` the mode a plain mkdir / open would: root's own mode (0o777 & ~umask),
+    without the execute bits for files. Read from root's mode, so the process umask is never changed."""
+    dir_mode = stat.S_IMODE(root.stat().st_mode)
+    file_mode = dir_mode & 0o666
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
+def _fresh_dir(parent: Path, prefix: str, *, create: bool) -> Path:
+    """An unused path `parent/prefix<random>`; made with os.mkdir (umask-respecting) when `create`."""
+    for _ in range(100):
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        if not create:
+            if not os.path.lexists(path):
+                return path
+            continue
+        try:
+            os.mkdir(path)  # mode 0o777 & ~umask, like any mkdir
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"Could not find an unused {prefix}* name in {parent}.")
 
 
 def convert_checkpoint(
@@ -414,7 +455,8 @@ def convert_checkpoint(
     tokenizer: saved into the output when converting a model object (directories copy their files).
     base_model, license: for the model card (default: from the source README / GGUF metadata).
     natsl_options: further NatslConfig NAtS-L fields (router_init_bias, route_override, ...).
-    Returns the converted model (in memory). Its conversion summary is at `model.natsl_conversion_report`.
+    Returns the converted model (in memory). Its conversion summary is at `model.natsl_conversion_report`
+    (counts, bytes written, notes, and the `base_model` / `license` written into the card, None if unknown).
     """
     from natsl_hf.hub import render_model_card
 
@@ -498,10 +540,11 @@ def convert_checkpoint(
         extra_files = [src / name for name in TOKENIZER_FILES + ("generation_config.json",) if (src / name).is_file()]
 
     base_model = base_model or (None if gguf_file else _hub_id(source_name))
+    license = license or card_meta.get("license") or None
     card = render_model_card(
         model,
         base_model=base_model,
-        license=license or card_meta.get("license"),
+        license=license,
         conversion_command=command or _command_line(src_label, out, record),
     )
 
@@ -522,6 +565,8 @@ def convert_checkpoint(
         notes=notes,
         num_layers=model.config.num_hidden_layers,
         natsl_layers=list(model.config.natsl_layers),
+        base_model=base_model,
+        license=license,
     )
     model.natsl_conversion_report = report
     return model

@@ -11,10 +11,19 @@ Stage 1 -- attention transfer (LoLCATs / RADLADS practice).
         align_loss  = mean over NAtS-L layers of ||o_natsl - o_src||^2 / ||o_src||^2
         loss        = align_loss + router_loss
 
-    where `router_loss` (computed by the model in train mode) is the budget term
-    `router_loss_weight * (mean p_softmax - softmax_budget)_+^2` per layer, which pushes chunks
-    to the GDN branch. The alignment is relative (scale-free per layer) so that it and the
-    router loss are commensurate for any model width.
+    where `router_loss` is, by default, the supervised-routing loss (modeling/router.py): each
+    NAtS-L layer routes the `softmax_budget` fraction of chunks that the source attention's later
+    queries attend to most as softmax and the rest to GDN, and its router learns these targets
+    with a binary cross-entropy (`router_loss_weight` times it). The GDN branch thus learns exactly
+    the chunks it will be given. At the end of stage 1 the router biases are calibrated
+    (`calibrate_router_bias`): per layer and KV head, the score threshold moves so that argmax
+    routing keeps `softmax_budget` of the routable chunks of the training blocks as softmax,
+    which inference then does without any budget logic. `supervised_routing=False` (CLI
+    `--no-supervised-routing`) instead routes by the router itself with the budget hinge
+    `router_loss_weight * (mean p_softmax - softmax_budget)_+^2` per layer (SPEC.md section 2); on
+    a converted model that hinge drifts every chunk to GDN together (measured, router.py).
+    The alignment is relative (scale-free per layer) so that it and the router loss are
+    commensurate for any model width.
 
 Stage 2 -- end-to-end fine-tuning.
     `loss = lm_loss + router_loss + kd_weight * T^2 KL(p_src(T) || p_natsl(T))` on all
@@ -40,6 +49,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -236,6 +246,69 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     return kl.mean() * temperature**2
 
 
+@torch.no_grad()
+def _router_margins(model: nn.Module, layers: list[nn.Module], batches) -> tuple[list[torch.Tensor], float]:
+    """Eval-mode forwards over `batches`: per NAtS-L layer the score margins s_softmax - s_linear of
+    every chunk, [chunks, H] with NaN where not routable, and the realised softmax fraction."""
+    margins: list[list[torch.Tensor]] = [[] for _ in layers]
+    scores: dict[int, torch.Tensor] = {}
+    hooks = [attn.router.register_forward_hook(lambda m, a, out, i=i: scores.__setitem__(i, out.float()))
+             for i, attn in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    n_softmax = n_routable = 0
+    try:
+        for batch in batches:
+            out = model(**batch, use_cache=False, output_routes=True)
+            for i, routes in enumerate(out.routes):
+                s = scores[i]  # [B, N, H, 2]
+                routable = routes.routable[:, : s.shape[1]]  # [B, N, H]
+                margins[i].append((s[..., 0] - s[..., 1]).masked_fill(~routable, float("nan")).flatten(0, 1))
+                n_softmax += int((routes.hard & routes.routable).sum())
+                n_routable += int(routes.routable.sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [torch.cat(m) for m in margins], n_softmax / max(n_routable, 1)
+
+
+def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=None) -> dict[str, float]:
+    """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks.
+
+    For every NAtS-L layer and KV head, the score margins s_softmax - s_linear of the routable chunks
+    of `batches` (dicts with input_ids / attention_mask) are collected in eval mode; with k =
+    round(budget * n) the threshold is midway between the k-th and (k+1)-th largest margin, and it is
+    subtracted from the margin through the bias. Afterwards k of those n chunks route softmax and the
+    router keeps its ranking. `apply_in`: a context manager to apply the shift in (FSDP's
+    summon_full_params). Returns the realised fraction over all layers before and after (measured).
+    """
+    base = _unwrap(model)
+    layers = [decoder_layers(base)[i].self_attn for i in natsl_layer_indices(base)]
+    margins, before = _router_margins(model, layers, batches)
+    shifts = []
+    for m in margins:  # [chunks, H]
+        thresholds = []
+        for col in m.unbind(1):
+            col = col[~col.isnan()].sort(descending=True).values
+            n, k = col.numel(), int(round(budget * col.numel()))
+            if n == 0:
+                thresholds.append(0.0)
+            elif k == 0:
+                thresholds.append(float(col[0]) + 1.0)
+            elif k == n:
+                thresholds.append(float(col[-1]) - 1.0)
+            else:
+                thresholds.append(float(col[k - 1] + col[k]) / 2)
+        shifts.append(torch.tensor(thresholds))
+    with torch.no_grad(), apply_in if apply_in is not None else contextlib.nullcontext():
+        for attn, shift in zip(layers, shifts):
+            bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
+            bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
+    _, after = _router_margins(model, layers, batches)
+    return {"softmax_fraction_before": before, "softmax_fraction_after": after}
+
+
 # ---------------------------------------------------------------------------- Trainer
 class NatslDistillTrainer(Trainer):
     """`Trainer` for both NAtS-L recovery stages (see the module docstring).
@@ -248,12 +321,15 @@ class NatslDistillTrainer(Trainer):
             p (SPEC.md section 2). "route" replaces it by the same hinge on the straight-through route
             weight m (value: the realised hard fraction, gradient: that of p), so the penalty stops once
             the *realised* fraction is within budget; with "prob", homogeneous p ~ budget < 0.5 routes
-            every chunk to GDN (realised fraction 0).
+            every chunk to GDN (realised fraction 0). Not used by supervised routing.
+        supervised_routing: stage 1 only (default True): route by the source attention's heavy-hitter
+            chunks and train the router on them (module docstring); False routes by the router itself.
         Everything else is passed to `Trainer` (model, args, train_dataset, data_collator, callbacks, ...).
     """
 
     def __init__(self, *args, stage: int, teacher: nn.Module | None = None, kd_weight: float = 0.0,
-                 kd_temperature: float = 1.0, budget_on: str = "prob", **kwargs):
+                 kd_temperature: float = 1.0, budget_on: str = "prob", supervised_routing: bool = True,
+                 **kwargs):
         if stage not in (1, 2):
             raise ValueError(f"stage={stage!r}: expected 1 (attention transfer) or 2 (LM / KD fine-tuning).")
         if (stage == 1 or kd_weight > 0) and teacher is None:
@@ -271,6 +347,9 @@ class NatslDistillTrainer(Trainer):
             check_pair(self.model, teacher)
             self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.transfer = AttentionTransfer(self.model, self.teacher) if stage == 1 else None
+        self.supervised_routing = stage == 1 and supervised_routing
+        for i in natsl_layer_indices(self.model):
+            decoder_layers(self.model)[i].self_attn.supervised_routing = self.supervised_routing
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: Trainer divides by GA steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -285,13 +364,13 @@ class NatslDistillTrainer(Trainer):
             self.transfer.clear()
 
     def _router_loss(self, outputs, like: torch.Tensor) -> torch.Tensor:
-        if self.budget_on == "prob":
+        if self.budget_on == "prob" or self.supervised_routing:
             return outputs.router_loss if outputs.router_loss is not None else like.new_zeros(())
         return route_budget_loss(outputs.routes, _unwrap(self.model).config)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        if self.budget_on == "route":
+        if self.budget_on == "route" and not self.supervised_routing:
             inputs["output_routes"] = True
         mask = inputs.get("attention_mask")
         if self.stage == 1:
@@ -326,6 +405,28 @@ class NatslDistillTrainer(Trainer):
             for key, value in metrics.items():
                 self._metrics[key].append(value.detach().float())
         return (loss, outputs) if return_outputs else loss
+
+    def calibrate_routers(self, num_blocks: int = 32) -> dict[str, float]:
+        """`calibrate_router_bias` on the first `num_blocks` training blocks (the same on every process,
+        so DDP replicas stay equal); logs and returns the realised softmax fraction before and after."""
+        from torch.utils.data import DataLoader, Subset
+
+        dataset = Subset(self.train_dataset, range(min(num_blocks, len(self.train_dataset))))
+        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
+        batches = [{k: v.to(self.args.device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
+                   for b in loader]
+        budget = _unwrap(self.model).config.softmax_budget
+        fsdp = getattr(self, "is_fsdp_enabled", False)
+        if fsdp:  # the router biases live in sharded flat parameters: gather, shift, write back
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            context = FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=True)
+        else:
+            context = contextlib.nullcontext()
+        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget,
+                                       apply_in=context)
+        self.log({f"calibration/{k}": v for k, v in result.items()})
+        return result
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the NAtS-L metrics (mean since the last log, across processes) to the Trainer logs."""
@@ -363,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-on", choices=("prob", "route"), default="prob",
                    help="budget hinge on the mean router probability (model's router loss, default) or on the "
                    "straight-through route weight, i.e. the realised fraction (see NatslDistillTrainer)")
+    p.add_argument("--no-supervised-routing", action="store_true",
+                   help="stage 1: route by the router with the budget hinge instead of by the source attention's "
+                   "heavy-hitter chunks (see NatslDistillTrainer)")
+    p.add_argument("--calibration-blocks", type=int, default=32,
+                   help="stage 1: training blocks used to calibrate the router biases to the budget at the end")
     p.add_argument("--kd-weight", type=float, default=0.0, help="stage 2: weight of the logit KD term")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--lora", action="store_true", help="stage 2: train LoRA adapters instead of all weights")
@@ -463,6 +569,10 @@ def check_routable(config, seq_len: int) -> None:
         )
 
 
+def model_config(trainer: NatslDistillTrainer):
+    return _unwrap(trainer.model).config
+
+
 def save_final(trainer: NatslDistillTrainer, output_dir: str, tokenizer=None) -> None:
     """Write the trained NAtS-L model (LoRA merged) with save_pretrained (keeps auto_map)."""
     model = trainer.model
@@ -510,8 +620,15 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
         budget_on=args.budget_on,
+        supervised_routing=not args.no_supervised_routing,
     )
     trainer.train(resume_from_checkpoint=args.resume)
+    if trainer.supervised_routing:
+        result = trainer.calibrate_routers(args.calibration_blocks)
+        if trainer.is_world_process_zero():
+            print(f"natsl-distill: router calibrated to softmax_budget={model_config(trainer).softmax_budget}: "
+                  f"realised softmax fraction {result['softmax_fraction_before']:.3f} -> "
+                  f"{result['softmax_fraction_after']:.3f} on {args.calibration_blocks} training blocks")
     trainer.save_state()  # trainer_state.json (log history with the NAtS-L metrics) in --output-dir
     if not args.no_save_final:
         save_final(trainer, args.output_dir, tokenizer)

@@ -10,7 +10,9 @@ NAtS-L with the default settings (chunk 64, 1 sink chunk, budget 0.25) and write
 answer a fixed chat prompt with the converted model through a `NatslCache`, printing the
 answer, the realised softmax fraction and the KV-cache saving from `NatslCache.memory_report()`,
 and re-render OUT_DIR/README.md with those measured numbers (kept in OUT_DIR/natsl_metrics.json,
-which `natsl-hub` reads when publishing).
+which `natsl-hub` reads when publishing). The card's license is the one the conversion read from
+the GGUF (`general.license`), or SmolLM2's Apache-2.0 when the GGUF names none. A tokenizer
+without a chat template gets the prompt as plain text.
 
 The converted model is untrained: its router starts softmax-biased and its GDN branch has
 weight 0, so it should answer like the source and keep (nearly) all KV. The saving printed here
@@ -28,6 +30,9 @@ from pathlib import Path
 import torch
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The card's license is what the conversion found (the GGUF's `general.license`); this is only the
+# fallback when the GGUF carries none: SmolLM2 is published under Apache-2.0 (its hub model card).
+FALLBACK_LICENSE = "apache-2.0"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A passage long enough (~250 tokens, 4 chunks of 64) that routing decisions happen, then a question.
 PASSAGE = (
@@ -98,8 +103,13 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.out_dir)
-    messages = [{"role": "user", "content": PROMPT}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt_kind = "chat prompt" if tokenizer.chat_template else "plain-text prompt"
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": PROMPT}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:  # a GGUF without `tokenizer.chat_template`: the prompt as plain text
+        print("note: the tokenizer has no chat template; using the prompt as plain text")
+        inputs = tokenizer(PROMPT, return_tensors="pt")
     cache = natsl_hf.NatslCache(model.config)
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -130,10 +140,11 @@ def main(argv=None) -> int:
         "softmax_fraction": fraction,
         "layer_softmax_fraction": layer_fraction,
         "kv_fraction": mem["kv_fraction"],
-        "measured_on": f"one chat prompt + greedy answer ({seq} tokens, CPU, fp32), right after conversion",
+        "measured_on": f"one {prompt_kind} + greedy answer ({seq} tokens, CPU, fp32), right after conversion",
         "training": "none (freshly converted; router and GDN parameters at their initial values)",
     }
-    card = render_model_card(model, base_model=BASE_MODEL, license="apache-2.0", metrics=metrics,
+    license = report.get("license") or FALLBACK_LICENSE
+    card = render_model_card(model, base_model=BASE_MODEL, license=license, metrics=metrics,
                              conversion_command=f"python -m natsl_hf.conversion.smollm2 {args.out_dir}")
     (Path(args.out_dir) / "README.md").write_text(card, encoding="utf-8")
     (Path(args.out_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

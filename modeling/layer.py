@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, reference
-from .router import NatslRouter, Routes, decide_routes, router_loss
+from .router import (
+    NatslRouter,
+    Routes,
+    chunk_attention_mass,
+    decide_routes,
+    router_loss,
+    routing_supervision_loss,
+    routing_targets,
+)
 from .state import NatslLayerState, append_kept, gather_open
 
 
@@ -103,6 +111,8 @@ class NatslAttention(nn.Module):
         self.gdn_alpha = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
+        # Training-time switch, not saved: stage-1 distillation turns it on (see `_route`).
+        self.supervised_routing = False
 
     @staticmethod
     def initial_gates(num_heads: int) -> dict[str, torch.Tensor]:
@@ -177,7 +187,7 @@ class NatslAttention(nn.Module):
         else:
             k_pos, seg_k, seg_v = q_pos, k_rot, v
 
-        routes, rel, complete = self._route(x, k_pos, seen, state)
+        routes, rel, complete, supervision_loss = self._route(x, k_pos, seen, state, q_rot, k_rot)
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
         key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
@@ -209,7 +219,9 @@ class NatslAttention(nn.Module):
             "n_routable": routes.routable.sum(),
             "n_softmax": (routes.hard & routes.routable).sum(),
         }
-        if self.natsl and self.training:
+        if supervision_loss is not None:
+            aux["router_loss"] = self.config.router_loss_weight * supervision_loss
+        elif self.natsl and self.training:
             aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
         if return_state:
             keep = key_hard & token_complete[..., None]
@@ -228,11 +240,18 @@ class NatslAttention(nn.Module):
             aux["state"] = new_state
         return out, aux
 
-    def _route(self, x, k_pos, seen, state) -> tuple[Routes, torch.Tensor, torch.Tensor]:
+    def _route(self, x, k_pos, seen, state, q_rot, k_rot) -> tuple[Routes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Route the chunks of the segment.
 
         -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
-        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool.
+        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool, and the supervised
+        routing loss (None unless `supervised_routing`).
+
+        With `supervised_routing` on (training only; stage-1 distillation sets it), the routable chunks
+        are routed by `routing_targets` of this layer's own full-attention mass (its q/k are the
+        source's) instead of by the router, and the router learns those targets through
+        `routing_supervision_loss` (router.py explains why). It takes whole unpadded sequences
+        without a cache, as packed training blocks are.
         """
         B, S = k_pos.shape
         C = self.chunk_size
@@ -256,23 +275,37 @@ class NatslAttention(nn.Module):
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
+        supervision_loss = None
+        if self.natsl and self.supervised_routing and self.training:
+            if state is not None or bool((k_pos < 0).any()):
+                raise ValueError(
+                    "supervised_routing (stage-1 distillation) trains on whole unpadded sequences without a cache: "
+                    "pass packed blocks with use_cache=False and no padding."
+                )
+            mass = chunk_attention_mass(q_rot, k_rot, C, self.scaling)  # [B, S // C, Hkv]
+            mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
+            target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
+            hard = torch.where(labelled, target, routes.hard)
+            routes = Routes(hard, hard.to(routes.weight.dtype), routes.prob, routes.routable)
+            supervision_loss = routing_supervision_loss(scores, target, labelled, self.config.router_temperature)
         # dummy chunk N for padding: softmax, weight 1, not routable (its keys are masked anyway)
         pad = lambda t, val: torch.cat([t, torch.full_like(t[:, :1], val)], 1)  # noqa: E731
         routes = Routes(pad(routes.hard, True), pad(routes.weight, 1.0), pad(routes.prob, 0.0), pad(routes.routable, False))
-        return routes, rel, pad(complete, False)
+        return routes, rel, pad(complete, False), supervision_loss
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
-        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n]
-        -> conv_in [B,n,(Hq+Hkv)*D] (conv input, padding zeroed), q~ [B,n,Hq,D], k~ [B,n,Hkv,D]
-        (L2-normalised fp32), beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding)."""
+        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n],
+        conv_state [B,W-1,(Hq+Hkv)*D] or None -> q~ [B,n,Hq,D], k~ [B,n,Hkv,D] (L2-normalised fp32),
+        beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding), next conv state [B,W-1,(Hq+Hkv)*D]."""
         qd = self.num_heads * self.head_dim
-        conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1) * valid_new[..., None].to(x.dtype)
-        qk = F.silu(reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state))
+        conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1)
+        qk, conv_state = reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state, valid_new)
+        qk = F.silu(qk)
         q_g = reference.l2norm(qk[..., :qd].unflatten(-1, (self.num_heads, self.head_dim)))
         k_g = reference.l2norm(qk[..., qd:].unflatten(-1, (self.num_kv_heads, self.head_dim)))
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        return conv_in, q_g, k_g, beta, g * valid_new[..., None]
+        return q_g, k_g, beta, g * valid_new[..., None], conv_state
 
     def _combine(self, o: torch.Tensor, o_gdn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o + alpha_h * RMSNormGated(o_gdn, gdn_gate_proj x); o, o_gdn: [B,n,Hq,D]."""
@@ -297,7 +330,7 @@ class NatslAttention(nn.Module):
         new_state = None
         if self.natsl:
             valid = torch.ones(B, 1, dtype=torch.bool, device=x.device)
-            conv_in, q_g, k_g, beta, g = self._gdn_inputs(x, q, k, valid, state.conv_state)
+            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid, state.conv_state)
             decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,H]
             qg = q_g[:, 0].unflatten(1, (H, -1))  # [B,H,G,D]
             o_gdn = (qg @ state.gdn_state) * decay.exp()[..., None, None] * self.scaling  # [B,H,G,D]
@@ -312,7 +345,7 @@ class NatslAttention(nn.Module):
             if self.natsl:
                 new_state.gdn_k, new_state.gdn_g = put(state.gdn_k, k_g), put(state.gdn_g, g)
                 new_state.gdn_beta, new_state.gdn_state = put(state.gdn_beta, beta), state.gdn_state
-                new_state.conv_state = torch.cat([state.conv_state, conv_in], 1)[:, 1:]
+                new_state.conv_state = conv_state
                 new_state.router_sum = state.router_sum + x[:, 0].float()
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
@@ -331,7 +364,7 @@ class NatslAttention(nn.Module):
         B, n, _ = x.shape
         C = self.chunk_size
         conv_state = None if state is None else state.conv_state
-        conv_in, q_g, k_g, beta, g = self._gdn_inputs(x, q, k, valid_new, conv_state)
+        q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid_new, conv_state)
 
         if state is not None:
             k_g = torch.cat([state.gdn_k, k_g], 1)
@@ -352,8 +385,6 @@ class NatslAttention(nn.Module):
             )
         if not return_state:
             return o_gdn, None
-        W = self.gdn_conv.weight.shape[-1]
-        prev = conv_in.new_zeros(B, W - 1, conv_in.shape[-1]) if conv_state is None else conv_state
         new_router = gather_open(x.float(), q_pos, open_chunk, C).sum(1)
         if state is not None:
             same_chunk = (open_chunk == torch.div(state.seen, C, rounding_mode="floor"))[:, None]
@@ -363,6 +394,6 @@ class NatslAttention(nn.Module):
             "gdn_g": gather_open(g.detach(), k_pos, open_chunk, C),
             "gdn_beta": gather_open(beta.detach(), k_pos, open_chunk, C),
             "gdn_state": gdn_state.detach(),
-            "conv_state": torch.cat([prev, conv_in.detach()], 1)[:, -(W - 1):] if W > 1 else prev,
+            "conv_state": conv_state.detach(),
             "router_sum": new_router.detach(),
         }

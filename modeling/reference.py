@@ -198,14 +198,31 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-    """Causal depthwise conv over time.
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over each row's real inputs.
 
-    x: [B, T, C], weight: [C, 1, W], state: [B, W-1, C] inputs preceding x (None = zeros)
-    -> y [B, T, C]
+    x: [B, T, C], weight: [C, 1, W], state: [B, W-1, C] the row's last W-1 real inputs before x
+    (None = zeros), valid: [B, T] bool, False = padding anywhere in the row (None = all real)
+    -> y [B, T, C] (meaningless at padding), new_state [B, W-1, C] the last W-1 real inputs.
+
+    Padding never enters the window of a real input: with `valid`, each row's real inputs are
+    moved (in order) behind its padding, convolved, and put back. Taking the last W-1 columns
+    as the next state would keep padding for a right-padded row.
     """
+    B, T, C = x.shape
     W = weight.shape[-1]
     if state is None:
-        state = x.new_zeros(x.shape[0], W - 1, x.shape[2])
-    xs = torch.cat([state.to(x.dtype), x], 1).transpose(1, 2)  # [B,C,W-1+T]
-    return F.conv1d(xs, weight.to(x.dtype), groups=x.shape[2]).transpose(1, 2)
+        state = x.new_zeros(B, W - 1, C)
+    seq = torch.cat([state.to(x.dtype), x], 1)  # [B, W-1+T, C]
+    if valid is not None and not bool(valid.all()):
+        real = torch.cat([valid.new_ones(B, W - 1), valid.bool()], 1)
+        order = torch.argsort(real.to(torch.int8), dim=1, stable=True)  # padding first, then real in order
+        index = order[..., None].expand(-1, -1, C)
+        packed = seq.gather(1, index) * real.gather(1, order)[..., None].to(x.dtype)
+        y = F.conv1d(F.pad(packed.transpose(1, 2), (W - 1, 0)), weight.to(x.dtype), groups=C).transpose(1, 2)
+        y = torch.empty_like(y).scatter_(1, index, y)[:, W - 1:]
+        return y, packed[:, packed.shape[1] - (W - 1):]
+    y = F.conv1d(seq.transpose(1, 2), weight.to(x.dtype), groups=C).transpose(1, 2)
+    return y, seq[:, seq.shape[1] - (W - 1):]

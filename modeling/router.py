@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -95,3 +96,69 @@ def router_loss(routes: Routes, budget: float, loss_weight: float) -> torch.Tens
         return routes.prob.sum() * 0.0
     mean_p = (routes.prob * routes.routable).sum() / n
     return loss_weight * torch.relu(mean_p - budget) ** 2
+
+
+# --- supervised routing (stage-1 distillation of a converted model) ------------------------------
+# [ours] A converted model's router starts without any notion of which chunks matter. Trained only by
+# the straight-through gradient and the budget hinge, it drifts uniformly (one shared bias) until the
+# realised fraction collapses (SmolLM2-135M, budget 0.25: 0.0 softmax after 25 stage-1 steps, 2k
+# key-value recall 0.875 -> 0.25; bench/results/quality_smollm2_b0.25.json). Stage 1 therefore
+# teaches the router the chunks the source attention itself relies on: those that queries of later
+# chunks attend to most (heavy hitters, as in H2O / SnapKV), `softmax_budget` of them per row and
+# KV group, with a binary cross-entropy on the score margin. During supervised training the layer
+# routes by these targets, so the GDN branch learns exactly the chunks it will be given.
+
+
+@torch.no_grad()
+def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
+                         block: int = 512) -> torch.Tensor:
+    """Attention that each complete chunk receives from the queries of later chunks.
+
+    q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded
+    sequences. Attention is full causal softmax (every earlier token visible), as in the source.
+    -> mass [B, T // C, Hkv] fp32: the probability the group's q heads put on the chunk's keys,
+    averaged over the (query, head) pairs of later chunks; NaN for a chunk with no later query.
+    Queries are processed `block` rows at a time (memory B * Hq * block * T, not B * Hq * T^2).
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G, C, N = Hq // Hkv, chunk_size, T // chunk_size
+    keys = k.float().transpose(1, 2)[:, :, None]  # [B,Hkv,1,T,D]
+    key_pos = torch.arange(T, device=q.device)
+    total = torch.zeros(B, Hkv, N, device=q.device)
+    for start in range(C, T, block):  # queries of chunk 0 have no earlier chunk
+        stop = min(start + block, T)
+        q_pos = key_pos[start:stop]
+        qb = q[:, start:stop].float().transpose(1, 2).unflatten(1, (Hkv, G))  # [B,Hkv,G,L,D]
+        scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hkv,G,L,T]
+        probs = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf")).softmax(-1)
+        earlier = (key_pos[None, :] // C) < (q_pos[:, None] // C)  # [L,T] keys of earlier chunks
+        per_key = (probs * earlier).sum((2, 3))  # [B,Hkv,T]
+        total += per_key[..., : N * C].unflatten(-1, (N, C)).sum(-1)
+    later = (T - (torch.arange(N, device=q.device) + 1) * C) * G  # (query, head) pairs after chunk c
+    mass = total / later.clamp(min=1)
+    mass = torch.where(later > 0, mass, torch.full_like(mass, float("nan")))
+    return mass.transpose(1, 2)
+
+
+def routing_targets(mass: torch.Tensor, routable: torch.Tensor, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised routes: per row and KV group, the `round(budget * n)` of its n labelled chunks with
+    the most attention mass are softmax.
+
+    mass: [B, N, H] (NaN = unknown), routable: [B, N, H] bool
+    -> target [B, N, H] bool (True = softmax), labelled [B, N, H] bool (routable with a known mass).
+    """
+    labelled = routable & ~mass.isnan()
+    keep = (budget * labelled.sum(1, keepdim=True)).round().long()  # [B,1,H]
+    rank = mass.masked_fill(~labelled, float("-inf")).argsort(1, descending=True).argsort(1)
+    return labelled & (rank < keep), labelled
+
+
+def routing_supervision_loss(scores: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """Binary cross-entropy of p(softmax) = sigmoid((s_0 - s_1) / temperature) against the targets,
+    averaged over labelled chunks. scores: [B, N, H, 2]; target, labelled: [B, N, H]."""
+    margin = (scores[..., 0] - scores[..., 1]) / temperature
+    if not bool(labelled.any()):
+        return margin.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(margin[labelled], target[labelled].to(margin.dtype))

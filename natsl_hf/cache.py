@@ -104,12 +104,15 @@ class NatslCache(Cache):
     def memory_report(self) -> dict:
         """Kept softmax KV per layer and bytes, against what a full KV cache of the same tokens holds.
 
-        Per layer: `kept_tokens` (max over rows of the mean over KV groups of kept softmax tokens,
-        the open chunk excluded), `open_tokens`, `kv_bytes` (kept + open KV actually stored as
-        valid entries), `state_bytes` (GDN state + conv + router sum), `full_kv_bytes` (a dense cache
-        of every real token). Totals at the end.
+        Per layer: `kept_tokens` (mean over rows and KV groups of kept softmax tokens, the open chunk
+        excluded), `open_tokens`, `kv_bytes` (kept + open KV held as valid entries: what the routing
+        keeps), `kv_allocated_bytes` (the KV tensors as allocated: the compacted kept KV is padded to the
+        longest (row, KV group), and the open chunk is a full chunk-sized buffer), `state_bytes` (GDN state,
+        the open chunk's GDN inputs, conv state, router sum), `full_kv_bytes` (a dense cache of every real
+        token, what a softmax model holds). Totals at the end; `kv_fraction` = kv_bytes / full_kv_bytes.
         """
-        layers, totals = [], {"kv_bytes": 0, "state_bytes": 0, "full_kv_bytes": 0}
+        layers = []
+        totals = {"kv_bytes": 0, "kv_allocated_bytes": 0, "state_bytes": 0, "full_kv_bytes": 0}
         for idx, layer in enumerate(self.layers):
             s = layer.state
             if s is None:
@@ -119,6 +122,7 @@ class NatslCache(Cache):
             kept = s.kept_valid.sum().item()  # over rows and groups
             open_tokens = (s.seen % s.open_k.shape[1]).sum().item() * Hkv
             kv_bytes = int((kept + open_tokens) * per_token)
+            allocated = sum(t.numel() * t.element_size() for t in (s.kept_k, s.kept_v, s.open_k, s.open_v))
             state_bytes = sum(
                 t.numel() * t.element_size()
                 for t in (s.gdn_state, s.conv_state, s.router_sum, s.gdn_k, s.gdn_g, s.gdn_beta)
@@ -131,11 +135,13 @@ class NatslCache(Cache):
                     "kept_tokens": kept / (B * Hkv),
                     "open_tokens": open_tokens / (B * Hkv),
                     "kv_bytes": kv_bytes,
+                    "kv_allocated_bytes": int(allocated),
                     "state_bytes": int(state_bytes),
                     "full_kv_bytes": full,
                 }
             )
             totals["kv_bytes"] += kv_bytes
+            totals["kv_allocated_bytes"] += int(allocated)
             totals["state_bytes"] += int(state_bytes)
             totals["full_kv_bytes"] += full
         totals["kv_fraction"] = totals["kv_bytes"] / max(totals["full_kv_bytes"], 1)

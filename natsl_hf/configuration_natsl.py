@@ -120,18 +120,26 @@ class NatslConfig(PreTrainedConfig):
         def bad(field, value, allowed):
             raise ValueError(f"NatslConfig.{field}={value!r} is invalid: {allowed}.")
 
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "head_dim", "vocab_size", "intermediate_size"):
+                      "head_dim", "vocab_size", "intermediate_size", "max_position_embeddings"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 bad(field, value, "expected a positive integer")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             bad("num_key_value_heads", self.num_key_value_heads,
                 f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            bad("head_dim", self.head_dim, "expected an even number (RoPE rotates pairs of dimensions)")
+        if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool) or self.rms_norm_eps <= 0:
+            bad("rms_norm_eps", self.rms_norm_eps, "expected a number > 0 (e.g. 1e-6)")
+        self._validate_rope_parameters(bad)
         c = self.chunk_size
-        if not isinstance(c, int) or c < 1 or c & (c - 1):
+        if not is_int(c) or c < 1 or c & (c - 1):
             bad("chunk_size", c, "expected a power of two (e.g. 64)")
-        if not isinstance(self.num_sink_chunks, int) or self.num_sink_chunks < 0:
+        if not is_int(self.num_sink_chunks) or self.num_sink_chunks < 0:
             bad("num_sink_chunks", self.num_sink_chunks, "expected an integer >= 0")
         if not isinstance(self.softmax_budget, (int, float)) or not 0.0 <= self.softmax_budget <= 1.0:
             bad("softmax_budget", self.softmax_budget, "expected a fraction in [0, 1]")
@@ -141,7 +149,7 @@ class NatslConfig(PreTrainedConfig):
             bad("router_loss_weight", self.router_loss_weight, "expected a number >= 0")
         if not isinstance(self.router_init_bias, (int, float)):
             bad("router_init_bias", self.router_init_bias, "expected a number")
-        if not isinstance(self.gdn_conv_size, int) or self.gdn_conv_size < 1:
+        if not is_int(self.gdn_conv_size) or self.gdn_conv_size < 1:
             bad("gdn_conv_size", self.gdn_conv_size, "expected an integer >= 1 (4 is standard)")
         if self.route_override not in ROUTE_OVERRIDES:
             bad("route_override", self.route_override, "expected None, 'softmax' or 'linear'")
@@ -150,6 +158,23 @@ class NatslConfig(PreTrainedConfig):
             bad("natsl_layers", wrong, f"layer indices must lie in [0, {self.num_hidden_layers - 1}]")
         if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
             bad("hidden_act", self.hidden_act, "expected one of silu, swish, gelu, gelu_pytorch_tanh, relu")
+
+    def _validate_rope_parameters(self, bad) -> None:
+        """rope_type must be one transformers implements, with the keys that type needs (transformers'
+        own `validate_rope`, whose KeyError becomes a ValueError naming the field)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = self.rope_parameters
+        known = ("default", *sorted(ROPE_INIT_FUNCTIONS))
+        if rope.get("rope_type") not in known:
+            bad("rope_parameters", rope, f"rope_type must be one of {', '.join(known)}")
+        theta = rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+            bad("rope_parameters", rope, "rope_theta must be a number > 0 (e.g. 10000.0)")
+        try:
+            self.validate_rope()
+        except KeyError as err:
+            bad("rope_parameters", rope, f"rope_type {rope['rope_type']!r} must have the keys it needs ({err})")
 
     def is_natsl_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` is token-routed NAtS-L (else it keeps full softmax attention)."""

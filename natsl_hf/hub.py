@@ -11,21 +11,33 @@
 - `push_to_hub` uploads such a folder with `HfApi.create_repo` + `upload_folder` (token from
   the argument, `HF_TOKEN` or the `hf auth login` store); `dry_run=True` lists and uploads
   nothing. Failures are re-raised as RuntimeError naming the endpoint and the fix.
-- CLI: `natsl-hub MODEL_DIR --repo-id ID [--out DIR] [--dry-run] [--metrics JSON ...]`.
+- CLI: `natsl-hub MODEL_DIR --repo-id ID [--out DIR] [--dry-run] [--overwrite] [--metrics JSON ...]`.
+  The folder is written to `--out`; without it a dry run writes `<MODEL_DIR>-hub` beside the
+  checkpoint (kept, so it can be inspected) and an upload stages in a temporary folder removed
+  afterwards. An existing non-empty output folder is refused unless `--overwrite`, which replaces
+  it only when it is an earlier hub folder (config.json + README.md) and not the checkpoint itself.
 
 Metrics schema (all optional; several JSON files are merged left to right):
     softmax_fraction        float, realised over all NAtS-L layers
     layer_softmax_fraction  list[float] in `config.natsl_layers` order, or {layer: float}
     kv_fraction             float, kept KV bytes / full-cache KV bytes (NatslCache.memory_report()),
-                            or kv_bytes + full_kv_bytes to derive it
+                            or kv_bytes + full_kv_bytes (both, full > 0) to derive it; with neither
+                            the card says "not measured" (a lone byte count goes to "Other measurements")
     measured_on             str, what the numbers above were measured on
     training                str, the recovery training done (stage, tokens, ...)
     quality                 {name: number or str}, e.g. {"wikitext2 ppl": 12.3}
     quality_command         str, the command that measured `quality` (shown under its table)
     speed                   {name: number or str}, e.g. {"decode tok/s (H100, bs 1)": 151.0}
+    speed_measured_on       str, device / dtype / setup of the `speed` numbers (shown under its table)
+    speed_command           str, the command that measured `speed` (shown under its table)
 Any other key (nested dicts flattened to dotted names) goes to an "Other measurements" table.
+A NaN softmax fraction (no routable chunk seen) reads "n/a (no routable chunk was measured)".
 A report written by bench/eval_quality.py is recognised and mapped onto this schema
 (`metrics_from_quality_report`; `--label` picks the model when it evaluated several).
+A report written by bench/decode_bench.py is mapped onto `speed` (`metrics_from_decode_report`)
+only when the model shape it was run on (hidden size, layers, heads, KV heads, head dim, chunk
+size; vocab / MLP size / NAtS-L layers when recorded) equals the checkpoint's; otherwise it is
+refused with a ValueError: rerun `bench/decode_bench.py --model MODEL_DIR` for this checkpoint.
 `save_for_hub` stores the metrics it was given in `natsl_metrics.json` beside the card, and
 `natsl-hub` reads that file from MODEL_DIR first (then `--metrics` files), so re-publishing a
 folder keeps its measured numbers.
@@ -44,6 +56,7 @@ from pathlib import Path
 from string import Template
 
 NOT_MEASURED = "not measured"
+NO_ROUTABLE = "n/a (no routable chunk was measured)"  # how a NaN softmax fraction reads
 METRICS_FILE = "natsl_metrics.json"  # the measured numbers behind a card, kept beside it
 CARD_TEMPLATE = "natsl_model_card.md"
 BASE_TAGS = ["natsl", "hybrid-attention", "gated-deltanet", "linear-attention", "text-generation"]
@@ -58,6 +71,8 @@ _KNOWN_METRICS = (
     "quality",
     "speed",
     "quality_command",
+    "speed_measured_on",
+    "speed_command",
 )
 
 
@@ -69,13 +84,44 @@ def _fmt(value) -> str:
         return str(value)
     if isinstance(value, float):
         if math.isnan(value):
-            return "n/a (nothing routable)"
+            return NO_ROUTABLE
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _pct(value) -> str:
     return f"{100.0 * value:.1f}%"
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _softmax_fraction_text(fraction) -> str:
+    """The card's overall softmax fraction: value and percentage, or why there is none."""
+    if fraction is None:
+        return NOT_MEASURED
+    fraction = float(fraction)
+    if math.isnan(fraction):
+        return NO_ROUTABLE  # no percentage of nothing
+    return f"{_fmt(fraction)} ({_pct(fraction)} of routable chunks)"
+
+
+def _kv_cells(metrics: dict) -> tuple[str, str, set[str]]:
+    """(kept/full cell, saving cell, byte keys consumed) from kv_fraction or kv_bytes + full_kv_bytes.
+
+    The fraction is only taken as given or derived from both byte counts (full > 0); anything less
+    reads "not measured", and a lone byte count is left for "Other measurements".
+    """
+    kv, full = metrics.get("kv_bytes"), metrics.get("full_kv_bytes")
+    have_bytes = kv is not None and full is not None and full > 0
+    fraction = metrics.get("kv_fraction")
+    if fraction is None and have_bytes:
+        fraction = kv / full
+    if fraction is None or not math.isfinite(float(fraction)):
+        return NOT_MEASURED, NOT_MEASURED, set()
+    kept = _fmt(float(fraction)) + (f" ({int(kv):,} / {int(full):,} bytes)" if have_bytes else "")
+    return kept, _pct(1.0 - float(fraction)), ({"kv_bytes", "full_kv_bytes"} if have_bytes else set())
 
 
 def _layers_text(layers: list[int], num_layers: int) -> str:
@@ -147,10 +193,7 @@ def render_model_card(
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its source checkpoint"
     source += f" (`{config.source_model_type}`)" if config.source_model_type else ""
 
-    fraction = metrics.get("softmax_fraction")
-    kv_fraction = metrics.get("kv_fraction")
-    if kv_fraction is None and metrics.get("full_kv_bytes"):
-        kv_fraction = metrics.get("kv_bytes", 0) / metrics["full_kv_bytes"]
+    kv_kept, kv_saving, kv_used = _kv_cells(metrics)
     layer_fracs = metrics.get("layer_softmax_fraction")
     if isinstance(layer_fracs, dict):
         layer_rows = [(str(k), _fmt(float(v))) for k, v in layer_fracs.items()]
@@ -174,8 +217,14 @@ def render_model_card(
 
     other: list[tuple[str, str]] = []
     for key, value in metrics.items():
-        if key not in _KNOWN_METRICS:
+        if key not in _KNOWN_METRICS or (key in ("kv_bytes", "full_kv_bytes") and key not in kv_used):
             _flatten(key, value, other)
+    speed_notes = ""
+    if metrics.get("speed"):
+        if metrics.get("speed_measured_on"):
+            speed_notes += f"\n\nMeasured on: {_fmt(metrics['speed_measured_on'])}"
+        if metrics.get("speed_command"):
+            speed_notes += f"\n\nMeasured with:\n\n```bash\n{metrics['speed_command']}\n```"
     other_section = f"\n## Other measurements\n\n{_table(other, ('metric', 'value'))}\n" if other else ""
 
     training = metrics.get("training")
@@ -208,15 +257,15 @@ def render_model_card(
         gdn_conv_size=config.gdn_conv_size,
         route_override=config.route_override or "none (learned routing)",
         shape=f"{config.num_hidden_layers} / {config.num_attention_heads} / {config.num_key_value_heads} / {config.head_dim}",
-        softmax_fraction=NOT_MEASURED if fraction is None else f"{_fmt(float(fraction))} ({_pct(float(fraction))} of routable chunks)",
-        kv_fraction=NOT_MEASURED if kv_fraction is None else _fmt(float(kv_fraction)),
-        kv_saving=NOT_MEASURED if kv_fraction is None else _pct(1.0 - float(kv_fraction)),
+        softmax_fraction=_softmax_fraction_text(metrics.get("softmax_fraction")),
+        kv_fraction=kv_kept,
+        kv_saving=kv_saving,
         measured_on=_fmt(metrics["measured_on"]) if metrics.get("measured_on") else NOT_MEASURED,
         layer_table=_table(layer_rows, ("layer", "softmax fraction")),
         quality_table=named_table("quality") + (
             f"\n\nEvaluated with:\n\n```bash\n{metrics['quality_command']}\n```" if metrics.get("quality_command") else ""
         ),
-        speed_table=named_table("speed"),
+        speed_table=named_table("speed") + speed_notes,
         other_section=other_section,
         repo_id=repo_id or "path/to/this-checkpoint",
         conversion=conversion,
@@ -277,11 +326,93 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     return metrics
 
 
-def load_metrics(paths, label: str | None = None) -> dict:
-    """Merge metrics JSON files (later files win on equal top-level keys; quality/speed merge).
+# the model shape a decode benchmark must share with the checkpoint before its numbers describe it
+DECODE_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "chunk_size")
+DECODE_OPTIONAL_KEYS = ("intermediate_size", "vocab_size", "natsl_layers", "num_sink_chunks")  # checked if recorded
+
+
+def is_decode_report(data) -> bool:
+    """Whether `data` is a report written by bench/decode_bench.py (model shape + rows of step times)."""
+    if not (isinstance(data, dict) and isinstance(data.get("model"), dict) and isinstance(data.get("rows"), list)):
+        return False
+    return bool(data["rows"]) and all(isinstance(r, dict) and "step_ms" in r and "context" in r for r in data["rows"])
+
+
+def decode_report_mismatch(report: dict, config) -> list[str]:
+    """The shape fields on which the decode report's model differs from `config` (empty: it matches).
+
+    The six DECODE_SHAPE_KEYS must be recorded and equal; DECODE_OPTIONAL_KEYS are compared when the
+    report records them (reports older than `decode_bench.py --model` do not).
+    """
+    shape = report["model"]
+    wrong = []
+    for key in DECODE_SHAPE_KEYS + DECODE_OPTIONAL_KEYS:
+        ours = getattr(config, key, None)
+        if key not in shape:
+            if key in DECODE_SHAPE_KEYS:
+                wrong.append(f"{key}: not recorded in the report vs {ours} in the checkpoint")
+            continue
+        theirs = shape[key]
+        if key == "natsl_layers":
+            theirs, ours = sorted(theirs), sorted(ours)
+        if theirs != ours:
+            wrong.append(f"{key}: {theirs} in the report vs {ours} in the checkpoint")
+    return wrong
+
+
+def metrics_from_decode_report(report: dict, config, source: str = "the decode report",
+                               model_dir: str | None = None) -> dict:
+    """Card `speed` metrics from a bench/decode_bench.py report, if it was run on `config`'s shape.
+
+    Per context length and model row: the decode step time (ms, batch 1) and the cache bytes
+    (NAtS-L rows split into kept KV + GDN/conv state), each named with the device and the row's
+    model ("softmax (DynamicCache + SDPA)" baseline or "NAtS-L p=<synthetic softmax fraction>").
+    Copied, never recomputed. Raises ValueError naming every mismatching shape field and the fix
+    when the benchmark ran on another model shape: its numbers would not describe this checkpoint.
+    model_dir: the checkpoint's directory, named in that error's rerun command.
+    """
+    wrong = decode_report_mismatch(report, config)
+    if wrong:
+        model_dir = model_dir or getattr(config, "_name_or_path", "") or "MODEL_DIR"
+        raise ValueError(
+            f"{source} is a bench/decode_bench.py report for another model shape ({'; '.join(wrong)}), so its "
+            f"speed numbers do not describe this checkpoint. Rerun the benchmark on this checkpoint's config: "
+            f"`python bench/decode_bench.py --model {model_dir} --out bench/results/decode_<device>.json` on the "
+            f"GPU to quote, and pass that JSON with --metrics."
+        )
+    device = report.get("device") or "unknown device"
+    speed: dict = {}
+    for row in report["rows"]:
+        where = f"@ {row['context']} ctx ({device}, {row.get('model', 'unnamed')})"
+        speed[f"decode step ms {where}"] = float(row["step_ms"])
+        if row.get("cache_bytes") is not None:
+            cache = int(row["cache_bytes"])
+            text = f"{_mib(cache)} ({cache:,} bytes)"
+            if row.get("kv_bytes") is not None and row.get("state_bytes") is not None:
+                text += f": KV {_mib(int(row['kv_bytes']))} + GDN/conv state {_mib(int(row['state_bytes']))}"
+            speed[f"decode cache {where}"] = text
+    setup = ", ".join(str(report[k]) for k in ("device", "dtype") if report.get(k))
+    measured_on = (
+        f"{setup}: {report.get('benchmark', 'decode step, batch 1')} (bench/decode_bench.py). Random weights of this "
+        "checkpoint's shape; caches filled synthetically, NAtS-L rows at the softmax fraction p they name "
+        "(not this checkpoint's learned routing)"
+    )
+    metrics = {"speed": speed, "speed_measured_on": measured_on}
+    if report.get("command"):
+        metrics["speed_command"] = report["command"]
+    return metrics
+
+
+def load_metrics(paths, label: str | None = None, config=None, model_dir: str | None = None) -> dict:
+    """Merge metrics JSON files (later files win on equal top-level keys; quality/speed merge, and
+    the speed provenance of several speed reports is joined).
 
     A file written by bench/eval_quality.py is recognised and mapped with
-    `metrics_from_quality_report(report, label)`; any other file must follow the module's schema.
+    `metrics_from_quality_report(report, label)`; one written by bench/decode_bench.py with
+    `metrics_from_decode_report(report, config)`, which needs the checkpoint's `config` and refuses a
+    report run on another model shape (`model_dir` only names the checkpoint in that error). Any
+    other file must follow the module's schema.
     """
     merged: dict = {}
     for path in paths or []:
@@ -294,9 +425,17 @@ def load_metrics(paths, label: str | None = None) -> dict:
             raise ValueError(f"Metrics file {path} must hold a JSON object, got {type(data).__name__}.")
         if is_quality_report(data):
             data = metrics_from_quality_report(data, label)
+        elif is_decode_report(data):
+            if config is None:
+                raise ValueError(f"{path} is a bench/decode_bench.py report; pass the checkpoint's config "
+                                 "(load_metrics(..., config=...)) so its model shape can be checked.")
+            data = metrics_from_decode_report(data, config, source=str(path), model_dir=model_dir)
         for key, value in data.items():
             if key in ("quality", "speed") and isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
+            elif key in ("speed_command", "speed_measured_on") and merged.get(key) and merged[key] != value:
+                sep = "\n" if key == "speed_command" else "; "  # one command per line in the card's bash block
+                merged[key] = f"{merged[key]}{sep}{value}"
             else:
                 merged[key] = value
     return merged
@@ -391,10 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", help="a NAtS-L checkpoint directory (save_pretrained / natsl-convert output)")
     p.add_argument("--repo-id", required=True, help="hub repository, e.g. user/SmolLM2-135M-NAtS-L")
-    p.add_argument("--out", help="write the hub folder here (default: a temporary folder removed afterwards)")
-    p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; upload nothing")
+    p.add_argument("--out", help="write the hub folder here and keep it (default: with --dry-run, MODEL_DIR-hub beside "
+                   "the checkpoint; otherwise a temporary folder removed after the upload)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the hub folder (to --out or MODEL_DIR-hub), list the files that would be uploaded; "
+                   "upload nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (only one that holds an earlier hub folder: config.json + "
+                   "README.md); without it a non-empty output folder is refused")
     p.add_argument("--metrics", nargs="+", default=[], metavar="JSON",
-                   help=f"metrics JSON files for the card, merged after MODEL_DIR/{METRICS_FILE} if present")
+                   help=f"metrics JSON files for the card, merged after MODEL_DIR/{METRICS_FILE} if present; "
+                   "bench/eval_quality.py and bench/decode_bench.py reports are recognised (a decode report must "
+                   "have been run on this checkpoint's shape: bench/decode_bench.py --model MODEL_DIR)")
     p.add_argument("--label", help="model label to take from a bench/eval_quality.py report (if it has several)")
     p.add_argument("--base-model", help="hub id of the source model (card metadata)")
     p.add_argument("--license", help="license id of the source model, e.g. apache-2.0")
@@ -418,6 +565,23 @@ def _existing_card_metadata(model_dir: Path) -> dict:
     return {"base_model": base[0] if isinstance(base, list) and base else base, "license": data.get("license")}
 
 
+def _check_out(out: Path, model_dir: Path, overwrite: bool) -> str | None:
+    """Why `out` must not receive the hub folder (None: it may; --overwrite then replaces it)."""
+    target, model = out.resolve(), model_dir.resolve()
+    if target == model or target in model.parents:
+        return f"the output folder {out} is (or contains) the checkpoint {model_dir}; pick another --out."
+    if target.exists() and not target.is_dir():
+        return f"the output path {out} exists and is not a folder; pick another --out."
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            return (f"the output folder {out} already exists and is not empty; pass --overwrite to replace it, "
+                    "or pick another --out.")
+        if not ((target / "config.json").is_file() and (target / "README.md").is_file()):
+            return (f"--overwrite only replaces an earlier hub folder (config.json + README.md), and {out} is not "
+                    "one; remove it yourself or pick another --out.")
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     model_dir = Path(args.model_dir)
@@ -427,13 +591,25 @@ def main(argv=None) -> int:
     import natsl_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoTokenizer
 
-    from natsl_hf import NatslForCausalLM
+    from natsl_hf import NatslConfig, NatslForCausalLM
 
+    staging = None
+    if args.out:
+        out = Path(args.out)
+    elif args.dry_run:  # a dry run exists to be inspected: keep the folder beside the checkpoint
+        out = model_dir.resolve().parent / f"{model_dir.resolve().name}-hub"
+    else:
+        out = None
     try:
+        config = NatslConfig.from_pretrained(model_dir)
         own = [model_dir / METRICS_FILE] if (model_dir / METRICS_FILE).is_file() else []
-        metrics = load_metrics(own + list(args.metrics), label=args.label)
+        metrics = load_metrics(own + list(args.metrics), label=args.label, config=config, model_dir=str(model_dir))
     except ValueError as err:
         print(f"natsl-hub: error: {err}", file=sys.stderr)
+        return 2
+    problem = None if out is None else _check_out(out, model_dir, args.overwrite)
+    if problem:
+        print(f"natsl-hub: error: {problem}", file=sys.stderr)
         return 2
     known = _existing_card_metadata(model_dir)
     model = NatslForCausalLM.from_pretrained(model_dir)
@@ -447,18 +623,21 @@ def main(argv=None) -> int:
         repo_id=args.repo_id,
     )
     card_kwargs["conversion_command"] = _conversion_command_from_card(model_dir)
-    staging = None
-    out = Path(args.out) if args.out else Path(staging := tempfile.mkdtemp(prefix="natsl-hub-"))
+    if out is None:
+        out = Path(staging := tempfile.mkdtemp(prefix="natsl-hub-"))
     try:
+        render_model_card(model, **card_kwargs)  # a card that cannot render leaves an existing folder alone
+        if out.is_dir() and any(out.iterdir()):  # checked by _check_out: an earlier hub folder, --overwrite given
+            shutil.rmtree(out)  # its stale files (an old tokenizer, metrics) must not ride along to the hub
         save_for_hub(model, out, tokenizer=tokenizer, **card_kwargs)
         result = push_to_hub(
             out, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run, endpoint=args.endpoint
         )
         if not args.dry_run:
             print(f"uploaded {out} to {args.repo_id}: {result}")
-        elif args.out:
-            print(f"hub folder written to {out}")
-    except RuntimeError as err:
+        else:
+            print(f"hub folder written to {out} (nothing uploaded; run again without --dry-run to upload)")
+    except (RuntimeError, ValueError) as err:
         print(f"natsl-hub: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -65,6 +65,32 @@ def test_left_padding_equals_each_prompt_alone():
         assert (batch[b, T - L :] - alone[0]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_padded_prefill_then_decode_equals_each_prompt_alone(side):
+    """Padding anywhere in the prefill (left, right, or around the prompt), then decode steps that
+    cross chunk boundaries: every row's logits equal the prompt run alone through the cache. The
+    short conv and its state must see only real tokens (right padding once leaked into the state)."""
+    model = tiny_model(seed=6)
+    lens, T, N = [23, 14, 2], 26, 2 * C + 1
+    starts = {"left": [T - L for L in lens], "right": [0] * 3, "both": [(T - L) // 2 for L in lens]}[side]
+    prompts = [torch.randint(1, 97, (L,)) for L in lens]
+    steps = torch.randint(1, 97, (3, N))
+    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    for b, (p, s) in enumerate(zip(prompts, starts)):
+        ids[b, s : s + len(p)], mask[b, s : s + len(p)] = p, 1
+    with torch.no_grad():
+        cache = NatslCache(model.config)
+        batch = [model(ids, attention_mask=mask, past_key_values=cache).logits]
+        for t in range(N):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            batch.append(model(steps[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits)
+        batch = torch.cat(batch, 1)
+        for b, (p, s) in enumerate(zip(prompts, starts)):
+            alone = full_logits(model, torch.cat([p, steps[b]])[None])[0]
+            real = torch.cat([torch.arange(s, s + len(p)), torch.arange(T, T + N)])
+            assert (batch[b, real] - alone).abs().max() <= 1e-4, b
+
+
 def test_greedy_generate_matches_stepwise_argmax():
     model = tiny_model(seed=7)
     ids = torch.randint(1, 97, (2, 7))
@@ -96,10 +122,11 @@ def test_sampling_and_beam_search_run_and_crop_refuses():
     torch.manual_seed(0)
     sampled = model.generate(ids, max_new_tokens=9, do_sample=True, top_k=10)
     assert sampled.shape == (2, 15)
+    # beam search reorders the cache rows (reorder_cache) every step: with the cache it must pick the
+    # same beams as without one (every step a full forward over the beams' sequences)
     beams = model.generate(ids, max_new_tokens=9, num_beams=3, do_sample=False)
     assert beams.shape == (2, 15)
-    # beam search with one beam is greedy: a check that reorder_cache keeps rows consistent
-    assert torch.equal(model.generate(ids, max_new_tokens=9, num_beams=1), model.generate(ids, max_new_tokens=9))
+    assert torch.equal(beams, model.generate(ids, max_new_tokens=9, num_beams=3, do_sample=False, use_cache=False))
     cache = NatslCache(model.config)
     model(ids, past_key_values=cache)
     with pytest.raises(NotImplementedError, match="rolled back"):
@@ -123,6 +150,11 @@ def test_memory_report_kept_kv_within_budget():
         assert 0 < frac < 1
         assert layer["full_kv_bytes"] == B * T * token_bytes
         assert layer["kv_bytes"] == pytest.approx(B * token_bytes * (always_kept + frac * routable_tokens))
+        # allocation: kept KV padded to the longest (row, group), the open chunk a full C-slot buffer
+        state = cache.layer_state(layer["layer"])
+        longest = int(state.kept_valid.sum(-1).max())
+        assert layer["kv_allocated_bytes"] == B * token_bytes * (longest + C)
+        assert layer["kv_allocated_bytes"] >= layer["kv_bytes"]
     # whole cache: kept KV <= (realised fraction + the sink and open chunks) of a full cache
     fraction = out.softmax_fraction.item()
     assert report["kv_fraction"] <= fraction + (always_kept / T) + 1e-9

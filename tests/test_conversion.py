@@ -16,6 +16,8 @@ Bounds (fp32):
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -333,13 +335,18 @@ def test_missing_gguf_file(tmp_path, capsys):
     assert_no_output(out)
 
 
-def write_tiny_gguf(path: Path, n_vocab=64, dim=32, n_layers=2, n_heads=4, n_kv=2, ffn=64) -> Path:
-    """A float32 llama GGUF with a byte-level SentencePiece-style vocabulary, written with the gguf package."""
+def write_tiny_gguf(path: Path, n_vocab=64, dim=32, n_layers=2, n_heads=4, n_kv=2, ffn=64, context_length=128,
+                    license: str | None = "mit") -> Path:
+    """A float32 llama GGUF with a byte-level SentencePiece-style vocabulary, written with the gguf package.
+
+    The vocabulary is <unk>, <s>, </s> and the bytes 0x00.. (n_vocab=259 covers every byte); no chat
+    template. `license` goes into `general.license` (None: no license field).
+    """
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(128)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(dim)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(ffn)
@@ -348,7 +355,8 @@ def write_tiny_gguf(path: Path, n_vocab=64, dim=32, n_layers=2, n_heads=4, n_kv=
     writer.add_rope_freq_base(10000.0)
     writer.add_rope_dimension_count(dim // n_heads)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_license("mit")
+    if license is not None:
+        writer.add_license(license)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(n_vocab - 3)])
     writer.add_token_scores([0.0] * n_vocab)
@@ -395,3 +403,178 @@ def test_gguf_source(tmp_path):
     ids = torch.randint(0, 64, (1, 19), generator=torch.Generator().manual_seed(2))
     assert model.config.source_model_type == "llama" and model.config.num_key_value_heads == 2
     assert (logits(model, ids) - logits(source, ids)).abs().max().item() <= 1e-4
+
+
+# --------------------------------------------------------------------------- atomic writes
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _fail_after_save(monkeypatch, exc: BaseException) -> list[Path]:
+    """Make NatslForCausalLM.save_pretrained write its files, then raise `exc`. Returns the dirs written."""
+    original = NatslForCausalLM.save_pretrained
+    written: list[Path] = []
+
+    def save_then_fail(self, save_directory, *args, **kwargs):
+        original(self, save_directory, *args, **kwargs)
+        written.append(Path(save_directory))
+        raise exc
+
+    monkeypatch.setattr(NatslForCausalLM, "save_pretrained", save_then_fail)
+    return written
+
+
+def _fail_card_write(monkeypatch, exc: BaseException) -> list[Path]:
+    """Make the README.md write into a conversion temp dir raise `exc` (after the weights were written)."""
+    original = Path.write_text
+    written: list[Path] = []
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "README.md" and ".natsl-tmp-" in self.parent.name:
+            written.append(self.parent)
+            assert (self.parent / "model.safetensors").is_file()  # the failure really is midway
+            raise exc
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return written
+
+
+FAILURES = {
+    "save_pretrained-OSError": (_fail_after_save, OSError, "No space left on device"),
+    "save_pretrained-KeyboardInterrupt": (_fail_after_save, KeyboardInterrupt, ""),
+    "card-OSError": (_fail_card_write, OSError, "No space left on device"),
+    "card-KeyboardInterrupt": (_fail_card_write, KeyboardInterrupt, ""),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_failed_write_leaves_no_output(failure, tmp_path, monkeypatch):
+    src = save_source(make_source("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    patch, exc_type, message = FAILURES[failure]
+    written = patch(monkeypatch, exc_type(message))
+    with pytest.raises(exc_type):
+        convert_checkpoint(src, out, chunk_size=C, progress=False)
+    assert written and ".natsl-tmp-" in written[0].name  # files were written before the failure...
+    assert_no_output(out)  # ...and none of them is left
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_failed_overwrite_keeps_old_output(failure, tmp_path, monkeypatch):
+    src = save_source(make_source("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, chunk_size=C, progress=False)
+    before = _snapshot(out)
+    patch, exc_type, message = FAILURES[failure]
+    written = patch(monkeypatch, exc_type(message))
+    with pytest.raises(exc_type):
+        convert_checkpoint(src, out, chunk_size=8, dtype="bfloat16", overwrite=True, progress=False)
+    assert written
+    assert _snapshot(out) == before  # byte for byte
+    assert_no_output(out / "never")  # no temp/old dirs beside out
+
+
+@pytest.mark.parametrize("exc_type", [OSError, KeyboardInterrupt])
+def test_failed_swap_restores_old_output(exc_type, tmp_path, monkeypatch):
+    """The new OUT is complete but renaming it into place fails after the old OUT was moved aside."""
+    src = save_source(make_source("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, chunk_size=C, progress=False)
+    before = _snapshot(out)
+    original = Path.rename
+
+    def rename(self, target):
+        if ".natsl-tmp-" in self.name and Path(target) == out:
+            assert not out.exists()  # the old OUT is already aside
+            raise exc_type("rename failed")
+        return original(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(exc_type):
+        convert_checkpoint(src, out, chunk_size=8, overwrite=True, progress=False)
+    assert _snapshot(out) == before
+    assert_no_output(out / "never")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_has_mkdir_permissions(umask, tmp_path):
+    """OUT is readable as the umask allows (tempfile.mkdtemp would have made it 0o700)."""
+    src = save_source(make_source("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        convert_checkpoint(src, out, chunk_size=C, progress=False)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+        convert_checkpoint(src, out, chunk_size=C, overwrite=True, progress=False)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    finally:
+        os.umask(previous)
+    # like files from a plain open(): transformers itself writes model.safetensors 0o600
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# --------------------------------------------------------------------------- files carried over
+def tiny_tokenizer():
+    """A WordLevel tokenizer over VOCAB words (w0 .. w92 + specials) with a chat template; built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+    return tokenizer
+
+
+def test_tokenizer_and_generation_config_carried_over(tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src_model = make_source("llama")
+    src_model.generation_config = GenerationConfig(
+        bos_token_id=2, eos_token_id=3, pad_token_id=1, max_new_tokens=7, do_sample=True, temperature=0.3, top_p=0.8
+    )
+    src = save_source(src_model, tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    from natsl_hf.conversion.convert import TOKENIZER_FILES
+
+    tokenizer_files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    assert "tokenizer.json" in tokenizer_files and "tokenizer_config.json" in tokenizer_files
+
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--chunk-size", str(C), "--quiet"]) == 0
+    for name in tokenizer_files + ["generation_config.json"]:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+
+    source_tok, out_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
+    text = "w3 w17 w92 unknown w0 w41"
+    assert out_tok(text)["input_ids"] == source_tok(text)["input_ids"]
+    assert out_tok("w5 w6")["input_ids"] == [9, 10]
+    messages = [{"role": "user", "content": "w1 w2"}]
+    assert out_tok.apply_chat_template(messages) == source_tok.apply_chat_template(messages)
+
+    generation = GenerationConfig.from_pretrained(out)
+    assert (generation.max_new_tokens, generation.temperature, generation.top_p) == (7, 0.3, 0.8)
+    assert NatslForCausalLM.from_pretrained(out).generation_config.max_new_tokens == 7
+
+
+def test_license_from_source_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    src = save_source(make_source("qwen2"), tmp_path / "src")
+    (src / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n\n# A tiny source model\n", encoding="utf-8")
+    model = convert_checkpoint(src, tmp_path / "out", chunk_size=C, progress=False)
+    assert model.natsl_conversion_report["license"] == "mit"
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.license == "mit"
+    # an explicit license (--license) wins over the source card's
+    assert main([str(src), str(tmp_path / "out2"), "--license", "apache-2.0", "--quiet"]) == 0
+    assert ModelCard.load(tmp_path / "out2" / "README.md").data.license == "apache-2.0"
+    # no README, no license: the card's metadata has none
+    (src / "README.md").unlink()
+    model = convert_checkpoint(src, tmp_path / "out3", chunk_size=C, progress=False)
+    assert model.natsl_conversion_report["license"] is None
+    assert ModelCard.load(tmp_path / "out3" / "README.md").data.license is None

@@ -103,7 +103,7 @@ def test_stage1_trains_only_new_parameters_and_lowers_alignment(tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not is_natsl_parameter(n)}
     prepare_student(model, 1)
     trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=20, learning_rate=3e-2),
-                                  train_dataset=ds, stage=1, teacher=src)
+                                  train_dataset=ds, stage=1, teacher=src, supervised_routing=False)
     trainer.train()
     model.eval()
     after_align = alignment(model, src, b)
@@ -116,7 +116,8 @@ def test_stage1_trains_only_new_parameters_and_lowers_alignment(tmp_path):
     assert all({"align_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
 
 
-def test_stage1_router_loss_moves_softmax_fraction_toward_budget(tmp_path):
+def test_stage1_unsupervised_router_loss_moves_softmax_fraction_toward_budget(tmp_path):
+    """supervised_routing=False: the router routes itself and the budget hinge pulls it down."""
     src = tiny_source()
     model = tiny_natsl(src, softmax_budget=0.0, router_loss_weight=50.0, router_init_bias=1.0)
     ds = token_dataset()
@@ -125,7 +126,7 @@ def test_stage1_router_loss_moves_softmax_fraction_toward_budget(tmp_path):
     prepare_student(model, 1)
     trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=16, logging_steps=2,
                                                           learning_rate=5e-2),
-                                  train_dataset=ds, stage=1, teacher=src)
+                                  train_dataset=ds, stage=1, teacher=src, supervised_routing=False)
     trainer.train()
     after = fraction(model, b)
     assert before > 0.9  # softmax-biased init

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from natsl_hf import NatslConfig
+from natsl_hf import NatslConfig, NatslForCausalLM
 from natsl_hf.conversion import convert_model
-from natsl_hf.hub import NOT_MEASURED, main, push_to_hub, render_model_card, save_for_hub
+from natsl_hf.hub import NOT_MEASURED, load_metrics, main, push_to_hub, render_model_card, save_for_hub
 
 FAKE_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused at once
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DECODE_H200 = REPO_ROOT / "bench" / "results" / "decode_h200.json"  # the committed 1B-shape decode benchmark
 
 
 def tiny_config(**kw) -> NatslConfig:
@@ -69,7 +73,7 @@ def test_card_with_metrics_shows_exactly_the_given_numbers():
     text = parse(render_model_card(tiny_config(), conversion_command="natsl-convert a b --chunk-size 4",
                                    metrics=metrics, repo_id="me/tiny-natsl")).text
     assert "0.3125 (31.2% of routable chunks)" in text
-    assert "| 1 | 0.125 |" in text and "| 3 | n/a (nothing routable) |" in text
+    assert "| 1 | 0.125 |" in text and "| 3 | n/a (no routable chunk was measured) |" in text
     assert "| KV cache kept / full (bytes) | 0.4375 |" in text and "| KV-cache saving | 56.2% |" in text
     assert "| wikitext2 ppl | 14.27 |" in text and "| source wikitext2 ppl | 13.91 |" in text
     assert "| custom.note | x |" in text
@@ -174,8 +178,6 @@ def test_cli_keeps_conversion_command_from_existing_card(tmp_path):
 
 
 def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
-    from natsl_hf.hub import load_metrics
-
     report = {
         "command": "python bench/eval_quality.py --source S --model init=A --model stage2=B --text held.txt",
         "device": "NVIDIA H100", "dtype": "bfloat16",
@@ -200,3 +202,132 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
     assert "| source key-value retrieval accuracy @2048 tokens | 0.875 |" in text
     assert "0.3 (30.0% of routable chunks)" in text and "16 blocks of 512 tokens of held.txt" in text
     assert report["command"] in text and "## Speed\n\nnot measured" in text
+
+
+def kv_rows(text: str) -> tuple[str, str]:
+    kept = text.split("| KV cache kept / full (bytes) | ", 1)[1].split(" |", 1)[0]
+    saving = text.split("| KV-cache saving | ", 1)[1].split(" |", 1)[0]
+    return kept, saving
+
+
+def test_kv_saving_needs_both_byte_counts():
+    full = 268435456
+    # a full-cache size alone says nothing about what was kept: no fraction, no saving
+    text = parse(render_model_card(tiny_config(), metrics={"full_kv_bytes": full})).text
+    assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED)
+    assert "100.0%" not in text and "| KV cache kept / full (bytes) | 0 |" not in text
+    assert f"| full_kv_bytes | {full} |" in text  # the lone number is kept, as an other measurement
+    text = parse(render_model_card(tiny_config(), metrics={"kv_bytes": 1024})).text
+    assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED) and "| kv_bytes | 1024 |" in text
+    text = parse(render_model_card(tiny_config(), metrics={"kv_bytes": 5, "full_kv_bytes": 0})).text
+    assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED)
+    # both counts: derived, with the bytes shown
+    text = parse(render_model_card(tiny_config(), metrics={"kv_bytes": full // 4, "full_kv_bytes": full})).text
+    assert kv_rows(text) == ("0.25 (67,108,864 / 268,435,456 bytes)", "75.0%")
+    assert "## Other measurements" not in text
+    text = parse(render_model_card(tiny_config(), metrics={"kv_fraction": 0.5})).text
+    assert kv_rows(text) == ("0.5", "50.0%")
+
+
+def test_nan_softmax_fraction_renders_without_a_percentage():
+    text = parse(render_model_card(tiny_config(), metrics={"softmax_fraction": float("nan")})).text
+    assert "| realised softmax fraction (all NAtS-L layers) | n/a (no routable chunk was measured) |" in text
+    assert "nan" not in text.lower().replace("nats", "")
+
+
+def load_decode_bench():
+    spec = importlib.util.spec_from_file_location("decode_bench", REPO_ROOT / "bench" / "decode_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_report_of_another_shape_is_refused(converted, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    converted.save_pretrained(model_dir)
+    report = json.loads(DECODE_H200.read_text())
+    with pytest.raises(ValueError, match=r"hidden_size: 2048 in the report vs 32.*chunk_size: 64 in the report vs 4.*"
+                                         r"decode_bench\.py --model"):
+        load_metrics([DECODE_H200], config=converted.config)
+    with pytest.raises(ValueError, match="config"):  # no config, no way to check: refused too
+        load_metrics([DECODE_H200])
+    # the CLI refuses it before writing anything, naming the rerun for this checkpoint
+    out = tmp_path / "hub"
+    argv = [str(model_dir), "--repo-id", "me/x", "--out", str(out), "--dry-run", "--metrics", str(DECODE_H200)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"bench/decode_bench.py --model {model_dir}" in err and "num_hidden_layers" in err and not out.exists()
+    # one recorded field that differs (here vocab) is enough to refuse; an unrecorded shape field too
+    shape = {k: getattr(converted.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "head_dim", "chunk_size")}
+    no_head_dim = {k: v for k, v in shape.items() if k != "head_dim"}
+    path = tmp_path / "decode.json"
+    for model, bad in (({**shape, "vocab_size": 999}, "vocab_size"), (no_head_dim, "head_dim: not recorded")):
+        path.write_text(json.dumps({**report, "model": model}))
+        with pytest.raises(ValueError, match=bad):
+            load_metrics([path], config=converted.config)
+    # the same report on the checkpoint's shape is accepted
+    path.write_text(json.dumps({**report, "model": shape}))
+    speed = load_metrics([path], config=converted.config)["speed"]
+    assert speed["decode step ms @ 8192 ctx (NVIDIA H200, NAtS-L p=0.125)"] == report["rows"][1]["step_ms"]
+
+
+def test_decode_bench_on_the_checkpoint_puts_speed_on_the_card(tmp_path, capsys):
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    NatslForCausalLM(tiny_config()).save_pretrained(model_dir)  # layer 2 stays full softmax
+    bench_json = tmp_path / "decode.json"
+    load_decode_bench().main(["--model", str(model_dir), "--out", str(bench_json), "--contexts", "16",
+                              "--fractions", "0.5", "--iters", "1"])
+    report = json.loads(bench_json.read_text())
+    assert report["model"]["natsl_layers"] == [0, 1, 3] and report["model"]["chunk_size"] == 4
+    assert f"--model {model_dir}" in report["command"]
+    row = {r["model"]: r for r in report["rows"]}
+    out = tmp_path / "hub"
+    argv = [str(model_dir), "--repo-id", "me/x", "--out", str(out), "--dry-run", "--metrics", str(bench_json)]
+    assert main(argv) == 0
+    text = parse((out / "README.md").read_text()).text
+    speed = text.split("## Speed", 1)[1].split("## How to use", 1)[0]
+    dev = report["device"]
+    nat, base = row["NAtS-L p=0.5"], row["softmax (DynamicCache + SDPA)"]
+    assert f"| decode step ms @ 16 ctx ({dev}, NAtS-L p=0.5) | {nat['step_ms']:.4g} |" in speed
+    assert f"| decode step ms @ 16 ctx ({dev}, softmax (DynamicCache + SDPA)) | {base['step_ms']:.4g} |" in speed
+    assert f"({nat['cache_bytes']:,} bytes)" in speed and f"({base['cache_bytes']:,} bytes)" in speed
+    assert f"Measured on: {dev}, torch.float32" in speed and report["command"] in speed
+    assert "## Other measurements" not in text and NOT_MEASURED not in speed
+    # the synthetic benchmark's KV bytes are not this checkpoint's measured KV saving
+    assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED)
+
+
+def test_dry_run_without_out_keeps_the_folder_beside_the_model(converted, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    converted.save_pretrained(model_dir)
+    default = tmp_path / "model-hub"
+    assert main([str(model_dir), "--repo-id", "me/x", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"hub folder written to {default}" in printed and "[dry run] would upload" in printed
+    for name in ("model.safetensors", "config.json", "modeling_natsl.py", "README.md"):
+        assert (default / name).is_file(), name
+    # a second dry run does not silently write over it ...
+    (default / "stale.txt").write_text("old")
+    assert main([str(model_dir), "--repo-id", "me/x", "--dry-run"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (default / "stale.txt").is_file()
+    # ... --overwrite replaces it, stale files included
+    assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--overwrite"]) == 0
+    assert (default / "README.md").is_file() and not (default / "stale.txt").exists()
+    # --overwrite never deletes a folder that is not an earlier hub folder, nor the checkpoint itself
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--out", str(other), "--overwrite"]) == 2
+    assert (other / "keep.txt").is_file()
+    for target in (model_dir, tmp_path):
+        assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--out", str(target), "--overwrite"]) == 2
+    assert (model_dir / "config.json").is_file()
+    assert "MODEL_DIR-hub" in " ".join(build_help().split())
+
+
+def build_help() -> str:
+    from natsl_hf.hub import build_parser
+
+    return build_parser().format_help()

@@ -30,6 +30,13 @@ from natsl_testing import tiny_config, tiny_model
         ("natsl_layers", [0, 7]),
         ("num_key_value_heads", 3),
         ("hidden_act", "tanh"),
+        ("chunk_size", True),
+        ("head_dim", 15),
+        ("rms_norm_eps", -1.0),
+        ("max_position_embeddings", 0),
+        ("rope_parameters", {"rope_type": "bogus", "rope_theta": 10000.0}),
+        ("rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0}),  # factor etc. missing
+        ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}),
     ],
 )
 def test_config_validation_names_field_value_and_fix(field, value):
@@ -37,7 +44,8 @@ def test_config_validation_names_field_value_and_fix(field, value):
         tiny_config(**{field: value})
     message = str(err.value)
     assert field in message and ("expected" in message or "must" in message)
-    assert str(value if not isinstance(value, list) else 7) in message
+    shown = {list: "7", dict: "rope_type"}.get(type(value), str(value))
+    assert shown in message
 
 
 def test_config_defaults_and_layers():
@@ -89,11 +97,29 @@ def test_gradients_at_init_and_after_alpha():
         else:  # alpha = 0: the GDN branch does not reach the loss yet
             assert value == 0, name
 
+    # the LM loss alone (no budget term) reaches the router through the straight-through route weight
+    # m of the softmax branch (alpha = 0 still: the GDN side is silent)
+    model.zero_grad()
+    out = model(ids, use_cache=False)
+    torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert sum(_grad_norms(model, ["router"]).values()) > 0
+
     model.zero_grad()
     mix_routes(model, seed=1)  # alpha != 0
     model(ids, labels=ids, use_cache=False).loss.backward()
     for name, value in _grad_norms(model, ["a_proj", "b_proj", "A_log", "dt_bias", "gdn_conv", "gdn_gate"]).items():
         assert value > 0 and torch.isfinite(torch.tensor(value)), name
+
+    # and through the GDN side: with every earlier chunk linear (softmax branch sees own chunks only),
+    # the LM loss still moves the router, via the GDN writes beta * (1 - m)
+    model.zero_grad()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.router.proj.bias.copy_(torch.tensor([-50.0, 50.0]).repeat(layer.self_attn.num_kv_heads))
+    out = model(ids, use_cache=False)
+    assert out.softmax_fraction == 0
+    torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert sum(_grad_norms(model, ["router"]).values()) > 0
 
 
 def test_router_loss_moves_fraction_toward_budget():

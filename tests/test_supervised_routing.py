@@ -1,0 +1,162 @@
+"""Supervised routing (stage 1 of a converted model): heavy-hitter targets, the router learning them,
+and the bias calibration that makes argmax routing keep the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from natsl_hf.conversion.distill import NatslDistillTrainer, prepare_student
+from natsl_hf.modeling import NatslAttention
+from natsl_hf.modeling.router import chunk_attention_mass, routing_supervision_loss, routing_targets
+from natsl_testing import tiny_config
+
+
+def naive_mass(q, k, C, scale):
+    """Per (row, chunk, group): mean over later (query, head) pairs of the full-causal attention on the chunk."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G, N = Hq // Hkv, T // C
+    out = torch.full((B, N, Hkv), float("nan"))
+    for b in range(B):
+        for g in range(Hkv):
+            for c in range(N):
+                total, pairs = 0.0, 0
+                for h in range(g * G, (g + 1) * G):
+                    for i in range((c + 1) * C, T):
+                        p = torch.softmax(q[b, i, h] @ k[b, : i + 1, g].T * scale, -1)
+                        total += p[c * C : (c + 1) * C].sum().item()
+                        pairs += 1
+                if pairs:
+                    out[b, c, g] = total / pairs
+    return out
+
+
+@pytest.mark.parametrize("T", [16, 19])  # the last complete chunk with no / some later queries
+def test_chunk_attention_mass_matches_naive(T):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, T, 4, 8), torch.randn(2, T, 2, 8)
+    mass = chunk_attention_mass(q, k, 4, 8**-0.5, block=5)  # several query blocks
+    expected = naive_mass(q, k, 4, 8**-0.5)
+    assert mass.shape == (2, T // 4, 2)
+    assert torch.equal(mass.isnan(), expected.isnan()) and mass.isnan().any() == (T == 16)
+    torch.testing.assert_close(mass.nan_to_num(), expected.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+def test_routing_targets_keep_the_budget_heaviest_per_row_and_group():
+    mass = torch.tensor([[[0.1, 0.9], [0.5, 0.2], [0.3, 0.8], [0.7, float("nan")], [0.2, 0.1]]])  # [1, 5, 2]
+    routable = torch.tensor([[False, True, True, True, True]])[..., None].expand(1, 5, 2)
+    target, labelled = routing_targets(mass, routable, budget=0.5)
+    assert labelled[0].tolist() == [[False, False], [True, True], [True, True], [True, False], [True, True]]
+    # group 0: 4 labelled chunks keep 2 (0.7, 0.5); group 1: 3 labelled keep round(1.5) = 2 (0.8, 0.2)
+    assert target[0].tolist() == [[False, False], [True, True], [False, True], [True, False], [False, False]]
+
+
+def heavy_hitter_layer(C=4):
+    """A layer whose source attention attends to tokens carrying feature 1 (q reads the constant feature
+    0, k reads feature 1), so the chunks holding them are the heavy hitters; the router sees the chunk
+    mean of the same features."""
+    config = tiny_config(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8, chunk_size=C,
+                         softmax_budget=0.25, router_init_bias=2.0)
+    torch.manual_seed(0)
+    layer = NatslAttention(config, 0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+        layer.q_proj.weight.zero_()
+        layer.k_proj.weight.zero_()
+        layer.q_proj.weight[0::8, 0] = 3.0  # every head's q along its dim 0, from the constant feature
+        layer.k_proj.weight[0, 1] = 3.0  # k along dim 0 when the token carries feature 1
+        layer.router.proj.bias.copy_(torch.tensor([2.0, 0.0]))  # softmax-biased, as converted
+    return layer
+
+
+def heavy_hitter_batch(B, N, C, generator):
+    """x [B, N*C, 16] and which chunks carry the feature: 2 of the chunks 1..N-2 per row."""
+    x = torch.randn(B, N * C, 16, generator=generator) * 0.1
+    x[..., 0] = 1.0
+    important = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        important[b, 1 + torch.randperm(N - 2, generator=generator)[:2]] = True
+    x[..., 1] = important.repeat_interleave(C, 1).float()
+    return x, important
+
+
+def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
+    C, N, B = 4, 10, 8
+    layer = heavy_hitter_layer(C)
+    g = torch.Generator().manual_seed(1)
+    ones = torch.ones(B, N * C, 8)
+    rope = (ones, torch.zeros_like(ones))
+
+    layer.train()
+    layer.supervised_routing = True
+    x, important = heavy_hitter_batch(B, N, C, g)
+    _, aux = layer(x, rope)
+    # chunks 1..8 are labelled (chunk 9 has no later query): budget 0.25 of 8 = the 2 important ones
+    assert torch.equal(aux["routes"].hard[:, 1 : N - 1, 0], important[:, 1 : N - 1])
+    assert aux["router_loss"] > 0.5  # the softmax-biased router disagrees with the targets
+
+    opt = torch.optim.Adam(layer.router.parameters(), lr=0.1)
+    for _ in range(60):
+        x, important = heavy_hitter_batch(B, N, C, g)
+        opt.zero_grad()
+        layer(x, rope)[1]["router_loss"].backward()
+        opt.step()
+    layer.eval()
+    x, important = heavy_hitter_batch(B, N, C, g)
+    with torch.no_grad():
+        routes = layer(x, rope)[1]["routes"]
+    # inference (argmax, no targets): the router alone keeps exactly the heavy-hitter chunks
+    assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
+
+
+def test_supervised_routing_refuses_padding_and_cache():
+    layer = heavy_hitter_layer()
+    layer.train()
+    layer.supervised_routing = True
+    x = torch.randn(2, 12, 16)
+    ones = torch.ones(2, 12, 8)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :3] = False
+    with pytest.raises(ValueError, match="unpadded"):
+        layer(x, (ones, torch.zeros_like(ones)), token_mask=mask)
+
+
+def test_supervision_loss_is_bce_on_the_margin():
+    scores = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]], [[5.0, 5.0]]]])  # [1, 3, 1, 2]
+    target = torch.tensor([[[True], [False], [True]]])
+    labelled = torch.tensor([[[True], [True], [False]]])
+    loss = routing_supervision_loss(scores, target, labelled, temperature=2.0)
+    expected = (torch.nn.functional.softplus(torch.tensor(-1.0)) + torch.nn.functional.softplus(torch.tensor(-0.5))) / 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_stage1_calibrates_router_to_the_budget(tmp_path):
+    """Trainer stage 1 with supervised routing: the logged training fraction is the targets' (about the
+    budget), and `calibrate_routers` moves the argmax routing to exactly the budget."""
+    from test_distill import batch, targs, tiny_natsl, tiny_source, token_dataset
+
+    src = tiny_source()
+    model = tiny_natsl(src, chunk_size=4, softmax_budget=0.34)  # 32-token blocks: 6 labelled chunks, keep 2
+    ds = token_dataset()
+    prepare_student(model, 1)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=10, learning_rate=3e-2),
+                                  train_dataset=ds, stage=1, teacher=src)
+    trainer.train()
+    logged = [e["softmax_fraction"] for e in trainer.state.log_history if "softmax_fraction" in e]
+    # 2 of the 6 labelled chunks, plus the unlabelled last chunk (no later query) wherever the router sends it
+    assert all(2 / 7 - 1e-6 <= f <= 3 / 7 + 1e-6 for f in logged), logged
+    bias_before = [layer.self_attn.router.proj.bias.clone() for layer in model.model.layers]
+    result = trainer.calibrate_routers(num_blocks=16)
+    # random tokens give the router nothing to tell chunks apart by: the BCE drives every margin negative
+    # (the collapse calibration exists for)
+    assert abs(result["softmax_fraction_before"] - 2 / 7) > 0.1
+    # every (layer, head) keeps round(0.34 * 112) = 38 of its 112 routable chunks (16 blocks of 7); the
+    # motif-repeating data has chunks with equal margins, which fall on one side of the threshold together
+    assert abs(result["softmax_fraction_after"] - 38 / 112) < 0.03
+    assert any(not torch.equal(b, layer.self_attn.router.proj.bias) for b, layer in zip(bias_before, model.model.layers))
+    model.eval()
+    with torch.no_grad():
+        out = model(**{k: v[:16] for k, v in batch(ds, 16).items() if k != "labels"}, use_cache=False)
+    assert out.softmax_fraction.item() == pytest.approx(result["softmax_fraction_after"])
