@@ -13,8 +13,10 @@ For the source and every `--model LABEL=DIR` (NAtS-L checkpoints), in this order
   `gen_prefix_match` = mean fraction of the continuation before the model's greedy choice first
   differs (exactly what free-running greedy decoding of the model would reproduce, given that a full
   forward equals prefill + decode), `gen_token_match` = per-position top-1 agreement;
-- retrieval: synthetic key-value recall in contexts of `--retrieval-lengths` tokens made of random
-  filler words with `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through it; the
+- retrieval: synthetic key-value recall in contexts of `--retrieval-lengths` tokens of held-out text
+  (a run of consecutive sentences of `--text`; `--retrieval-haystack words`: random sentences of
+  common words, which a router trained on natural text may treat as out of distribution) with
+  `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through it; the
   context is prefilled once (cache), then for each of `--retrieval-queries` queries
   "... The code for WORD is" the answer counts if greedy decoding reproduces NUMBER exactly (scored in
   one teacher-forced call from a copy of the cache);
@@ -32,6 +34,7 @@ import json
 import math
 import platform
 import random
+import re
 import shlex
 import sys
 import time
@@ -144,8 +147,19 @@ def greedy_agreement(model, prompts: torch.Tensor, conts: torch.Tensor) -> dict:
             "gen_prompts": len(prefix), "gen_tokens": K}
 
 
-def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Random):
-    """-> (context token ids of ~`length` tokens, [(key, value)])."""
+def haystack_sentences(text: str) -> list[str]:
+    """Sentences (and lines) of a natural text, for retrieval haystacks."""
+    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return [p.strip() for p in parts if len(p.strip()) > 1]
+
+
+def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Random,
+                            haystack: list[str] | None = None):
+    """-> (context token ids of ~`length` tokens, [(key, value)]).
+
+    haystack: sentences of held-out natural text; a random run of consecutive sentences fills the
+    context (the router sees text like its training text). None: random sentences of common words.
+    """
     keys = rng.sample(WORDS, n_pairs)
     pairs = [(k, str(rng.randint(1000, 9999))) for k in keys]
     # filler sentences, with the pair lines at evenly spread random positions
@@ -153,10 +167,17 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
     pair_lines = [f"The code for {k} is {v}." for k, v in pairs]
     budget = length - sum(n_tok(" " + s) for s in pair_lines) - 16
     filler = []
+    start = rng.randrange(len(haystack)) if haystack else 0
     while budget > 0:
-        sentence = " ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 14))).capitalize() + "."
+        if haystack:
+            sentence = haystack[(start + len(filler)) % len(haystack)]
+        else:
+            sentence = " ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 14))).capitalize() + "."
+        cost = n_tok(" " + sentence)
+        if haystack and cost > budget:
+            break
         filler.append(sentence)
-        budget -= n_tok(" " + sentence)
+        budget -= cost
     slots = sorted(rng.sample(range(len(filler) + 1), n_pairs))
     lines = list(filler)
     for offset, (slot, line) in enumerate(zip(slots, pair_lines)):
@@ -210,6 +231,9 @@ def build_parser():
     p.add_argument("--retrieval-contexts", type=int, default=2, help="contexts per length")
     p.add_argument("--retrieval-pairs", type=int, default=8, help="key-value lines per context")
     p.add_argument("--retrieval-queries", type=int, default=8, help="queries per context (<= pairs)")
+    p.add_argument("--retrieval-haystack", choices=("text", "words"), default="text",
+                   help="what surrounds the key-value lines: consecutive sentences of the held-out --text (default; "
+                   "the routers see in-distribution text) or random sentences of common words")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +265,15 @@ def main(argv=None) -> int:
     blocks = torch.tensor(ds["input_ids"], device=device)
     prompts = blocks[: args.gen_prompts, : args.gen_prompt_len]
     rng = random.Random(args.seed)
-    contexts = {L: [build_retrieval_context(tokenizer, L, args.retrieval_pairs, rng)
+    haystack = None
+    if args.retrieval_haystack == "text":
+        from natsl_hf.conversion.data import load_texts_or_ids
+
+        kind, texts = load_texts_or_ids(args.text)
+        if kind != "text":
+            raise SystemExit("--retrieval-haystack text needs raw text in --text; use --retrieval-haystack words.")
+        haystack = [s for t in texts for s in haystack_sentences(t)]
+    contexts = {L: [build_retrieval_context(tokenizer, L, args.retrieval_pairs, rng, haystack)
                     for _ in range(args.retrieval_contexts)] for L in args.retrieval_lengths}
 
     results, t_start = {}, time.time()

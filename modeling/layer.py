@@ -111,8 +111,12 @@ class NatslAttention(nn.Module):
         self.gdn_alpha = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        # Training-time switch, not saved: stage-1 distillation turns it on (see `_route`).
-        self.supervised_routing = False
+        # How training treats the router (a training-time switch, not saved; inference is argmax in
+        # every mode): "learned" = straight-through routes and the budget hinge (SPEC.md section 2),
+        # "supervised" = routes and router targets from the layer's own attention mass (stage-1
+        # distillation, see `_route`), "frozen" = argmax routes of a router that gets no gradient and
+        # whose input is detached (stage-2 distillation: the backbone adapts to fixed routing).
+        self.router_mode = "learned"
 
     @staticmethod
     def initial_gates(num_heads: int) -> dict[str, torch.Tensor]:
@@ -221,7 +225,7 @@ class NatslAttention(nn.Module):
         }
         if supervision_loss is not None:
             aux["router_loss"] = self.config.router_loss_weight * supervision_loss
-        elif self.natsl and self.training:
+        elif self.natsl and self.training and self.router_mode == "learned":
             aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
         if return_state:
             keep = key_hard & token_complete[..., None]
@@ -245,9 +249,9 @@ class NatslAttention(nn.Module):
 
         -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
         first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool, and the supervised
-        routing loss (None unless `supervised_routing`).
+        routing loss (None unless `router_mode == "supervised"`).
 
-        With `supervised_routing` on (training only; stage-1 distillation sets it), the routable chunks
+        With `router_mode == "supervised"` (training only; stage-1 distillation sets it), the routable chunks
         are routed by `routing_targets` of this layer's own full-attention mass (its q/k are the
         source's) instead of by the router, and the router learns those targets through
         `routing_supervision_loss` (router.py explains why). It takes whole unpadded sequences
@@ -271,15 +275,19 @@ class NatslAttention(nn.Module):
             sums = sums.scatter_add(1, rel_new[..., None].expand(-1, -1, x.shape[-1]), x.float())
             if state is not None:
                 sums[:, 0] = sums[:, 0] + state.router_sum
-            scores = self.router(sums[:, :N] / C)
+            if self.router_mode == "frozen" and self.training:
+                with torch.no_grad():
+                    scores = self.router(sums[:, :N] / C)
+            else:
+                scores = self.router(sums[:, :N] / C)
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
         supervision_loss = None
-        if self.natsl and self.supervised_routing and self.training:
+        if self.natsl and self.router_mode == "supervised" and self.training:
             if state is not None or bool((k_pos < 0).any()):
                 raise ValueError(
-                    "supervised_routing (stage-1 distillation) trains on whole unpadded sequences without a cache: "
+                    "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
                     "pass packed blocks with use_cache=False and no padding."
                 )
             mass = chunk_attention_mass(q_rot, k_rot, C, self.scaling)  # [B, S // C, Hkv]

@@ -31,7 +31,8 @@ from .remote_code import write_remote_code
 @dataclass
 class NatslModelOutputWithPast(BaseModelOutputWithPast):
     """
-    router_loss: sum over NAtS-L layers of the budget loss (training only, else None).
+    router_loss: sum over NAtS-L layers of the router loss in training (the budget hinge, or the supervised-
+        routing loss of stage-1 distillation); None at inference and for frozen routers.
     softmax_fraction: realised fraction of routable chunks routed softmax, over all NAtS-L layers.
     layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer (NaN where nothing routable).
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).

@@ -153,6 +153,32 @@ def test_stage2_lowers_lm_loss_with_kd(tmp_path):
     assert all({"lm_loss", "kd_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
 
 
+@pytest.mark.parametrize("train_router", [False, True])
+def test_stage2_router_frozen_by_default(tmp_path, train_router):
+    """Stage 2 keeps the (calibrated stage-1) router as it is and sends no gradient through it, unless
+    train_router=True, which trains it with the straight-through routes and the budget term."""
+    src = tiny_source()
+    model = tiny_natsl(src, softmax_budget=0.1, router_loss_weight=10.0)
+    ds = token_dataset()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n}
+    prepare_student(model, 2)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=6, learning_rate=1e-2),
+                                  train_dataset=ds, stage=2, train_router=train_router)
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    routers = [layer.self_attn.router for layer in model.model.layers]
+    if train_router:
+        assert changed and all(p.requires_grad for r in routers for p in r.parameters())
+        assert any(e["router_loss"] > 0 for e in trainer.state.log_history if "router_loss" in e)
+    else:
+        assert not changed and not any(p.requires_grad for r in routers for p in r.parameters())
+        assert all(e["router_loss"] == 0 for e in trainer.state.log_history if "router_loss" in e)
+        # and the routes carry no straight-through gradient into the backbone: route weights are constants
+        model.train()
+        out = model(input_ids=batch(ds)["input_ids"], use_cache=False, output_routes=True)
+        assert out.router_loss is None and not any(r.weight.requires_grad for r in out.routes)
+
+
 def test_stage2_lora_wraps_natsl_layers_and_saves_merged(tmp_path):
     peft = pytest.importorskip("peft")
     src = tiny_source()

@@ -90,7 +90,7 @@ def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
     rope = (ones, torch.zeros_like(ones))
 
     layer.train()
-    layer.supervised_routing = True
+    layer.router_mode = "supervised"
     x, important = heavy_hitter_batch(B, N, C, g)
     _, aux = layer(x, rope)
     # chunks 1..8 are labelled (chunk 9 has no later query): budget 0.25 of 8 = the 2 important ones
@@ -114,7 +114,7 @@ def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
 def test_supervised_routing_refuses_padding_and_cache():
     layer = heavy_hitter_layer()
     layer.train()
-    layer.supervised_routing = True
+    layer.router_mode = "supervised"
     x = torch.randn(2, 12, 16)
     ones = torch.ones(2, 12, 8)
     mask = torch.ones(2, 12, dtype=torch.bool)
