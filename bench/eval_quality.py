@@ -20,8 +20,9 @@ For the source and every `--model LABEL=DIR` (NAtS-L checkpoints), in this order
   context is prefilled once (cache), then for each of `--retrieval-queries` queries
   "... The code for WORD is" the answer counts if greedy decoding reproduces NUMBER exactly (scored in
   one teacher-forced call from a copy of the cache);
-- the realised softmax fraction (NAtS-L models, inference routing) on the perplexity blocks and on
-  the retrieval contexts.
+- the realised softmax fraction (NAtS-L models, inference routing) on the perplexity blocks (also per
+  NAtS-L layer) and on the retrieval contexts, and the kept / full KV-cache bytes after prefilling a
+  retrieval context (`NatslCache.memory_report()["kv_fraction"]`).
 
 Writes one JSON with device, library versions, the exact command and all numbers.
 """
@@ -102,7 +103,7 @@ def forward(model, input_ids, **kw):
 # ------------------------------------------------------------------------------------------ metrics
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, src_argmax: list[torch.Tensor] | None, batch_size: int):
-    nll, count, agree, fractions = 0.0, 0, 0, []
+    nll, count, agree, fractions, layer_fractions = 0.0, 0, 0, [], []
     argmaxes = []
     for i in range(0, len(blocks), batch_size):
         x = blocks[i:i + batch_size]
@@ -116,11 +117,13 @@ def perplexity(model, blocks: torch.Tensor, src_argmax: list[torch.Tensor] | Non
             agree += (am == src_argmax[len(argmaxes) - 1]).sum().item()
         if getattr(out, "softmax_fraction", None) is not None:
             fractions.append(float(out.softmax_fraction))
+            layer_fractions.append(out.layer_softmax_fraction.float().cpu())
     res = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
     if src_argmax is not None:
         res["top1_agreement"] = agree / count
     if fractions:
         res["softmax_fraction"] = sum(fractions) / len(fractions)
+        res["layer_softmax_fraction"] = torch.stack(layer_fractions).nanmean(0).tolist()  # per NAtS-L layer
     return res, argmaxes
 
 
@@ -189,13 +192,14 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
 
 @torch.no_grad()
 def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
-    correct, total, fractions = 0, 0, []
+    correct, total, fractions, kv = 0, 0, [], []
     for ids, pairs in contexts:
         x = torch.tensor([ids], device=device)
         kw = {"use_cache": True}
         out = model(input_ids=x, **kw)
         if getattr(out, "softmax_fraction", None) is not None:
             fractions.append(float(out.softmax_fraction))
+            kv.append(out.past_key_values.memory_report()["kv_fraction"])  # kept / full KV after the prefill
         for key, value in pairs[:n_queries]:
             q = tokenizer(f" Question: what is the code for {key}? Answer: The code for {key} is",
                           add_special_tokens=False)["input_ids"]
@@ -210,6 +214,7 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
     res = {"accuracy": correct / total, "queries": total}
     if fractions:
         res["softmax_fraction"] = sum(fractions) / len(fractions)
+        res["kv_fraction"] = sum(kv) / len(kv)
     return res
 
 
@@ -317,6 +322,9 @@ def main(argv=None) -> int:
             row["gen_prefix_match"] = entry["generation"]["gen_prefix_match"]
         for L, r in entry["retrieval"].items():
             row[f"retrieval_{L}"] = r["accuracy"]
+            for key in ("softmax_fraction", "kv_fraction"):
+                if key in r:
+                    row[f"{key}_retrieval_{L}"] = r[key]
         summary[label] = row
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO))

@@ -15,7 +15,9 @@ Steps (every step runs as a subprocess whose exact command is stored in the resu
    (LM + logit KD);
 4. `bench/eval_quality.py` on source / init / stage 1 / stage 2, written to
    `bench/results/quality_smollm2_b{budget}.json`, and a summary with all commands, the training log
-   histories and wall times to `bench/results/quality_smollm2_recover.json`.
+   histories and wall times to `bench/results/quality_smollm2_recover.json`;
+5. the stage-2 checkpoint's model card, rendered by `natsl-hub --dry-run` with those numbers, copied to
+   `bench/results/card_smollm2_b{budget}.md`.
 
 Presets: `cpu` is the smallest configuration that finishes on a 2-core CPU in ~25 minutes with the
 PyTorch reference implementation (6 of 30 layers NAtS-L, chunk 32, 256-token blocks, tens of steps);
@@ -28,6 +30,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +40,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LICENSE = "apache-2.0"  # the GGUF's general.license; the safetensors copy made by prepare_source has no card
 
 PRESETS = {
     "cpu": {
@@ -44,11 +49,12 @@ PRESETS = {
         "chunk_size": 32,
         "train_seq_len": 256,
         "stage1": ["--max-steps", "40", "--lr", "5e-3", "--batch-size", "1", "--router-loss-weight", "10",
-                   "--logging-steps", "5"],
+                   "--logging-steps", "5", "--calibration-blocks", "16", "--calibration-seq-len", "1024"],
         "stage2": ["--max-steps", "16", "--lr", "2e-5", "--batch-size", "1", "--kd-weight", "1.0",
-                   "--kd-temperature", "1.0", "--logging-steps", "4"],
+                   "--kd-temperature", "1.0", "--logging-steps", "4", "--calibration-blocks", "16",
+                   "--calibration-seq-len", "1024"],
         "eval": ["--seq-len", "512", "--ppl-blocks", "12", "--gen-prompts", "6", "--gen-prompt-len", "64",
-                 "--gen-tokens", "16", "--retrieval-lengths", "2048", "--retrieval-contexts", "1",
+                 "--gen-tokens", "16", "--retrieval-lengths", "2048", "--retrieval-contexts", "4",
                  "--retrieval-pairs", "8", "--retrieval-queries", "8"],
     },
     "gpu": {
@@ -132,6 +138,8 @@ def main(argv=None) -> int:
                    help="stage-1 routing: supervised by the source attention's heavy-hitter chunks, then calibrated "
                    "to the budget (natsl-distill's default), or the router's own with the budget hinge "
                    "(natsl-distill --no-supervised-routing)")
+    p.add_argument("--stage2-train-router", action="store_true",
+                   help="stage 2 keeps training the router (natsl-distill --train-router); default: frozen")
     p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
     args = p.parse_args(argv)
     sfx = f"_{args.tag}" if args.tag else ""
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/smollm2_recover.py",
                                                                  *(sys.argv[1:] if argv is None else argv)]),
         "preset": args.preset, "preset_settings": preset, "budget_on": args.budget_on, "routing": args.routing,
-        "runs": {},
+        "stage2_router": "trained" if args.stage2_train_router else "frozen", "runs": {},
     }
 
     t0 = time.time()
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
                        "import sys, json; from natsl_hf.conversion.convert import convert_checkpoint; "
                        "convert_checkpoint(sys.argv[1], sys.argv[2], chunk_size=int(sys.argv[3]), "
                        "softmax_budget=float(sys.argv[4]), natsl_layers=json.loads(sys.argv[5]), "
-                       "overwrite=True, progress=False)",
+                       f"overwrite=True, progress=False, base_model={BASE_MODEL!r}, license={LICENSE!r})",
                        str(src), str(init_dir), str(preset["chunk_size"]), str(budget),
                        json.dumps(preset["natsl_layers"])]
         run_info["steps"]["convert"] = run(convert_cmd, workdir / "logs" / f"{tag}_convert.log")
@@ -177,6 +185,8 @@ def main(argv=None) -> int:
         run_info["steps"]["stage1"] = run(s1, workdir / "logs" / f"{tag}_stage1.log")
         s2 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "2", "--model", str(s1_dir),
               "--output-dir", str(s2_dir), *common, *preset["stage2"]]
+        if args.stage2_train_router:
+            s2.append("--train-router")
         run_info["steps"]["stage2"] = run(s2, workdir / "logs" / f"{tag}_stage2.log")
         for stage, d in (("stage1", s1_dir), ("stage2", s2_dir)):
             state = d / "trainer_state.json"
@@ -189,6 +199,13 @@ def main(argv=None) -> int:
         run_info["steps"]["eval"] = run(ev, workdir / "logs" / f"{tag}_eval.log")
         run_info["quality"] = json.loads(quality.read_text())["summary"]
         run_info["quality_file"] = str(quality.relative_to(REPO))
+        # the stage-2 checkpoint's model card with the measured numbers (natsl-hub dry run), kept in results
+        hub_dir, card = workdir / f"{tag}_hub", RESULTS / f"card_smollm2_{tag}.md"
+        hub = [py, "-m", "natsl_hf.hub", str(s2_dir), "--repo-id", f"natsl-hf/SmolLM2-135M-Instruct-NAtS-L-{tag}",
+               "--metrics", str(quality), "--label", "stage2", "--dry-run", "--out", str(hub_dir), "--overwrite"]
+        run_info["steps"]["card"] = run(hub, workdir / "logs" / f"{tag}_card.log")
+        shutil.copyfile(hub_dir / "README.md", card)
+        run_info["card_file"] = str(card.relative_to(REPO))
         summary["seconds"] = round(time.time() - t_all, 1)
         out_path.write_text(json.dumps(summary, indent=2))  # after every budget: partial results survive
         print(json.dumps(run_info["quality"], indent=2), flush=True)

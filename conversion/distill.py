@@ -29,9 +29,10 @@ Stage 2 -- end-to-end fine-tuning.
     `loss = lm_loss + kd_weight * T^2 KL(p_src(T) || p_natsl(T))` on all parameters but the
     router, or on LoRA adapters (PEFT) on q/k/v/o and the new projections (a_proj, b_proj,
     gdn_gate_proj). The router stays frozen at its calibrated stage-1 state (routes: its argmax,
-    no gradient through it); `train_router=True` (CLI `--train-router`) trains it too, with the
-    straight-through routes and `+ router_loss` (the budget term). With LoRA the small GDN
-    parameters keep their stage-1 values.
+    no gradient through it), and its bias is calibrated to the budget again at the end, since the
+    backbone it reads has changed; `train_router=True` (CLI `--train-router`) trains it too, with
+    the straight-through routes and `+ router_loss` (the budget term), and no calibration. With
+    LoRA the small GDN parameters keep their stage-1 values.
 
 Both stages log, every logging step, through `Trainer.log` (console / TensorBoard / W&B):
 `softmax_fraction` (realised, over routable chunks), `router_loss`, and `align_loss`
@@ -53,6 +54,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -422,12 +425,14 @@ class NatslDistillTrainer(Trainer):
                 self._metrics[key].append(value.detach().float())
         return (loss, outputs) if return_outputs else loss
 
-    def calibrate_routers(self, num_blocks: int = 32) -> dict[str, float]:
-        """`calibrate_router_bias` on the first `num_blocks` training blocks (the same on every process,
-        so DDP replicas stay equal); logs and returns the realised softmax fraction before and after."""
+    def calibrate_routers(self, num_blocks: int = 32, dataset=None) -> dict[str, float]:
+        """`calibrate_router_bias` on the first `num_blocks` blocks of `dataset` (default: the training
+        blocks; the same blocks on every process, so DDP replicas stay equal); logs and returns the
+        realised softmax fraction before and after."""
         from torch.utils.data import DataLoader, Subset
 
-        dataset = Subset(self.train_dataset, range(min(num_blocks, len(self.train_dataset))))
+        dataset = self.train_dataset if dataset is None else dataset
+        dataset = Subset(dataset, range(min(num_blocks, len(dataset))))
         loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
         batches = [{k: v.to(self.args.device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
                    for b in loader]
@@ -486,7 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-router", action="store_true",
                    help="stage 2: keep training the router (default: frozen at its calibrated stage-1 state)")
     p.add_argument("--calibration-blocks", type=int, default=32,
-                   help="stage 1: training blocks used to calibrate the router biases to the budget at the end")
+                   help="blocks used to calibrate the router biases to the budget at the end of stage 1 and of "
+                   "stage 2 with a frozen router (0: no calibration)")
+    p.add_argument("--calibration-seq-len", type=int, default=None,
+                   help="tokens per calibration block (default --seq-len). The realised fraction of a fixed router "
+                   "grows with context length: calibrate at the length the model will serve")
     p.add_argument("--kd-weight", type=float, default=0.0, help="stage 2: weight of the logit KD term")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--lora", action="store_true", help="stage 2: train LoRA adapters instead of all weights")
@@ -591,20 +600,55 @@ def model_config(trainer: NatslDistillTrainer):
     return _unwrap(trainer.model).config
 
 
-def save_final(trainer: NatslDistillTrainer, output_dir: str, tokenizer=None) -> None:
-    """Write the trained NAtS-L model (LoRA merged) with save_pretrained (keeps auto_map)."""
+def save_final(trainer: NatslDistillTrainer, output_dir: str, tokenizer=None, model_dir: str | None = None,
+               training_note: str | None = None) -> None:
+    """Write the trained NAtS-L model (LoRA merged) with save_pretrained (keeps auto_map), and a model
+    card: base model, license and conversion command carried from `model_dir`'s card (the checkpoint
+    training started from), and the recovery training so far (`model_dir`'s plus `training_note`),
+    which is also kept in natsl_metrics.json for the next stage and for natsl-hub."""
+    from natsl_hf.hub import METRICS_FILE, card_provenance, render_model_card
+
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # PEFT
         trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
-            merged.config.use_cache = True
-            merged.save_pretrained(output_dir)
+        model = trainer.accelerator.unwrap_model(model).merge_and_unload() if trainer.is_world_process_zero() else None
+        if model is not None:
+            model.config.use_cache = True
+            model.save_pretrained(output_dir)
     else:
-        _unwrap(model).config.use_cache = True
+        model = _unwrap(model)
+        model.config.use_cache = True
         trainer.save_model(output_dir)
-    if tokenizer is not None and trainer.is_world_process_zero():
+    if not trainer.is_world_process_zero():
+        return
+    if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    known = card_provenance(model_dir) if model_dir is not None else {}
+    training = "; ".join(t for t in (known.get("training"), training_note) if t)
+    metrics = {"training": training} if training else None
+    card = render_model_card(model, base_model=known.get("base_model"), license=known.get("license"),
+                             conversion_command=known.get("conversion_command"), metrics=metrics)
+    Path(output_dir, "README.md").write_text(card, encoding="utf-8")
+    if metrics:
+        Path(output_dir, METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def training_summary(trainer: NatslDistillTrainer, args: argparse.Namespace, calibrated: str | None = None) -> str:
+    """One line for the model card: which stage ran, how many tokens, and how the router was treated
+    (`calibrated`: the blocks the router bias was calibrated on, if it was)."""
+    blocks = args.batch_size * args.grad_accum * trainer.args.world_size
+    tokens = trainer.state.global_step * blocks * args.seq_len
+    router = {"supervised": "supervised routing", "learned": "router trained with the budget term",
+              "frozen": "router frozen"}[trainer.router_mode]
+    if calibrated:
+        router += f", router bias calibrated to the budget on {calibrated}"
+    what = "attention transfer, new parameters only" if args.stage == 1 else (
+        "LM loss" + (f" + logit KD (weight {args.kd_weight:g})" if args.kd_weight > 0 else "")
+        + (", LoRA" if args.lora else ", all parameters"))
+    note = (f"stage {args.stage} ({what}; {router}; softmax budget {model_config(trainer).softmax_budget:g}): "
+            f"{trainer.state.global_step} steps x {blocks} blocks x {args.seq_len} tokens = {tokens:,} tokens")
+    command = getattr(args, "command", None)
+    return note + (f", `{command}`" if command else "")
 
 
 def train(args: argparse.Namespace) -> NatslDistillTrainer:
@@ -642,20 +686,29 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
         train_router=args.train_router,
     )
     trainer.train(resume_from_checkpoint=args.resume)
-    if trainer.router_mode == "supervised":
-        result = trainer.calibrate_routers(args.calibration_blocks)
+    calibrated = None
+    if trainer.router_mode in ("supervised", "frozen") and args.calibration_blocks > 0:
+        seq_len = args.calibration_seq_len or args.seq_len
+        calibration = dataset if seq_len == args.seq_len else load_packed_dataset(
+            args.data, tokenizer, seq_len, max_blocks=args.calibration_blocks)
+        result = trainer.calibrate_routers(args.calibration_blocks, calibration)
+        calibrated = f"{min(args.calibration_blocks, len(calibration))} blocks of {seq_len} tokens"
         if trainer.is_world_process_zero():
             print(f"natsl-distill: router calibrated to softmax_budget={model_config(trainer).softmax_budget}: "
                   f"realised softmax fraction {result['softmax_fraction_before']:.3f} -> "
-                  f"{result['softmax_fraction_after']:.3f} on {args.calibration_blocks} training blocks")
+                  f"{result['softmax_fraction_after']:.3f} on {calibrated}")
     trainer.save_state()  # trainer_state.json (log history with the NAtS-L metrics) in --output-dir
     if not args.no_save_final:
-        save_final(trainer, args.output_dir, tokenizer)
+        save_final(trainer, args.output_dir, tokenizer, model_dir=args.model,
+                   training_note=training_summary(trainer, args, calibrated))
     return trainer
 
 
 def main(argv=None) -> int:
-    train(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command = shlex.join(["natsl-distill", *argv])  # recorded on the model card
+    train(args)
     return 0
 
 if __name__ == "__main__":

@@ -282,8 +282,9 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
 
     The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
     gap), top-1 agreement with the source, greedy prefix match, retrieval accuracy per context
-    length (model and source), and the realised softmax fraction on the perplexity blocks. `label`
-    may be omitted when the report evaluated exactly one model besides the source.
+    length (model and source), the realised softmax fraction on the perplexity blocks (overall and
+    per NAtS-L layer), and the kept / full KV bytes after prefilling the longest retrieval context.
+    `label` may be omitted when the report evaluated exactly one model besides the source.
     """
     summary = report["summary"]
     labels = [k for k in summary if k != "source"]
@@ -306,7 +307,7 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     if "gen_prefix_match" in row:
         quality["greedy prefix match with source"] = row["gen_prefix_match"]
     for key, value in row.items():
-        if key.startswith("retrieval_"):
+        if key.startswith("retrieval_") and not key.startswith(("softmax_fraction_", "kv_fraction_")):
             length = key[len("retrieval_"):]
             quality[f"key-value retrieval accuracy @{length} tokens"] = value
             if key in src:
@@ -323,6 +324,15 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     if row.get("softmax_fraction") is not None:
         metrics["softmax_fraction"] = row["softmax_fraction"]
         metrics["measured_on"] = "held-out perplexity blocks (bench/eval_quality.py): " + ", ".join(where)
+        layers = (((report.get("results") or {}).get(label) or {}).get("perplexity") or {}).get("layer_softmax_fraction")
+        if layers is not None:
+            metrics["layer_softmax_fraction"] = layers
+    kv = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in row.items() if k.startswith("kv_fraction_retrieval_"))
+    if kv:  # the longest retrieval context's prefill: kept / full KV bytes
+        length, metrics["kv_fraction"] = kv[-1]
+        metrics["measured_on"] = (metrics.get("measured_on", "") + f"; KV cache: after prefilling the {length}-token "
+                                  f"retrieval contexts (softmax fraction there "
+                                  f"{_fmt(float(row.get(f'softmax_fraction_retrieval_{length}', float('nan'))))})").lstrip("; ")
     return metrics
 
 
@@ -563,6 +573,22 @@ def _existing_card_metadata(model_dir: Path) -> dict:
         return {}
     base = data.get("base_model")
     return {"base_model": base[0] if isinstance(base, list) and base else base, "license": data.get("license")}
+
+
+def card_provenance(model_dir) -> dict:
+    """What an existing checkpoint's README.md and natsl_metrics.json say about where the model comes
+    from: base_model, license, conversion_command, training (each None when not recorded). Used to
+    carry them to the card of a checkpoint trained from it (natsl-distill) or published (natsl-hub)."""
+    model_dir = Path(model_dir)
+    out = {"base_model": None, "license": None, "training": None, **_existing_card_metadata(model_dir)}
+    out["conversion_command"] = _conversion_command_from_card(model_dir)
+    metrics = model_dir / METRICS_FILE
+    if metrics.is_file():
+        try:
+            out["training"] = json.loads(metrics.read_text(encoding="utf-8")).get("training")
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return out
 
 
 def _check_out(out: Path, model_dir: Path, overwrite: bool) -> str | None:

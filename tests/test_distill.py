@@ -307,3 +307,40 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, stage):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cli_stages_carry_the_model_card(tmp_path):
+    """natsl-distill stage 1 then stage 2 through `main` on a natsl-convert output: each output folder is a
+    complete checkpoint whose card keeps the source's provenance and lists the training done so far."""
+    from huggingface_hub import ModelCard
+
+    from natsl_hf.conversion import convert_checkpoint
+    from natsl_hf.conversion.distill import main
+    from test_ddp_cpu import char_tokenizer
+
+    tok = char_tokenizer()
+    src = tmp_path / "src"
+    source = tiny_source()
+    source.config.vocab_size = len(tok)
+    source.resize_token_embeddings(len(tok))
+    source.save_pretrained(src)
+    tok.save_pretrained(src)
+    init = tmp_path / "init"
+    convert_checkpoint(src, init, chunk_size=CHUNK, softmax_budget=0.3, license="mit", base_model="org/tiny",
+                       progress=False, command="natsl-convert src init --chunk-size 8")
+    data = tmp_path / "train.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--data", str(data), "--seq-len", "32", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
+              "--report-to", "none", "--source", str(src)]
+    assert main(["--stage", "1", "--model", str(init), "--output-dir", str(tmp_path / "s1"), *common]) == 0
+    assert main(["--stage", "2", "--model", str(tmp_path / "s1"), "--output-dir", str(tmp_path / "s2"),
+                 "--kd-weight", "0.5", "--calibration-seq-len", "64", *common]) == 0
+    card = ModelCard.load(tmp_path / "s2" / "README.md")
+    assert card.data.license == "mit" and card.data.base_model == "org/tiny"
+    assert "natsl-convert src init --chunk-size 8" in card.text
+    assert ("stage 1 (attention transfer, new parameters only; supervised routing, router bias calibrated to the "
+            "budget on 32 blocks of 32 tokens" in card.text)
+    assert ("stage 2 (LM loss + logit KD (weight 0.5), all parameters; router frozen, router bias calibrated to the "
+            "budget on 28 blocks of 64 tokens" in card.text)
+    assert "3 steps x 1 blocks x 32 tokens = 96 tokens" in card.text and "`natsl-distill --stage 2" in card.text
+    assert NatslForCausalLM.from_pretrained(tmp_path / "s2").config.softmax_budget == 0.3

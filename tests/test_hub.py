@@ -186,9 +186,10 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
             "source": {"perplexity": 10.0, "ppl_gap_vs_source": 0.0, "retrieval_2048": 0.875},
             "init": {"perplexity": 10.01, "ppl_gap_vs_source": 0.001, "softmax_fraction": 1.0},
             "stage2": {"perplexity": 10.5, "ppl_gap_vs_source": 0.05, "softmax_fraction": 0.3,
-                       "top1_agreement": 0.91, "gen_prefix_match": 0.6, "retrieval_2048": 0.75},
+                       "top1_agreement": 0.91, "gen_prefix_match": 0.6, "retrieval_2048": 0.75,
+                       "softmax_fraction_retrieval_2048": 0.28, "kv_fraction_retrieval_2048": 0.3125},
         },
-        "results": {},
+        "results": {"stage2": {"perplexity": {"layer_softmax_fraction": [0.25, 0.35, 0.3]}}},
     }
     path = tmp_path / "quality.json"
     path.write_text(json.dumps(report))
@@ -202,6 +203,10 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
     assert "| source key-value retrieval accuracy @2048 tokens | 0.875 |" in text
     assert "0.3 (30.0% of routable chunks)" in text and "16 blocks of 512 tokens of held.txt" in text
     assert report["command"] in text and "## Speed\n\nnot measured" in text
+    assert metrics["layer_softmax_fraction"] == [0.25, 0.35, 0.3] and "| 0 | 0.25 |" in text and "| 1 | 0.35 |" in text
+    assert metrics["kv_fraction"] == 0.3125 and "68.8%" in text  # KV-cache saving 1 - 0.3125
+    assert "2048-token retrieval contexts (softmax fraction there 0.28)" in text
+    assert "retrieval accuracy @2048 tokens | 0.28" not in text  # the fraction is not read as an accuracy
 
 
 def kv_rows(text: str) -> tuple[str, str]:

@@ -1,0 +1,51 @@
+"""bench/eval_quality.py end to end on a tiny converted checkpoint (CPU, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from natsl_hf.conversion import convert_checkpoint
+from test_ddp_cpu import char_tokenizer
+
+EVAL = Path(__file__).resolve().parents[1] / "bench" / "eval_quality.py"
+
+
+def load_eval():
+    spec = importlib.util.spec_from_file_location("eval_quality", EVAL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_quality_on_a_tiny_conversion(tmp_path):
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    src = tmp_path / "src"
+    LlamaForCausalLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    init = tmp_path / "init"
+    convert_checkpoint(src, init, chunk_size=16, progress=False)
+    text = tmp_path / "held.txt"
+    text.write_text(" ".join(f"Sentence number {i} talks about item {i * 7 % 13}." for i in range(60)))
+    out = tmp_path / "q.json"
+    assert load_eval().main(["--source", str(src), "--model", f"init={init}", "--text", str(text), "--out", str(out),
+                             "--seq-len", "64", "--ppl-blocks", "2", "--gen-prompts", "1", "--gen-prompt-len", "16",
+                             "--gen-tokens", "4", "--retrieval-lengths", "300", "--retrieval-contexts", "1",
+                             "--retrieval-pairs", "2", "--retrieval-queries", "2"]) == 0
+    report = json.loads(out.read_text())
+    src_row, row = report["summary"]["source"], report["summary"]["init"]
+    # freshly converted: every chunk softmax, the source's numbers exactly
+    assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
+    assert row["retrieval_300"] == src_row["retrieval_300"]
+    assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
+    assert row["kv_fraction_retrieval_300"] == 1.0
+    assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
+    assert report["settings"]["retrieval_haystack"] == "text" and report["command"].startswith("python ")
