@@ -279,36 +279,44 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches) -> tuple
     return [torch.cat(m) for m in margins], n_softmax / max(n_routable, 1)
 
 
+def _budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
+    """Per head: the margin threshold above which `round(budget * n)` of the n routable chunks lie,
+    midway between the k-th and (k+1)-th largest margin. margins: [chunks, H] (NaN = not routable)."""
+    thresholds = []
+    for col in margins.unbind(1):
+        col = col[~col.isnan()].sort(descending=True).values
+        n, k = col.numel(), int(round(budget * col.numel()))
+        if n == 0:
+            thresholds.append(0.0)
+        elif k == 0:
+            thresholds.append(float(col[0]) + 1.0)
+        elif k == n:
+            thresholds.append(float(col[-1]) - 1.0)
+        else:
+            thresholds.append(float(col[k - 1] + col[k]) / 2)
+    return torch.tensor(thresholds)
+
+
 def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=None) -> dict[str, float]:
     """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks.
 
-    For every NAtS-L layer and KV head, the score margins s_softmax - s_linear of the routable chunks
-    of `batches` (dicts with input_ids / attention_mask) are collected in eval mode; with k =
-    round(budget * n) the threshold is midway between the k-th and (k+1)-th largest margin, and it is
-    subtracted from the margin through the bias. Afterwards k of those n chunks route softmax and the
-    router keeps its ranking. `apply_in`: a context manager to apply the shift in (FSDP's
-    summon_full_params). Returns the realised fraction over all layers before and after (measured).
+    Layer by layer, first to last (a layer's routing changes the inputs of the layers after it): the
+    score margins s_softmax - s_linear of the routable chunks of `batches` (dicts with input_ids /
+    attention_mask) are collected in eval mode with the earlier layers already shifted; per KV head,
+    with k = round(budget * n), the threshold midway between the k-th and (k+1)-th largest margin is
+    subtracted from the margin through the bias. Afterwards k of those n chunks route softmax in every
+    layer and head, and each router keeps its ranking. `apply_in`: a factory of the context manager
+    to apply each shift in (FSDP's summon_full_params). One forward pass over `batches` per NAtS-L layer, plus one
+    before and one after. Returns the realised fraction over all layers before and after (measured).
     """
     base = _unwrap(model)
     layers = [decoder_layers(base)[i].self_attn for i in natsl_layer_indices(base)]
     margins, before = _router_margins(model, layers, batches)
-    shifts = []
-    for m in margins:  # [chunks, H]
-        thresholds = []
-        for col in m.unbind(1):
-            col = col[~col.isnan()].sort(descending=True).values
-            n, k = col.numel(), int(round(budget * col.numel()))
-            if n == 0:
-                thresholds.append(0.0)
-            elif k == 0:
-                thresholds.append(float(col[0]) + 1.0)
-            elif k == n:
-                thresholds.append(float(col[-1]) - 1.0)
-            else:
-                thresholds.append(float(col[k - 1] + col[k]) / 2)
-        shifts.append(torch.tensor(thresholds))
-    with torch.no_grad(), apply_in if apply_in is not None else contextlib.nullcontext():
-        for attn, shift in zip(layers, shifts):
+    for i, attn in enumerate(layers):
+        if i > 0:  # the earlier layers' new routing changed what this router reads
+            margins, _ = _router_margins(model, layers, batches)
+        shift = _budget_thresholds(margins[i], budget)
+        with torch.no_grad(), (apply_in or contextlib.nullcontext)():
             bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
             bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
     _, after = _router_margins(model, layers, batches)
@@ -438,14 +446,14 @@ class NatslDistillTrainer(Trainer):
                    for b in loader]
         budget = _unwrap(self.model).config.softmax_budget
         fsdp = getattr(self, "is_fsdp_enabled", False)
+        apply_in = None
         if fsdp:  # the router biases live in sharded flat parameters: gather, shift, write back
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            context = FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=True)
-        else:
-            context = contextlib.nullcontext()
-        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget,
-                                       apply_in=context)
+            def apply_in():
+                return FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=True)
+
+        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget, apply_in=apply_in)
         self.log({f"calibration/{k}": v for k, v in result.items()})
         return result
 

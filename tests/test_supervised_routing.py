@@ -160,3 +160,21 @@ def test_stage1_calibrates_router_to_the_budget(tmp_path):
     with torch.no_grad():
         out = model(**{k: v[:16] for k, v in batch(ds, 16).items() if k != "labels"}, use_cache=False)
     assert out.softmax_fraction.item() == pytest.approx(result["softmax_fraction_after"])
+
+
+def test_calibration_hits_the_budget_in_every_layer():
+    """Layer by layer: shifting an early layer's routing changes what later routers read, so a single
+    pass would miss the budget in later layers; the calibrated model keeps round(b * n) chunks in each."""
+    from natsl_hf.conversion.distill import calibrate_router_bias
+    from natsl_testing import tiny_model
+
+    model = tiny_model(seed=4, num_hidden_layers=3)  # mixed routes, GDN output on: routing changes the outputs
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 97, (4, 40))} for _ in range(2)]  # 9 routable chunks a row
+    result = calibrate_router_bias(model, batches, budget=0.4)
+    assert result["softmax_fraction_after"] == pytest.approx(round(0.4 * 72) / 72)  # per head: 72 chunks
+    with torch.no_grad():
+        routes = [model(**b, use_cache=False, output_routes=True).routes for b in batches]
+    per_head = torch.stack([torch.cat([r[layer].hard[..., h][r[layer].routable[..., h]] for r in routes]).float().mean()
+                            for layer in range(3) for h in range(2)])  # every (layer, KV head)
+    assert torch.allclose(per_head, torch.full_like(per_head, round(0.4 * 72) / 72)), per_head
