@@ -132,8 +132,6 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/natsl_smollm2")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--budget-on", choices=("prob", "route"), default="prob",
-                   help="natsl-distill --budget-on for both stages (prob: the model's router loss)")
     p.add_argument("--routing", choices=("supervised", "unsupervised"), default="supervised",
                    help="stage-1 routing: supervised by the source attention's heavy-hitter chunks, then calibrated "
                    "to the budget (natsl-distill's default), or the router's own with the budget hinge "
@@ -152,7 +150,7 @@ def main(argv=None) -> int:
     summary = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/smollm2_recover.py",
                                                                  *(sys.argv[1:] if argv is None else argv)]),
-        "preset": args.preset, "preset_settings": preset, "budget_on": args.budget_on, "routing": args.routing,
+        "preset": args.preset, "preset_settings": preset, "routing": args.routing,
         "stage2_router": "trained" if args.stage2_train_router else "frozen", "runs": {},
     }
 
@@ -177,7 +175,7 @@ def main(argv=None) -> int:
                        json.dumps(preset["natsl_layers"])]
         run_info["steps"]["convert"] = run(convert_cmd, workdir / "logs" / f"{tag}_convert.log")
         common = ["--source", str(src), "--data", str(train_txt), "--seq-len", str(preset["train_seq_len"]),
-                  "--softmax-budget", str(budget), "--save-steps", "100000", "--budget-on", args.budget_on]
+                  "--softmax-budget", str(budget), "--save-steps", "100000"]
         s1 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "1", "--model", str(init_dir),
               "--output-dir", str(s1_dir), *common, *preset["stage1"]]
         if args.routing == "unsupervised":

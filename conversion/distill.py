@@ -35,9 +35,10 @@ Stage 2 -- end-to-end fine-tuning.
     LoRA the small GDN parameters keep their stage-1 values.
 
 Both stages log, every logging step, through `Trainer.log` (console / TensorBoard / W&B):
-`softmax_fraction` (realised, over routable chunks), `router_loss`, and `align_loss`
-(stage 1) or `lm_loss` / `kd_loss` (stage 2), averaged over the steps since the last log and
-across processes.
+`softmax_fraction` (over routable chunks, as routed in training: with supervised routing, the
+targets'), `router_loss`, and `align_loss` + `router_agreement` (stage 1: how often the router's
+own argmax matches the targets) or `lm_loss` / `kd_loss` (stage 2), averaged over the steps since
+the last log and across processes; at the end `calibration/softmax_fraction_before|after`.
 
 Works with gradient checkpointing (non-reentrant), bf16 autocast, `accelerate launch`
 (DDP; FSDP with `NatslDecoderLayer` as the wrap unit, see accelerate_configs/), resuming from
@@ -265,7 +266,7 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches) -> tuple
     n_softmax = n_routable = 0
     try:
         for batch in batches:
-            out = model(**batch, use_cache=False, output_routes=True)
+            out = model(**batch, use_cache=False, output_routes=True, logits_to_keep=1)
             for i, routes in enumerate(out.routes):
                 s = scores[i]  # [B, N, H, 2]
                 routable = routes.routable[:, : s.shape[1]]  # [B, N, H]
@@ -305,18 +306,20 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     attention_mask) are collected in eval mode with the earlier layers already shifted; per KV head,
     with k = round(budget * n), the threshold midway between the k-th and (k+1)-th largest margin is
     subtracted from the margin through the bias. Afterwards k of those n chunks route softmax in every
-    layer and head, and each router keeps its ranking. `apply_in`: a factory of the context manager
-    to apply each shift in (FSDP's summon_full_params). One forward pass over `batches` per NAtS-L layer, plus one
-    before and one after. Returns the realised fraction over all layers before and after (measured).
+    layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
+    to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
+    forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only).
+    Returns the realised fraction over all layers before and after (measured).
     """
     base = _unwrap(model)
-    layers = [decoder_layers(base)[i].self_attn for i in natsl_layer_indices(base)]
+    decoders = [decoder_layers(base)[i] for i in natsl_layer_indices(base)]
+    layers = [d.self_attn for d in decoders]
     margins, before = _router_margins(model, layers, batches)
     for i, attn in enumerate(layers):
         if i > 0:  # the earlier layers' new routing changed what this router reads
             margins, _ = _router_margins(model, layers, batches)
         shift = _budget_thresholds(margins[i], budget)
-        with torch.no_grad(), (apply_in or contextlib.nullcontext)():
+        with torch.no_grad(), (apply_in(decoders[i]) if apply_in else contextlib.nullcontext()):
             bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
             bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
     _, after = _router_margins(model, layers, batches)
@@ -370,6 +373,9 @@ class NatslDistillTrainer(Trainer):
             self.router_mode = "supervised" if supervised_routing else "learned"
         else:
             self.router_mode = "learned" if train_router else "frozen"
+        if train_router and hasattr(self.model, "get_base_model"):
+            raise ValueError("train_router=True with a PEFT (LoRA) model would leave the router frozen: PEFT trains "
+                             "only the adapters. Train the router without LoRA, or keep it frozen.")
         for i in natsl_layer_indices(self.model):
             attn = decoder_layers(self.model)[i].self_attn
             attn.router_mode = self.router_mode
@@ -428,6 +434,8 @@ class NatslDistillTrainer(Trainer):
                 metrics["kd_loss"] = kd
         if outputs.softmax_fraction is not None:
             metrics["softmax_fraction"] = outputs.softmax_fraction
+        if outputs.router_agreement is not None:
+            metrics["router_agreement"] = outputs.router_agreement
         if model.training:
             for key, value in metrics.items():
                 self._metrics[key].append(value.detach().float())
@@ -450,8 +458,8 @@ class NatslDistillTrainer(Trainer):
         if fsdp:  # the router biases live in sharded flat parameters: gather, shift, write back
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            def apply_in():
-                return FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=True)
+            def apply_in(unit):  # one decoder layer (an FSDP unit) at a time, not the whole model
+                return FullyShardedDataParallel.summon_full_params(unit, writeback=True)
 
         result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget, apply_in=apply_in)
         self.log({f"calibration/{k}": v for k, v in result.items()})
@@ -669,6 +677,20 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
         raise SystemExit("natsl-distill: --kd-weight > 0 needs --source SOURCE_DIR (the KD teacher).")
     if not Path(args.model, "config.json").exists():
         raise SystemExit(f"natsl-distill: --model {args.model} has no config.json; pass a natsl-convert output dir.")
+    router_learned = (args.stage == 1 and args.no_supervised_routing) or (args.stage == 2 and args.train_router)
+    for flag, given, applies in (
+        ("--train-router", args.train_router, "stage 2 (stage 1 always trains the router)"),
+        ("--no-supervised-routing", args.no_supervised_routing, "stage 1"),
+        ("--lora", args.lora, "stage 2"),
+    ):
+        if given and not applies.startswith(f"stage {args.stage}"):
+            raise SystemExit(f"natsl-distill: {flag} applies to {applies}, not to --stage {args.stage}.")
+    if args.budget_on == "route" and not router_learned:
+        raise SystemExit("natsl-distill: --budget-on route only acts on a router trained with the budget term "
+                         "(--stage 2 --train-router, or --stage 1 --no-supervised-routing); drop it.")
+    if args.train_router and args.lora:
+        raise SystemExit("natsl-distill: --train-router with --lora would leave the router frozen (PEFT trains only "
+                         "the adapters); train the router without --lora, or keep it frozen.")
 
     model = NatslForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = _load_tokenizer(args.model, args.source)

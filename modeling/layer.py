@@ -89,6 +89,7 @@ class NatslAttention(nn.Module):
         self.head_dim = config.head_dim
         self.chunk_size = config.chunk_size
         self.scaling = self.head_dim**-0.5
+        self.router_mode = "learned"
         qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, qd, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kd, bias=config.attention_bias)
@@ -111,12 +112,23 @@ class NatslAttention(nn.Module):
         self.gdn_alpha = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        # How training treats the router (a training-time switch, not saved; inference is argmax in
-        # every mode): "learned" = straight-through routes and the budget hinge (SPEC.md section 2),
-        # "supervised" = routes and router targets from the layer's own attention mass (stage-1
-        # distillation, see `_route`), "frozen" = argmax routes of a router that gets no gradient and
-        # whose input is detached (stage-2 distillation: the backbone adapts to fixed routing).
-        self.router_mode = "learned"
+
+    ROUTER_MODES = ("learned", "supervised", "frozen")
+
+    @property
+    def router_mode(self) -> str:
+        """How training treats the router (a training-time switch, not saved; inference is argmax in
+        every mode): "learned" = straight-through routes and the budget hinge (SPEC.md section 2),
+        "supervised" = routes and router targets from the layer's own attention mass (stage-1
+        distillation, see `_route`), "frozen" = argmax routes of a router that gets no gradient and
+        whose input is detached (stage-2 distillation: the backbone adapts to fixed routing)."""
+        return self._router_mode
+
+    @router_mode.setter
+    def router_mode(self, mode: str) -> None:
+        if mode not in self.ROUTER_MODES:
+            raise ValueError(f"router_mode={mode!r} is invalid: expected one of {', '.join(self.ROUTER_MODES)}.")
+        self._router_mode = mode
 
     @staticmethod
     def initial_gates(num_heads: int) -> dict[str, torch.Tensor]:
@@ -191,7 +203,7 @@ class NatslAttention(nn.Module):
         else:
             k_pos, seg_k, seg_v = q_pos, k_rot, v
 
-        routes, rel, complete, supervision_loss = self._route(x, k_pos, seen, state, q_rot, k_rot)
+        routes, rel, complete, supervision = self._route(x, k_pos, seen, state, q_rot, k_rot)
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
         key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
@@ -223,8 +235,9 @@ class NatslAttention(nn.Module):
             "n_routable": routes.routable.sum(),
             "n_softmax": (routes.hard & routes.routable).sum(),
         }
-        if supervision_loss is not None:
-            aux["router_loss"] = self.config.router_loss_weight * supervision_loss
+        if supervision is not None:
+            aux["router_loss"] = self.config.router_loss_weight * supervision["loss"]
+            aux["router_agreement"] = supervision["agreement"]
         elif self.natsl and self.training and self.router_mode == "learned":
             aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
         if return_state:
@@ -244,18 +257,19 @@ class NatslAttention(nn.Module):
             aux["state"] = new_state
         return out, aux
 
-    def _route(self, x, k_pos, seen, state, q_rot, k_rot) -> tuple[Routes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _route(self, x, k_pos, seen, state, q_rot, k_rot) -> tuple[Routes, torch.Tensor, torch.Tensor, dict | None]:
         """Route the chunks of the segment.
 
         -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
-        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool, and the supervised
-        routing loss (None unless `router_mode == "supervised"`).
+        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool, and in supervised
+        mode {"loss": the supervised routing loss, "agreement": the fraction of labelled chunks whose
+        router argmax matches the target} (else None).
 
         With `router_mode == "supervised"` (training only; stage-1 distillation sets it), the routable chunks
         are routed by `routing_targets` of this layer's own full-attention mass (its q/k are the
         source's) instead of by the router, and the router learns those targets through
         `routing_supervision_loss` (router.py explains why). It takes whole unpadded sequences
-        without a cache, as packed training blocks are.
+        without a cache, as packed training blocks are. A `config.route_override` wins over the targets.
         """
         B, S = k_pos.shape
         C = self.chunk_size
@@ -283,8 +297,8 @@ class NatslAttention(nn.Module):
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
-        supervision_loss = None
-        if self.natsl and self.router_mode == "supervised" and self.training:
+        supervision = None
+        if self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None:
             if state is not None or bool((k_pos < 0).any()):
                 raise ValueError(
                     "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
@@ -293,13 +307,17 @@ class NatslAttention(nn.Module):
             mass = chunk_attention_mass(q_rot, k_rot, C, self.scaling)  # [B, S // C, Hkv]
             mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
             target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
+            argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route
             hard = torch.where(labelled, target, routes.hard)
             routes = Routes(hard, hard.to(routes.weight.dtype), routes.prob, routes.routable)
-            supervision_loss = routing_supervision_loss(scores, target, labelled, self.config.router_temperature)
+            supervision = {
+                "loss": routing_supervision_loss(scores, target, labelled, self.config.router_temperature),
+                "agreement": (argmax == target)[labelled].float().mean() if bool(labelled.any()) else None,
+            }
         # dummy chunk N for padding: softmax, weight 1, not routable (its keys are masked anyway)
         pad = lambda t, val: torch.cat([t, torch.full_like(t[:, :1], val)], 1)  # noqa: E731
         routes = Routes(pad(routes.hard, True), pad(routes.weight, 1.0), pad(routes.prob, 0.0), pad(routes.routable, False))
-        return routes, rel, pad(complete, False), supervision_loss
+        return routes, rel, pad(complete, False), supervision
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
         """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n],

@@ -101,43 +101,54 @@ def router_loss(routes: Routes, budget: float, loss_weight: float) -> torch.Tens
 # --- supervised routing (stage-1 distillation of a converted model) ------------------------------
 # [ours] A converted model's router starts without any notion of which chunks matter. Trained only by
 # the straight-through gradient and the budget hinge, it drifts uniformly (one shared bias) until the
-# realised fraction collapses (SmolLM2-135M, budget 0.25: 0.0 softmax after 25 stage-1 steps, 2k
-# key-value recall 0.875 -> 0.25; bench/results/quality_smollm2_b0.25.json). Stage 1 therefore
-# teaches the router the chunks the source attention itself relies on: those that queries of later
-# chunks attend to most (heavy hitters, as in H2O / SnapKV), `softmax_budget` of them per row and
-# KV group, with a binary cross-entropy on the score margin. During supervised training the layer
-# routes by these targets, so the GDN branch learns exactly the chunks it will be given.
+# realised fraction collapses (SmolLM2-135M, budget 0.25: no softmax chunk left after 25 stage-1 steps;
+# `bench/smollm2_recover.py --routing unsupervised`). Stage 1 therefore teaches the router the chunks
+# the source attention itself relies on for *long-range* retrieval (heavy hitters, as in H2O /
+# SnapKV), `softmax_budget` of them per row and KV group, with a binary cross-entropy on the score
+# margin. During supervised training the layer routes by these targets, so the GDN branch learns
+# exactly the chunks it will be given.
+#
+# A chunk's importance is the attention that queries at least one chunk later put on it, relative to
+# the uniform share each query gives a chunk (C / the number of keys it sees), averaged over those
+# queries and the group's q heads. Relative, because raw probabilities favour early chunks (their
+# queries see few keys); "one chunk later", because the next chunk's queries attend to their
+# neighbour for local reasons the GDN state already serves (it holds chunk t-1's writes, barely
+# decayed, when chunk t reads it). A chunk without such queries in the block is not labelled.
 
 
 @torch.no_grad()
 def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
                          block: int = 512) -> torch.Tensor:
-    """Attention that each complete chunk receives from the queries of later chunks.
+    """Long-range attention each complete chunk receives, relative to a uniform share.
 
     q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded
-    sequences. Attention is full causal softmax (every earlier token visible), as in the source.
-    -> mass [B, T // C, Hkv] fp32: the probability the group's q heads put on the chunk's keys,
-    averaged over the (query, head) pairs of later chunks; NaN for a chunk with no later query.
+    sequences. Attention is full causal softmax (every earlier token visible), as in the source,
+    computed in fp32 (also under autocast).
+    -> mass [B, T // C, Hkv] fp32: for chunk c and KV group g, the mean over the group's q heads and
+    over the queries i of chunks >= c + 2 of P_i(chunk c) * (i + 1) / C (1 = what uniform attention
+    gives); NaN for a chunk with no such query.
     Queries are processed `block` rows at a time (memory B * Hq * block * T, not B * Hq * T^2).
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G, C, N = Hq // Hkv, chunk_size, T // chunk_size
-    keys = k.float().transpose(1, 2)[:, :, None]  # [B,Hkv,1,T,D]
-    key_pos = torch.arange(T, device=q.device)
-    total = torch.zeros(B, Hkv, N, device=q.device)
-    for start in range(C, T, block):  # queries of chunk 0 have no earlier chunk
-        stop = min(start + block, T)
-        q_pos = key_pos[start:stop]
-        qb = q[:, start:stop].float().transpose(1, 2).unflatten(1, (Hkv, G))  # [B,Hkv,G,L,D]
-        scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hkv,G,L,T]
-        probs = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf")).softmax(-1)
-        earlier = (key_pos[None, :] // C) < (q_pos[:, None] // C)  # [L,T] keys of earlier chunks
-        per_key = (probs * earlier).sum((2, 3))  # [B,Hkv,T]
-        total += per_key[..., : N * C].unflatten(-1, (N, C)).sum(-1)
-    later = (T - (torch.arange(N, device=q.device) + 1) * C) * G  # (query, head) pairs after chunk c
-    mass = total / later.clamp(min=1)
-    mass = torch.where(later > 0, mass, torch.full_like(mass, float("nan")))
+    with torch.autocast(q.device.type, enabled=False):
+        keys = k.float().transpose(1, 2)[:, :, None]  # [B,Hkv,1,T,D]
+        key_pos = torch.arange(T, device=q.device)
+        total = torch.zeros(B, Hkv, N, device=q.device)
+        for start in range(2 * C, T, block):  # queries of chunks 0 and 1 have no chunk two back
+            stop = min(start + block, T)
+            q_pos = key_pos[start:stop]
+            qb = q[:, start:stop].float().transpose(1, 2).unflatten(1, (Hkv, G))  # [B,Hkv,G,L,D]
+            scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hkv,G,L,T]
+            probs = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf")).softmax(-1)
+            far = (key_pos[None, :] // C) <= (q_pos[:, None] // C) - 2  # [L,T] keys two chunks back or more
+            relative = probs * (far * (q_pos[:, None] + 1) / C)  # P * (keys seen) / C
+            per_key = relative.sum((2, 3))  # [B,Hkv,T]
+            total += per_key[..., : N * C].unflatten(-1, (N, C)).sum(-1)
+        queries = (T - (torch.arange(N, device=q.device) + 2) * C).clamp(min=0) * G  # (query, head) pairs
+        mass = total / queries.clamp(min=1)
+        mass = torch.where(queries > 0, mass, torch.full_like(mass, float("nan")))
     return mass.transpose(1, 2)
 
 

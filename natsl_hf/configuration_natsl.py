@@ -30,10 +30,13 @@ class NatslConfig(PreTrainedConfig):
         chunk_size (`int`, 64): tokens per routed chunk, a power of two.
         num_sink_chunks (`int`, 1): the first chunks of every sequence are always softmax (keeps the
             attention sink pretrained models rely on).
-        softmax_budget (`float`, 0.25): target fraction of routable chunks kept as softmax; the router
-            loss pushes the mean softmax probability down to it. Never enforced at inference.
+        softmax_budget (`float`, 0.25): target fraction of routable chunks kept as softmax. Training with a
+            learned router: the router loss pushes the mean softmax probability down to it. Stage-1
+            distillation: the share of chunks labelled softmax, and the fraction the router bias is
+            calibrated to. Never enforced at inference (argmax routing; the realised fraction is reported).
         router_temperature (`float`, 1.0): p = softmax(score / router_temperature).
-        router_loss_weight (`float`, 1.0): weight of `(mean p_softmax - softmax_budget)_+^2` per layer.
+        router_loss_weight (`float`, 1.0): weight of the router loss per layer: `(mean p_softmax -
+            softmax_budget)_+^2` for a learned router, the supervised-routing cross-entropy in stage 1.
         router_init_bias (`float`, 2.0): initial score margin in favour of softmax (router weight starts
             N(0, initializer_range)), so a freshly converted model routes (nearly) every chunk to softmax
             and starts (nearly) equal to its source. 0 starts from an even mix.

@@ -15,7 +15,7 @@
   The folder is written to `--out`; without it a dry run writes `<MODEL_DIR>-hub` beside the
   checkpoint (kept, so it can be inspected) and an upload stages in a temporary folder removed
   afterwards. An existing non-empty output folder is refused unless `--overwrite`, which replaces
-  it only when it is an earlier hub folder (config.json + README.md) and not the checkpoint itself.
+  it only when an earlier natsl-hub run wrote it (its `.natsl-hub` marker), never a checkpoint.
 
 Metrics schema (all optional; several JSON files are merged left to right):
     softmax_fraction        float, realised over all NAtS-L layers
@@ -58,6 +58,7 @@ from string import Template
 NOT_MEASURED = "not measured"
 NO_ROUTABLE = "n/a (no routable chunk was measured)"  # how a NaN softmax fraction reads
 METRICS_FILE = "natsl_metrics.json"  # the measured numbers behind a card, kept beside it
+HUB_MARKER = ".natsl-hub"  # marks a folder natsl-hub wrote (never uploaded: dot files are skipped)
 CARD_TEMPLATE = "natsl_model_card.md"
 BASE_TAGS = ["natsl", "hybrid-attention", "gated-deltanet", "linear-attention", "text-generation"]
 _KNOWN_METRICS = (
@@ -546,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the hub folder (to --out or MODEL_DIR-hub), list the files that would be uploaded; "
                    "upload nothing")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output folder (only one that holds an earlier hub folder: config.json + "
-                   "README.md); without it a non-empty output folder is refused")
+                   help="replace an existing output folder, only one an earlier natsl-hub run wrote (marked "
+                   f"{HUB_MARKER}); without it a non-empty output folder is refused")
     p.add_argument("--metrics", nargs="+", default=[], metavar="JSON",
                    help=f"metrics JSON files for the card, merged after MODEL_DIR/{METRICS_FILE} if present; "
                    "bench/eval_quality.py and bench/decode_bench.py reports are recognised (a decode report must "
@@ -602,9 +603,9 @@ def _check_out(out: Path, model_dir: Path, overwrite: bool) -> str | None:
         if not overwrite:
             return (f"the output folder {out} already exists and is not empty; pass --overwrite to replace it, "
                     "or pick another --out.")
-        if not ((target / "config.json").is_file() and (target / "README.md").is_file()):
-            return (f"--overwrite only replaces an earlier hub folder (config.json + README.md), and {out} is not "
-                    "one; remove it yourself or pick another --out.")
+        if not (target / HUB_MARKER).is_file():
+            return (f"--overwrite only replaces a folder an earlier natsl-hub run wrote (it holds {HUB_MARKER}), and "
+                    f"{out} is not one (a checkpoint, perhaps); remove it yourself or pick another --out.")
     return None
 
 
@@ -637,7 +638,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"natsl-hub: error: {problem}", file=sys.stderr)
         return 2
-    known = _existing_card_metadata(model_dir)
+    known = card_provenance(model_dir)
     model = NatslForCausalLM.from_pretrained(model_dir)
     tokenizer = None
     if any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -648,14 +649,15 @@ def main(argv=None) -> int:
         metrics=metrics,
         repo_id=args.repo_id,
     )
-    card_kwargs["conversion_command"] = _conversion_command_from_card(model_dir)
+    card_kwargs["conversion_command"] = known["conversion_command"]
     if out is None:
         out = Path(staging := tempfile.mkdtemp(prefix="natsl-hub-"))
     try:
         render_model_card(model, **card_kwargs)  # a card that cannot render leaves an existing folder alone
-        if out.is_dir() and any(out.iterdir()):  # checked by _check_out: an earlier hub folder, --overwrite given
+        if out.is_dir() and any(out.iterdir()):  # checked by _check_out: an earlier natsl-hub folder, --overwrite given
             shutil.rmtree(out)  # its stale files (an old tokenizer, metrics) must not ride along to the hub
         save_for_hub(model, out, tokenizer=tokenizer, **card_kwargs)
+        (out / HUB_MARKER).write_text("written by natsl-hub; --overwrite may replace this folder\n", encoding="utf-8")
         result = push_to_hub(
             out, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run, endpoint=args.endpoint
         )

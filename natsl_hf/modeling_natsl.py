@@ -36,12 +36,15 @@ class NatslModelOutputWithPast(BaseModelOutputWithPast):
     softmax_fraction: realised fraction of routable chunks routed softmax, over all NAtS-L layers.
     layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer (NaN where nothing routable).
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
+    router_agreement: supervised routing (stage-1 distillation) only: the fraction of labelled chunks on
+        which the router's own argmax matches the target it is trained on, mean over NAtS-L layers.
     """
 
     router_loss: torch.FloatTensor | None = None
     softmax_fraction: torch.FloatTensor | None = None
     layer_softmax_fraction: torch.FloatTensor | None = None
     routes: tuple | None = None
+    router_agreement: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class NatslCausalLMOutputWithPast(CausalLMOutputWithPast):
     softmax_fraction: torch.FloatTensor | None = None
     layer_softmax_fraction: torch.FloatTensor | None = None
     routes: tuple | None = None
+    router_agreement: torch.FloatTensor | None = None
 
 
 class NatslRMSNorm(RMSNorm):
@@ -256,7 +260,7 @@ class NatslModel(NatslPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = () if output_hidden_states else None
-        router_loss, routes = None, []
+        router_loss, routes, agreements = None, [], []
         n_routable, n_softmax = [], []  # per NAtS-L layer
         for layer in self.layers:
             if output_hidden_states:
@@ -266,6 +270,8 @@ class NatslModel(NatslPreTrainedModel):
                 continue
             if "router_loss" in aux:
                 router_loss = aux["router_loss"] if router_loss is None else router_loss + aux["router_loss"]
+            if aux.get("router_agreement") is not None:
+                agreements.append(aux["router_agreement"].detach())
             n_routable.append(aux["n_routable"])
             n_softmax.append(aux["n_softmax"])
             if output_routes:
@@ -286,6 +292,7 @@ class NatslModel(NatslPreTrainedModel):
             softmax_fraction=fraction,
             layer_softmax_fraction=layer_fraction,
             routes=tuple(routes) if output_routes else None,
+            router_agreement=torch.stack(agreements).mean() if agreements else None,
         )
 
 
@@ -347,6 +354,7 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             softmax_fraction=outputs.softmax_fraction,
             layer_softmax_fraction=outputs.layer_softmax_fraction,
             routes=outputs.routes,
+            router_agreement=outputs.router_agreement,
         )
 
 

@@ -329,6 +329,13 @@ def test_dry_run_without_out_keeps_the_folder_beside_the_model(converted, tmp_pa
     for target in (model_dir, tmp_path):
         assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--out", str(target), "--overwrite"]) == 2
     assert (model_dir / "config.json").is_file()
+    # nor another checkpoint (config.json + README.md, as every natsl-convert / natsl-distill output has)
+    other_model = tmp_path / "other-model"
+    converted.save_pretrained(other_model)
+    (other_model / "README.md").write_text("---\nlicense: mit\n---\n# another checkpoint\n")
+    assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--out", str(other_model), "--overwrite"]) == 2
+    assert (other_model / "model.safetensors").is_file()
+    assert (default / ".natsl-hub").is_file() and ".natsl-hub" not in printed  # the marker is never uploaded
     assert "MODEL_DIR-hub" in " ".join(build_help().split())
 
 

@@ -13,7 +13,8 @@ from natsl_testing import tiny_config
 
 
 def naive_mass(q, k, C, scale):
-    """Per (row, chunk, group): mean over later (query, head) pairs of the full-causal attention on the chunk."""
+    """Per (row, chunk, group): mean over the (query, head) pairs at least one chunk later of the
+    full-causal attention on the chunk, times (keys the query sees) / C."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G, N = Hq // Hkv, T // C
@@ -23,23 +24,31 @@ def naive_mass(q, k, C, scale):
             for c in range(N):
                 total, pairs = 0.0, 0
                 for h in range(g * G, (g + 1) * G):
-                    for i in range((c + 1) * C, T):
+                    for i in range((c + 2) * C, T):
                         p = torch.softmax(q[b, i, h] @ k[b, : i + 1, g].T * scale, -1)
-                        total += p[c * C : (c + 1) * C].sum().item()
+                        total += p[c * C : (c + 1) * C].sum().item() * (i + 1) / C
                         pairs += 1
                 if pairs:
                     out[b, c, g] = total / pairs
     return out
 
 
-@pytest.mark.parametrize("T", [16, 19])  # the last complete chunk with no / some later queries
+def test_uniform_attention_gives_every_chunk_the_same_mass():
+    q, k = torch.zeros(1, 40, 2, 4), torch.randn(1, 40, 1, 4)  # q = 0: uniform attention over the seen keys
+    mass = chunk_attention_mass(q, k, 4, 0.5)
+    torch.testing.assert_close(mass[0, :8], torch.ones(8, 1))
+    assert mass[0, 8:].isnan().all()  # chunks 8 and 9: no query two chunks later
+
+
+@pytest.mark.parametrize("T", [20, 23])  # chunk 3 with no / some query two chunks later
 def test_chunk_attention_mass_matches_naive(T):
     torch.manual_seed(0)
     q, k = torch.randn(2, T, 4, 8), torch.randn(2, T, 2, 8)
     mass = chunk_attention_mass(q, k, 4, 8**-0.5, block=5)  # several query blocks
     expected = naive_mass(q, k, 4, 8**-0.5)
     assert mass.shape == (2, T // 4, 2)
-    assert torch.equal(mass.isnan(), expected.isnan()) and mass.isnan().any() == (T == 16)
+    assert torch.equal(mass.isnan(), expected.isnan())
+    assert mass[:, 4].isnan().all() and mass[:, 3].isnan().all() == (T == 20)
     torch.testing.assert_close(mass.nan_to_num(), expected.nan_to_num(), rtol=1e-5, atol=1e-6)
 
 
@@ -72,12 +81,12 @@ def heavy_hitter_layer(C=4):
 
 
 def heavy_hitter_batch(B, N, C, generator):
-    """x [B, N*C, 16] and which chunks carry the feature: 2 of the chunks 1..N-2 per row."""
+    """x [B, N*C, 16] and which chunks carry the feature: 2 of the labelled chunks 1..N-3 per row."""
     x = torch.randn(B, N * C, 16, generator=generator) * 0.1
     x[..., 0] = 1.0
     important = torch.zeros(B, N, dtype=torch.bool)
     for b in range(B):
-        important[b, 1 + torch.randperm(N - 2, generator=generator)[:2]] = True
+        important[b, 1 + torch.randperm(N - 3, generator=generator)[:2]] = True
     x[..., 1] = important.repeat_interleave(C, 1).float()
     return x, important
 
@@ -93,8 +102,8 @@ def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
     layer.router_mode = "supervised"
     x, important = heavy_hitter_batch(B, N, C, g)
     _, aux = layer(x, rope)
-    # chunks 1..8 are labelled (chunk 9 has no later query): budget 0.25 of 8 = the 2 important ones
-    assert torch.equal(aux["routes"].hard[:, 1 : N - 1, 0], important[:, 1 : N - 1])
+    # chunks 1..7 are labelled (8 and 9 have no query two chunks later): round(0.25 * 7) = the 2 important ones
+    assert torch.equal(aux["routes"].hard[:, 1 : N - 2, 0], important[:, 1 : N - 2])
     assert aux["router_loss"] > 0.5  # the softmax-biased router disagrees with the targets
 
     opt = torch.optim.Adam(layer.router.parameters(), lr=0.1)
@@ -111,7 +120,7 @@ def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
     assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
 
 
-def test_supervised_routing_refuses_padding_and_cache():
+def test_supervised_routing_refuses_padding_and_cache_and_bad_modes():
     layer = heavy_hitter_layer()
     layer.train()
     layer.router_mode = "supervised"
@@ -121,6 +130,14 @@ def test_supervised_routing_refuses_padding_and_cache():
     mask[0, :3] = False
     with pytest.raises(ValueError, match="unpadded"):
         layer(x, (ones, torch.zeros_like(ones)), token_mask=mask)
+    layer.router_mode = "learned"
+    with torch.no_grad():
+        state = layer(x, (ones, torch.zeros_like(ones)), return_state=True)[1]["state"]
+    layer.router_mode = "supervised"
+    with pytest.raises(ValueError, match="without a cache"):
+        layer(x, (ones, torch.zeros_like(ones)), state=state)
+    with pytest.raises(ValueError, match="router_mode='freeze' is invalid"):
+        layer.router_mode = "freeze"
 
 
 def test_supervision_loss_is_bce_on_the_margin():
@@ -138,15 +155,16 @@ def test_stage1_calibrates_router_to_the_budget(tmp_path):
     from test_distill import batch, targs, tiny_natsl, tiny_source, token_dataset
 
     src = tiny_source()
-    model = tiny_natsl(src, chunk_size=4, softmax_budget=0.34)  # 32-token blocks: 6 labelled chunks, keep 2
+    model = tiny_natsl(src, chunk_size=4, softmax_budget=0.34)  # 32-token blocks: 5 labelled chunks, keep 2
     ds = token_dataset()
     prepare_student(model, 1)
     trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=10, learning_rate=3e-2),
                                   train_dataset=ds, stage=1, teacher=src)
     trainer.train()
     logged = [e["softmax_fraction"] for e in trainer.state.log_history if "softmax_fraction" in e]
-    # 2 of the 6 labelled chunks, plus the unlabelled last chunk (no later query) wherever the router sends it
-    assert all(2 / 7 - 1e-6 <= f <= 3 / 7 + 1e-6 for f in logged), logged
+    # 2 of the 5 labelled chunks, plus the 2 unlabelled last ones (no query two chunks later) wherever the
+    # router sends them
+    assert all(2 / 7 - 1e-6 <= f <= 4 / 7 + 1e-6 for f in logged), logged
     bias_before = [layer.self_attn.router.proj.bias.clone() for layer in model.model.layers]
     result = trainer.calibrate_routers(num_blocks=16)
     # random tokens give the router nothing to tell chunks apart by: the BCE drives every margin negative
