@@ -253,19 +253,49 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     return kl.mean() * temperature**2
 
 
+class _StopForward(Exception):
+    """Raised by a router hook once the layer being calibrated has its scores: the rest of the forward
+    (later layers, the LM head) is not needed."""
+
+
 @torch.no_grad()
-def _router_margins(model: nn.Module, layers: list[nn.Module], batches) -> tuple[list[torch.Tensor], float]:
+def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: int | None = None
+                    ) -> tuple[list[torch.Tensor], float]:
     """Eval-mode forwards over `batches`: per NAtS-L layer the score margins s_softmax - s_linear of
-    every chunk, [chunks, H] with NaN where not routable, and the realised softmax fraction."""
+    every chunk, [chunks, H] with NaN where not routable, and the realised softmax fraction.
+    only: collect layer `only`'s margins alone and stop each forward right after its router (the
+    others stay empty, the fraction is NaN); unpadded blocks only (packed calibration blocks are)."""
     margins: list[list[torch.Tensor]] = [[] for _ in layers]
     scores: dict[int, torch.Tensor] = {}
-    hooks = [attn.router.register_forward_hook(lambda m, a, out, i=i: scores.__setitem__(i, out.float()))
-             for i, attn in enumerate(layers)]
+
+    def hook(i):
+        def save(module, args, out):
+            scores[i] = out.float()
+            if i == only:
+                raise _StopForward
+        return save
+
+    hooks = [attn.router.register_forward_hook(hook(i)) for i, attn in enumerate(layers)]
     was_training = model.training
     model.eval()
     n_softmax = n_routable = 0
     try:
         for batch in batches:
+            if only is not None:
+                mask = batch.get("attention_mask")
+                if mask is not None and not bool(mask.all()):
+                    raise ValueError("Calibration with `only` takes unpadded blocks.")
+                try:
+                    model(**batch, use_cache=False, logits_to_keep=1)
+                except _StopForward:
+                    pass
+                s, attn = scores[only], layers[only]  # [B, N, H, 2]
+                T, N = batch["input_ids"].shape[1], s.shape[1]
+                chunk = torch.arange(N, device=s.device)
+                routable = ((chunk + 1) * attn.chunk_size <= T) & (chunk >= attn.config.num_sink_chunks)  # [N]
+                margin = (s[..., 0] - s[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
+                margins[only].append(margin.flatten(0, 1))
+                continue
             out = model(**batch, use_cache=False, output_routes=True, logits_to_keep=1)
             for i, routes in enumerate(out.routes):
                 s = scores[i]  # [B, N, H, 2]
@@ -277,7 +307,8 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches) -> tuple
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return [torch.cat(m) for m in margins], n_softmax / max(n_routable, 1)
+    fraction = n_softmax / n_routable if n_routable else float("nan")
+    return [torch.cat(m) if m else torch.empty(0) for m in margins], fraction
 
 
 def _budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
@@ -298,7 +329,8 @@ def _budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
     return torch.tensor(thresholds)
 
 
-def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=None) -> dict[str, float]:
+def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=None, stop_early: bool = True
+                          ) -> dict[str, float]:
     """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks.
 
     Layer by layer, first to last (a layer's routing changes the inputs of the layers after it): the
@@ -308,7 +340,9 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     subtracted from the margin through the bias. Afterwards k of those n chunks route softmax in every
     layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
     to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
-    forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only).
+    forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only);
+    with `stop_early` (unpadded blocks; not under FSDP) the passes for layers after the first stop
+    at the router being calibrated.
     Returns the realised fraction over all layers before and after (measured).
     """
     base = _unwrap(model)
@@ -317,7 +351,7 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     margins, before = _router_margins(model, layers, batches)
     for i, attn in enumerate(layers):
         if i > 0:  # the earlier layers' new routing changed what this router reads
-            margins, _ = _router_margins(model, layers, batches)
+            margins, _ = _router_margins(model, layers, batches, only=i if stop_early else None)
         shift = _budget_thresholds(margins[i], budget)
         with torch.no_grad(), (apply_in(decoders[i]) if apply_in else contextlib.nullcontext()):
             bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
@@ -461,7 +495,8 @@ class NatslDistillTrainer(Trainer):
             def apply_in(unit):  # one decoder layer (an FSDP unit) at a time, not the whole model
                 return FullyShardedDataParallel.summon_full_params(unit, writeback=True)
 
-        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget, apply_in=apply_in)
+        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget, apply_in=apply_in,
+                                       stop_early=not fsdp)  # an FSDP forward must not be cut short
         self.log({f"calibration/{k}": v for k, v in result.items()})
         return result
 

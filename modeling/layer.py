@@ -139,17 +139,22 @@ class NatslAttention(nn.Module):
         return {"A_log": A_log, "dt_bias": dt + torch.log(-torch.expm1(-dt))}
 
     def branch_backend(self, x: torch.Tensor, state, token_mask) -> str:
-        """"kernels" or "reference" for this call (see modeling/kernels/README.md).
+        """"kernels", "sdpa" or "reference" for this call (see modeling/kernels/README.md).
 
-        The Triton/fla kernels take whole, unpadded sequences with no cache prefix (training and a
-        first prefill) on CUDA, chunk sizes 16/32/64; everything else (CPU, padding, decode against
-        a cache) runs the reference, which defines the same maths. `config.use_kernels=False` or
-        NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1 takes the kernels on
-        CPU too when triton runs in interpreter mode (tests).
+        Whole, unpadded sequences with no cache prefix (training and a first prefill): a layer kept
+        full softmax (`natsl=False`) is plain causal attention and runs torch's SDPA on any device; a
+        NAtS-L layer takes the Triton/fla kernels on CUDA, chunk sizes 16/32/64. Everything else (CPU,
+        padding, decode against a cache) runs the reference, which defines the same maths.
+        `config.use_kernels=False` or NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1
+        takes the kernels on CPU too when triton runs in interpreter mode (tests).
         """
         if use_reference() or not self.config.use_kernels:
             return "reference"
-        if state is not None or token_mask is not None or self.chunk_size not in KERNEL_CHUNK_SIZES:
+        if state is not None or token_mask is not None:
+            return "reference"
+        if not self.natsl:
+            return "sdpa"
+        if self.chunk_size not in KERNEL_CHUNK_SIZES:
             return "reference"
         on_device = x.is_cuda or os.environ.get("NATSL_FORCE_KERNELS", "0") == "1"
         return "kernels" if on_device and kernels.kernels_available(x) else "reference"
@@ -211,6 +216,11 @@ class NatslAttention(nn.Module):
         if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
             route_weight = routes.weight[:, : math.ceil(n / C)]
             o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)
+        elif backend == "sdpa":  # a full-softmax layer: every chunk is softmax, i.e. causal attention
+            o = F.scaled_dot_product_attention(
+                q_rot.transpose(1, 2), seg_k.transpose(1, 2), seg_v.transpose(1, 2), is_causal=True,
+                scale=self.scaling, enable_gqa=True,
+            ).transpose(1, 2)  # [B,n,Hq,D]
         else:
             prefix = None if state is None else (state.kept_k, state.kept_v, state.kept_valid)
             o = reference.softmax_branch(

@@ -27,6 +27,30 @@ def test_cpu_takes_the_reference_and_says_so():
     assert model(ids).logits.isfinite().all()
 
 
+def test_full_softmax_layers_take_sdpa_and_match_the_reference(monkeypatch):
+    """A layer kept full softmax (outside natsl_layers) is causal attention: torch SDPA (GQA without
+    repeating K/V) on whole unpadded sequences, the reference otherwise; same outputs and gradients."""
+    model = tiny_model(seed=2, num_hidden_layers=3, natsl_layers=[1]).train()
+    ids = torch.randint(1, 97, (2, 23))
+    layer = model.model.layers[0].self_attn
+    x = torch.randn(2, 23, 64)
+    cos, sin = model.model.rotary_emb(x, torch.arange(23).expand(2, 23))
+    assert layer(x, (cos, sin))[1]["backend"] == "sdpa"
+    assert layer(x, (cos, sin), token_mask=torch.ones(2, 23, dtype=torch.bool).tril(22))[1]["backend"] == "reference"
+
+    def run(force_reference):
+        monkeypatch.setenv("NATSL_FORCE_REFERENCE", "1" if force_reference else "0")
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (logits_ref, g_ref), (logits_sdpa, g_sdpa) = run(True), run(False)
+    torch.testing.assert_close(logits_sdpa, logits_ref, rtol=1e-5, atol=1e-5)
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_sdpa[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_kernel_path_matches_reference_in_the_model():
     script = textwrap.dedent(
         """

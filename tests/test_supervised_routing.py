@@ -196,3 +196,18 @@ def test_calibration_hits_the_budget_in_every_layer():
     per_head = torch.stack([torch.cat([r[layer].hard[..., h][r[layer].routable[..., h]] for r in routes]).float().mean()
                             for layer in range(3) for h in range(2)])  # every (layer, KV head)
     assert torch.allclose(per_head, torch.full_like(per_head, round(0.4 * 72) / 72)), per_head
+
+
+def test_calibration_stopping_each_pass_early_gives_the_same_biases():
+    from natsl_hf.conversion.distill import calibrate_router_bias
+    from natsl_testing import tiny_model
+
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 97, (2, 37))} for _ in range(2)]  # a partial last chunk
+    biases = []
+    for stop_early in (True, False):
+        model = tiny_model(seed=5, num_hidden_layers=3)
+        result = calibrate_router_bias(model, batches, budget=0.3, stop_early=stop_early)
+        biases.append(torch.cat([layer.self_attn.router.proj.bias for layer in model.model.layers]))
+        assert result["softmax_fraction_after"] == pytest.approx(round(0.3 * 32) / 32)  # a head: 2 x 2 rows x 8 routable
+    torch.testing.assert_close(biases[0], biases[1], rtol=0, atol=0)
