@@ -15,7 +15,10 @@ Stage 1 -- attention transfer (LoLCATs / RADLADS practice).
     NAtS-L layer routes the `softmax_budget` fraction of chunks that the source attention's later
     queries attend to most as softmax and the rest to GDN, and its router learns these targets
     with a binary cross-entropy (`router_loss_weight` times it). The GDN branch thus learns exactly
-    the chunks it will be given. At the end of stage 1 the router biases are calibrated
+    the chunks it will be given. Before training, each router is fitted to those targets outright
+    (`fit_routers`: a logistic regression on the source's activations, the convex problem the
+    cross-entropy poses; a few hundred SGD steps barely move a router off the class prior). At the
+    end of stage 1 the router biases are calibrated
     (`calibrate_router_bias`): per layer and KV head, the score threshold moves so that argmax
     routing keeps `softmax_budget` of the routable chunks of the training blocks as softmax,
     which inference then does without any budget logic. `supervised_routing=False` (CLI
@@ -253,6 +256,106 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     return kl.mean() * temperature**2
 
 
+def fit_router(router: nn.Module, means: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
+               temperature: float, l2: float) -> float:
+    """Fit a router to supervised-routing targets: per KV head an L2-regularised logistic regression of
+    the target on the chunk's mean hidden state (full batch, LBFGS: the convex problem the stage-1
+    cross-entropy poses, solved outright instead of by a few SGD steps), written into the router so
+    that its margin s_softmax - s_linear = temperature * logit.
+
+    means: [n, D] fp32, target / labelled: [n, H] bool. Features are standardised for the fit and the
+    scaling folded back into the weights. Returns the mean training ROC AUC over heads.
+    """
+    H, D = target.shape[1], means.shape[1]
+    mu, sd = means.mean(0), means.std(0).clamp_min(1e-6)
+    z = (means - mu) / sd
+    w = torch.zeros(D, H, requires_grad=True)
+    c = torch.zeros(H, requires_grad=True)
+    y, m = target.float(), labelled.float()
+    opt = torch.optim.LBFGS([w, c], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        bce = F.binary_cross_entropy_with_logits(z @ w + c, y, reduction="none")
+        loss = (bce * m).sum(0).div(m.sum(0).clamp_min(1)).sum() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, c = w.detach(), c.detach()
+    w_eff = w / sd[:, None] * temperature  # margin weights on raw means, [D, H]
+    b_eff = (c - (mu / sd) @ w) * temperature  # [H]
+    with torch.no_grad():
+        proj = router.proj
+        proj.weight[0::2] = (w_eff.T / 2).to(proj.weight)  # row 2h: softmax score, row 2h+1: linear score
+        proj.weight[1::2] = (-w_eff.T / 2).to(proj.weight)
+        proj.bias[0::2] = (b_eff / 2).to(proj.bias)
+        proj.bias[1::2] = (-b_eff / 2).to(proj.bias)
+    logits = z @ w + c
+    aucs = [roc_auc(logits[labelled[:, h], h], target[labelled[:, h], h]) for h in range(H)]
+    aucs = [a for a in aucs if a == a]
+    return sum(aucs) / len(aucs) if aucs else float("nan")
+
+
+def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC AUC by ranks; NaN without both classes."""
+    pos, neg = int(positive.sum()), int((~positive).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = torch.empty_like(score)
+    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=score.dtype)
+    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
+    chunk routed softmax, i.e. on the source model's activations: (chunk means [n, D], targets [n, H],
+    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`)."""
+    base = _unwrap(model)
+    attns = [decoder_layers(base)[i].self_attn for i in natsl_layer_indices(base)]
+    samples: list[list] = [[] for _ in attns]
+    inputs: dict[int, tuple] = {}
+    hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:2])) for i, a in enumerate(attns)]
+    override, base.config.route_override = base.config.route_override, "softmax"  # = the source model
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("Routing samples are taken from unpadded blocks (packed training blocks).")
+            model(**batch, use_cache=False, logits_to_keep=1)
+            for i, attn in enumerate(attns):
+                samples[i].append(tuple(t.flatten(0, 1).cpu() for t in attn.routing_samples(*inputs[i])))
+    finally:
+        for h in hooks:
+            h.remove()
+        base.config.route_override = override
+        model.train(was_training)
+    return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in samples]
+
+
+def fit_routers(model: nn.Module, batches, l2: float = 1e-2, apply_in=None) -> dict[str, float]:
+    """Fit every NAtS-L router to its supervised-routing targets on the source's activations.
+
+    Run on the freshly converted model (stage-1 start): with every chunk routed softmax it computes
+    its source exactly, so one eval pass over `batches` gives each layer the source's inputs, which is
+    also what stage-1 training feeds it (`collect_routing_samples`). Per layer, `fit_router`.
+    `apply_in(decoder_layer)`: context to write the router in (FSDP). Returns the mean labelled
+    chunks per head and the mean training AUC.
+    """
+    base = _unwrap(model)
+    decoders = [decoder_layers(base)[i] for i in natsl_layer_indices(base)]
+    aucs, counts = [], []
+    for d, (means, target, labelled) in zip(decoders, collect_routing_samples(model, batches)):
+        with apply_in(d) if apply_in else contextlib.nullcontext():
+            aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, l2))
+        counts.append(float(labelled.sum(0).float().mean()))
+    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
+
+
 class _StopForward(Exception):
     """Raised by a router hook once the layer being calibrated has its scores: the rest of the forward
     (later layers, the LM head) is not needed."""
@@ -475,28 +578,44 @@ class NatslDistillTrainer(Trainer):
                 self._metrics[key].append(value.detach().float())
         return (loss, outputs) if return_outputs else loss
 
-    def calibrate_routers(self, num_blocks: int = 32, dataset=None) -> dict[str, float]:
-        """`calibrate_router_bias` on the first `num_blocks` blocks of `dataset` (default: the training
-        blocks; the same blocks on every process, so DDP replicas stay equal); logs and returns the
-        realised softmax fraction before and after."""
+    def _blocks(self, num_blocks: int, dataset=None) -> list[dict]:
+        """The first `num_blocks` blocks of `dataset` (default: the training blocks) as device batches:
+        the same blocks on every process, so what is computed from them is the same on every replica."""
         from torch.utils.data import DataLoader, Subset
 
         dataset = self.train_dataset if dataset is None else dataset
         dataset = Subset(dataset, range(min(num_blocks, len(dataset))))
         loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
-        batches = [{k: v.to(self.args.device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
-                   for b in loader]
+        return [{k: v.to(self.args.device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
+                for b in loader]
+
+    def _router_access(self):
+        """(model to run, apply_in) for router fitting / calibration: under FSDP the wrapped model and a
+        summon of one decoder layer (an FSDP unit) at a time to write its router; else the model, None."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return self.model, None
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        def apply_in(unit):
+            return FullyShardedDataParallel.summon_full_params(unit, writeback=True)
+
+        return self.model_wrapped, apply_in
+
+    def fit_routers(self, num_blocks: int = 64, dataset=None, l2: float = 0.1) -> dict[str, float]:
+        """`fit_routers` on the first `num_blocks` blocks of `dataset` (default: the training blocks);
+        logs and returns the fit's statistics. Meant for the start of stage 1 (supervised routing)."""
+        model, apply_in = self._router_access()
+        result = fit_routers(model, self._blocks(num_blocks, dataset), l2=l2, apply_in=apply_in)
+        self.log({f"router_fit/{k}": v for k, v in result.items()})
+        return result
+
+    def calibrate_routers(self, num_blocks: int = 32, dataset=None) -> dict[str, float]:
+        """`calibrate_router_bias` on the first `num_blocks` blocks of `dataset` (default: the training
+        blocks); logs and returns the realised softmax fraction before and after."""
+        model, apply_in = self._router_access()
         budget = _unwrap(self.model).config.softmax_budget
-        fsdp = getattr(self, "is_fsdp_enabled", False)
-        apply_in = None
-        if fsdp:  # the router biases live in sharded flat parameters: gather, shift, write back
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            def apply_in(unit):  # one decoder layer (an FSDP unit) at a time, not the whole model
-                return FullyShardedDataParallel.summon_full_params(unit, writeback=True)
-
-        result = calibrate_router_bias(self.model_wrapped if fsdp else self.model, batches, budget, apply_in=apply_in,
-                                       stop_early=not fsdp)  # an FSDP forward must not be cut short
+        result = calibrate_router_bias(model, self._blocks(num_blocks, dataset), budget, apply_in=apply_in,
+                                       stop_early=apply_in is None)  # an FSDP forward must not be cut short
         self.log({f"calibration/{k}": v for k, v in result.items()})
         return result
 
@@ -541,12 +660,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "heavy-hitter chunks (see NatslDistillTrainer)")
     p.add_argument("--train-router", action="store_true",
                    help="stage 2: keep training the router (default: frozen at its calibrated stage-1 state)")
+    p.add_argument("--router-fit-blocks", type=int, default=64,
+                   help="stage 1: blocks (of --calibration-seq-len tokens) the routers are first fitted on, by "
+                   "logistic regression to the source attention's targets (0: start from the converted routers)")
+    p.add_argument("--router-fit-l2", type=float, default=0.1,
+                   help="L2 penalty of that fit, on standardised features (see bench/router_probe.py)")
     p.add_argument("--calibration-blocks", type=int, default=32,
                    help="blocks used to calibrate the router biases to the budget at the end of stage 1 and of "
                    "stage 2 with a frozen router (0: no calibration)")
     p.add_argument("--calibration-seq-len", type=int, default=None,
-                   help="tokens per calibration block (default --seq-len). The realised fraction of a fixed router "
-                   "grows with context length: calibrate at the length the model will serve")
+                   help="tokens per calibration / router-fit block (default --seq-len). The realised fraction of a "
+                   "fixed router grows with context length: calibrate at the length the model will serve")
     p.add_argument("--kd-weight", type=float, default=0.0, help="stage 2: weight of the logit KD term")
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--lora", action="store_true", help="stage 2: train LoRA adapters instead of all weights")
@@ -684,13 +808,16 @@ def save_final(trainer: NatslDistillTrainer, output_dir: str, tokenizer=None, mo
         Path(output_dir, METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
-def training_summary(trainer: NatslDistillTrainer, args: argparse.Namespace, calibrated: str | None = None) -> str:
+def training_summary(trainer: NatslDistillTrainer, args: argparse.Namespace, calibrated: str | None = None,
+                     fitted: str | None = None) -> str:
     """One line for the model card: which stage ran, how many tokens, and how the router was treated
-    (`calibrated`: the blocks the router bias was calibrated on, if it was)."""
+    (`fitted` / `calibrated`: the blocks the routers were fitted / their biases calibrated on, if so)."""
     blocks = args.batch_size * args.grad_accum * trainer.args.world_size
     tokens = trainer.state.global_step * blocks * args.seq_len
     router = {"supervised": "supervised routing", "learned": "router trained with the budget term",
               "frozen": "router frozen"}[trainer.router_mode]
+    if fitted:
+        router += f", routers first fitted to the targets on {fitted}"
     if calibrated:
         router += f", router bias calibrated to the budget on {calibrated}"
     what = "attention transfer, new parameters only" if args.stage == 1 else (
@@ -750,12 +877,22 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
         supervised_routing=not args.no_supervised_routing,
         train_router=args.train_router,
     )
+    seq_len = args.calibration_seq_len or args.seq_len
+    long_blocks = None
+    if seq_len != args.seq_len and (args.calibration_blocks > 0 or args.router_fit_blocks > 0):
+        long_blocks = load_packed_dataset(args.data, tokenizer, seq_len,
+                                          max_blocks=max(args.calibration_blocks, args.router_fit_blocks))
+    fitted = None
+    if trainer.router_mode == "supervised" and args.router_fit_blocks > 0 and not args.resume:
+        result = trainer.fit_routers(args.router_fit_blocks, long_blocks, l2=args.router_fit_l2)
+        fitted = f"{min(args.router_fit_blocks, len(dataset if long_blocks is None else long_blocks))} blocks of {seq_len} tokens"
+        if trainer.is_world_process_zero():
+            print(f"natsl-distill: routers fitted to the source attention's targets on {fitted}: mean training "
+                  f"AUC {result['router_fit_train_auc']:.3f}, {result['router_fit_chunks_per_head']:.0f} chunks a head")
     trainer.train(resume_from_checkpoint=args.resume)
     calibrated = None
     if trainer.router_mode in ("supervised", "frozen") and args.calibration_blocks > 0:
-        seq_len = args.calibration_seq_len or args.seq_len
-        calibration = dataset if seq_len == args.seq_len else load_packed_dataset(
-            args.data, tokenizer, seq_len, max_blocks=args.calibration_blocks)
+        calibration = dataset if long_blocks is None else long_blocks
         result = trainer.calibrate_routers(args.calibration_blocks, calibration)
         calibrated = f"{min(args.calibration_blocks, len(calibration))} blocks of {seq_len} tokens"
         if trainer.is_world_process_zero():
@@ -765,7 +902,7 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
     trainer.save_state()  # trainer_state.json (log history with the NAtS-L metrics) in --output-dir
     if not args.no_save_final:
         save_final(trainer, args.output_dir, tokenizer, model_dir=args.model,
-                   training_note=training_summary(trainer, args, calibrated))
+                   training_note=training_summary(trainer, args, calibrated, fitted))
     return trainer
 
 

@@ -159,6 +159,27 @@ class NatslAttention(nn.Module):
         on_device = x.is_cuda or os.environ.get("NATSL_FORCE_KERNELS", "0") == "1"
         return "kernels" if on_device and kernels.kernels_available(x) else "reference"
 
+    @torch.no_grad()
+    def routing_samples(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
+        """Supervised-routing data of whole unpadded blocks (see router.py), for fitting the router.
+
+        hidden_states: [B, T, D] this layer's (normed) input; position_embeddings: (cos, sin) [B, T, head_dim]
+        -> router inputs [B, N, D] fp32 (the mean hidden state of each complete chunk), targets [B, N, Hkv]
+        bool (True = softmax) and labelled [B, N, Hkv] bool, from this layer's own full attention.
+        """
+        x = hidden_states
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        mass = chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling)
+        B, N, C = mass.shape[0], mass.shape[1], self.chunk_size
+        routable = (torch.arange(N, device=x.device) >= self.config.num_sink_chunks)[None, :, None].expand_as(mass)
+        target, labelled = routing_targets(mass, routable, self.config.softmax_budget)
+        means = x[:, : N * C].float().unflatten(1, (N, C)).mean(2)
+        return means, target, labelled
+
     def _is_plain_decode(self, state, n: int, token_mask) -> bool:
         """One real token per row, no gradient, and no row's open chunk closes with it."""
         if state is None or n != 1 or token_mask is not None or torch.is_grad_enabled():

@@ -211,3 +211,25 @@ def test_calibration_stopping_each_pass_early_gives_the_same_biases():
         biases.append(torch.cat([layer.self_attn.router.proj.bias for layer in model.model.layers]))
         assert result["softmax_fraction_after"] == pytest.approx(round(0.3 * 32) / 32)  # a head: 2 x 2 rows x 8 routable
     torch.testing.assert_close(biases[0], biases[1], rtol=0, atol=0)
+
+
+def test_fit_router_learns_heavy_hitters_outright():
+    """routing_samples + fit_router (the stage-1 router fit): no SGD, the router alone then routes the
+    heavy-hitter chunks, and its margin is temperature * the fitted logit."""
+    from natsl_hf.conversion.distill import fit_router
+
+    C, N, B = 4, 10, 16
+    layer = heavy_hitter_layer(C)
+    g = torch.Generator().manual_seed(3)
+    ones = torch.ones(B, N * C, 8)
+    rope = (ones, torch.zeros_like(ones))
+    x, important = heavy_hitter_batch(B, N, C, g)
+    means, target, labelled = (t.flatten(0, 1) for t in layer.routing_samples(x, rope))
+    assert torch.equal(target[labelled], important.flatten()[labelled[:, 0]])  # the targets are the heavy hitters
+    auc = fit_router(layer.router, means, target, labelled, temperature=2.0, l2=1e-3)
+    assert auc == 1.0
+    layer.eval()
+    x, important = heavy_hitter_batch(B, N, C, g)
+    with torch.no_grad():
+        routes = layer(x, rope)[1]["routes"]
+    assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
