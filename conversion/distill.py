@@ -481,8 +481,10 @@ class NatslDistillTrainer(Trainer):
         train_router: stage 2 only (default False): keep training the router (straight-through routes and
             the budget term). By default stage 2 freezes it: routes are the calibrated stage-1 router's argmax,
             no gradient reaches the router or flows through its input, and the backbone adapts to that
-            routing. (Measured on SmolLM2-135M, budget 0.25: a trained router drifted from a realised 0.30 to
-            0.17 softmax in 16 steps and 2k recall fell from 0.875 to 0.75.)
+            routing; the bias is recalibrated at the end. (A router trained on by the straight-through
+            gradient under a one-sided budget hinge drifts off the calibrated fraction: on SmolLM2-135M at
+            budget 0.25 it fell from 0.30 to 0.17 in 16 steps in an early run of this recipe;
+            `bench/smollm2_recover.py --stage2-train-router` measures it for the current one.)
         Everything else is passed to `Trainer` (model, args, train_dataset, data_collator, callbacks, ...).
     """
 
@@ -885,10 +887,11 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
     fitted = None
     if trainer.router_mode == "supervised" and args.router_fit_blocks > 0 and not args.resume:
         result = trainer.fit_routers(args.router_fit_blocks, long_blocks, l2=args.router_fit_l2)
-        fitted = f"{min(args.router_fit_blocks, len(dataset if long_blocks is None else long_blocks))} blocks of {seq_len} tokens"
+        fitted = (f"{min(args.router_fit_blocks, len(dataset if long_blocks is None else long_blocks))} blocks of "
+                  f"{seq_len} tokens (training AUC {result['router_fit_train_auc']:.3f})")
         if trainer.is_world_process_zero():
-            print(f"natsl-distill: routers fitted to the source attention's targets on {fitted}: mean training "
-                  f"AUC {result['router_fit_train_auc']:.3f}, {result['router_fit_chunks_per_head']:.0f} chunks a head")
+            print(f"natsl-distill: routers fitted to the source attention's targets on {fitted}, "
+                  f"{result['router_fit_chunks_per_head']:.0f} chunks a head")
     trainer.train(resume_from_checkpoint=args.resume)
     calibrated = None
     if trainer.router_mode in ("supervised", "frozen") and args.calibration_blocks > 0:

@@ -37,7 +37,9 @@ class NatslModelOutputWithPast(BaseModelOutputWithPast):
     layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer (NaN where nothing routable).
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
     router_agreement: supervised routing (stage-1 distillation) only: the fraction of labelled chunks on
-        which the router's own argmax matches the target it is trained on, mean over NAtS-L layers.
+        which the router's own argmax (margin >= 0, i.e. before any bias calibration) matches the target it
+        is trained on, mean over NAtS-L layers. With few positives a router that ranks well but is not yet
+        calibrated sits near the share of negatives; `bench/router_probe.py` measures the ranking (AUC).
     """
 
     router_loss: torch.FloatTensor | None = None

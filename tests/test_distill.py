@@ -339,8 +339,8 @@ def test_cli_stages_carry_the_model_card(tmp_path):
     assert card.data.license == "mit" and card.data.base_model == "org/tiny"
     assert "natsl-convert src init --chunk-size 8" in card.text
     assert ("stage 1 (attention transfer, new parameters only; supervised routing, routers first fitted to the "
-            "targets on 56 blocks of 32 tokens, router bias calibrated to the budget on 32 blocks of 32 tokens"
-            in card.text)
+            "targets on 56 blocks of 32 tokens (training AUC"
+            in card.text) and "router bias calibrated to the budget on 32 blocks of 32 tokens" in card.text
     assert ("stage 2 (LM loss + logit KD (weight 0.5), all parameters; router frozen, router bias calibrated to the "
             "budget on 28 blocks of 64 tokens" in card.text)
     assert "3 steps x 1 blocks x 32 tokens = 96 tokens" in card.text and "`natsl-distill --stage 2" in card.text
