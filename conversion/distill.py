@@ -520,7 +520,11 @@ class NatslDistillTrainer(Trainer):
             attn.router_mode = self.router_mode
             if self.router_mode == "frozen":
                 attn.router.requires_grad_(False)
-        self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: Trainer divides by GA steps
+        # our loss is a per-batch mean (it ignores num_items_in_batch): Trainer must divide it by the
+        # gradient-accumulation steps. transformers >= 5.2x reads `loss_is_scaled_for_ga`; earlier 5.x
+        # releases divide only when the model does not take loss kwargs (NatslForCausalLM does).
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -597,6 +601,10 @@ class NatslDistillTrainer(Trainer):
         if not getattr(self, "is_fsdp_enabled", False):
             return self.model, None
         from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if self.model_wrapped is self.model:  # before train(): not wrapped yet, and Trainer left it on the CPU
+            self.model.to(self.args.device)
+            return self.model, None
 
         def apply_in(unit):
             return FullyShardedDataParallel.summon_full_params(unit, writeback=True)
@@ -831,8 +839,9 @@ def training_summary(trainer: NatslDistillTrainer, args: argparse.Namespace, cal
     return note + (f", `{command}`" if command else "")
 
 
-def train(args: argparse.Namespace) -> NatslDistillTrainer:
-    """Run one stage as parsed by `build_parser()`; returns the trainer (model trained, final model saved)."""
+def train(args: argparse.Namespace, callbacks=None) -> NatslDistillTrainer:
+    """Run one stage as parsed by `build_parser()`; returns the trainer (model trained, final model saved).
+    `callbacks`: extra `TrainerCallback`s (e.g. a step timer) passed to the Trainer."""
     from .data import load_packed_dataset
 
     if args.stage == 1 and not args.source:
@@ -878,6 +887,7 @@ def train(args: argparse.Namespace) -> NatslDistillTrainer:
         budget_on=args.budget_on,
         supervised_routing=not args.no_supervised_routing,
         train_router=args.train_router,
+        callbacks=callbacks,
     )
     seq_len = args.calibration_seq_len or args.seq_len
     long_blocks = None

@@ -345,3 +345,27 @@ def test_cli_stages_carry_the_model_card(tmp_path):
             "budget on 28 blocks of 64 tokens" in card.text)
     assert "3 steps x 1 blocks x 32 tokens = 96 tokens" in card.text and "`natsl-distill --stage 2" in card.text
     assert NatslForCausalLM.from_pretrained(tmp_path / "s2").config.softmax_budget == 0.3
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_accumulation_averages_the_loss(tmp_path, stage):
+    """One step of 2 accumulated micro-batches of 2 == one step of a batch of 4: same logged loss,
+    same update. (Earlier transformers 5.x releases summed the micro-batch losses of a model that takes
+    loss kwargs; on a 1B model that doubled the logged loss of the 1-GPU run of bench/multi_gpu.py.)"""
+    src = tiny_source()
+    runs = []
+    for bs, ga in ((4, 1), (2, 2)):
+        model = tiny_natsl(src)
+        prepare_student(model, stage)
+        trainer = NatslDistillTrainer(
+            model=model, args=targs(tmp_path / f"{bs}x{ga}", max_steps=1, logging_steps=1, learning_rate=1e-3,
+                                    per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                                    max_grad_norm=1e9, optim="sgd"),
+            train_dataset=token_dataset(n=4), stage=stage, teacher=src if stage == 1 else None)
+        trainer.train()
+        loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+        runs.append((loss, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_full, params_full), (loss_ga, params_ga) = runs
+    assert loss_ga == pytest.approx(loss_full, rel=1e-4)
+    for name, p in params_full.items():
+        torch.testing.assert_close(params_ga[name], p, rtol=1e-4, atol=1e-6, msg=name)
