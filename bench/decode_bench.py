@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaCo
 import natsl_hf
 from natsl_hf import NatslCache, NatslConfig, NatslForCausalLM
 from natsl_hf.modeling.state import NatslLayerState
+from natsl_hf.modeling_natsl import CACHE_FIELD
 
 
 def llama_config(small: bool) -> LlamaConfig:
@@ -167,7 +168,7 @@ def main(argv=None):
 
         def base_step():
             for t in range(C):
-                llama(token, past_key_values=cache, position_ids=torch.full((1, 1), T + t, device=device), use_cache=True)
+                llama(token, **{CACHE_FIELD: cache}, position_ids=torch.full((1, 1), T + t, device=device), use_cache=True)
             for layer in cache.layers:  # back to length T: drop the appended tokens
                 layer.keys, layer.values = layer.keys[:, :, :T], layer.values[:, :, :T]
 
@@ -184,7 +185,7 @@ def main(argv=None):
                 for i, s in enumerate(states):
                     ncache.layers[i].state, ncache.layers[i].processed = s, T
                 for _ in range(C):
-                    natsl(token, past_key_values=ncache, use_cache=True)
+                    natsl(token, **{CACHE_FIELD: ncache}, use_cache=True)
 
             ms = time_steps(natsl_step, 2, args.iters, device) / C
             for i, s in enumerate(states):

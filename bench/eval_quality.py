@@ -192,6 +192,8 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
 
 @torch.no_grad()
 def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
+    from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
+
     correct, total, fractions, kv = 0, 0, [], []
     for ids, pairs in contexts:
         x = torch.tensor([ids], device=device)
@@ -199,15 +201,15 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
         out = model(input_ids=x, **kw)
         if getattr(out, "softmax_fraction", None) is not None:
             fractions.append(float(out.softmax_fraction))
-            kv.append(out.past_key_values.memory_report()["kv_fraction"])  # kept / full KV after the prefill
+            kv.append(getattr(out, CACHE_FIELD).memory_report()["kv_fraction"])  # kept / full KV after the prefill
         for key, value in pairs[:n_queries]:
             q = tokenizer(f" Question: what is the code for {key}? Answer: The code for {key} is",
                           add_special_tokens=False)["input_ids"]
             a = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(getattr(out, CACHE_FIELD))
             y = torch.tensor([q + a], device=device)
             mask = torch.ones(1, len(ids) + len(q) + len(a), dtype=torch.long, device=device)
-            logits = model(input_ids=y, past_key_values=cache, attention_mask=mask, use_cache=True).logits[0]
+            logits = model(input_ids=y, **{CACHE_FIELD: cache}, attention_mask=mask, use_cache=True).logits[0]
             pred = logits[len(q) - 1:len(q) - 1 + len(a)].argmax(-1).tolist()
             correct += int(pred == a)
             total += 1

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
 
     import natsl_hf
     from natsl_hf.hub import METRICS_FILE, render_model_card
+    from natsl_hf.modeling_natsl import CACHE_FIELD
 
     from .convert import convert_checkpoint
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+            **inputs, **{CACHE_FIELD: cache}, max_new_tokens=args.max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         # the realised routing of prompt + answer, measured by one forward over the whole sequence

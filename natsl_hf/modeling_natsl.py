@@ -27,6 +27,17 @@ from .configuration_natsl import NatslConfig
 from .modeling.layer import NatslAttention, RMSNorm
 from .remote_code import write_remote_code
 
+# transformers 5.24 renamed `past_key_values` to `cache`, as forward argument and as output field (the
+# old name stays a deprecated alias there). NAtS-L models take either name and fill the output field
+# this transformers has, so one checkpoint and one code path serve 5.x releases on both sides.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: NatslCache | None, past_key_values: NatslCache | None) -> NatslCache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once, as `cache=` (transformers >= 5.24) or `past_key_values=`, not both.")
+    return cache if cache is not None else past_key_values
+
 
 @dataclass
 class NatslModelOutputWithPast(BaseModelOutputWithPast):
@@ -126,17 +137,17 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
-        past_key_values: NatslCache | None = None,
+        cache: NatslCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, dict]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        state = None if past_key_values is None else past_key_values.layer_state(self.layer_idx)
+        state = None if cache is None else cache.layer_state(self.layer_idx)
         hidden_states, aux = self.self_attn(
-            hidden_states, position_embeddings, token_mask, state, return_state=past_key_values is not None
+            hidden_states, position_embeddings, token_mask, state, return_state=cache is not None
         )
-        if past_key_values is not None:
-            past_key_values.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1])
+        if cache is not None:
+            cache.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1])
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -150,7 +161,7 @@ class NatslPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NatslDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # the GDN state cannot be rolled back: assisted / speculative decoding must refuse
     _is_stateful = True
     _supports_sdpa = False
@@ -219,6 +230,7 @@ class NatslModel(NatslPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routes: bool = False,
+        cache: NatslCache | None = None,
         **kwargs,
     ) -> NatslModelOutputWithPast:
         """
@@ -226,7 +238,9 @@ class NatslModel(NatslPreTrainedModel):
             right). 4D masks are refused: NAtS-L builds its routed mask itself.
         position_ids: [B, n]; default: real-token positions from the mask and the cache, so a
             left-padded row gets the positions it would have alone.
+        cache / past_key_values: a NatslCache (either name; see CACHE_FIELD), or None.
         """
+        past_key_values = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
@@ -288,7 +302,7 @@ class NatslModel(NatslPreTrainedModel):
             fraction = (n_softmax.sum() / n_routable.sum()).detach()
         return NatslModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             router_loss=router_loss,
             softmax_fraction=fraction,
@@ -326,14 +340,16 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_routes: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: NatslCache | None = None,
         **kwargs,
     ) -> NatslCausalLMOutputWithPast:
-        """labels -> `loss` = next-token cross-entropy + router loss (the budget term, training only)."""
+        """labels -> `loss` = next-token cross-entropy + router loss (the budget term, training only).
+        cache / past_key_values: a NatslCache (either name; see CACHE_FIELD), or None."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -350,7 +366,7 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             loss=loss,
             lm_loss=lm_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             router_loss=outputs.router_loss,
             softmax_fraction=outputs.softmax_fraction,

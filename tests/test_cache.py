@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from natsl_hf import NatslCache
+from natsl_hf.modeling_natsl import CACHE_FIELD
 from natsl_testing import tiny_model
 
 C = 4  # tiny_config's chunk size
@@ -33,7 +34,7 @@ def test_prefill_then_decode_equals_full_forward(P, kv_heads):
         for t in range(P, ids.shape[1]):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)
-    assert out.past_key_values is cache and cache.get_seq_length() == ids.shape[1]
+    assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == ids.shape[1]
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
 
 
@@ -181,7 +182,7 @@ def test_generate_on_converted_checkpoint(tmp_path):
     ids[1, :3], mask[1, :3] = 0, 0  # left padding
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     cache = NatslCache(model.config)
-    ours = model.generate(ids, past_key_values=cache, **kwargs)
+    ours = model.generate(ids, **{CACHE_FIELD: cache}, **kwargs)
     assert torch.equal(ours, src.generate(ids, **kwargs))
     assert cache.memory_report()["kv_fraction"] == 1.0  # all softmax at init: nothing dropped yet
 
@@ -217,3 +218,20 @@ def test_single_token_decode_takes_the_fast_path(monkeypatch):
     # 10 decode steps x 2 layers; positions 7 and 11 close a chunk (general path)
     assert calls["fast"] == (10 - 2) * 2
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+
+
+def test_cache_argument_under_either_name():
+    """transformers 5.24 renamed `past_key_values` to `cache` (generate passes `cache=` there): the model
+    takes either name, returns the cache in this transformers' output field, and refuses both at once."""
+    model = tiny_model(seed=3)
+    ids = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        new, old = NatslCache(model.config), NatslCache(model.config)
+        a = model(ids[:, :7], cache=new, use_cache=True)
+        b = model(ids[:, :7], past_key_values=old, use_cache=True)
+        assert getattr(a, CACHE_FIELD) is new and getattr(b, CACHE_FIELD) is old
+        a = model(ids[:, 7:], cache=new).logits
+        b = model(ids[:, 7:], past_key_values=old).logits
+        assert torch.equal(a, b) and new.get_seq_length() == 11
+        with pytest.raises(ValueError, match="once"):
+            model(ids, cache=NatslCache(model.config), past_key_values=NatslCache(model.config))

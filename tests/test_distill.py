@@ -195,7 +195,9 @@ def test_stage2_lora_wraps_natsl_layers_and_saves_merged(tmp_path):
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     base_q = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
-    trainer = NatslDistillTrainer(model=peft_model, args=targs(tmp_path, max_steps=40, learning_rate=5e-2),
+    # lr 1e-2: the loss falls by ~0.17 with both the fused and the plain AdamW; at 5e-2 the fused one (the
+    # Trainer default optimizer with current transformers) oscillates here and ends within 0.02 of the start
+    trainer = NatslDistillTrainer(model=peft_model, args=targs(tmp_path, max_steps=40, learning_rate=1e-2),
                                   train_dataset=ds, stage=2)
     trainer.train()
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base_layer.weight, base_q, rtol=0, atol=0)
