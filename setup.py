@@ -33,7 +33,7 @@ setup(
     },
     package_data={"natsl_hf.model_cards": ["*.md", "*.jinja"]},
     # Ranges verified to install and pass the suite together: torch 2.13 (CPU) +
-    # transformers 5.23 here, torch 2.11 + transformers 5.17 + triton 3.6 on the GPU image.
+    # transformers 5.24 here, torch 2.11 + transformers 5.17 + triton 3.6 on the GPU image.
     install_requires=[
         "torch>=2.7",
         "transformers>=5.17,<6",

@@ -44,6 +44,16 @@ def _read_text_files(path: Path) -> list[str]:
     return texts
 
 
+def _datasets(*names: str):
+    """Names from the `datasets` package (the `train` extra), with an error that says how to get it."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("natsl-distill keeps its training blocks in a `datasets.Dataset`: "
+                          "pip install 'natsl-hf[train]' (or pip install datasets).") from err
+    return tuple(getattr(datasets, n) for n in names)
+
+
 def load_texts_or_ids(path: str | os.PathLike, split: str = "train"):
     """Load the raw data at `path`: -> ("text", list[str]) or ("input_ids", datasets.Dataset)."""
     path = Path(path)
@@ -52,8 +62,7 @@ def load_texts_or_ids(path: str | os.PathLike, split: str = "train"):
                                 "or a dataset saved with `save_to_disk`.")
     if not _is_saved_dataset(path):
         return "text", _read_text_files(path)
-    from datasets import DatasetDict, load_from_disk
-
+    DatasetDict, load_from_disk = _datasets("DatasetDict", "load_from_disk")
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         if split not in ds:
@@ -82,8 +91,7 @@ def pack(token_lists, seq_len: int, eos_token_id: int | None) -> list[list[int]]
 
 def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max_blocks: int | None = None):
     """Tokenise and pack the data at `path` into a `datasets.Dataset` of `seq_len`-token blocks."""
-    from datasets import Dataset
-
+    (Dataset,) = _datasets("Dataset")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: need at least 2 tokens per block for next-token prediction.")
     kind, data = load_texts_or_ids(path, split)

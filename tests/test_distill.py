@@ -371,3 +371,11 @@ def test_gradient_accumulation_averages_the_loss(tmp_path, stage):
     assert loss_ga == pytest.approx(loss_full, rel=1e-4)
     for name, p in params_full.items():
         torch.testing.assert_close(params_ga[name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"natsl-hf\[train\]"):
+        load_packed_dataset(text, None, 8)
