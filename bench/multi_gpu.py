@@ -191,9 +191,8 @@ def launch_args(mode: str, smoke: bool) -> list[str]:
         base = ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
         return base + (["--cpu", "--mixed_precision", "no"] if smoke else ["--mixed_precision", "bf16"])
     config = str(REPO / "accelerate_configs" / f"{mode}.yaml")
-    if smoke:  # gloo CPU processes: `--multi_gpu` with ACCELERATE_USE_CPU (see tests/test_ddp_cpu.py)
-        extra = ["--use_fsdp"] if mode == "fsdp" else ["--multi_gpu"]
-        return ["--config_file", config, *extra, "--num_processes", "2", "--mixed_precision", "no", *port]
+    if smoke:  # DDP over gloo CPU processes: `--multi_gpu` with ACCELERATE_USE_CPU (see tests/test_ddp_cpu.py)
+        return ["--config_file", config, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", *port]
     return ["--config_file", config, "--num_processes", "2", *port]
 
 
@@ -395,7 +394,8 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", type=int, nargs="+", choices=(1, 2), default=[1])
-    p.add_argument("--modes", nargs="+", choices=("1gpu", "ddp", "fsdp"), default=["1gpu", "ddp", "fsdp"])
+    p.add_argument("--modes", nargs="+", choices=("1gpu", "ddp", "fsdp"), default=None,
+                   help="default: 1gpu ddp fsdp (--smoke: 1gpu ddp)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--init-steps", type=int, default=50, help="stage-1 steps for stage 2's start, if needed")
@@ -415,6 +415,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.smoke and a.preset == "1b":
         a.preset = "tiny"
+    if a.modes is None:
+        a.modes = ["1gpu", "ddp"] if a.smoke else ["1gpu", "ddp", "fsdp"]
+    if a.smoke and "fsdp" in a.modes:
+        p.error("--smoke runs on the CPU, where accelerate refuses FSDP: use --modes 1gpu ddp")
 
     work = Path(a.work)
     t0 = time.perf_counter()
