@@ -24,7 +24,9 @@ What it does, per call:
            `--init-steps` steps, recorded as `stage1_init`).
   per run  the logged curves (loss, align_loss / lm_loss, softmax_fraction, router_loss); steady
            throughput (tokens/s per GPU, from a step timer, after the first --warmup steps); a
-           digest of every rank's router parameters (FSDP: all-gathered). FSDP runs also keep the
+           digest of every rank's router parameters (a check for DDP, whose replicas calibrate their
+           routers independently after training; under FSDP every rank all-gathers the same shards,
+           so there it only confirms the gather). FSDP runs also keep the
            logits of the in-memory model at save time on a fixed block and a sha256 of every
            tensor of the gathered full state dict, both compared afterwards, in a fresh single
            process, with `AutoModelForCausalLM.from_pretrained(output_dir)`.
@@ -42,6 +44,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -221,7 +224,7 @@ def curves(out_dir: Path) -> dict[str, list]:
         if any(k in h for h in rows):
             out[k] = [h.get(k) for h in rows]
     out["final"] = {k: v for h in history for k, v in h.items() if k.startswith("calibration/")
-                    or k.startswith("router_fit/") or k in ("train_runtime",)}
+                    or k in ("train_runtime",)}
     return out
 
 
@@ -272,14 +275,19 @@ def stop_launch(proc: subprocess.Popen, tag: str) -> None:
     """End a launch and every rank it started: SIGTERM to the launcher's group (torchrun's agent then
     stops its workers, which run in sessions of their own), then SIGKILL to the group and to any
     process still running with `tag` (a path unique to this run) in its command line."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["pkill", "-KILL", "-f", tag], check=False)
+    pattern = re.escape(tag)
+    for _ in range(60):  # until no rank is left: the next run must have the GPUs to itself
+        subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"processes of {tag} survive SIGKILL: later timings would be contaminated")
 
 
 def run_one(name: str, stage: int, mode: str, model: str, steps: int, paths: dict, a, work: Path,
@@ -306,7 +314,7 @@ def run_one(name: str, stage: int, mode: str, model: str, steps: int, paths: dic
         returncode = proc.returncode
     except subprocess.TimeoutExpired:
         stop_launch(proc, result)
-        stdout, stderr = proc.communicate()
+        stdout, stderr = proc.communicate(timeout=60)
         returncode = "timeout"
     rec = {"mode": mode, "stage": stage, "start_model": model, "steps": steps, "command": shlex.join(cmd),
            "returncode": returncode, "wall_s": round(time.perf_counter() - start, 1)}

@@ -602,7 +602,9 @@ class NatslDistillTrainer(Trainer):
             return self.model, None
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        if self.model_wrapped is self.model:  # before train(): not wrapped yet, and Trainer left it on the CPU
+        if not isinstance(self.model_wrapped, FullyShardedDataParallel):
+            # before train() wraps it (Trainer then sets model = model_wrapped = the FSDP module), and
+            # Trainer leaves an FSDP model on the CPU
             self.model.to(self.args.device)
             return self.model, None
 

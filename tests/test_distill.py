@@ -379,3 +379,50 @@ def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"natsl-hf\[train\]"):
         load_packed_dataset(text, None, 8)
+
+
+FSDP_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+sys.path.insert(0, sys.argv[3])
+from test_distill import NatslDistillTrainer, batch, prepare_student, targs, tiny_natsl, tiny_source, token_dataset
+from natsl_hf.modeling_natsl import NatslDecoderLayer
+from pathlib import Path
+
+model = tiny_natsl(tiny_source(), softmax_budget=0.5)
+prepare_student(model, 2)
+trainer = NatslDistillTrainer(model=model, args=targs(Path(sys.argv[1])), train_dataset=token_dataset(), stage=2)
+trainer.is_fsdp_enabled = True
+_, apply_in = trainer._router_access()  # before wrapping: the plain model, no per-unit summon
+assert apply_in is None
+wrapped = FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({NatslDecoderLayer}),
+               use_orig_params=True)
+trainer.model = trainer.model_wrapped = wrapped  # what Trainer does once it has wrapped the model
+run, apply_in = trainer._router_access()
+assert run is wrapped and apply_in is not None
+result = trainer.calibrate_routers(num_blocks=8)
+assert result["softmax_fraction_before"] == 1.0 and abs(result["softmax_fraction_after"] - 0.5) < 0.15, result
+print("ok")
+"""
+
+
+def test_router_calibration_under_fsdp_after_wrapping(tmp_path):
+    """After train() the Trainer's model *is* the FSDP wrapper: calibration must write each router through
+    its unit's summon_full_params and run whole forwards (one CPU process, gloo, real FSDP wrapping)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "fsdp_calibration.py"
+    script.write_text(FSDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), port, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]

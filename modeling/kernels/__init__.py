@@ -7,7 +7,6 @@ kernels_available(tensor) -> bool
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,17 +44,19 @@ def kernels_available(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _one_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The kernels' tensor-core operands in one dtype. The layer hands them over mixed under autocast
-    (v from a projection in bf16, L2-normalised GDN q/k and the RoPE'd softmax q/k in fp32): then the
-    autocast dtype, as for any matmul under autocast; otherwise the promoted dtype of the inputs.
+def _one_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v (and `rest`, e.g. beta) in one dtype for the kernels' tensor-core operands. The layer hands
+    them over mixed: v straight from its projection (the model's compute dtype: bf16 under autocast or
+    in a bf16 model), the L2-normalised GDN q/k (and beta) in fp32, the RoPE'd softmax q/k in fp32 when
+    the residual stream is fp32. Under autocast: the autocast dtype, as for any matmul there; otherwise
+    the lowest-precision dtype of q, k, v (a bf16 model runs its kernels in bf16, an fp32 one in fp32).
     The casts sit outside the autograd Functions, so each gradient comes back in its input's dtype."""
-    device = tensors[0].device.type
+    device = q.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     else:
-        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    return [t.to(dtype) for t in tensors]
+        dtype = min((q.dtype, k.dtype, v.dtype), key=lambda d: torch.finfo(d).bits)
+    return [t.to(dtype) for t in (q, k, v, *rest)]
 
 
 def routed_softmax_attention(q, k, v, route_weight, chunk_size: int = 64, scale: float | None = None):
