@@ -247,7 +247,12 @@ class NatslModel(NatslPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, n = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
+        if self.gradient_checkpointing and self.training:
+            if past_key_values is not None:
+                raise ValueError(
+                    "A cache cannot be used in training with gradient checkpointing: the recomputed forward would "
+                    "write it a second time. Pass no cache, or call model.eval() (or gradient_checkpointing_disable())."
+                )
             use_cache = False
         if past_key_values is not None and not isinstance(past_key_values, NatslCache):
             raise TypeError(

@@ -220,3 +220,13 @@ def test_gradient_checkpointing_matches():
     torch.testing.assert_close(out2.loss, out.loss)
     for n, g in ref.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-5)
+    # a cache would be written twice (forward, then the recomputation): refused with the way out
+    from natsl_hf import NatslCache
+
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(ids, past_key_values=NatslCache(model.config))
+    model.eval()
+    cache = NatslCache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == ids.shape[1]
