@@ -64,6 +64,7 @@ PRESETS = {
                  num_key_value_heads=2, head_dim=16),
 }
 VOCAB = 8192
+PROCESSES = {"1gpu": 1, "ddp": 2, "fsdp": 2}  # the global batch is 2 micro-batches in every mode
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -200,11 +201,10 @@ def launch_args(mode: str, smoke: bool) -> list[str]:
 
 
 def distill_args(stage: int, mode: str, model: str, paths: dict, out_dir: Path, steps: int, a) -> list[str]:
-    procs = 1 if mode == "1gpu" else 2
     argv = ["--stage", str(stage), "--model", model, "--data", paths["text"],
             "--output-dir", str(out_dir), "--max-steps", str(steps), "--batch-size", str(a.micro_batch),
-            "--grad-accum", str(2 // procs), "--seq-len", str(a.seq_len),
-            "--max-blocks", str(a.steps * 2 * a.micro_batch), "--logging-steps", str(a.logging_steps),
+            "--grad-accum", str(2 // PROCESSES[mode]), "--seq-len", str(a.seq_len),
+            "--max-blocks", str(steps * 2 * a.micro_batch), "--logging-steps", str(a.logging_steps),
             "--save-steps", "1000000", "--seed", "0", "--report-to", "none",
             "--router-fit-blocks", str(a.fit_blocks), "--calibration-blocks", str(a.calibration_blocks),
             "--lr", str(a.lr_stage1 if stage == 1 else a.lr_stage2)]
@@ -231,7 +231,7 @@ def curves(out_dir: Path) -> dict[str, list]:
 def reload_check(out_dir: Path, result: str, block: torch.Tensor, device: str) -> dict:
     """Fresh process: from_pretrained(output_dir) vs the worker's records."""
     code = f"""
-import hashlib, json, sys, torch
+import json, sys, torch
 import natsl_hf
 from transformers import AutoModelForCausalLM
 sys.path.insert(0, {str(REPO / 'bench')!r})
@@ -321,16 +321,16 @@ def run_one(name: str, stage: int, mode: str, model: str, steps: int, paths: dic
     if returncode != 0:
         rec["log_tail"] = stdout[-2000:] + "\n" + stderr[-6000:]
         return rec
-    ranks = [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(2 if mode in ("ddp", "fsdp") else 1)]
-    world = ranks[0]["world_size"]
+    ranks = [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(PROCESSES[mode])]
+    world, step_tokens = ranks[0]["world_size"], 2 * a.micro_batch * a.seq_len
     rec.update({
         "world_size": world, "global_step": ranks[0]["global_step"],
-        "global_batch_tokens": 2 * a.micro_batch * a.seq_len,
+        "global_batch_tokens": step_tokens,
         "router_digests": [r["router_digest"] for r in ranks],
         "router_same_across_ranks": len({r["router_digest"] for r in ranks}) == 1,
         "router_tensors": ranks[0]["router_tensors"],
         "curves": curves(out_dir),
-        "throughput": throughput(ranks[0]["step_times"], a.warmup, 2 * a.micro_batch * a.seq_len, world),
+        "throughput": throughput(ranks[0]["step_times"], a.warmup, step_tokens, world),
     })
     if reload_records:
         rec["reload"] = reload_check(out_dir, result, block, "cpu" if a.smoke else "cuda:0")

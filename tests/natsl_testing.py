@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from natsl_hf import NatslConfig, NatslForCausalLM
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(**overrides) -> NatslConfig:

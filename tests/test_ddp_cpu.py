@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ import textwrap
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from natsl_testing import free_port
 
 RANK_SCRIPT = textwrap.dedent(
     """
@@ -34,12 +35,6 @@ RANK_SCRIPT = textwrap.dedent(
         fh.write(f"{world} {trainer.state.global_step} {h.hexdigest()}")
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import Dataset
@@ -17,6 +22,7 @@ from natsl_hf.conversion.distill import (
     prepare_student,
     save_final,
 )
+from natsl_testing import free_port
 
 VOCAB, SEQ, CHUNK = 64, 32, 8
 
@@ -376,7 +382,7 @@ def test_gradient_accumulation_averages_the_loss(tmp_path, stage):
 def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("some text " * 50)
-    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"natsl-hf\[train\]"):
         load_packed_dataset(text, None, 8)
 
@@ -388,7 +394,7 @@ dist.init_process_group("gloo", rank=0, world_size=1)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 sys.path.insert(0, sys.argv[3])
-from test_distill import NatslDistillTrainer, batch, prepare_student, targs, tiny_natsl, tiny_source, token_dataset
+from test_distill import NatslDistillTrainer, prepare_student, targs, tiny_natsl, tiny_source, token_dataset
 from natsl_hf.modeling_natsl import NatslDecoderLayer
 from pathlib import Path
 
@@ -412,17 +418,8 @@ print("ok")
 def test_router_calibration_under_fsdp_after_wrapping(tmp_path):
     """After train() the Trainer's model *is* the FSDP wrapper: calibration must write each router through
     its unit's summon_full_params and run whole forwards (one CPU process, gloo, real FSDP wrapping)."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     script = tmp_path / "fsdp_calibration.py"
     script.write_text(FSDP_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), port, str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    cmd = [sys.executable, str(script), str(tmp_path / "out"), str(free_port()), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
