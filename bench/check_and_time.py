@@ -11,6 +11,12 @@ Sections:
           forward and forward+backward, vs SDPA causal (enable_gqa), fla chunk_gated_delta_rule
           (8 heads = one state per kv head), FlexAttention with the same chunk-sparse block mask.
           FLOPs (matmul FLOPs actually needed) and minimal HBM bytes per call beside each time.
+  decode  one new token against the compacted cache (modeling/kernels/decode.py): bf16 kernel vs
+          the fp32 reference (`softmax_branch` with a cache prefix), then per T and p in {0.125, 0.25,
+          1}: the decode kernel plus the GDN readout q~ S (what `_decode_step` runs for attention)
+          vs SDPA decode (one query, enable_gqa) over the full cache of T tokens; each time both
+          with the host's launches (back-to-back calls) and as GPU time (CUDA-graph replay).
+          `--only-decode` runs just this section.
 """
 
 from __future__ import annotations
@@ -59,6 +65,30 @@ def bench(fn, min_reps=3, max_reps=50, budget_ms=400.0):
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / n
+
+
+def bench_graph(fn, reps=200):
+    """GPU time per call (ms) of `fn` captured once in a CUDA graph and replayed `reps` times: what
+    the kernels cost without the host's launch overhead (as in a graph-captured decode loop)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        graph.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / reps
 
 
 def make_inputs(T, p, seed=0, requires_grad=False):
@@ -146,6 +176,99 @@ def gdn_flops(T, fwd_only):
     return f if fwd_only else f * 3.5
 
 
+def decode_inputs(L: int, kept: torch.Tensor, slot: int, seed: int):
+    """A cache of one row: kept KV [1, Hkv, L, D] with kept[g] valid entries first, the open chunk
+    [1, C, Hkv, D] with the new token at `slot`, the new query [1, Hq, D]; bf16."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    valid = torch.arange(L, device="cuda")[None, None] < kept[None, :, None]
+    kk = (torch.randn(1, HKV, L, D, device="cuda", generator=g) * valid[..., None]).to(DT)
+    kv = (torch.randn(1, HKV, L, D, device="cuda", generator=g) * valid[..., None]).to(DT)
+    ok, ov = (torch.randn(1, C, HKV, D, device="cuda", generator=g).to(DT) for _ in range(2))
+    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(DT)
+    seen = torch.tensor([(L // C + 1) * C + slot], device="cuda")  # the new token's position
+    return q, kk, kv, valid, ok, ov, seen
+
+
+def decode_section(K, R, Ts, out, dump, check=True):
+    scale = D ** -0.5
+    if check:
+        try:
+            L = 4096 + 64
+            kept = torch.tensor([4096, 64, 1000, 3000, 0, 4096 + 64, 17, 2048], device="cuda")
+            q, kk, kv, valid, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
+            o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
+            slots = torch.arange(C, device="cuda")
+            k_pos = torch.where(slots <= 37, seen - 37 + slots, -1)[None]
+            ones = torch.ones(1, C, HKV, device="cuda")
+            o_r = R.softmax_branch(q[:, None].float(), ok.float(), ov.float(), seen[None], k_pos, ones.bool(), ones,
+                                   C, scale, (kk.float(), kv.float(), valid))[:, 0]
+            r = {"decode": True, "kept_len": kept.tolist(), "open_slot": 37, "o": rel(o, o_r)}
+            out["check"].append(r)
+            print("check", json.dumps(r), flush=True)
+        except Exception:
+            out["errors"].append(traceback.format_exc())
+            print(traceback.format_exc(), flush=True)
+        dump()
+    for T in Ts:
+        kt = torch.randn(1, HKV, T, D, device="cuda", dtype=DT)
+        vt = torch.randn(1, HKV, T, D, device="cuda", dtype=DT)
+        qt = torch.randn(1, HQ, 1, D, device="cuda", dtype=DT)
+        full_bytes = 2 * kt.numel() * 2
+
+        def row(name, fn, nbytes, keys, **extra):
+            """-> (ms with the host's launches, GPU ms in a CUDA graph)"""
+            try:
+                ms = bench(fn, min_reps=20, max_reps=2000, budget_ms=200.0)
+                gpu = bench_graph(fn)
+                r = {"T": T, "name": name, "pass": "decode", "ms": round(ms, 5), "gpu_ms_cuda_graph": round(gpu, 5),
+                     "mbytes": round(nbytes / 1e6, 2), "gbps_gpu": round(nbytes / gpu / 1e6, 1),
+                     "gflop": round(4 * HQ * D * keys / 1e9, 3), **extra}
+                out["time"].append(r)
+                print(json.dumps(r), flush=True)
+                return ms, gpu
+            except Exception as e:  # noqa: BLE001
+                out["errors"].append(f"decode T={T} {name}: {type(e).__name__}: {e}")
+                print("ERROR", name, traceback.format_exc(), flush=True)
+
+        with torch.no_grad():  # SDPA picks its backend; also K/V expanded to Hq heads beforehand (a
+            # dense MHA read, 4x the bytes): the faster of the two is the baseline
+            sd = row("sdpa_decode", lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True, scale=scale),
+                     full_bytes, T)
+            ke, ve = (x.repeat_interleave(HQ // HKV, 1) for x in (kt, vt))
+            sd_e = row("sdpa_decode_kv_expanded",
+                       lambda: F.scaled_dot_product_attention(qt, ke, ve, scale=scale), full_bytes * HQ // HKV, T)
+            sds = [x for x in (sd, sd_e) if x]
+            sd = (min(x[0] for x in sds), min(x[1] for x in sds)) if sds else None
+        del kt, vt, ke, ve
+        NC = T // C
+        for p in (0.125, 0.25, 1.0):
+            # the sink chunk plus round(p * routable) softmax chunks per KV group, the last chunk open (slot 37)
+            n_kept = (1 + round(p * (NC - 2))) * C
+            kept = torch.full((HKV,), n_kept, device="cuda")
+            q, kk, kv, valid, ok, ov, seen = decode_inputs(n_kept, kept, 37, seed=T)
+            qg = F.normalize(torch.randn(1, HKV, HQ // HKV, D, device="cuda"), dim=-1)
+            S = torch.randn(1, HKV, D, D, device="cuda") * 0.1
+            decay = -torch.rand(1, HKV, device="cuda")
+
+            def step():
+                o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
+                o_gdn = (qg @ S) * decay.exp()[..., None, None] * scale
+                return o, o_gdn
+
+            nbytes = 2 * kk.numel() * 2 + 2 * ok.numel() * 2 + S.numel() * 4
+            with torch.no_grad():
+                ours = row("ours_decode_step", step, nbytes, n_kept + 38, p=p, kept_tokens=n_kept)
+            if ours and sd:
+                r = {"T": T, "p": p, "pass": "decode", "name": "ratios", "ours_ms": round(ours[0], 5),
+                     "speedup_vs_sdpa": round(sd[0] / ours[0], 3), "ours_gpu_ms_cuda_graph": round(ours[1], 5),
+                     "speedup_vs_sdpa_gpu": round(sd[1] / ours[1], 3)}
+                out["time"].append(r)
+                print(json.dumps(r), flush=True)
+            del kk, kv
+            torch.cuda.empty_cache()
+        dump()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -155,6 +278,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="(num_warps, num_stages) sweep of the softmax kernels")
     ap.add_argument("--sweep-kerns", default="fwd,dq", help="per-kernel config sweeps (the dK/dV variants always run)")
     ap.add_argument("--profile", action="store_true", help="kernel table of ours fwd+bwd, T=64k p=0.125")
+    ap.add_argument("--only-decode", action="store_true", help="only the decode section (check + time)")
     ap.add_argument("--only-fla", action="store_true",
                     help="only the fla GDN baseline (fwd, fwd+bwd), e.g. in a second call with tilelang")
     args = ap.parse_args()
@@ -176,7 +300,9 @@ def main():
     except Exception as e:  # noqa: BLE001
         info["tilelang"] = f"unavailable: {type(e).__name__}"
     out = {"info": info, "check": [], "time": [], "errors": []}
-    path = os.path.join(args.out, "kernels_bench_fla.json" if args.only_fla else "kernels_bench.json")
+    name = "kernels_bench_fla.json" if args.only_fla else "kernels_bench_decode.json" if args.only_decode else \
+        "kernels_bench.json"
+    path = os.path.join(args.out, name)
     if args.only_fla:
         args.no_check = True
 
@@ -185,6 +311,11 @@ def main():
             json.dump(out, f, indent=1)
 
     print(info, flush=True)
+    if not args.only_fla:
+        decode_section(K, R, [int(x) for x in args.Ts.split(",")], out, dump, check=not args.no_check)
+    if args.only_decode:
+        print("wrote", path)
+        return
     if not args.no_check:
         for T, p, h0 in [(4096 - 37, 0.25, False), (1000, 0.5, True)]:
             try:

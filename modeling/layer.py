@@ -143,8 +143,9 @@ class NatslAttention(nn.Module):
 
         Whole, unpadded sequences with no cache prefix (training and a first prefill): a layer kept
         full softmax (`natsl=False`) is plain causal attention and runs torch's SDPA on any device; a
-        NAtS-L layer takes the Triton/fla kernels on CUDA, chunk sizes 16/32/64. Everything else (CPU,
-        padding, decode against a cache) runs the reference, which defines the same maths.
+        NAtS-L layer takes the Triton/fla kernels on CUDA, chunk sizes 16/32/64. A single-token decode
+        step (`_decode_step`) takes the decode kernel on CUDA, in every layer. Everything else (CPU,
+        padding, a multi-token call against a cache) runs the reference, which defines the same maths.
         `config.use_kernels=False` or NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1
         takes the kernels on CPU too when triton runs in interpreter mode (tests).
         """
@@ -156,8 +157,13 @@ class NatslAttention(nn.Module):
             return "sdpa"
         if self.chunk_size not in KERNEL_CHUNK_SIZES:
             return "reference"
+        return "kernels" if self._kernels_here(x) else "reference"
+
+    def _kernels_here(self, x: torch.Tensor) -> bool:
+        if use_reference() or not self.config.use_kernels:
+            return False
         on_device = x.is_cuda or os.environ.get("NATSL_FORCE_KERNELS", "0") == "1"
-        return "kernels" if on_device and kernels.kernels_available(x) else "reference"
+        return on_device and kernels.kernels_available(x)
 
     @torch.no_grad()
     def routing_samples(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
@@ -373,17 +379,31 @@ class NatslAttention(nn.Module):
     def _decode_step(self, x, v, q_rot, k_rot, q, k, state: NatslLayerState, return_state: bool):
         """One new token per row that does not close its row's open chunk: no chunk is routed and
         the GDN state does not change, so the GDN readout is exp(sum of g since the chunk start)
-        times q~ S_start. Same maths as the general path (tests compare them), far fewer ops."""
+        times q~ S_start. Same maths as the general path (tests compare them), far fewer ops. The
+        new token is written into the open chunk first; the softmax part (kept KV + open chunk up to
+        the new token) is the decode kernel on CUDA (modeling/kernels/decode.py), else the reference."""
         B, C, H = x.shape[0], self.chunk_size, self.num_kv_heads
         seen = state.seen
         slot = seen % C  # [B] the new token's slot in the open chunk
         slots = torch.arange(C, device=x.device)
-        open_pos = torch.where(slots[None] < slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
-        k_pos = torch.cat([open_pos, seen[:, None]], 1)
-        seg_k, seg_v = torch.cat([state.open_k, k_rot], 1), torch.cat([state.open_v, v], 1)
-        ones = torch.ones(B, C + 1, H, device=x.device)
-        prefix = (state.kept_k, state.kept_v, state.kept_valid)
-        o = reference.softmax_branch(q_rot, seg_k, seg_v, seen[:, None], k_pos, ones.bool(), ones, C, self.scaling, prefix)
+
+        def put(buf, val):  # val [B, 1, ...] -> buf [B, C, ...] with val at each row's slot
+            index = slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:])
+            return buf.scatter(1, index, val.to(buf.dtype))
+
+        open_k, open_v = put(state.open_k, k_rot), put(state.open_v, v)  # [B, C, Hkv, D]
+        backend = "kernels" if self._kernels_here(x) else "reference"
+        if backend == "kernels":
+            o = kernels.routed_decode_attention(
+                q_rot[:, 0], state.kept_k, state.kept_v, state.kept_valid, open_k, open_v, seen, self.scaling
+            )[:, None]  # [B, 1, Hq, Dv]
+        else:
+            k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
+            ones = torch.ones(B, C, H, device=x.device)
+            prefix = (state.kept_k, state.kept_v, state.kept_valid)
+            o = reference.softmax_branch(
+                q_rot, open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, self.scaling, prefix
+            )
         new_state = None
         if self.natsl:
             valid = torch.ones(B, 1, dtype=torch.bool, device=x.device)
@@ -394,10 +414,9 @@ class NatslAttention(nn.Module):
             o = self._combine(o, o_gdn.flatten(1, 2)[:, None], x)
         out = self.o_proj(o.flatten(2).to(x.dtype))
         if return_state:
-            put = lambda buf, val: buf.scatter(1, slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:]), val.to(buf.dtype))  # noqa: E731
             new_state = NatslLayerState(
                 seen=seen + 1, kept_k=state.kept_k, kept_v=state.kept_v, kept_valid=state.kept_valid,
-                open_k=put(state.open_k, k_rot), open_v=put(state.open_v, v),
+                open_k=open_k, open_v=open_v,
             )
             if self.natsl:
                 new_state.gdn_k, new_state.gdn_g = put(state.gdn_k, k_g), put(state.gdn_g, g)
@@ -406,7 +425,7 @@ class NatslAttention(nn.Module):
                 new_state.router_sum = state.router_sum + x[:, 0].float()
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
-        aux = {"backend": "reference", "routes": routes, "n_routable": routes.routable.sum(),
+        aux = {"backend": backend, "routes": routes, "n_routable": routes.routable.sum(),
                "n_softmax": routes.routable.sum()}
         if new_state is not None:
             aux["state"] = new_state

@@ -86,3 +86,49 @@ def test_kernel_path_matches_reference_in_the_model():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "DISPATCH_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_decode_kernel_matches_reference_in_the_model():
+    """Decode steps against a NatslCache take the decode kernel (modeling/kernels/decode.py) in every layer,
+    NAtS-L or full softmax, and give the reference's logits; a left-padded row has its own chunk phase."""
+    script = textwrap.dedent(
+        """
+        import os, sys, torch
+        sys.path.insert(0, "tests")
+        from natsl_testing import tiny_model
+        from natsl_hf import NatslCache
+        from natsl_hf.modeling import layer as L
+        calls = {"decode": 0}
+        real = L.kernels.routed_decode_attention
+        def counted(*args):
+            calls["decode"] += 1
+            return real(*args)
+        L.kernels.routed_decode_attention = counted
+        model = tiny_model(seed=4, chunk_size=16, natsl_layers=[1])
+        ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[1, :7] = 0  # row 1: a 13-token prompt, left-padded
+        def run(force_ref):
+            os.environ["NATSL_FORCE_REFERENCE"] = "1" if force_ref else "0"
+            cache = NatslCache(model.config)
+            with torch.no_grad():
+                logits = [model(ids[:, :20], attention_mask=mask, past_key_values=cache).logits[:, -1:]]
+                for t in range(20, 40):
+                    seen = torch.cat([mask, torch.ones(2, t + 1 - 20, dtype=torch.long)], 1)
+                    logits.append(model(ids[:, t:t + 1], attention_mask=seen, past_key_values=cache).logits)
+            return torch.cat(logits, 1)
+        ref = run(True)
+        assert calls["decode"] == 0
+        ker = run(False)
+        # 20 steps x 2 layers, minus the steps that close a chunk in some row (general path): row 0 closes
+        # one at position 31 (step t=31), row 1 (13-token prompt, position t-7) at 15 and 31 (t=22, 38)
+        assert calls["decode"] == (20 - 3) * 2, calls
+        err = (ker - ref).abs().max().item()
+        assert err < 1e-4, err
+        print("DECODE_OK", err)
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "NATSL_FORCE_KERNELS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "DECODE_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

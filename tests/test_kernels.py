@@ -118,6 +118,40 @@ def _gdn_case(B, T, Hq, Hkv, Kd, V, C, p, h0):
         _close(a, b, 1e-4, n)
 
 
+DECODE_CASES = [
+    # B, Hq, Hkv, D, Dv, C, kept entries per (row, group) (None: nothing allocated), new token's slot per row
+    (2, 8, 2, 16, 32, 16, [[37, 0], [5, 64]], [3, 15]),  # GQA 4, a group with nothing kept
+    (1, 2, 2, 32, 16, 16, [[16, 48]], [0]),              # GQA 1, the new token opens its chunk
+    (2, 4, 1, 16, 16, 24, None, [0, 23]),                # nothing kept yet, chunk size not a power of 2
+]
+
+
+def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, monkeypatch):
+    """The decode kernel against the reference softmax branch with a cache prefix (SPEC section 4).
+    TARGET_PROGRAMS is lowered so that these short caches are split across several programs (and
+    some splits hold no valid entry)."""
+    from importlib import import_module
+    K, R = _mods()
+    monkeypatch.setattr(import_module(K.__name__ + ".decode"), "TARGET_PROGRAMS", 8)
+    g = torch.Generator().manual_seed(B * 31 + C)
+    kept_len = torch.tensor(kept if kept is not None else [[0] * Hkv] * B)
+    L = int(kept_len.max()) + 7 if kept is not None else 0  # allocated beyond the longest (row, group)
+    valid = torch.arange(L)[None, None] < kept_len[..., None]  # [B,Hkv,L], valid entries first
+    kept_k = torch.randn(B, Hkv, L, D, generator=g)
+    kept_v = torch.randn(B, Hkv, L, Dv, generator=g)  # the padding holds garbage: it must be masked
+    open_k, open_v = torch.randn(B, C, Hkv, D, generator=g), torch.randn(B, C, Hkv, Dv, generator=g)
+    q = torch.randn(B, Hq, D, generator=g)
+    slot = torch.tensor(slot)
+    seen = 5 * C + slot  # position of the new token
+    o = K.routed_decode_attention(q, kept_k, kept_v, valid, open_k, open_v, seen, D ** -0.5)
+    slots = torch.arange(C)
+    k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
+    ones = torch.ones(B, C, Hkv)
+    o_r = R.softmax_branch(q[:, None], open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, D ** -0.5,
+                           (kept_k, kept_v, valid))[:, 0]
+    assert o.shape == (B, Hq, Dv)
+    _close(o, o_r, 1e-4, "decode o")
+
 if _IN_INTERP:
 
     @pytest.mark.parametrize("case", SOFTMAX_CASES)
@@ -179,6 +213,10 @@ if _IN_INTERP:
                "softmax o, mixed dtypes")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert {t.dtype for t in K._one_dtype(q, k, v.float())} == {torch.bfloat16}
+
+    @pytest.mark.parametrize("case", DECODE_CASES)
+    def test_routed_decode_attention_interpreter(case, monkeypatch):
+        _decode_case(*case, monkeypatch)
 
     def test_kernels_available_cpu_interpreter():
         K, _ = _mods()

@@ -2,6 +2,7 @@
 
 routed_softmax_attention(q, k, v, route_weight, chunk_size, scale) -> o
 routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (o, open_chunk_state)
+routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale) -> o   (one decode step)
 kernels_available(tensor) -> bool
 """
 
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["routed_softmax_attention", "routed_gdn_readout", "kernels_available"]
+__all__ = ["routed_softmax_attention", "routed_gdn_readout", "routed_decode_attention", "kernels_available"]
 
 
 def _importable() -> bool:
@@ -69,3 +70,8 @@ def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | No
     from .gdn_branch import routed_gdn_readout as _f
     q, k, v, beta = _one_dtype(q, k, v, beta)
     return _f(q, k, v, g, beta, chunk_size, scale, initial_state)
+
+
+def routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale: float | None = None):
+    from .decode import routed_decode_attention as _f
+    return _f(q.to(kept_k.dtype), kept_k, kept_v, kept_valid, open_k, open_v, seen, scale)

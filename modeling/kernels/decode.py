@@ -1,0 +1,168 @@
+"""One decode step of the softmax branch against the compacted cache (split-K, "flash-decoding").
+
+Semantics (SPEC section 4, `reference.softmax_branch` with a cache prefix and one query): the new
+token's query attends to the kept KV of its KV group (the complete softmax chunks: the entries of
+`kept_k[b, g]` where `kept_valid[b, g]`) and to its own open chunk up to and including itself
+(slots 0..seen[b] % C of `open_k[b]`, the new token already written at that slot; `seen[b]` is the
+new token's position). Every visible key has weight 1, so this is plain softmax attention over
+those keys.
+
+Work layout
+* Pass 1, grid (B * Hkv, NSPLIT + 1): program (bg, s < NSPLIT) reads the kept keys
+  [s * SPLIT, (s + 1) * SPLIT) of one (row, KV group) in blocks of BN, for all q heads of the group
+  at once (rows = q heads, padded to 16 for the tensor-core dot: GQA without repeating K/V), and
+  writes its running max, sum and unnormalised output; program (bg, NSPLIT) does the open chunk.
+  NSPLIT is fixed on the host from the allocated length L, so there is no host sync; a split with
+  no valid entry returns an empty partial (max -inf, sum 0).
+* Pass 2, grid (B * Hkv): merges the NSPLIT + 1 partials of each q head (log-sum-exp rescaling).
+  The open split always holds the new token, so every merge has a finite max.
+Cost: reads the kept KV once (allocated length x Hkv x (D + Dv) x 2 bytes) plus the open chunk.
+Host side: the cache tensors go in as they are (no length, slot or dtype conversions) and the
+partials share one scratch buffer, so a step is two Triton launches and two allocations: at batch 1
+that launch overhead, not the GPU, sets the step time (bench/KERNELS_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_branch import LOG2E, _pow2
+
+BN = 64  # kept keys per block
+TARGET_PROGRAMS = 512  # about 4 programs per SM on an H100 / H200; splits never go below one block
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q, KK, KV, KVALID, OK, OV, SEEN, MID,
+    sqb, sqh, skb, skh, skt, svb, svh, svt, smb, smh, sokb, sokt, sokh, sovb, sovt, sovh,
+    HKV, L, NSPLIT, SPLIT, qk_scale,
+    GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bg // HKV
+    g = bg % HKV
+    r = tl.arange(0, BM)  # q head of the group
+    mr = r < GROUP
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    q = tl.load(Q + b * sqb + (g * GROUP + r)[:, None] * sqh + od[None, :],
+                mask=mr[:, None] & (od[None, :] < D), other=0.0)  # [BM, BD]
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    if s < NSPLIT:  # kept entries [s * SPLIT, (s + 1) * SPLIT), the valid ones
+        kbase = KK + b * skb + g * skh
+        vbase = KV + b * svb + g * svh
+        on = tl.arange(0, BN)
+        for start in range(s * SPLIT, tl.minimum((s + 1) * SPLIT, L), BN):
+            t = start + on
+            mk = tl.load(KVALID + b * smb + g * smh + t, mask=t < L, other=0) != 0
+            k = tl.load(kbase + t[:, None] * skt + od[None, :], mask=mk[:, None] & (od[None, :] < D), other=0.0)
+            v = tl.load(vbase + t[:, None] * svt + odv[None, :], mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
+            sc = tl.dot(q, tl.trans(k)) * qk_scale
+            sc = tl.where(mk[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid entry so far
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    else:  # the open chunk: slots 0..seen % C (the new token included)
+        oc = tl.arange(0, BC)
+        mk = oc <= tl.load(SEEN + b) % C
+        k = tl.load(OK + b * sokb + oc[:, None] * sokt + g * sokh + od[None, :],
+                    mask=mk[:, None] & (od[None, :] < D), other=0.0)
+        v = tl.load(OV + b * sovb + oc[:, None] * sovt + g * sovh + odv[None, :],
+                    mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
+        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        sc = tl.where(mk[None, :], sc, float("-inf"))
+        m_i = tl.max(sc, 1)
+        p = tl.exp2(sc - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v)
+    # partial of (bg, s): BM rows of [m, l, acc[0:BDV]]
+    row = MID + ((bg * (NSPLIT + 1) + s) * BM + r) * (BDV + 2)
+    tl.store(row, m_i)
+    tl.store(row + 1, l_i)
+    tl.store(row[:, None] + 2 + odv[None, :], acc)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MID, O, sob, soh, HKV, NSPLIT,
+    GROUP: tl.constexpr, BM: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+):
+    bg = tl.program_id(0)
+    b = bg // HKV
+    g = bg % HKV
+    r = tl.arange(0, BM)
+    odv = tl.arange(0, BDV)
+    row = MID + ((bg * (NSPLIT + 1) + NSPLIT) * BM + r) * (BDV + 2)  # the open split: a finite max
+    m = tl.load(row)
+    l_sum = tl.load(row + 1)
+    acc = tl.load(row[:, None] + 2 + odv[None, :])
+    for s in range(0, NSPLIT):
+        row = MID + ((bg * (NSPLIT + 1) + s) * BM + r) * (BDV + 2)
+        m_s = tl.load(row)
+        m_new = tl.maximum(m, m_s)
+        a, a_s = tl.exp2(m - m_new), tl.exp2(m_s - m_new)  # a_s = 0 for an empty split
+        l_sum = l_sum * a + tl.load(row + 1) * a_s
+        acc = acc * a[:, None] + tl.load(row[:, None] + 2 + odv[None, :]) * a_s[:, None]
+        m = m_new
+    out = acc / l_sum[:, None]
+    tl.store(O + b * sob + (g * GROUP + r)[:, None] * soh + odv[None, :], out.to(O.dtype.element_ty),
+             mask=(r[:, None] < GROUP) & (odv[None, :] < DV))
+
+
+def _num_splits(rows: int, length: int) -> tuple[int, int]:
+    """(NSPLIT, SPLIT): kept keys per split a multiple of BN, about TARGET_PROGRAMS programs in all."""
+    if length == 0:
+        return 0, BN
+    per_row = max(1, TARGET_PROGRAMS // rows)
+    split = max(BN, triton.cdiv(triton.cdiv(length, per_row), BN) * BN)
+    return triton.cdiv(length, split), split
+
+
+def routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale: float | None = None):
+    """One new token per row against the compacted cache (a `NatslLayerState`'s tensors as they are).
+
+    q: [B, Hq, D] the new token's RoPE'd query (the cache's dtype)
+    kept_k: [B, Hkv, L, D], kept_v: [B, Hkv, L, Dv] kept KV; kept_valid: [B, Hkv, L] bool
+    open_k: [B, C, Hkv, D], open_v: [B, C, Hkv, Dv] the open chunk, the new token written at slot seen % C
+    seen: [B] integer, the new token's position (keys in open slots 0..seen % C are visible)
+    -> o: [B, Hq, Dv] in q's dtype. Inference only (no autograd).
+    """
+    B, HQ, D = q.shape
+    HKV, L, DV = kept_k.shape[1], kept_k.shape[2], kept_v.shape[-1]
+    C = open_k.shape[1]
+    assert HQ % HKV == 0 and kept_k.shape[:2] == (B, HKV) and kept_valid.shape == (B, HKV, L)
+    assert open_k.shape[2] == HKV and seen.shape == (B,)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    group = HQ // HKV
+    BM, BD, BDV, BC = _pow2(group), _pow2(D), _pow2(DV), _pow2(C)
+    tensors = [q, kept_k, kept_v, kept_valid, open_k, open_v]
+    q, kept_k, kept_v, kept_valid, open_k, open_v = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    nsplit, split = _num_splits(B * HKV, L)
+    mid = torch.empty(B * HKV, nsplit + 1, BM, BDV + 2, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, HQ, DV, device=q.device, dtype=q.dtype)
+    _decode_partial_kernel[(B * HKV, nsplit + 1)](
+        q, kept_k, kept_v, kept_valid, open_k, open_v, seen, mid,
+        q.stride(0), q.stride(1), kept_k.stride(0), kept_k.stride(1), kept_k.stride(2),
+        kept_v.stride(0), kept_v.stride(1), kept_v.stride(2), kept_valid.stride(0), kept_valid.stride(1),
+        open_k.stride(0), open_k.stride(1), open_k.stride(2), open_v.stride(0), open_v.stride(1), open_v.stride(2),
+        HKV, L, nsplit, split, scale * LOG2E,
+        GROUP=group, BM=BM, BN=BN, C=C, BC=BC, D=D, DV=DV, BD=BD, BDV=BDV, num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(B * HKV,)](
+        mid, o, o.stride(0), o.stride(1), HKV, nsplit, GROUP=group, BM=BM, DV=DV, BDV=BDV, num_warps=4,
+    )
+    return o
