@@ -35,9 +35,9 @@ setup(
     # Ranges verified to install and pass the suite together: torch 2.13 (CPU) +
     # transformers 5.24 here, torch 2.11 + transformers 5.17 + triton 3.6 on the GPU image.
     install_requires=[
-        "torch>=2.7",
+        "torch>=2.8",  # the first torch on triton 3.4
         "transformers>=5.17,<6",
-        "triton>=3.3",
+        "triton>=3.4",  # host-side TMA tensor descriptors (modeling/kernels/softmax_branch.py)
         "accelerate>=1.0",
         "safetensors>=0.4",
         "huggingface-hub>=1.0",

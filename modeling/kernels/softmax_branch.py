@@ -13,7 +13,11 @@ Work layout
   softmax chunk indices is built on the device (no host sync); a query chunk ci visits the first
   `cnt[ci]` entries (the softmax chunks < ci) and then its own (diagonal, causal-masked) chunk.
 * Forward / dQ: one program per (query chunk, HPP q heads of one group); rows are
-  (head, token) pairs, so K/V tiles are loaded once for HPP heads (GQA without repeat).
+  (head, token) pairs, so K/V tiles are loaded once for HPP heads (GQA without repeat). The
+  forward takes the K/V chunk tiles through TMA tensor descriptors (`_chunk_descriptors`), one
+  chunk per step, no masks on the earlier chunks (all complete): 8.0 ms instead of 11.2 at 64k,
+  p = 0.125 on the H200. dQ gathers two chunks per step through pointers: with one TMA chunk
+  per step it took 15.8 ms instead of 13.1 (bench/KERNELS_NOTES.md).
 * dK / dV / d route: one program per (key chunk, kv head); it loops over the q heads of the group
   and over the diagonal query chunk plus, if the chunk is routed softmax, every later query
   chunk. No atomics. Programs are ordered longest first.
@@ -28,6 +32,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
@@ -38,13 +43,12 @@ def _pow2(x: int) -> int:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, LIST, CNT,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    Q, KD, VD, O, LSE, LIST, CNT,
+    sqb, sqt, sqh, sob, sot, soh,
     T, NC, HQ, HKV, qk_scale,
-    GROUP: tl.constexpr, HPP: tl.constexpr, C: tl.constexpr, KPB: tl.constexpr,
+    GROUP: tl.constexpr, HPP: tl.constexpr, C: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    BN: tl.constexpr = KPB * C
     ci = NC - 1 - tl.program_id(1)
     pid1 = tl.program_id(0)
     NHB = HQ // HPP
@@ -66,31 +70,24 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
     oc = tl.arange(0, C)
-    kbase = K + b * skb + g * skh
-    vbase = V + b * svb + g * svh
     lbase = LIST + (b * HKV + g) * NC
     cnt = tl.load(CNT + (b * HKV + g) * NC + ci)
-    ob = tl.arange(0, BN)
-    for n in range(0, cnt, KPB):
-        slot = n + ob // C
-        ms = slot < cnt
-        cj = tl.load(lbase + slot, mask=ms, other=0)
-        tk = cj * C + (ob % C)
-        k = tl.load(kbase + tk[:, None] * skt + od[None, :], mask=ms[:, None] & (od[None, :] < D), other=0.0)
-        vv = tl.load(vbase + tk[:, None] * svt + odv[None, :], mask=ms[:, None] & (odv[None, :] < DV), other=0.0)
+    for n in range(0, cnt):  # earlier softmax chunks: complete, so no masks
+        row = b * T + tl.load(lbase + n) * C
+        k = KD.load([row, g * D])  # [C, BD]
+        vv = VD.load([row, g * DV])  # [C, BDV]
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(ms[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
         m_i = m_new
-    # diagonal chunk
+    # diagonal chunk (rows past T, if any, are masked)
     tk = ci * C + oc
     mk = tk < T
-    k = tl.load(kbase + tk[:, None] * skt + od[None, :], mask=mk[:, None] & (od[None, :] < D), other=0.0)
-    vv = tl.load(vbase + tk[:, None] * svt + odv[None, :], mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
+    k = KD.load([b * T + ci * C, g * D])
+    vv = VD.load([b * T + ci * C, g * DV])
     s = tl.dot(q, tl.trans(k)) * qk_scale
     vis = (tk[None, :] <= tq[:, None]) & mk[None, :]
     s = tl.where(vis, s, float("-inf"))
@@ -327,10 +324,27 @@ def _hpp(group: int, chunk: int) -> int:
     return max(1, hpp)
 
 
-KPB = 2  # chunks per key block in the forward / dQ loops (BLOCK_N = 2 C)
+def _chunk_descriptors(k: torch.Tensor, v: torch.Tensor, chunk: int):
+    """TMA descriptors of one chunk of one KV head: k [B, T, Hkv, D] (contiguous) viewed as rows
+    [B * T, Hkv * D], block [C, pow2(D)] (v alike). Columns past D (a head dim that is not a power of
+    2) read the next head or zeros: they meet zero q columns / unstored output columns. Rows past a
+    sequence's end are masked in the kernels. Before Hopper, triton lowers them to plain loads."""
+    B, T, HKV, D = k.shape
+    DV = v.shape[-1]
+    if (HKV * D * k.element_size()) % 16 or (HKV * DV * v.element_size()) % 16:
+        raise ValueError(
+            f"The softmax-branch kernels need rows of Hkv * head_dim * {k.element_size()} bytes to be a multiple "
+            f"of 16 (Hkv={HKV}, head_dim={D}, v head_dim={DV}); run this model with config.use_kernels=False."
+        )
+    kd = TensorDescriptor.from_tensor(k.view(B * T, HKV * D), [chunk, _pow2(D)])
+    vd = TensorDescriptor.from_tensor(v.view(B * T, HKV * DV), [chunk, _pow2(DV)])
+    return kd, vd
+
+
 # (num_warps, num_stages) per kernel on CUDA; the interpreter ignores them.
 # From the sweep in bench/results/kernels_bench_h200_v3.json (T=32k, p=0.125).
 CFG = {"fwd": (8, 2), "dq": (8, 2), "dkv": (4, 1)}
+KPB = 2  # chunks per key block in the dQ loop (BLOCK_N = 2 C): pointer gathers; one TMA chunk per step was slower there
 DKV_HPP = 1  # q heads per query tile in the dK/dV kernel (None: as the forward)
 DKV_MODE = "chunk"  # "chunk": one program per key chunk; "pair": 2 softmax chunks per program
 CFG_PAIR = (8, 1)
@@ -357,12 +371,12 @@ class RoutedSoftmaxAttention(torch.autograd.Function):
         o = torch.empty(B, T, HQ, DV, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
         BD, BDV = _pow2(D), _pow2(DV)
+        kd, vd = _chunk_descriptors(k, v, C)
         _fwd_kernel[(B * HQ // hpp, NC)](
-            q, k, v, o, lse, lst, cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            q, kd, vd, o, lse, lst, cnt,
+            q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
             T, NC, HQ, HKV, scale * LOG2E,
-            GROUP=group, HPP=hpp, C=C, KPB=KPB, D=D, DV=DV, BD=BD, BDV=BDV, num_warps=CFG["fwd"][0], num_stages=CFG["fwd"][1],
+            GROUP=group, HPP=hpp, C=C, D=D, DV=DV, BD=BD, BDV=BDV, num_warps=CFG["fwd"][0], num_stages=CFG["fwd"][1],
         )
         ctx.save_for_backward(q, k, v, o, lse, route_weight, lst, cnt)
         ctx.meta = (C, scale, hpp)
