@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -189,26 +188,38 @@ def decode_inputs(L: int, kept: torch.Tensor, slot: int, seed: int):
     return q, kk, kv, valid, ok, ov, seen
 
 
+def run_check(out, dump, fn, *args):
+    """One correctness check: its result (or the traceback) into `out`, printed and dumped."""
+    try:
+        r = fn(*args)
+        out["check"].append(r)
+        print("check", json.dumps(r), flush=True)
+    except Exception:
+        out["errors"].append(traceback.format_exc())
+        print(traceback.format_exc(), flush=True)
+    dump()
+
+
+def check_decode(K, R):
+    """decode kernel (bf16) vs the reference softmax branch with a cache prefix (fp32), 8 groups with
+    kept lengths from 0 to the allocated 4160, the new token at slot 37"""
+    scale = D ** -0.5
+    L = 4096 + 64
+    kept = torch.tensor([4096, 64, 1000, 3000, 0, 4096 + 64, 17, 2048], device="cuda")
+    q, kk, kv, valid, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
+    o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
+    slots = torch.arange(C, device="cuda")
+    k_pos = torch.where(slots <= 37, seen - 37 + slots, -1)[None]
+    ones = torch.ones(1, C, HKV, device="cuda")
+    o_r = R.softmax_branch(q[:, None].float(), ok.float(), ov.float(), seen[None], k_pos, ones.bool(), ones,
+                           C, scale, (kk.float(), kv.float(), valid))[:, 0]
+    return {"decode": True, "kept_len": kept.tolist(), "open_slot": 37, "o": rel(o, o_r)}
+
+
 def decode_section(K, R, Ts, out, dump, check=True):
     scale = D ** -0.5
     if check:
-        try:
-            L = 4096 + 64
-            kept = torch.tensor([4096, 64, 1000, 3000, 0, 4096 + 64, 17, 2048], device="cuda")
-            q, kk, kv, valid, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
-            o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
-            slots = torch.arange(C, device="cuda")
-            k_pos = torch.where(slots <= 37, seen - 37 + slots, -1)[None]
-            ones = torch.ones(1, C, HKV, device="cuda")
-            o_r = R.softmax_branch(q[:, None].float(), ok.float(), ov.float(), seen[None], k_pos, ones.bool(), ones,
-                                   C, scale, (kk.float(), kv.float(), valid))[:, 0]
-            r = {"decode": True, "kept_len": kept.tolist(), "open_slot": 37, "o": rel(o, o_r)}
-            out["check"].append(r)
-            print("check", json.dumps(r), flush=True)
-        except Exception:
-            out["errors"].append(traceback.format_exc())
-            print(traceback.format_exc(), flush=True)
-        dump()
+        run_check(out, dump, check_decode, K, R)
     for T in Ts:
         kt = torch.randn(1, HKV, T, D, device="cuda", dtype=DT)
         vt = torch.randn(1, HKV, T, D, device="cuda", dtype=DT)
@@ -239,7 +250,6 @@ def decode_section(K, R, Ts, out, dump, check=True):
                        lambda: F.scaled_dot_product_attention(qt, ke, ve, scale=scale), full_bytes * HQ // HKV, T)
             sds = [x for x in (sd, sd_e) if x]
             sd = (min(x[0] for x in sds), min(x[1] for x in sds)) if sds else None
-        del kt, vt, ke, ve
         NC = T // C
         for p in (0.125, 0.25, 1.0):
             # the sink chunk plus round(p * routable) softmax chunks per KV group, the last chunk open (slot 37)
@@ -264,7 +274,6 @@ def decode_section(K, R, Ts, out, dump, check=True):
                      "speedup_vs_sdpa_gpu": round(sd[1] / ours[1], 3)}
                 out["time"].append(r)
                 print(json.dumps(r), flush=True)
-            del kk, kv
             torch.cuda.empty_cache()
         dump()
 
@@ -318,14 +327,7 @@ def main():
         return
     if not args.no_check:
         for T, p, h0 in [(4096 - 37, 0.25, False), (1000, 0.5, True)]:
-            try:
-                r = check(K, R, T, p, h0, seed=T)
-                out["check"].append(r)
-                print("check", json.dumps(r), flush=True)
-            except Exception:
-                out["errors"].append(traceback.format_exc())
-                print(traceback.format_exc(), flush=True)
-            dump()
+            run_check(out, dump, check, K, R, T, p, h0, T)
 
     scale = D ** -0.5
     if args.sweep:
