@@ -46,7 +46,7 @@ def _decode_partial_kernel(
 ):
     bg = tl.program_id(0)
     s = tl.program_id(1)
-    b = bg // HKV
+    b = (bg // HKV).to(tl.int64)  # b * (row stride) passes 2**31 for long caches at large batch
     g = bg % HKV
     r = tl.arange(0, BM)  # q head of the group
     mr = r < GROUP
@@ -101,7 +101,7 @@ def _decode_merge_kernel(
     GROUP: tl.constexpr, BM: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
 ):
     bg = tl.program_id(0)
-    b = bg // HKV
+    b = (bg // HKV).to(tl.int64)
     g = bg % HKV
     r = tl.arange(0, BM)
     odv = tl.arange(0, BDV)
