@@ -22,7 +22,10 @@ For the source and every `--model LABEL=DIR` (NAtS-L checkpoints), in this order
   one teacher-forced call from a copy of the cache);
 - the realised softmax fraction (NAtS-L models, inference routing) on the perplexity blocks (also per
   NAtS-L layer) and on the retrieval contexts, and the kept / full KV-cache bytes after prefilling a
-  retrieval context (`NatslCache.memory_report()["kv_fraction"]`).
+  retrieval context (`NatslCache.memory_report()["kv_fraction"]`); `pair_chunk_softmax_fraction` =
+  the share of the routable chunks holding a pair line that the routers keep softmax (over NAtS-L
+  layers and KV heads): what recall from the softmax branch can reach, against the context's
+  overall fraction.
 
 Writes one JSON with device, library versions, the exact command and all numbers.
 """
@@ -158,7 +161,7 @@ def haystack_sentences(text: str) -> list[str]:
 
 def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Random,
                             haystack: list[str] | None = None):
-    """-> (context token ids of ~`length` tokens, [(key, value)]).
+    """-> (context token ids of ~`length` tokens, [(key, value)], positions of the pair lines' tokens).
 
     haystack: sentences of held-out natural text; a random run of consecutive sentences fills the
     context (the router sees text like its training text). None: random sentences of common words.
@@ -186,22 +189,34 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
     for offset, (slot, line) in enumerate(zip(slots, pair_lines)):
         lines.insert(slot + offset, line)
     text = " ".join(lines)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids, pairs
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, at = [], 0  # character spans of the pair lines in `text`
+    for line in lines:
+        if line in pair_lines:
+            spans.append((at, at + len(line)))
+        at += len(line) + 1
+    pair_tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if any(a < e and b > s for s, e in spans)]
+    return enc["input_ids"], pairs, pair_tokens
 
 
 @torch.no_grad()
 def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
     from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
 
-    correct, total, fractions, kv = 0, 0, [], []
-    for ids, pairs in contexts:
+    correct, total, fractions, kv, pair_kept = 0, 0, [], [], []
+    for ids, pairs, pair_tokens in contexts:
         x = torch.tensor([ids], device=device)
-        kw = {"use_cache": True}
-        out = model(input_ids=x, **kw)
+        natsl = is_natsl(model)
+        out = model(input_ids=x, use_cache=True, **({"output_routes": True} if natsl else {}))
         if getattr(out, "softmax_fraction", None) is not None:
             fractions.append(float(out.softmax_fraction))
             kv.append(getattr(out, CACHE_FIELD).memory_report()["kv_fraction"])  # kept / full KV after the prefill
+            # routable chunks that hold a pair line's token: the share of them kept softmax (layers, KV heads)
+            chunks = torch.tensor(sorted({t // model.config.chunk_size for t in pair_tokens}), device=device)
+            kept = [r.hard[0, chunks][r.routable[0, chunks]].float() for r in out.routes if r.hard.shape[1] > 0]
+            kept = torch.cat(kept) if kept else torch.zeros(0)
+            if kept.numel():
+                pair_kept.append(float(kept.mean()))
         for key, value in pairs[:n_queries]:
             q = tokenizer(f" Question: what is the code for {key}? Answer: The code for {key} is",
                           add_special_tokens=False)["input_ids"]
@@ -217,6 +232,8 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
     if fractions:
         res["softmax_fraction"] = sum(fractions) / len(fractions)
         res["kv_fraction"] = sum(kv) / len(kv)
+    if pair_kept:
+        res["pair_chunk_softmax_fraction"] = sum(pair_kept) / len(pair_kept)
     return res
 
 
@@ -324,7 +341,7 @@ def main(argv=None) -> int:
             row["gen_prefix_match"] = entry["generation"]["gen_prefix_match"]
         for L, r in entry["retrieval"].items():
             row[f"retrieval_{L}"] = r["accuracy"]
-            for key in ("softmax_fraction", "kv_fraction"):
+            for key in ("softmax_fraction", "kv_fraction", "pair_chunk_softmax_fraction"):
                 if key in r:
                     row[f"{key}_retrieval_{L}"] = r[key]
         summary[label] = row

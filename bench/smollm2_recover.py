@@ -8,7 +8,9 @@ Steps (every step runs as a subprocess whose exact command is stored in the resu
    transformers' GGUF loader (dequantised to fp32) and save it as a local safetensors checkpoint;
 2. data, fully offline: the text of Python's own documentation topics shipped with the interpreter
    (`pydoc_data.topics`, ~79 reference-manual sections, ~465k characters of English technical prose
-   with code). Topics are split by a hash of their name: ~85 % train, ~15 % held out for evaluation;
+   with code). Topics are split by a hash of their name: ~85 % train, ~15 % held out for evaluation.
+   `--recall-docs N` adds N synthetic key-value recall documents (training sentences as haystack,
+   their own keys and values, the evaluation's question format) between the training topics;
 3. per budget: `natsl-convert`-equivalent `convert_checkpoint` (chunk size, sink, budget, NAtS-L layers
    from the preset) -> `natsl-distill --stage 1` (supervised routing + router calibration, or with
    `--routing unsupervised` the router's own routing with the budget hinge) -> `natsl-distill --stage 2`
@@ -52,6 +54,7 @@ PRESETS = {
         "natsl_layers": list(range(2, 30, 5)),  # 6 of 30 layers
         "chunk_size": 32,
         "train_seq_len": 256,
+        "recall_doc_len": 1024,  # = the router fit's / calibration's block length
         "stage1": ["--max-steps", "40", "--lr", "5e-3", "--batch-size", "1", "--router-loss-weight", "10",
                    "--logging-steps", "5", "--calibration-blocks", "16", "--calibration-seq-len", "1024",
                    "--router-fit-blocks", "48"],
@@ -66,6 +69,7 @@ PRESETS = {
         "natsl_layers": None,
         "chunk_size": 64,
         "train_seq_len": 2048,
+        "recall_doc_len": 2048,
         "stage1": ["--max-steps", "300", "--lr", "1e-3", "--batch-size", "4", "--bf16", "--logging-steps", "20",
                    "--router-fit-blocks", "32", "--calibration-blocks", "16"],
         "stage2": ["--max-steps", "60", "--lr", "2e-5", "--batch-size", "4", "--kd-weight", "1.0", "--bf16",
@@ -116,21 +120,58 @@ def prepare_source(workdir: Path, gguf: Path | None = None) -> Path:
     return out
 
 
-def prepare_data(workdir: Path) -> tuple[Path, Path, dict]:
-    """Python's documentation topics -> train.txt / heldout.txt (split by a hash of the topic name)."""
+def recall_documents(source: Path, sentences: list[str], n_docs: int, length: int, seed: int = 1234) -> list[str]:
+    """Synthetic key-value recall documents for training: `bench/eval_quality.py`'s retrieval contexts
+    (8 "The code for <word> is <4 digits>." lines in ~`length` tokens of haystack), built here from the
+    *training* sentences with their own random keys and values, each followed by all 8 questions and
+    answers in the evaluation's format. The source's attention from the answers to the pair lines is
+    what supervised routing turns into "keep these chunks softmax"."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from eval_quality import build_retrieval_context
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        ids, pairs, _ = build_retrieval_context(tokenizer, length, 8, rng, sentences)
+        qa = "".join(f" Question: what is the code for {k}? Answer: The code for {k} is {v}." for k, v in pairs)
+        docs.append(tokenizer.decode(ids) + qa)
+    return docs
+
+
+def prepare_data(workdir: Path, source: Path, recall_docs: int = 0, recall_len: int = 1024) -> tuple[Path, Path, dict]:
+    """Python's documentation topics -> train.txt / heldout.txt (split by a hash of the topic name);
+    with `recall_docs`, that many `recall_documents` spread evenly between the training topics."""
     import pydoc_data.topics as topics
+
+    from eval_quality import haystack_sentences
 
     train, held = [], []
     for name in sorted(topics.topics):
         text = topics.topics[name].strip()
         bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100
         (held if bucket < 15 else train).append(text)
-    d = workdir / "data"
+    info = {"source": f"pydoc_data.topics of Python {sys.version.split()[0]}", "train_topics": len(train),
+            "heldout_topics": len(held), "train_chars": sum(map(len, train)), "heldout_chars": sum(map(len, held))}
+    if recall_docs:
+        sentences = [x for t in train for x in haystack_sentences(t)]
+        docs = recall_documents(source, sentences, recall_docs, recall_len)
+        every = max(1, len(train) // recall_docs)
+        mixed = []
+        for i, topic in enumerate(train):
+            mixed.append(topic)
+            if (i + 1) % every == 0 and docs:
+                mixed.append(docs.pop())
+        train = mixed + docs
+        info.update(recall_docs=recall_docs, recall_doc_tokens=recall_len,
+                    train_chars_with_recall=sum(map(len, train)))
+    d = workdir / ("data_recall" if recall_docs else "data")
     d.mkdir(parents=True, exist_ok=True)
     (d / "train.txt").write_text("\n\n".join(train))
     (d / "heldout.txt").write_text("\n\n".join(held))
-    info = {"source": f"pydoc_data.topics of Python {sys.version.split()[0]}", "train_topics": len(train),
-            "heldout_topics": len(held), "train_chars": sum(map(len, train)), "heldout_chars": sum(map(len, held))}
     return d / "train.txt", d / "heldout.txt", info
 
 
@@ -147,6 +188,8 @@ def main(argv=None) -> int:
                    "(natsl-distill --no-supervised-routing)")
     p.add_argument("--stage2-train-router", action="store_true",
                    help="stage 2 keeps training the router (natsl-distill --train-router); default: frozen")
+    p.add_argument("--recall-docs", type=int, default=0,
+                   help="add N synthetic key-value recall documents to the training text (`recall_documents`)")
     p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
     args = p.parse_args(argv)
     sfx = f"_{args.tag}" if args.tag else ""
@@ -165,7 +208,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     src = prepare_source(workdir, args.gguf)
-    train_txt, held_txt, data_info = prepare_data(workdir)
+    train_txt, held_txt, data_info = prepare_data(workdir, src, args.recall_docs, preset["recall_doc_len"])
     summary["data"] = data_info
     summary["prepare_seconds"] = round(time.time() - t0, 1)
     out_path = RESULTS / f"quality_smollm2_recover{sfx}.json"

@@ -46,6 +46,6 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
     assert row["retrieval_300"] == src_row["retrieval_300"]
     assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
-    assert row["kv_fraction_retrieval_300"] == 1.0
+    assert row["kv_fraction_retrieval_300"] == 1.0 and row["pair_chunk_softmax_fraction_retrieval_300"] == 1.0
     assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
     assert report["settings"]["retrieval_haystack"] == "text" and report["command"].startswith("python ")
