@@ -208,11 +208,7 @@ def check_decode(K, R):
     kept = torch.tensor([4096, 64, 1000, 3000, 0, 4096 + 64, 17, 2048], device="cuda")
     q, kk, kv, valid, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
     o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
-    slots = torch.arange(C, device="cuda")
-    k_pos = torch.where(slots <= 37, seen - 37 + slots, -1)[None]
-    ones = torch.ones(1, C, HKV, device="cuda")
-    o_r = R.softmax_branch(q[:, None].float(), ok.float(), ov.float(), seen[None], k_pos, ones.bool(), ones,
-                           C, scale, (kk.float(), kv.float(), valid))[:, 0]
+    o_r = R.routed_decode_attention(q.float(), kk.float(), kv.float(), valid, ok.float(), ov.float(), seen, scale)
     return {"decode": True, "kept_len": kept.tolist(), "open_slot": 37, "o": rel(o, o_r)}
 
 

@@ -204,9 +204,9 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
     from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
 
     correct, total, fractions, kv, pair_kept = 0, 0, [], [], []
+    natsl = is_natsl(model)
     for ids, pairs, pair_tokens in contexts:
         x = torch.tensor([ids], device=device)
-        natsl = is_natsl(model)
         out = model(input_ids=x, use_cache=True, **({"output_routes": True} if natsl else {}))
         if getattr(out, "softmax_fraction", None) is not None:
             fractions.append(float(out.softmax_fraction))

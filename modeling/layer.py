@@ -393,17 +393,10 @@ class NatslAttention(nn.Module):
 
         open_k, open_v = put(state.open_k, k_rot), put(state.open_v, v)  # [B, C, Hkv, D]
         backend = "kernels" if self._kernels_here(x) else "reference"
-        if backend == "kernels":
-            o = kernels.routed_decode_attention(
-                q_rot[:, 0], state.kept_k, state.kept_v, state.kept_valid, open_k, open_v, seen, self.scaling
-            )[:, None]  # [B, 1, Hq, Dv]
-        else:
-            k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
-            ones = torch.ones(B, C, H, device=x.device)
-            prefix = (state.kept_k, state.kept_v, state.kept_valid)
-            o = reference.softmax_branch(
-                q_rot, open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, self.scaling, prefix
-            )
+        decode = kernels.routed_decode_attention if backend == "kernels" else reference.routed_decode_attention
+        o = decode(
+            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_valid, open_k, open_v, seen, self.scaling
+        )[:, None]  # [B, 1, Hq, Dv]
         new_state = None
         if self.natsl:
             valid = torch.ones(B, 1, dtype=torch.bool, device=x.device)

@@ -144,11 +144,7 @@ def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, monkeypatch):
     slot = torch.tensor(slot)
     seen = 5 * C + slot  # position of the new token
     o = K.routed_decode_attention(q, kept_k, kept_v, valid, open_k, open_v, seen, D ** -0.5)
-    slots = torch.arange(C)
-    k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
-    ones = torch.ones(B, C, Hkv)
-    o_r = R.softmax_branch(q[:, None], open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, D ** -0.5,
-                           (kept_k, kept_v, valid))[:, 0]
+    o_r = R.routed_decode_attention(q, kept_k, kept_v, valid, open_k, open_v, seen, D ** -0.5)
     assert o.shape == (B, Hq, Dv)
     _close(o, o_r, 1e-4, "decode o")
 
