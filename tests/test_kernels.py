@@ -214,6 +214,13 @@ if _IN_INTERP:
     def test_routed_decode_attention_interpreter(case, monkeypatch):
         _decode_case(*case, monkeypatch)
 
+    def test_misaligned_kv_rows_are_refused_with_the_way_out():
+        """The forward's TMA descriptors need K/V rows (Hkv * head_dim elements) of a multiple of 16 bytes."""
+        K, _ = _mods()
+        q, k, v = torch.randn(1, 20, 2, 18), torch.randn(1, 20, 1, 18), torch.randn(1, 20, 1, 18)  # 72-byte rows
+        with pytest.raises(ValueError, match="use_kernels=False"):
+            K.routed_softmax_attention(q, k, v, torch.ones(1, 2, 1), 16, 18 ** -0.5)
+
     def test_kernels_available_cpu_interpreter():
         K, _ = _mods()
         assert K.kernels_available(torch.zeros(1))
