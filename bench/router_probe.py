@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     import natsl_hf
     from natsl_hf.conversion.data import load_packed_dataset
-    from natsl_hf.conversion.distill import collect_routing_samples, fit_router, roc_auc
+    from natsl_hf.conversion.router_fit import collect_routing_samples, fit_router, roc_auc
     from natsl_hf.modeling import NatslRouter
 
     torch.manual_seed(0)

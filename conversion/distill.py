@@ -57,7 +57,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
@@ -71,6 +70,10 @@ from transformers import Trainer, TrainingArguments
 
 from natsl_hf import NatslForCausalLM
 
+from .layers import decoder_layers, natsl_layer_indices
+from .layers import unwrap as _unwrap
+from .router_fit import calibrate_router_bias, fit_routers
+
 # Parameters a conversion adds to a NAtS-L layer (names relative to NatslAttention).
 NATSL_PARAM_KEYS = ("router.", "gdn_conv.", "a_proj.", "b_proj.", "A_log", "dt_bias", "gdn_gate_proj.",
                     "gdn_norm.", "gdn_alpha")
@@ -80,34 +83,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "a_proj", "b_proj", "gdn
 
 
 # ---------------------------------------------------------------------------- model helpers
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The NatslForCausalLM / source *ForCausalLM behind DDP / FSDP / PEFT wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PEFT
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """`model.model.layers` of a Llama-style causal LM (NAtS-L or source), through wrappers."""
-    base = _unwrap(model)
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(
-            f"{type(base).__name__} has no `model.layers`: natsl-distill needs a Llama/Qwen2/Qwen3-style "
-            "causal LM (the source) and a NatslForCausalLM (the converted model)."
-        )
-    return layers
-
-
-def natsl_layer_indices(model: nn.Module) -> list[int]:
-    return [i for i, layer in enumerate(decoder_layers(model)) if getattr(layer.self_attn, "natsl", False)]
-
-
 def is_natsl_parameter(name: str) -> bool:
     """Whether a (NatslForCausalLM) parameter name is one of the parameters conversion adds."""
     if ".self_attn." not in name:
@@ -254,213 +229,6 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
         m = attention_mask.to(kl.dtype)
         return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
     return kl.mean() * temperature**2
-
-
-def fit_router(router: nn.Module, means: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
-               temperature: float, l2: float) -> float:
-    """Fit a router to supervised-routing targets: per KV head an L2-regularised logistic regression of
-    the target on the chunk's mean hidden state (full batch, LBFGS: the convex problem the stage-1
-    cross-entropy poses, solved outright instead of by a few SGD steps), written into the router so
-    that its margin s_softmax - s_linear = temperature * logit.
-
-    means: [n, D] fp32, target / labelled: [n, H] bool. Features are standardised for the fit and the
-    scaling folded back into the weights. Returns the mean training ROC AUC over heads.
-    """
-    H, D = target.shape[1], means.shape[1]
-    mu, sd = means.mean(0), means.std(0).clamp_min(1e-6)
-    z = (means - mu) / sd
-    w = torch.zeros(D, H, requires_grad=True)
-    c = torch.zeros(H, requires_grad=True)
-    y, m = target.float(), labelled.float()
-    opt = torch.optim.LBFGS([w, c], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        bce = F.binary_cross_entropy_with_logits(z @ w + c, y, reduction="none")
-        loss = (bce * m).sum(0).div(m.sum(0).clamp_min(1)).sum() + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    w, c = w.detach(), c.detach()
-    w_eff = w / sd[:, None] * temperature  # margin weights on raw means, [D, H]
-    b_eff = (c - (mu / sd) @ w) * temperature  # [H]
-    with torch.no_grad():
-        proj = router.proj
-        proj.weight[0::2] = (w_eff.T / 2).to(proj.weight)  # row 2h: softmax score, row 2h+1: linear score
-        proj.weight[1::2] = (-w_eff.T / 2).to(proj.weight)
-        proj.bias[0::2] = (b_eff / 2).to(proj.bias)
-        proj.bias[1::2] = (-b_eff / 2).to(proj.bias)
-    logits = z @ w + c
-    aucs = [roc_auc(logits[labelled[:, h], h], target[labelled[:, h], h]) for h in range(H)]
-    aucs = [a for a in aucs if a == a]
-    return sum(aucs) / len(aucs) if aucs else float("nan")
-
-
-def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
-    """ROC AUC by ranks; NaN without both classes."""
-    pos, neg = int(positive.sum()), int((~positive).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    ranks = torch.empty_like(score)
-    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=score.dtype)
-    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-@torch.no_grad()
-def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
-    chunk routed softmax, i.e. on the source model's activations: (chunk means [n, D], targets [n, H],
-    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`)."""
-    base = _unwrap(model)
-    attns = [decoder_layers(base)[i].self_attn for i in natsl_layer_indices(base)]
-    samples: list[list] = [[] for _ in attns]
-    inputs: dict[int, tuple] = {}
-    hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:2])) for i, a in enumerate(attns)]
-    override, base.config.route_override = base.config.route_override, "softmax"  # = the source model
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            if mask is not None and not bool(mask.all()):
-                raise ValueError("Routing samples are taken from unpadded blocks (packed training blocks).")
-            model(**batch, use_cache=False, logits_to_keep=1)
-            for i, attn in enumerate(attns):
-                samples[i].append(tuple(t.flatten(0, 1).cpu() for t in attn.routing_samples(*inputs[i])))
-    finally:
-        for h in hooks:
-            h.remove()
-        base.config.route_override = override
-        model.train(was_training)
-    return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in samples]
-
-
-def fit_routers(model: nn.Module, batches, l2: float = 1e-2, apply_in=None) -> dict[str, float]:
-    """Fit every NAtS-L router to its supervised-routing targets on the source's activations.
-
-    Run on the freshly converted model (stage-1 start): with every chunk routed softmax it computes
-    its source exactly, so one eval pass over `batches` gives each layer the source's inputs, which is
-    also what stage-1 training feeds it (`collect_routing_samples`). Per layer, `fit_router`.
-    `apply_in(decoder_layer)`: context to write the router in (FSDP). Returns the mean labelled
-    chunks per head and the mean training AUC.
-    """
-    base = _unwrap(model)
-    decoders = [decoder_layers(base)[i] for i in natsl_layer_indices(base)]
-    aucs, counts = [], []
-    for d, (means, target, labelled) in zip(decoders, collect_routing_samples(model, batches)):
-        with apply_in(d) if apply_in else contextlib.nullcontext():
-            aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, l2))
-        counts.append(float(labelled.sum(0).float().mean()))
-    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
-
-
-class _StopForward(Exception):
-    """Raised by a router hook once the layer being calibrated has its scores: the rest of the forward
-    (later layers, the LM head) is not needed."""
-
-
-@torch.no_grad()
-def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: int | None = None
-                    ) -> tuple[list[torch.Tensor], float]:
-    """Eval-mode forwards over `batches`: per NAtS-L layer the score margins s_softmax - s_linear of
-    every chunk, [chunks, H] with NaN where not routable, and the realised softmax fraction.
-    only: collect layer `only`'s margins alone and stop each forward right after its router (the
-    others stay empty, the fraction is NaN); unpadded blocks only (packed calibration blocks are)."""
-    margins: list[list[torch.Tensor]] = [[] for _ in layers]
-    scores: dict[int, torch.Tensor] = {}
-
-    def hook(i):
-        def save(module, args, out):
-            scores[i] = out.float()
-            if i == only:
-                raise _StopForward
-        return save
-
-    hooks = [attn.router.register_forward_hook(hook(i)) for i, attn in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    n_softmax = n_routable = 0
-    try:
-        for batch in batches:
-            if only is not None:
-                mask = batch.get("attention_mask")
-                if mask is not None and not bool(mask.all()):
-                    raise ValueError("Calibration with `only` takes unpadded blocks.")
-                try:
-                    model(**batch, use_cache=False, logits_to_keep=1)
-                except _StopForward:
-                    pass
-                s, attn = scores[only], layers[only]  # [B, N, H, 2]
-                T, N = batch["input_ids"].shape[1], s.shape[1]
-                chunk = torch.arange(N, device=s.device)
-                routable = ((chunk + 1) * attn.chunk_size <= T) & (chunk >= attn.config.num_sink_chunks)  # [N]
-                margin = (s[..., 0] - s[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
-                margins[only].append(margin.flatten(0, 1))
-                continue
-            out = model(**batch, use_cache=False, output_routes=True, logits_to_keep=1)
-            for i, routes in enumerate(out.routes):
-                s = scores[i]  # [B, N, H, 2]
-                routable = routes.routable[:, : s.shape[1]]  # [B, N, H]
-                margins[i].append((s[..., 0] - s[..., 1]).masked_fill(~routable, float("nan")).flatten(0, 1))
-                n_softmax += int((routes.hard & routes.routable).sum())
-                n_routable += int(routes.routable.sum())
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    fraction = n_softmax / n_routable if n_routable else float("nan")
-    return [torch.cat(m) if m else torch.empty(0) for m in margins], fraction
-
-
-def _budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
-    """Per head: the margin threshold above which `round(budget * n)` of the n routable chunks lie,
-    midway between the k-th and (k+1)-th largest margin. margins: [chunks, H] (NaN = not routable)."""
-    thresholds = []
-    for col in margins.unbind(1):
-        col = col[~col.isnan()].sort(descending=True).values
-        n, k = col.numel(), int(round(budget * col.numel()))
-        if n == 0:
-            thresholds.append(0.0)
-        elif k == 0:
-            thresholds.append(float(col[0]) + 1.0)
-        elif k == n:
-            thresholds.append(float(col[-1]) - 1.0)
-        else:
-            thresholds.append(float(col[k - 1] + col[k]) / 2)
-    return torch.tensor(thresholds)
-
-
-def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=None, stop_early: bool = True
-                          ) -> dict[str, float]:
-    """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks.
-
-    Layer by layer, first to last (a layer's routing changes the inputs of the layers after it): the
-    score margins s_softmax - s_linear of the routable chunks of `batches` (dicts with input_ids /
-    attention_mask) are collected in eval mode with the earlier layers already shifted; per KV head,
-    with k = round(budget * n), the threshold midway between the k-th and (k+1)-th largest margin is
-    subtracted from the margin through the bias. Afterwards k of those n chunks route softmax in every
-    layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
-    to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
-    forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only);
-    with `stop_early` (unpadded blocks; not under FSDP) the passes for layers after the first stop
-    at the router being calibrated.
-    Returns the realised fraction over all layers before and after (measured).
-    """
-    base = _unwrap(model)
-    decoders = [decoder_layers(base)[i] for i in natsl_layer_indices(base)]
-    layers = [d.self_attn for d in decoders]
-    margins, before = _router_margins(model, layers, batches)
-    for i, attn in enumerate(layers):
-        if i > 0:  # the earlier layers' new routing changed what this router reads
-            margins, _ = _router_margins(model, layers, batches, only=i if stop_early else None)
-        shift = _budget_thresholds(margins[i], budget)
-        with torch.no_grad(), (apply_in(decoders[i]) if apply_in else contextlib.nullcontext()):
-            bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
-            bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
-    _, after = _router_margins(model, layers, batches)
-    return {"softmax_fraction_before": before, "softmax_fraction_after": after}
 
 
 # ---------------------------------------------------------------------------- Trainer

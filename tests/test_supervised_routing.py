@@ -183,7 +183,7 @@ def test_stage1_calibrates_router_to_the_budget(tmp_path):
 def test_calibration_hits_the_budget_in_every_layer():
     """Layer by layer: shifting an early layer's routing changes what later routers read, so a single
     pass would miss the budget in later layers; the calibrated model keeps round(b * n) chunks in each."""
-    from natsl_hf.conversion.distill import calibrate_router_bias
+    from natsl_hf.conversion.router_fit import calibrate_router_bias
     from natsl_testing import tiny_model
 
     model = tiny_model(seed=4, num_hidden_layers=3)  # mixed routes, GDN output on: routing changes the outputs
@@ -199,7 +199,7 @@ def test_calibration_hits_the_budget_in_every_layer():
 
 
 def test_calibration_stopping_each_pass_early_gives_the_same_biases():
-    from natsl_hf.conversion.distill import calibrate_router_bias
+    from natsl_hf.conversion.router_fit import calibrate_router_bias
     from natsl_testing import tiny_model
 
     torch.manual_seed(0)
@@ -216,7 +216,7 @@ def test_calibration_stopping_each_pass_early_gives_the_same_biases():
 def test_fit_router_learns_heavy_hitters_outright():
     """routing_samples + fit_router (the stage-1 router fit): no SGD, the router alone then routes the
     heavy-hitter chunks, and its margin is temperature * the fitted logit."""
-    from natsl_hf.conversion.distill import fit_router
+    from natsl_hf.conversion.router_fit import fit_router
 
     C, N, B = 4, 10, 16
     layer = heavy_hitter_layer(C)
