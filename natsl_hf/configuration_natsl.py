@@ -2,15 +2,85 @@
 
 `NatslConfig` carries the decoder fields of the Llama / Qwen2 / Qwen3 family (so a converted
 checkpoint keeps its source architecture exactly) plus the fields of the NAtS-L layer
-(SPEC.md sections 2-3). Every NAtS-L field is validated in `__post_init__`; a bad value raises
-a `ValueError` that names the field, the value and what is allowed.
+(SPEC.md sections 2-3). Every field with a rule in `FIELD_RULES` is checked whenever it is set
+(constructor, `from_pretrained` kwargs, attribute assignment, `update`), and the relations between
+fields are checked on the whole config; a bad value raises `NatslConfigError` (a `ValueError`) that
+names the field, the value and what is allowed, and leaves the config unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 from transformers import PreTrainedConfig
 
 ROUTE_OVERRIDES = (None, "softmax", "linear")
+
+_VALIDATED = "_natsl_validated"
+
+
+class NatslConfigError(ValueError):
+    """A NatslConfig field set to a value it cannot take; `field` names it, the message says what is allowed."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"NatslConfig.{field}={value!r} is invalid: {allowed}.")
+        self.field = field
+
+
+def _invalid(field: str, value, allowed: str):
+    raise NatslConfigError(field, value, allowed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _largest_power_of_two(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
+
+
+class FieldRule(NamedTuple):
+    """What one field may hold: `ok(value)` says whether a value is allowed, `allowed` says so in words,
+    `normalise` (optional) maps an allowed value to the one stored."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+    normalise: Callable[[Any], Any] | None = None
+
+    def check(self, field: str, value):
+        if not self.ok(value):
+            _invalid(field, value, self.allowed)
+        return value if self.normalise is None else self.normalise(value)
+
+
+_POSITIVE_INT = FieldRule(lambda v: _is_int(v) and v > 0, "expected a positive integer")
+_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
+
+# The rule of every validated field, applied to each value it is given (NatslConfig.__setattr__).
+FIELD_RULES = {
+    **{field: _POSITIVE_INT for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+    "head_dim": FieldRule(lambda v: _is_int(v) and v > 0 and v % 2 == 0,
+                          "expected an even positive integer (RoPE rotates pairs of dimensions)"),
+    "rms_norm_eps": FieldRule(lambda v: _is_number(v) and v > 0, "expected a number > 0 (e.g. 1e-6)"),
+    "hidden_act": FieldRule(lambda v: v in _ACTIVATIONS, f"expected one of {', '.join(_ACTIVATIONS)}"),
+    "chunk_size": FieldRule(lambda v: _is_int(v) and v > 0 and v & (v - 1) == 0, "expected a power of two (e.g. 64)"),
+    "num_sink_chunks": FieldRule(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0"),
+    "softmax_budget": FieldRule(lambda v: _is_number(v) and 0 <= v <= 1, "expected a fraction in [0, 1] (e.g. 0.25)"),
+    "router_temperature": FieldRule(lambda v: _is_number(v) and v > 0, "expected a number > 0"),
+    "router_loss_weight": FieldRule(lambda v: _is_number(v) and v >= 0, "expected a number >= 0"),
+    "router_init_bias": FieldRule(_is_number, "expected a number"),
+    "gdn_conv_size": FieldRule(lambda v: _is_int(v) and v >= 1, "expected an integer >= 1 (4 is standard)"),
+    "route_override": FieldRule(lambda v: v in ROUTE_OVERRIDES, "expected None, 'softmax' or 'linear'"),
+    "use_kernels": FieldRule(lambda v: isinstance(v, bool), "expected True or False"),
+    "natsl_layers": FieldRule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v),
+                              "expected a list of layer indices (integers >= 0)", normalise=lambda v: sorted(set(v))),
+}
 
 
 class NatslConfig(PreTrainedConfig):
@@ -105,8 +175,6 @@ class NatslConfig(PreTrainedConfig):
             self.attention_out_bias = self.attention_bias
         if self.natsl_layers is None:
             self.natsl_layers = list(range(self.num_hidden_layers))
-        else:
-            self.natsl_layers = sorted({int(i) for i in self.natsl_layers})
         super().__post_init__(**kwargs)
         if self.rope_parameters is None or "rope_type" not in self.rope_parameters:
             rope = dict(self.rope_parameters or {})
@@ -118,70 +186,82 @@ class NatslConfig(PreTrainedConfig):
         from .remote_code import AUTO_MAP
 
         self.auto_map = dict(AUTO_MAP)
+        self.__dict__[_VALIDATED] = True  # from here on every assignment is checked against the whole config
 
-    def _validate_natsl(self):
-        def bad(field, value, allowed):
-            raise ValueError(f"NatslConfig.{field}={value!r} is invalid: {allowed}.")
+    def __setattr__(self, key, value):
+        """Check a validated field before it is set, however it is set: the constructor, `from_pretrained(...,
+        field=value)`, `config.field = value` or `config.update(...)`. After construction the relations between
+        fields are checked too, and a rejected assignment leaves the config as it was."""
+        rule = FIELD_RULES.get(key)
+        if rule is None:
+            super().__setattr__(key, value)
+        elif not self.__dict__.get(_VALIDATED):  # constructing: None means "derive it", relations come at the end
+            super().__setattr__(key, value if value is None else rule.check(key, value))
+        else:
+            self.update({key: value})
 
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
+    def update(self, config_dict: dict):
+        """Set several fields at once; the result is validated as a whole (so a batch may pass through states
+        that are only invalid midway), and a rejected update changes nothing."""
+        if not self.__dict__.get(_VALIDATED):
+            return super().update(config_dict)
+        before = dict(self.__dict__)
+        self.__dict__[_VALIDATED] = False
+        try:
+            super().update(config_dict)
+            self._validate_natsl()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        self.__dict__[_VALIDATED] = True
 
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "head_dim", "vocab_size", "intermediate_size", "max_position_embeddings"):
-            value = getattr(self, field)
-            if not is_int(value) or value <= 0:
-                bad(field, value, "expected a positive integer")
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop(_VALIDATED, None)  # bookkeeping, not configuration
+        return output
+
+    def _validate_natsl(self) -> None:
+        """Every field rule on the current values, then the relations between fields."""
+        for field, rule in FIELD_RULES.items():
+            object.__setattr__(self, field, rule.check(field, getattr(self, field)))
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            bad("num_key_value_heads", self.num_key_value_heads,
-                f"must divide num_attention_heads={self.num_attention_heads}")
-        if self.head_dim % 2:
-            bad("head_dim", self.head_dim, "expected an even number (RoPE rotates pairs of dimensions)")
-        if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool) or self.rms_norm_eps <= 0:
-            bad("rms_norm_eps", self.rms_norm_eps, "expected a number > 0 (e.g. 1e-6)")
-        self._validate_rope_parameters(bad)
-        c = self.chunk_size
-        if not is_int(c) or c < 1 or c & (c - 1):
-            bad("chunk_size", c, "expected a power of two (e.g. 64)")
-        if not is_int(self.num_sink_chunks) or self.num_sink_chunks < 0:
-            bad("num_sink_chunks", self.num_sink_chunks, "expected an integer >= 0")
-        if not isinstance(self.softmax_budget, (int, float)) or not 0.0 <= self.softmax_budget <= 1.0:
-            bad("softmax_budget", self.softmax_budget, "expected a fraction in [0, 1]")
-        if not isinstance(self.router_temperature, (int, float)) or self.router_temperature <= 0:
-            bad("router_temperature", self.router_temperature, "expected a number > 0")
-        if not isinstance(self.router_loss_weight, (int, float)) or self.router_loss_weight < 0:
-            bad("router_loss_weight", self.router_loss_weight, "expected a number >= 0")
-        if not isinstance(self.router_init_bias, (int, float)):
-            bad("router_init_bias", self.router_init_bias, "expected a number")
-        if not is_int(self.gdn_conv_size) or self.gdn_conv_size < 1:
-            bad("gdn_conv_size", self.gdn_conv_size, "expected an integer >= 1 (4 is standard)")
-        if self.route_override not in ROUTE_OVERRIDES:
-            bad("route_override", self.route_override, "expected None, 'softmax' or 'linear'")
-        wrong = [i for i in self.natsl_layers if not 0 <= i < self.num_hidden_layers]
+            _invalid("num_key_value_heads", self.num_key_value_heads,
+                     f"must divide num_attention_heads={self.num_attention_heads}")
+        wrong = [i for i in self.natsl_layers if i >= self.num_hidden_layers]
         if wrong:
-            bad("natsl_layers", wrong, f"layer indices must lie in [0, {self.num_hidden_layers - 1}]")
-        if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
-            bad("hidden_act", self.hidden_act, "expected one of silu, swish, gelu, gelu_pytorch_tanh, relu")
+            _invalid("natsl_layers", wrong, f"layer indices must lie in [0, {self.num_hidden_layers - 1}]")
+        first_routable_end = (self.num_sink_chunks + 1) * self.chunk_size
+        if self.natsl_layers and first_routable_end > self.max_position_embeddings:
+            _invalid("chunk_size", self.chunk_size,
+                     f"the first chunk that can be routed ends at token {first_routable_end} ((num_sink_chunks="
+                     f"{self.num_sink_chunks} + 1) x chunk_size), past max_position_embeddings="
+                     f"{self.max_position_embeddings}, so no chunk could ever be routed; use chunk_size <= "
+                     f"{_largest_power_of_two(self.max_position_embeddings // (self.num_sink_chunks + 1))}")
+        self._validate_rope_parameters()
 
-    def _validate_rope_parameters(self, bad) -> None:
+    def _validate_rope_parameters(self) -> None:
         """rope_type must be one transformers implements, with the keys that type needs (transformers'
         own `validate_rope`, whose KeyError becomes a ValueError naming the field)."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            _invalid("rope_parameters", rope, "expected a dict with rope_type and rope_theta")
         known = ("default", *sorted(ROPE_INIT_FUNCTIONS))
         if rope.get("rope_type") not in known:
-            bad("rope_parameters", rope, f"rope_type must be one of {', '.join(known)}")
-        theta = rope.get("rope_theta")
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-            bad("rope_parameters", rope, "rope_theta must be a number > 0 (e.g. 10000.0)")
+            _invalid("rope_parameters", rope, f"rope_type must be one of {', '.join(known)}")
+        if not _is_number(rope.get("rope_theta")) or rope["rope_theta"] <= 0:
+            _invalid("rope_parameters", rope, "rope_theta must be a number > 0 (e.g. 10000.0)")
         try:
             self.validate_rope()
         except KeyError as err:
-            bad("rope_parameters", rope, f"rope_type {rope['rope_type']!r} must have the keys it needs ({err})")
+            _invalid("rope_parameters", rope, f"rope_type {rope['rope_type']!r} must have the keys it needs ({err})")
 
     def is_natsl_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` is token-routed NAtS-L (else it keeps full softmax attention)."""
         return layer_idx in self.natsl_layers
 
 
-__all__ = ["NatslConfig"]
+
+__all__ = ["NatslConfig", "NatslConfigError"]
