@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import pytest
 import torch
 
 from natsl_testing import tiny_model
@@ -132,3 +134,42 @@ def test_decode_kernel_matches_reference_in_the_model():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "DECODE_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.fixture
+def kernels_without_fla(monkeypatch):
+    """The kernel package as on a CUDA machine where fla fails to import: every tensor counts as a CUDA
+    tensor, the fla modules are blocked in sys.modules, and the cached import checks start empty."""
+    from natsl_hf.modeling import kernels
+
+    monkeypatch.setattr(kernels, "_device_type", lambda tensor: "cuda")
+    monkeypatch.setenv("NATSL_FORCE_KERNELS", "1")  # the layer's own CUDA test (x.is_cuda) is False on CPU
+    monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_delta_h", None)
+    for cached in (kernels._import_error, kernels._usable_on_cuda):
+        cached.cache_clear()
+    yield kernels
+    for cached in (kernels._import_error, kernels._usable_on_cuda):
+        cached.cache_clear()
+
+
+def test_failed_kernel_import_on_cuda_warns_once_with_the_fix(kernels_without_fla):
+    model = tiny_model(seed=1, chunk_size=16)  # a chunk size the kernels take
+    ids = torch.randint(1, 97, (1, 9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out = model(ids, use_cache=False)
+    assert out.logits.isfinite().all()  # ran the reference
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages  # 2 layers x 2 calls, one warning
+    for needed in ("chunk_delta_h", "pip install flash-linear-attention fla-core", "use_kernels=False"):
+        assert needed in messages[0], messages[0]
+
+
+def test_use_kernels_false_never_warns(kernels_without_fla):
+    model = tiny_model(seed=1, chunk_size=16, use_kernels=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randint(1, 97, (1, 9)), use_cache=False)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not kernels_without_fla._import_error.cache_info().currsize  # nothing was even imported

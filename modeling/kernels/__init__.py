@@ -9,40 +9,62 @@ kernels_available(tensor) -> bool
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 __all__ = ["routed_softmax_attention", "routed_gdn_readout", "routed_decode_attention", "kernels_available"]
 
+KERNELS_FIX = (
+    "pip install flash-linear-attention fla-core (on Hopper: pip install 'natsl-hf[hopper]'), "
+    "or set config.use_kernels=False to run the reference on purpose and silence this warning"
+)
 
-def _importable() -> bool:
+
+@functools.cache
+def _import_error(with_fla: bool) -> str | None:
+    """Why the kernel modules cannot be imported ("Type: message"), or None. Imported once per process:
+    a failed import is not retried on every call. `with_fla`: also fla's chunk pieces (CUDA only)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-        return True
-    except Exception:
-        return False
+
+        if with_fla:
+            from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h  # noqa: F401
+            from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: F401
+            from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
+    except Exception as err:  # not only ImportError: fla's own imports can fail otherwise (tilelang without z3)
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
-def _fla_importable() -> bool:
-    try:
-        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h  # noqa: F401
-        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: F401
-        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd  # noqa: F401
-        return True
-    except Exception:
-        return False
+@functools.cache
+def _usable_on_cuda() -> bool:
+    """True when triton and fla import; otherwise warns (once per process) with the error and the fix."""
+    error = _import_error(with_fla=True)
+    if error is not None:
+        warnings.warn(
+            f"NAtS-L kernels are unavailable on CUDA ({error}): running the PyTorch reference, which is much "
+            f"slower and needs more memory. Fix: {KERNELS_FIX}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return error is None
+
+
+def _device_type(tensor: torch.Tensor) -> str:
+    return tensor.device.type
 
 
 def kernels_available(tensor: torch.Tensor) -> bool:
     """True when the kernel path can run for tensors on this tensor's device: a CUDA tensor with
-    triton and the fla chunk pieces importable. Under TRITON_INTERPRET=1 also CPU tensors (tests):
-    there the fla pieces are replaced by torch (see gdn_branch.py)."""
-    if not _importable():
-        return False
-    if tensor.device.type == "cuda":
-        return _fla_importable()
-    return tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    triton and the fla chunk pieces importable (if not, a RuntimeWarning says why and how to fix it,
+    once). Under TRITON_INTERPRET=1 also CPU tensors (tests): there the fla pieces are replaced by
+    torch (see gdn_branch.py)."""
+    device = _device_type(tensor)
+    if device == "cuda":
+        return _usable_on_cuda()
+    return device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _import_error(with_fla=False) is None
 
 
 def _one_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.Tensor) -> list[torch.Tensor]:
