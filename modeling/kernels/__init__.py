@@ -8,6 +8,7 @@ kernels_available(tensor) -> bool
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
