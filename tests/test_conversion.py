@@ -267,7 +267,7 @@ def test_bad_checkpoint(kind, error, match, tmp_path, capsys):
     with pytest.raises(error, match=match):
         convert_checkpoint(src, out, chunk_size=C, progress=False)
     assert_no_output(out)
-    assert main([str(src), str(out), "--quiet"]) == 1
+    assert main([str(src), str(out), "--quiet"]) == 2
     assert "natsl-convert: error:" in capsys.readouterr().err
     assert_no_output(out)
 
@@ -285,15 +285,15 @@ def test_shard_index_pointing_to_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "argv_tail, match",
     [
-        (["--chunk-size", "48"], "chunk_size=48 is not a power of two"),
-        (["--layers", "0,7"], r"natsl_layers \[7\] do not exist.*3 layers"),
-        (["--softmax-budget", "1.5"], "softmax_budget"),
+        (["--chunk-size", "48"], r"chunk_size=48 is invalid: expected a power of two .*\(set by --chunk-size\)"),
+        (["--layers", "0,7"], r"natsl_layers=\[7\] is invalid: layer indices must lie in \[0, 2\].*--layers"),
+        (["--softmax-budget", "1.5"], r"softmax_budget=1\.5 is invalid.*--softmax-budget"),
     ],
 )
 def test_bad_options(argv_tail, match, tmp_path, capsys):
     src = save_source(make_source("qwen2"), tmp_path / "src")
     out = tmp_path / "out"
-    assert main([str(src), str(out), "--quiet", *argv_tail]) == 1
+    assert main([str(src), str(out), "--quiet", *argv_tail]) == 2
     import re
 
     assert re.search(match, capsys.readouterr().err)
@@ -327,7 +327,7 @@ def test_sliding_window_sources(tmp_path, ids):
 def test_missing_gguf_file(tmp_path, capsys):
     src = save_source(make_source("llama"), tmp_path / "src")
     out = tmp_path / "out"
-    assert main([str(src), str(out), "--gguf-file", "nope.gguf", "--quiet"]) == 1
+    assert main([str(src), str(out), "--gguf-file", "nope.gguf", "--quiet"]) == 2
     assert "nope.gguf does not exist" in capsys.readouterr().err
     assert_no_output(out)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -540,7 +540,7 @@ def test_tokenizer_and_generation_config_carried_over(tmp_path):
     )
     src = save_source(src_model, tmp_path / "src")
     tiny_tokenizer().save_pretrained(src)
-    from natsl_hf.conversion.convert import TOKENIZER_FILES
+    from natsl_hf.conversion.sources import TOKENIZER_FILES
 
     tokenizer_files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     assert "tokenizer.json" in tokenizer_files and "tokenizer_config.json" in tokenizer_files
