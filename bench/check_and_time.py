@@ -176,8 +176,8 @@ def gdn_flops(T, fwd_only):
 
 
 def decode_inputs(L: int, kept: torch.Tensor, slot: int, seed: int):
-    """A cache of one row: kept KV [1, Hkv, L, D] with kept[g] valid entries first, the open chunk
-    [1, C, Hkv, D] with the new token at `slot`, the new query [1, Hq, D]; bf16."""
+    """A cache of one row: kept KV [1, Hkv, L, D] with kept[g] valid entries first (kept_len [1, Hkv]),
+    the open chunk [1, C, Hkv, D] with the new token at `slot`, the new query [1, Hq, D]; bf16."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     valid = torch.arange(L, device="cuda")[None, None] < kept[None, :, None]
     kk = (torch.randn(1, HKV, L, D, device="cuda", generator=g) * valid[..., None]).to(DT)
@@ -185,7 +185,7 @@ def decode_inputs(L: int, kept: torch.Tensor, slot: int, seed: int):
     ok, ov = (torch.randn(1, C, HKV, D, device="cuda", generator=g).to(DT) for _ in range(2))
     q = torch.randn(1, HQ, D, device="cuda", generator=g).to(DT)
     seen = torch.tensor([(L // C + 1) * C + slot], device="cuda")  # the new token's position
-    return q, kk, kv, valid, ok, ov, seen
+    return q, kk, kv, kept[None], ok, ov, seen
 
 
 def run_check(out, dump, fn, *args):
@@ -206,9 +206,9 @@ def check_decode(K, R):
     scale = D ** -0.5
     L = 4096 + 64
     kept = torch.tensor([4096, 64, 1000, 3000, 0, 4096 + 64, 17, 2048], device="cuda")
-    q, kk, kv, valid, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
-    o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
-    o_r = R.routed_decode_attention(q.float(), kk.float(), kv.float(), valid, ok.float(), ov.float(), seen, scale)
+    q, kk, kv, kept_len, ok, ov, seen = decode_inputs(L, kept, 37, seed=5)
+    o = K.routed_decode_attention(q, kk, kv, kept_len, ok, ov, seen, scale)
+    o_r = R.routed_decode_attention(q.float(), kk.float(), kv.float(), kept_len, ok.float(), ov.float(), seen, scale)
     return {"decode": True, "kept_len": kept.tolist(), "open_slot": 37, "o": rel(o, o_r)}
 
 
@@ -251,13 +251,13 @@ def decode_section(K, R, Ts, out, dump, check=True):
             # the sink chunk plus round(p * routable) softmax chunks per KV group, the last chunk open (slot 37)
             n_kept = (1 + round(p * (NC - 2))) * C
             kept = torch.full((HKV,), n_kept, device="cuda")
-            q, kk, kv, valid, ok, ov, seen = decode_inputs(n_kept, kept, 37, seed=T)
+            q, kk, kv, kept_len, ok, ov, seen = decode_inputs(n_kept, kept, 37, seed=T)
             qg = F.normalize(torch.randn(1, HKV, HQ // HKV, D, device="cuda"), dim=-1)
             S = torch.randn(1, HKV, D, D, device="cuda") * 0.1
             decay = -torch.rand(1, HKV, device="cuda")
 
             def step():
-                o = K.routed_decode_attention(q, kk, kv, valid, ok, ov, seen, scale)
+                o = K.routed_decode_attention(q, kk, kv, kept_len, ok, ov, seen, scale)
                 o_gdn = (qg @ S) * decay.exp()[..., None, None] * scale
                 return o, o_gdn
 

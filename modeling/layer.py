@@ -41,7 +41,7 @@ from .router import (
     routing_supervision_loss,
     routing_targets,
 )
-from .state import NatslLayerState, append_kept, gather_open
+from .state import NatslLayerState, NatslStaticLayerState, gather_open, put_slot
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,18 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None):
+    """The causal depthwise conv for one token: x [B,1,ch], weight [ch,1,W], state [B,W-1,ch] (the
+    last W-1 real inputs), valid [B,1] bool or None -> y [B,1,ch], next state (unchanged where the
+    token is padding). `reference.causal_depthwise_conv` for T = 1, without its padding sort."""
+    window = torch.cat([state.to(x.dtype), x], 1)  # [B,W,ch]
+    y = (window * weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)
+    nxt = window[:, 1:]
+    if valid is not None:
+        nxt = torch.where(valid[..., None], nxt, state.to(x.dtype))
+    return y, nxt
 
 
 KERNEL_CHUNK_SIZES = (16, 32, 64)  # what modeling/kernels/gdn_branch.py takes
@@ -174,10 +186,7 @@ class NatslAttention(nn.Module):
         bool (True = softmax) and labelled [B, N, Hkv] bool, from this layer's own full attention.
         """
         x = hidden_states
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, _ = self._project(x)
         cos, sin = position_embeddings
         mass = chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling)
         B, N, C = mass.shape[0], mass.shape[1], self.chunk_size
@@ -186,46 +195,58 @@ class NatslAttention(nn.Module):
         means = x[:, : N * C].float().unflatten(1, (N, C)).mean(2)
         return means, target, labelled
 
-    def _is_plain_decode(self, state, n: int, token_mask) -> bool:
-        """One real token per row, no gradient, and no row's open chunk closes with it."""
-        if state is None or n != 1 or token_mask is not None or torch.is_grad_enabled():
-            return False
-        return bool(((state.seen + 1) % self.chunk_size != 0).all())
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
-        state: NatslLayerState | None = None,
+        state: NatslLayerState | NatslStaticLayerState | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, dict]:
         """
         hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
         token_mask: [B, n] bool, False = padding (None = all real)
-        state: the layer's state from earlier calls (None = start of the sequences)
+        state: the layer's state from earlier calls (None = start of the sequences): a NatslLayerState
+            (NatslCache) or a NatslStaticLayerState (NatslStaticCache, updated in place)
         return_state: also return the updated state (the cache's next state) in aux["state"]
         -> (output [B, n, D], aux: router_loss, n_routable, n_softmax, routes, state)
-        """
-        B, n, _ = hidden_states.shape
-        C, dev = self.chunk_size, hidden_states.device
-        x = hidden_states
-        valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
-        seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
-        q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
 
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [B,n,Hq,D]
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B,n,Hkv,D]
+        Three paths, same maths (tests compare them): a one-token step against a static state
+        (`_decode_static`: fixed shapes, no host sync, capturable); a one-token step against a
+        NatslLayerState that closes no chunk (`_decode_step`); and everything else, a segment of any
+        length with padding and routing (`_segment`: training, prefill, multi-token cache calls).
+        """
+        x = hidden_states
+        q, k, v = self._project(x)
+        cos, sin = position_embeddings
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n = x.shape[1]
+        if isinstance(state, NatslStaticLayerState):
+            if n == 1 and not torch.is_grad_enabled():
+                return self._decode_static(x, q, k, v, q_rot, k_rot, token_mask, state)
+            state = state.to_dynamic() if bool((state.seen > 0).any()) else None
+        elif state is not None and n == 1 and token_mask is None and not torch.is_grad_enabled():
+            if bool(((state.seen + 1) % self.chunk_size != 0).all()):
+                return self._decode_step(x, q, k, v, q_rot, k_rot, state, return_state)
+        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, state, return_state)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,n,D] -> q [B,n,Hq,Dh], k, v [B,n,Hkv,Dh]: the source projections (+ its q/k norm)."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self._is_plain_decode(state, n, token_mask):
-            return self._decode_step(x, v, q_rot, k_rot, q, k, state, return_state)
+        return q, k, v
 
-        # segment = cached open-chunk tokens (slots) + new tokens
+    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, return_state: bool):
+        """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens."""
+        B, n, _ = x.shape
+        C, dev = self.chunk_size, x.device
+        valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
+        seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
+        q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
         if state is not None:
             open_len, open_start = seen % C, seen - seen % C
             slots = torch.arange(C, device=dev)
@@ -279,19 +300,10 @@ class NatslAttention(nn.Module):
             aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
         if return_state:
             keep = key_hard & token_complete[..., None]
-            kept_k, kept_v, kept_valid = append_kept(state, seg_k.detach(), seg_v.detach(), keep, B)
-            new_state = NatslLayerState(
-                seen=new_seen,
-                kept_k=kept_k,
-                kept_v=kept_v,
-                kept_valid=kept_valid,
-                open_k=gather_open(seg_k.detach(), k_pos, open_chunk, C),
-                open_v=gather_open(seg_v.detach(), k_pos, open_chunk, C),
-            )
-            if gdn is not None:
-                for name, value in gdn.items():
-                    setattr(new_state, name, value)
-            aux["state"] = new_state
+            aux["state"] = NatslLayerState.after_segment(state, new_seen, k_pos, seg_k, seg_v, keep, open_chunk, C, gdn)
+            # what a static cache adds to its realised-fraction counters
+            aux["closed_chunks"] = routes.routable[..., 0].sum(1)
+            aux["kept_chunks"] = (routes.hard & routes.routable).sum(1)
         return out, aux
 
     def _route(self, x, k_pos, seen, state, q_rot, k_rot) -> tuple[Routes, torch.Tensor, torch.Tensor, dict | None]:
@@ -357,18 +369,23 @@ class NatslAttention(nn.Module):
         return routes, rel, pad(complete, False), supervision
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
-        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n],
-        conv_state [B,W-1,(Hq+Hkv)*D] or None -> q~ [B,n,Hq,D], k~ [B,n,Hkv,D] (L2-normalised fp32),
-        beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding), next conv state [B,W-1,(Hq+Hkv)*D]."""
+        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n] bool or
+        None (all real), conv_state [B,W-1,(Hq+Hkv)*D] or None -> q~ [B,n,Hq,D], k~ [B,n,Hkv,D]
+        (L2-normalised fp32), beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding), next conv state."""
         qd = self.num_heads * self.head_dim
         conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1)
-        qk, conv_state = reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state, valid_new)
+        if x.shape[1] == 1 and conv_state is not None:  # a decode token: the window slides, no sync
+            qk, conv_state = conv_step(conv_in, self.gdn_conv.weight, conv_state, valid_new)
+        else:
+            qk, conv_state = reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state, valid_new)
         qk = F.silu(qk)
         q_g = reference.l2norm(qk[..., :qd].unflatten(-1, (self.num_heads, self.head_dim)))
         k_g = reference.l2norm(qk[..., qd:].unflatten(-1, (self.num_kv_heads, self.head_dim)))
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        return q_g, k_g, beta, g * valid_new[..., None], conv_state
+        if valid_new is not None:
+            g = g * valid_new[..., None]
+        return q_g, k_g, beta, g, conv_state
 
     def _combine(self, o: torch.Tensor, o_gdn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o + alpha_h * RMSNormGated(o_gdn, gdn_gate_proj x); o, o_gdn: [B,n,Hq,D]."""
@@ -376,53 +393,94 @@ class NatslAttention(nn.Module):
         gated = self.gdn_norm(o_gdn.to(x.dtype)) * F.silu(z)
         return o + gated * self.gdn_alpha.to(x.dtype)[:, None]
 
-    def _decode_step(self, x, v, q_rot, k_rot, q, k, state: NatslLayerState, return_state: bool):
-        """One new token per row that does not close its row's open chunk: no chunk is routed and
-        the GDN state does not change, so the GDN readout is exp(sum of g since the chunk start)
-        times q~ S_start. Same maths as the general path (tests compare them), far fewer ops. The
-        new token is written into the open chunk first; the softmax part (kept KV + open chunk up to
-        the new token) is the decode kernel on CUDA (modeling/kernels/decode.py), else the reference."""
-        B, C, H = x.shape[0], self.chunk_size, self.num_kv_heads
-        seen = state.seen
-        slot = seen % C  # [B] the new token's slot in the open chunk
-        slots = torch.arange(C, device=x.device)
-
-        def put(buf, val):  # val [B, 1, ...] -> buf [B, C, ...] with val at each row's slot
-            index = slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:])
-            return buf.scatter(1, index, val.to(buf.dtype))
-
-        open_k, open_v = put(state.open_k, k_rot), put(state.open_v, v)  # [B, C, Hkv, D]
-        backend = "kernels" if self._kernels_here(x) else "reference"
-        decode = kernels.routed_decode_attention if backend == "kernels" else reference.routed_decode_attention
-        o = decode(
-            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_valid, open_k, open_v, seen, self.scaling
+    def _decode_step(self, x, q, k, v, q_rot, k_rot, state: NatslLayerState, return_state: bool):
+        """One new token per row that does not close its row's open chunk (NatslCache): no chunk is
+        routed and the GDN state does not change, so the GDN readout is exp(sum of g since the chunk
+        start) times q~ S_start. The new token is written into the open chunk first; the softmax part
+        (kept KV + open chunk up to the new token) is `routed_decode_attention`."""
+        B, C = x.shape[0], self.chunk_size
+        slot = state.seen % C  # [B] the new token's slot in the open chunk
+        open_k, open_v = put_slot(state.open_k, slot, k_rot[:, 0]), put_slot(state.open_v, slot, v[:, 0])
+        backend, ops = self._decode_ops(x)
+        o = ops.routed_decode_attention(
+            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, open_k, open_v, state.seen, self.scaling
         )[:, None]  # [B, 1, Hq, Dv]
-        new_state = None
+        gdn = None
         if self.natsl:
-            valid = torch.ones(B, 1, dtype=torch.bool, device=x.device)
-            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid, state.conv_state)
-            decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,H]
-            qg = q_g[:, 0].unflatten(1, (H, -1))  # [B,H,G,D]
-            o_gdn = (qg @ state.gdn_state) * decay.exp()[..., None, None] * self.scaling  # [B,H,G,D]
-            o = self._combine(o, o_gdn.flatten(1, 2)[:, None], x)
-        out = self.o_proj(o.flatten(2).to(x.dtype))
+            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, None, state.conv_state)
+            slots = torch.arange(C, device=x.device)
+            decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,Hkv]
+            o = self._combine(o, self._gdn_readout(q_g[:, 0], state.gdn_state, decay)[:, None], x)
+            gdn = {"gdn_k": put_slot(state.gdn_k, slot, k_g[:, 0]), "gdn_g": put_slot(state.gdn_g, slot, g[:, 0]),
+                   "gdn_beta": put_slot(state.gdn_beta, slot, beta[:, 0]), "conv_state": conv_state,
+                   "router_sum": state.router_sum + x[:, 0].float()}
+        aux = self._no_routes_aux(backend, x)
         if return_state:
-            new_state = NatslLayerState(
-                seen=seen + 1, kept_k=state.kept_k, kept_v=state.kept_v, kept_valid=state.kept_valid,
-                open_k=open_k, open_v=open_v,
-            )
-            if self.natsl:
-                new_state.gdn_k, new_state.gdn_g = put(state.gdn_k, k_g), put(state.gdn_g, g)
-                new_state.gdn_beta, new_state.gdn_state = put(state.gdn_beta, beta), state.gdn_state
-                new_state.conv_state = conv_state
-                new_state.router_sum = state.router_sum + x[:, 0].float()
+            aux["state"] = state.after_token(open_k, open_v, gdn)
+        return self.o_proj(o.flatten(2).to(x.dtype)), aux
+
+    def _decode_static(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslStaticLayerState):
+        """One token per row against a NatslStaticCache layer, in place, with fixed shapes and no host
+        sync (a row whose token is padding, token_mask False, leaves its state unchanged). The token
+        is written into the open chunk and into `gdn_run`; the output reads the kept KV + the open
+        chunk (softmax) and the chunk-start GDN state; then every row whose chunk the token completes
+        closes it: routed by the router (sinks and overrides as in `_route`), appended to the kept KV
+        (softmax, if it fits) or committed to the GDN state (linear)."""
+        B, C = x.shape[0], self.chunk_size
+        valid = torch.ones(B, dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
+        gdn = None
+        if self.natsl:
+            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid[:, None], state.conv_state)
+            state.conv_state.copy_(conv_state)
+            state.router_sum.add_(x[:, 0].float() * valid[:, None])
+            gdn = {"k": k_g[:, 0], "beta": beta[:, 0] * valid[:, None], "g": g[:, 0]}
+        state.write_token_(k_rot[:, 0], v[:, 0], gdn)
+        backend, ops = self._decode_ops(x)
+        o = ops.routed_decode_attention(
+            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, state.open_k, state.open_v, state.seen,
+            self.scaling,
+        )[:, None]  # [B, 1, Hq, Dv]
+        if self.natsl:
+            o = self._combine(o, self._gdn_readout(q_g[:, 0], state.gdn_state, state.gdn_decay)[:, None], x)
+        out = self.o_proj(o.flatten(2).to(x.dtype))
+
+        closing = valid & ((state.seen + 1) % C == 0)  # [B]
+        chunk = torch.div(state.seen, C, rounding_mode="floor")  # [B] the chunk the token belongs to
+        routable = chunk >= self.config.num_sink_chunks
+        softmax = torch.ones(B, self.num_kv_heads, dtype=torch.bool, device=x.device)
+        if self.natsl:
+            scores = self.router(state.router_sum / C)  # [B, Hkv, 2]
+            routes = decide_routes(scores[:, None], closing[:, None], ~routable[:, None],
+                                   self.config.router_temperature, self.config.route_override, self.num_kv_heads)
+            softmax = routes.hard[:, 0]
+        state.close_chunk_(closing, softmax, routable if self.natsl else torch.zeros_like(routable))
+        state.seen.add_(valid.long())
+        return out, self._no_routes_aux(backend, x, state)
+
+    def _decode_ops(self, x: torch.Tensor):
+        """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
+        the decode entry points of both have the same signatures."""
+        return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
+
+    def _gdn_readout(self, q_g: torch.Tensor, gdn_state: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+        """Inter-chunk GDN readout of one token: q_g [B,Hq,K] fp32, gdn_state [B,Hkv,K,V] (the open
+        chunk's start), decay [B,Hkv] (log decay since then, the token's own g included) -> [B,Hq,V]."""
+        H = self.num_kv_heads
+        qg = q_g.unflatten(1, (H, -1))  # [B,Hkv,G,K]
+        o = (qg @ gdn_state) * decay.exp()[..., None, None] * self.scaling  # [B,Hkv,G,V]
+        return o.flatten(1, 2)
+
+    def _no_routes_aux(self, backend: str, x: torch.Tensor, state=None) -> dict:
+        """aux of a decode step: it routes nothing in this call's outputs (a chunk closed by a static step
+        is counted in the cache's realised fraction)."""
+        B, H = x.shape[0], self.num_kv_heads
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
         aux = {"backend": backend, "routes": routes, "n_routable": routes.routable.sum(),
                "n_softmax": routes.routable.sum()}
-        if new_state is not None:
-            aux["state"] = new_state
-        return out, aux
+        if state is not None:
+            aux["state"] = state
+        return aux
 
     def _gdn_branch(
         self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,

@@ -196,20 +196,22 @@ def routed_decode_attention(
     q: torch.Tensor,
     kept_k: torch.Tensor,
     kept_v: torch.Tensor,
-    kept_valid: torch.Tensor,
+    kept_len: torch.Tensor,
     open_k: torch.Tensor,
     open_v: torch.Tensor,
     seen: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One new token per row against a decode state: every valid kept key plus the open chunk's slots up
-    to the new token's own (written at slot seen % C). q [B,Hq,D], kept_k/v [B,Hkv,L,*], kept_valid
-    [B,Hkv,L], open_k/v [B,C,Hkv,*], seen [B] (the new token's position) -> o [B,Hq,Dv]."""
+    """One new token per row against a decode state: the first kept_len kept keys of its group plus
+    the open chunk's slots up to the new token's own (written at slot seen % C). q [B,Hq,D],
+    kept_k/v [B,Hkv,L,*], kept_len [B,Hkv], open_k/v [B,C,Hkv,*], seen [B] (the new token's
+    position) -> o [B,Hq,Dv]."""
     B, C, H = open_k.shape[:3]
     slot = seen % C
     slots = torch.arange(C, device=q.device)
     k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
     ones = torch.ones(B, C, H, device=q.device)
+    kept_valid = torch.arange(kept_k.shape[2], device=q.device) < kept_len[..., None]
     o = softmax_branch(q[:, None], open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, scale,
                        (kept_k, kept_v, kept_valid))
     return o[:, 0]

@@ -8,10 +8,21 @@ What a layer keeps between calls, per batch row:
   sum of the open chunk's hidden states;
 - `seen`: real (non-padding) tokens seen, which fixes positions and chunk boundaries per row.
 Full-softmax layers keep only the KV fields (every chunk is softmax there).
+
+Two containers hold it:
+- `NatslLayerState` (NatslCache): tensors sized to what is kept, replaced after every call. Any
+  call shape (multi-token segments against the cache, padding anywhere) goes through it.
+- `NatslStaticLayerState` (NatslStaticCache): the same fields in buffers preallocated once, so a
+  one-token decode step has fixed shapes, no host sync and can be captured (torch.compile / CUDA
+  graphs). It also keeps `gdn_run`, the GDN state with the open chunk's tokens already written as
+  if it closes linear (one recurrent delta-rule step per token), so that closing a chunk is a
+  masked select instead of a chunked solve. Multi-token calls against it convert to and from a
+  `NatslLayerState` (`to_dynamic` / `load_`), outside the captured step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,15 +51,45 @@ class NatslLayerState:
         return NatslLayerState(**{name: fn(t) for name, t in self.tensors().items()})
 
     @property
-    def kept_tokens(self) -> torch.Tensor:
+    def kept_len(self) -> torch.Tensor:
         """[B, Hkv] number of kept softmax KV tokens per row and group (open chunk excluded)."""
         return self.kept_valid.sum(-1)
 
-    def open_len(self, chunk_size: int) -> torch.Tensor:
-        return self.seen % chunk_size
+    @classmethod
+    def after_segment(cls, state: "NatslLayerState | None", seen, k_pos, seg_k, seg_v, keep, open_chunk,
+                      chunk_size: int, gdn: dict | None) -> "NatslLayerState":
+        """The state after a segment (cached open chunk + new tokens) was processed.
+
+        seen: [B] real tokens seen after the call; k_pos: [B, S] segment positions (-1 padding);
+        seg_k, seg_v: [B, S, Hkv, *] the segment's RoPE'd keys and values; keep: [B, S, Hkv] bool,
+        keys of chunks that closed softmax in this call; open_chunk: [B] the chunk left open;
+        gdn: the GDN fields of the next state (NAtS-L layers) or None.
+        """
+        kept_k, kept_v, kept_valid = append_kept(state, seg_k.detach(), seg_v.detach(), keep)
+        return cls(
+            seen=seen, kept_k=kept_k, kept_v=kept_v, kept_valid=kept_valid,
+            open_k=gather_open(seg_k.detach(), k_pos, open_chunk, chunk_size),
+            open_v=gather_open(seg_v.detach(), k_pos, open_chunk, chunk_size),
+            **(gdn or {}),
+        )
+
+    def after_token(self, open_k, open_v, gdn: dict | None) -> "NatslLayerState":
+        """The state after one real token per row that closed no chunk: the open chunk's buffers
+        (the token written at its slot) and, for NAtS-L layers, the GDN fields (`gdn`)."""
+        return NatslLayerState(
+            seen=self.seen + 1, kept_k=self.kept_k, kept_v=self.kept_v, kept_valid=self.kept_valid,
+            open_k=open_k, open_v=open_v, gdn_state=self.gdn_state, **(gdn or {}),
+        )
 
 
-def append_kept(state: NatslLayerState | None, k, v, keep, batch_shape):
+def put_slot(buf: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """buf [B, C, ...] with value [B, ...] written at each row's slot [B] (out of place)."""
+    B = buf.shape[0]
+    index = slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:])
+    return buf.scatter(1, index, value[:, None].to(buf.dtype))
+
+
+def append_kept(state: NatslLayerState | None, k, v, keep):
     """Append the keys marked in `keep` to the compacted kept KV.
 
     k: [B, S, Hkv, D], v: [B, S, Hkv, Dv], keep: [B, S, Hkv] bool
@@ -61,7 +102,7 @@ def append_kept(state: NatslLayerState | None, k, v, keep, batch_shape):
         old_k = k.new_zeros(B, Hkv, 0, D)
         old_v = v.new_zeros(B, Hkv, 0, v.shape[-1])
     else:
-        old_len, old_k, old_v = state.kept_tokens, state.kept_k, state.kept_v
+        old_len, old_k, old_v = state.kept_len, state.kept_k, state.kept_v
     add = keep.sum(-1)
     if int(add.max()) == 0 and state is not None:
         return state.kept_k, state.kept_v, state.kept_valid
@@ -94,3 +135,177 @@ def gather_open(values: torch.Tensor, pos: torch.Tensor, open_chunk: torch.Tenso
     index = slot.view(B, S, *([1] * (values.dim() - 2))).expand_as(values)
     out.scatter_(1, index, values)
     return out[:, :chunk_size]
+
+
+# ------------------------------------------------------------------------------- static state
+
+def gdn_token_write(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                    g: torch.Tensor) -> torch.Tensor:
+    """One gated delta-rule write (SPEC.md section 3, token form): S' = e^g S, S' += beta k (v - S'^T k)^T.
+
+    state [B, Hkv, K, V] fp32, k [B, Hkv, K] (L2-normalised), v [B, Hkv, V], beta, g [B, Hkv] fp32
+    -> [B, Hkv, K, V] fp32. beta = g = 0 leaves the state as it is (padding).
+    """
+    state = state * g.exp()[..., None, None]
+    k, v = k.float(), v.float()
+    delta = v - (k[..., None, :] @ state)[..., 0, :]  # [B,Hkv,V]
+    return state + (beta[..., None] * k)[..., :, None] * delta[..., None, :]
+
+
+@dataclass
+class NatslStaticLayerState:
+    """A layer's decode state in buffers allocated once (NatslStaticCache); updated in place.
+
+    `capacity` kept softmax tokens per (row, KV group). `kept_k` / `kept_v` hold capacity + C slots:
+    the last C are scratch that a closing chunk which is not appended writes into (so every step
+    runs the same scatter); they are never counted in `kept_len`.
+    """
+
+    capacity: int  # kept tokens per (row, KV group), a multiple of C
+    seen: torch.Tensor  # [B] long
+    kept_k: torch.Tensor  # [B, Hkv, capacity + C, D]
+    kept_v: torch.Tensor  # [B, Hkv, capacity + C, Dv]
+    kept_len: torch.Tensor  # [B, Hkv] long, the valid prefix of kept_k / kept_v
+    open_k: torch.Tensor  # [B, C, Hkv, D]
+    open_v: torch.Tensor  # [B, C, Hkv, Dv]
+    kept_chunks: torch.Tensor  # [B, Hkv] long, routable chunks closed softmax (the realised fraction)
+    closed_chunks: torch.Tensor  # [B] long, routable chunks closed
+    overflow_chunks: torch.Tensor  # [B, Hkv] long, softmax chunks sent to GDN because the kept KV was full
+    gdn_k: torch.Tensor | None = None  # [B, C, Hkv, K]   as in NatslLayerState
+    gdn_g: torch.Tensor | None = None  # [B, C, Hkv]
+    gdn_beta: torch.Tensor | None = None  # [B, C, Hkv]
+    gdn_state: torch.Tensor | None = None  # [B, Hkv, K, V] fp32 at the open chunk's start
+    gdn_run: torch.Tensor | None = None  # [B, Hkv, K, V] fp32 with the open chunk written as linear
+    gdn_decay: torch.Tensor | None = None  # [B, Hkv] fp32, sum of g since the open chunk's start
+    conv_state: torch.Tensor | None = None  # [B, W-1, channels]
+    router_sum: torch.Tensor | None = None  # [B, hidden] fp32
+
+    @classmethod
+    def allocate(cls, *, batch_size: int, capacity: int, chunk_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, natsl: bool, hidden_size: int = 0, conv_size: int = 0,
+                 conv_channels: int = 0) -> "NatslStaticLayerState":
+        B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
+        capacity = math.ceil(capacity / C) * C
+        zeros = lambda *shape, dtype=dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        long = torch.long
+        state = cls(
+            capacity=capacity, seen=zeros(B, dtype=long),
+            kept_k=zeros(B, H, capacity + C, D), kept_v=zeros(B, H, capacity + C, D), kept_len=zeros(B, H, dtype=long),
+            open_k=zeros(B, C, H, D), open_v=zeros(B, C, H, D),
+            kept_chunks=zeros(B, H, dtype=long), closed_chunks=zeros(B, dtype=long),
+            overflow_chunks=zeros(B, H, dtype=long),
+        )
+        if natsl:
+            f32 = torch.float32
+            state.gdn_k, state.gdn_g, state.gdn_beta = zeros(B, C, H, D, dtype=f32), zeros(B, C, H, dtype=f32), zeros(B, C, H, dtype=f32)
+            state.gdn_state, state.gdn_run = zeros(B, H, D, D, dtype=f32), zeros(B, H, D, D, dtype=f32)
+            state.gdn_decay = zeros(B, H, dtype=f32)
+            state.conv_state = zeros(B, conv_size - 1, conv_channels)
+            state.router_sum = zeros(B, hidden_size, dtype=f32)
+        return state
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.open_k.shape[1]
+
+    @property
+    def kept_valid(self) -> torch.Tensor:
+        """[B, Hkv, capacity + C] bool, as NatslLayerState.kept_valid."""
+        slots = torch.arange(self.kept_k.shape[2], device=self.kept_k.device)
+        return slots < self.kept_len[..., None]
+
+    # --- one decode token (in place, no host sync) ---------------------------------------------
+    def write_token_(self, k, v, gdn: dict | None = None) -> None:
+        """Write the new token (k, v [B, Hkv, *]; GDN inputs k~ [B, Hkv, K], beta, g [B, Hkv]) at its
+        open-chunk slot, and into `gdn_run` / `gdn_decay`."""
+        slot = self.seen % self.chunk_size
+        self.open_k.copy_(put_slot(self.open_k, slot, k))
+        self.open_v.copy_(put_slot(self.open_v, slot, v))
+        if gdn is not None:
+            self.gdn_k.copy_(put_slot(self.gdn_k, slot, gdn["k"]))
+            self.gdn_g.copy_(put_slot(self.gdn_g, slot, gdn["g"]))
+            self.gdn_beta.copy_(put_slot(self.gdn_beta, slot, gdn["beta"]))
+            self.gdn_run.copy_(gdn_token_write(self.gdn_run, gdn["k"], v, gdn["beta"], gdn["g"]))
+            self.gdn_decay.add_(gdn["g"])
+
+    def close_chunk_(self, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
+        """Close the open chunk of the rows in `closing` [B] bool, routed `softmax` [B, Hkv] bool
+        (`routable` [B] bool: counted in the realised fraction). A softmax chunk is appended to the
+        kept KV if it fits; one that does not fit is written to the GDN state instead and counted in
+        `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context).
+        A linear chunk's writes (`gdn_run`) become the state; a softmax chunk only decays it."""
+        C, cap = self.chunk_size, self.capacity
+        fits = self.kept_len + C <= cap
+        append = closing[:, None] & softmax & fits  # [B,Hkv]
+        dest = torch.where(append, self.kept_len, torch.full_like(self.kept_len, cap))
+        index = (dest[..., None] + torch.arange(C, device=dest.device))[..., None]  # [B,Hkv,C,1]
+        self.kept_k.scatter_(2, index.expand(-1, -1, -1, self.kept_k.shape[-1]), self.open_k.transpose(1, 2))
+        self.kept_v.scatter_(2, index.expand(-1, -1, -1, self.kept_v.shape[-1]), self.open_v.transpose(1, 2))
+        self.kept_len.add_(append.long() * C)
+        counted = (closing & routable)[:, None]
+        self.kept_chunks.add_((counted & append).long())
+        self.closed_chunks.add_(counted[:, 0].long())
+        self.overflow_chunks.add_((closing[:, None] & softmax & ~fits).long())
+        if self.gdn_state is None:
+            return
+        closing4 = closing[:, None, None, None]
+        linear = (closing[:, None] & ~append)[..., None, None]
+        decayed = self.gdn_state * self.gdn_decay.exp()[..., None, None]  # no write: the state only decays
+        start = torch.where(linear, self.gdn_run, torch.where(closing4, decayed, self.gdn_state))
+        self.gdn_state.copy_(start)
+        self.gdn_run.copy_(torch.where(closing4, start, self.gdn_run))
+        self.gdn_decay.masked_fill_(closing[:, None], 0.0)
+        self.router_sum.masked_fill_(closing[:, None], 0.0)
+
+    # --- multi-token calls: through a NatslLayerState (eager, may sync) -------------------------
+    def to_dynamic(self) -> NatslLayerState:
+        """The same state as a `NatslLayerState` (kept KV trimmed to the longest (row, group))."""
+        L = int(self.kept_len.max())
+        gdn = {}
+        if self.gdn_state is not None:
+            gdn = dict(gdn_k=self.gdn_k.clone(), gdn_g=self.gdn_g.clone(), gdn_beta=self.gdn_beta.clone(),
+                       gdn_state=self.gdn_state.clone(), conv_state=self.conv_state.clone(),
+                       router_sum=self.router_sum.clone())
+        return NatslLayerState(
+            seen=self.seen.clone(), kept_k=self.kept_k[:, :, :L].clone(), kept_v=self.kept_v[:, :, :L].clone(),
+            kept_valid=self.kept_valid[:, :, :L], open_k=self.open_k.clone(), open_v=self.open_v.clone(), **gdn,
+        )
+
+    def load_(self, state: NatslLayerState, *, closed: torch.Tensor, kept_chunks: torch.Tensor,
+              setting: str) -> None:
+        """Copy a `NatslLayerState` into the buffers (after a multi-token call). `closed` [B] and
+        `kept_chunks` [B, Hkv] add the call's routable and kept-softmax chunk counts. Raises when a
+        row's kept KV is beyond the capacity, naming `setting`, the knob that sizes it."""
+        kept_len = state.kept_len
+        longest = int(kept_len.max()) if kept_len.numel() else 0
+        if longest > self.capacity:
+            raise ValueError(
+                f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this NatslStaticCache "
+                f"holds ({self.capacity}); raise `{setting}` when you create the cache."
+            )
+        L = state.kept_k.shape[2]
+        keep = min(L, self.capacity)
+        self.kept_k[:, :, :keep].copy_(state.kept_k[:, :, :keep])
+        self.kept_v[:, :, :keep].copy_(state.kept_v[:, :, :keep])
+        self.kept_len.copy_(kept_len)
+        for name in ("seen", "open_k", "open_v"):
+            getattr(self, name).copy_(getattr(state, name))
+        self.kept_chunks.add_(kept_chunks)
+        self.closed_chunks.add_(closed)
+        if self.gdn_state is None:
+            return
+        for name in ("gdn_k", "gdn_g", "gdn_beta", "gdn_state", "conv_state", "router_sum"):
+            getattr(self, name).copy_(getattr(state, name))
+        # gdn_run / gdn_decay: the open chunk's tokens written one by one (padding slots: beta = g = 0)
+        open_len = state.seen % self.chunk_size
+        run, decay = state.gdn_state.float(), torch.zeros_like(self.gdn_decay)
+        for s in range(int(open_len.max())):
+            live = (s < open_len)[:, None].float()  # [B,1]
+            g, beta = state.gdn_g[:, s] * live, state.gdn_beta[:, s] * live
+            run = gdn_token_write(run, state.gdn_k[:, s], state.open_v[:, s], beta, g)
+            decay = decay + g
+        self.gdn_run.copy_(run)
+        self.gdn_decay.copy_(decay)

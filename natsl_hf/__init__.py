@@ -8,7 +8,7 @@ with `trust_remote_code=True` in a process that never imported natsl_hf.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import NatslCache
+from .cache import NatslCache, NatslStaticCache
 from .configuration_natsl import NatslConfig
 from .modeling_natsl import NatslForCausalLM, NatslModel, NatslPreTrainedModel
 
@@ -17,4 +17,4 @@ AutoModel.register(NatslConfig, NatslModel, exist_ok=True)
 AutoModelForCausalLM.register(NatslConfig, NatslForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
-__all__ = ["NatslCache", "NatslConfig", "NatslForCausalLM", "NatslModel", "NatslPreTrainedModel"]
+__all__ = ["NatslCache", "NatslStaticCache", "NatslConfig", "NatslForCausalLM", "NatslModel", "NatslPreTrainedModel"]

@@ -1,4 +1,4 @@
-"""NatslCache: the hybrid decode cache of NAtS-L models on the transformers 5 Cache API.
+"""NatslCache / NatslStaticCache: the hybrid decode caches of NAtS-L models (transformers 5 Cache API).
 
 Per layer it holds a `NatslLayerState` (natsl_hf.modeling.state): the KV of complete softmax
 chunks only (compacted per KV group), the open chunk's KV and GDN inputs, the GDN state at the
@@ -8,14 +8,21 @@ that stayed full softmax keep every chunk.
 Lengths: `get_seq_length()` counts the *columns* processed (padding included), which is what
 `generate` slices `input_ids` by; positions and chunk boundaries come from the per-row count of
 real tokens kept inside each layer state (`state.seen`), never from the number of kept keys.
+
+`NatslStaticCache` holds the same state in buffers allocated once (NatslStaticLayerState), sized by
+`max_cache_len` and `max_kept_fraction`, so that a decode step has fixed shapes and no host sync:
+`generate(..., cache_implementation="static")` builds one and lets transformers compile the step
+(torch.compile, CUDA graphs), as it does for a Llama's StaticCache.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .modeling.state import NatslLayerState
+from .modeling.state import NatslLayerState, NatslStaticLayerState
 
 
 class NatslCacheLayer(CacheLayerMixin):
@@ -39,7 +46,7 @@ class NatslCacheLayer(CacheLayerMixin):
             "states; use this cache only with NAtS-L models."
         )
 
-    def set_state(self, state: NatslLayerState, columns: int) -> None:
+    def set_state(self, state: NatslLayerState, columns: int, aux: dict | None = None) -> None:
         self.state = state
         self.processed += columns
         self.is_initialized = True
@@ -98,8 +105,8 @@ class NatslCache(Cache):
     def layer_state(self, layer_idx: int) -> NatslLayerState | None:
         return self.layers[layer_idx].state
 
-    def set_layer_state(self, layer_idx: int, state: NatslLayerState, columns: int) -> None:
-        self.layers[layer_idx].set_state(state, columns)
+    def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
+        self.layers[layer_idx].set_state(state, columns, aux)
 
     def memory_report(self) -> dict:
         """Kept softmax KV per layer and bytes, against what a full KV cache of the same tokens holds.
@@ -117,15 +124,16 @@ class NatslCache(Cache):
             s = layer.state
             if s is None:
                 continue
-            B, Hkv = s.kept_valid.shape[:2]
+            B, Hkv = s.kept_len.shape
             per_token = (s.kept_k.shape[-1] + s.kept_v.shape[-1]) * s.kept_k.element_size()  # one group
-            kept = s.kept_valid.sum().item()  # over rows and groups
+            kept = s.kept_len.sum().item()  # over rows and groups
             open_tokens = (s.seen % s.open_k.shape[1]).sum().item() * Hkv
             kv_bytes = int((kept + open_tokens) * per_token)
             allocated = sum(t.numel() * t.element_size() for t in (s.kept_k, s.kept_v, s.open_k, s.open_v))
             state_bytes = sum(
                 t.numel() * t.element_size()
-                for t in (s.gdn_state, s.conv_state, s.router_sum, s.gdn_k, s.gdn_g, s.gdn_beta)
+                for t in (s.gdn_state, s.conv_state, s.router_sum, s.gdn_k, s.gdn_g, s.gdn_beta,
+                          getattr(s, "gdn_run", None))
                 if t is not None
             )
             full = int(s.seen.sum().item() * Hkv * per_token)
@@ -148,4 +156,151 @@ class NatslCache(Cache):
         return {"layers": layers, **totals}
 
 
-__all__ = ["NatslCache", "NatslCacheLayer"]
+class NatslStaticCacheLayer(NatslCacheLayer):
+    """One layer's NAtS-L state in preallocated buffers (NatslStaticLayerState), updated in place by a
+    decode step; a multi-token call loads its result into the buffers (`set_state`)."""
+
+    is_compileable = True
+
+    def __init__(self, state: NatslStaticLayerState, setting: str):
+        super().__init__()
+        self.state = state
+        self.setting = setting  # the cache argument that sizes the kept KV, named in capacity errors
+        # columns processed, a device tensor (as transformers' StaticLayer): a Python int changed inside a
+        # compiled step would be burnt into the graph and recompile it at every step
+        self.columns = torch.zeros((), dtype=torch.long, device=state.seen.device)
+        self.is_initialized = True
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.state.buffers(), self.columns]
+
+    def set_state(self, state, columns: int, aux: dict | None = None) -> None:
+        if state is not self.state:  # a multi-token call: copy its NatslLayerState in
+            self.state.load_(state, closed=aux["closed_chunks"], kept_chunks=aux["kept_chunks"],
+                             setting=self.setting)
+        self.columns.add_(columns)
+
+    def get_seq_length(self) -> torch.Tensor:
+        return self.columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return int(self.columns) + query_length, 0
+
+    def reset(self) -> None:
+        for t in self.buffers():
+            t.zero_()
+
+    def _map(self, fn) -> None:
+        for name, t in vars(self.state).items():
+            if isinstance(t, torch.Tensor):
+                t.copy_(fn(t))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(
+            "NatslStaticCache is allocated for one batch size: create it with batch_size = rows x num_beams "
+            "(or num_return_sequences), or use the default NatslCache."
+        )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.batch_repeat_interleave(0)
+
+
+class NatslStaticCache(Cache):
+    """A NAtS-L cache of fixed size, for compiled decoding (`generate(..., cache_implementation="static")`).
+
+    Per layer it allocates, once: the kept softmax KV (`capacity` tokens per row and KV group, see
+    below), the open chunk's KV and GDN inputs, the GDN state twice (at the open chunk's start and with
+    the open chunk written), the conv state and the router sum. Memory is proportional to what is kept,
+    not to the context: a NAtS-L layer's kept KV holds
+        capacity = sinks + max_kept_fraction x (the other chunks of max_cache_len)   chunks,
+    a full-softmax layer's holds max_cache_len.
+
+    Args:
+        config: the model's NatslConfig.
+        max_batch_size: rows (batch x beams).
+        max_cache_len: most tokens per row (prompt + new tokens); generate() sets it.
+        max_kept_fraction: the largest share of a row's routable chunks a NAtS-L layer can keep as
+            softmax KV (default: min(1, 2 x config.softmax_budget)). When a row's kept KV is full, a
+            chunk the router sends to softmax is written into the GDN state instead, and counted in
+            `overflow_report()`; a prompt that keeps more than the capacity raises a ValueError that
+            names this argument.
+        device, dtype: of the KV buffers (default: the model's).
+
+    Decode steps (one token per row) update the buffers in place, with no host sync and fixed shapes,
+    so transformers compiles them (`cache.is_compileable`). A call of several tokens (the prompt) runs
+    eagerly and is copied in.
+    """
+
+    def __init__(self, config, max_batch_size: int, max_cache_len: int, max_kept_fraction: float | None = None,
+                 device=None, dtype=None):
+        if max_kept_fraction is None:
+            max_kept_fraction = min(1.0, 2 * config.softmax_budget)
+        if not 0.0 <= max_kept_fraction <= 1.0:
+            raise ValueError(f"max_kept_fraction={max_kept_fraction!r} is invalid: expected a fraction in [0, 1].")
+        if max_cache_len < 1 or max_batch_size < 1:
+            raise ValueError(f"NatslStaticCache needs max_cache_len >= 1 and max_batch_size >= 1, got "
+                             f"{max_cache_len} and {max_batch_size}.")
+        C, sinks = config.chunk_size, config.num_sink_chunks
+        chunks = math.ceil(max_cache_len / C)
+        natsl_capacity = C * min(chunks, sinks + math.ceil(max_kept_fraction * max(chunks - sinks, 0)))
+        qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        layers = []
+        for i in range(config.num_hidden_layers):
+            natsl = config.is_natsl_layer(i)
+            state = NatslStaticLayerState.allocate(
+                batch_size=max_batch_size, capacity=natsl_capacity if natsl else chunks * C, chunk_size=C,
+                num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                dtype=dtype or config.dtype or torch.float32, device=device, natsl=natsl,
+                hidden_size=config.hidden_size, conv_size=config.gdn_conv_size, conv_channels=qd + kd,
+            )
+            layer = NatslStaticCacheLayer(state, "max_kept_fraction")
+            if not torch.compiler.is_compiling():
+                for t in layer.buffers():  # fixed addresses: in-place updates keep CUDA graphs valid
+                    torch._dynamo.mark_static_address(t)
+            layers.append(layer)
+        super().__init__(layers=layers)
+        self.chunk_size = C
+        self.max_cache_len = max_cache_len
+        self.max_batch_size = max_batch_size
+        self.max_kept_fraction = max_kept_fraction
+
+    def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
+        return self.layers[layer_idx].state
+
+    def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
+        self.layers[layer_idx].set_state(state, columns, aux)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def check_room(self, batch_size: int, columns: int) -> None:
+        """Before an eager call: the batch matches and `columns` more tokens fit (raises, naming the fix)."""
+        if batch_size != self.max_batch_size:
+            raise ValueError(f"This NatslStaticCache holds {self.max_batch_size} rows, the call has {batch_size}; "
+                             "create the cache with max_batch_size = the call's batch size.")
+        cached = int(self.layers[0].columns)
+        if cached + columns > self.max_cache_len:
+            raise ValueError(f"NatslStaticCache(max_cache_len={self.max_cache_len}) is full: {cached} tokens cached, "
+                             f"{columns} more given; create it with a larger max_cache_len (generate() sizes it to "
+                             "the prompt + max_new_tokens).")
+
+    def realised_fraction(self) -> float | None:
+        """Share of the routable chunks closed so far that NAtS-L layers kept as softmax (None if none closed)."""
+        kept = closed = 0
+        for layer in self.layers:
+            s = layer.state
+            if s.gdn_state is None:
+                continue
+            kept += s.kept_chunks.sum().item()
+            closed += s.closed_chunks.sum().item() * s.kept_chunks.shape[1]
+        return kept / closed if closed else None
+
+    def overflow_report(self) -> dict:
+        """Softmax-routed chunks that went to the GDN state because a row's kept KV was full, per layer."""
+        counts = {i: int(layer.state.overflow_chunks.sum()) for i, layer in enumerate(self.layers)}
+        return {"total": sum(counts.values()), "per_layer": {i: c for i, c in counts.items() if c}}
+
+    memory_report = NatslCache.memory_report
+
+
+__all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer"]

@@ -21,8 +21,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
-from .cache import NatslCache
+from .cache import NatslCache, NatslStaticCache
 from .configuration_natsl import NatslConfig
 from .modeling.layer import NatslAttention, RMSNorm
 from .remote_code import write_remote_code
@@ -31,6 +32,9 @@ from .remote_code import write_remote_code
 # old name stays a deprecated alias there). NAtS-L models take either name and fill the output field
 # this transformers has, so one checkpoint and one code path serve 5.x releases on both sides.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+NatslCaches = (NatslCache, NatslStaticCache)
 
 
 def _one_cache(cache: NatslCache | None, past_key_values: NatslCache | None) -> NatslCache | None:
@@ -45,7 +49,9 @@ class NatslModelOutputWithPast(BaseModelOutputWithPast):
     router_loss: sum over NAtS-L layers of the router loss in training (the budget hinge, or the supervised-
         routing loss of stage-1 distillation); None at inference and for frozen routers.
     softmax_fraction: realised fraction of routable chunks routed softmax, over all NAtS-L layers.
-    layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer (NaN where nothing routable).
+    layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer. Both are None when the call
+        routed no chunk (a prompt shorter than sinks + 1 chunks, a decode step that closes no chunk, every
+        step against a NatslStaticCache: see `NatslStaticCache.realised_fraction()`).
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
     router_agreement: supervised routing (stage-1 distillation) only: the fraction of labelled chunks on
         which the router's own argmax (margin >= 0, i.e. before any bias calibration) matches the target it
@@ -147,7 +153,7 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
             hidden_states, position_embeddings, token_mask, state, return_state=cache is not None
         )
         if cache is not None:
-            cache.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1])
+            cache.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1], aux)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -168,7 +174,8 @@ class NatslPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    # a decode step against a NatslStaticCache has fixed shapes and no host sync (tests/test_static_cache.py)
+    _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` plus the remote-code modules its `auto_map` names."""
@@ -220,17 +227,19 @@ class NatslModel(NatslPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: NatslCache | None = None,
+        past_key_values: NatslCache | NatslStaticCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_routes: bool = False,
-        cache: NatslCache | None = None,
+        cache: NatslCache | NatslStaticCache | None = None,
         **kwargs,
     ) -> NatslModelOutputWithPast:
         """
@@ -238,13 +247,19 @@ class NatslModel(NatslPreTrainedModel):
             right). 4D masks are refused: NAtS-L builds its routed mask itself.
         position_ids: [B, n]; default: real-token positions from the mask and the cache, so a
             left-padded row gets the positions it would have alone.
-        cache / past_key_values: a NatslCache (either name; see CACHE_FIELD), or None.
+        cache / past_key_values: a NatslCache or NatslStaticCache (either name; see CACHE_FIELD), or None.
+        output_attentions: not supported (True raises): the softmax branch runs fused and the GDN branch has
+            no attention matrix; `output_routes=True` returns what each chunk was routed to.
         """
         past_key_values = _one_cache(cache, past_key_values)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_attentions or (output_attentions is None and self.config.output_attentions):
+            raise ValueError(
+                "NAtS-L models do not return attention weights (the softmax branch runs as fused kernels and the GDN "
+                "branch has no attention matrix): pass output_attentions=False (and set config.output_attentions=False); "
+                "output_routes=True returns each chunk's route."
+            )
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         B, n = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -254,24 +269,18 @@ class NatslModel(NatslPreTrainedModel):
                     "write it a second time. Pass no cache, or call model.eval() (or gradient_checkpointing_disable())."
                 )
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, NatslCache):
+        if past_key_values is not None and not isinstance(past_key_values, NatslCaches):
             raise TypeError(
-                f"NAtS-L models need a NatslCache, got {type(past_key_values).__name__}. Pass "
+                f"NAtS-L models need a NatslCache or NatslStaticCache, got {type(past_key_values).__name__}. Pass "
                 "`past_key_values=None` (the model creates one) or `natsl_hf.NatslCache(model.config)`."
             )
         if use_cache and past_key_values is None:
             past_key_values = NatslCache(self.config)
-
-        token_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    f"NAtS-L takes a 2D attention_mask [batch, length] (1 = token, 0 = padding), got shape "
-                    f"{tuple(attention_mask.shape)}; it builds the routed causal mask itself."
-                )
-            token_mask = attention_mask[:, -n:].bool()
-            if bool(token_mask.all()):
-                token_mask = None
+        # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
+        static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
+        if isinstance(past_key_values, NatslStaticCache) and not torch.compiler.is_compiling():
+            past_key_values.check_room(B, n)
+        token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not static_step)
         if position_ids is None:
             state = None if past_key_values is None else past_key_values.layer_state(0)
             seen = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device) if state is None else state.seen
@@ -301,10 +310,11 @@ class NatslModel(NatslPreTrainedModel):
         if output_hidden_states:
             all_hidden += (hidden_states,)
         fraction = layer_fraction = None
-        if n_routable:  # 0/0 -> NaN where nothing was routable (no complete non-sink chunk)
+        if n_routable and not static_step:
             n_routable, n_softmax = torch.stack(n_routable).float(), torch.stack(n_softmax).float()
-            layer_fraction = (n_softmax / n_routable).detach()
-            fraction = (n_softmax.sum() / n_routable.sum()).detach()
+            if bool(n_routable.sum() > 0):  # else nothing was routed in this call: no fraction (not 0/0)
+                layer_fraction = (n_softmax / n_routable.clamp(min=1)).detach()
+                fraction = (n_softmax.sum() / n_routable.sum()).detach()
         return NatslModelOutputWithPast(
             last_hidden_state=hidden_states,
             **{CACHE_FIELD: past_key_values if use_cache else None},
@@ -315,6 +325,45 @@ class NatslModel(NatslPreTrainedModel):
             routes=tuple(routes) if output_routes else None,
             router_agreement=torch.stack(agreements).mean() if agreements else None,
         )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """-> inputs_embeds [B, n, D]; refuses what the layers cannot take, naming the fix."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be 2D [batch, length], got shape {tuple(input_ids.shape)}; "
+                                 "for one sequence use input_ids[None] (or tokenizer(..., return_tensors='pt')).")
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be 3D [batch, length, hidden], got shape {tuple(inputs_embeds.shape)}.")
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"The input is empty (shape {tuple(inputs_embeds.shape[:2])}): pass at least one token per row.")
+        return inputs_embeds
+
+    @staticmethod
+    def _token_mask(attention_mask, B: int, n: int, cache, dense_ok: bool) -> torch.Tensor | None:
+        """[B, n] bool (False = padding) from a 2D mask of the new tokens or of past + new, or None when
+        every token is real. `dense_ok=False` (a compiled decode step) keeps the mask as it is instead
+        of checking it on the host."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"NAtS-L takes a 2D attention_mask [batch, length] (1 = token, 0 = padding), got shape "
+                f"{tuple(attention_mask.shape)}; it builds the routed causal mask itself."
+            )
+        if not torch.compiler.is_compiling():
+            past = 0 if cache is None else int(cache.get_seq_length())
+            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (n, past + n):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{B}, {n}] (the new tokens) or "
+                    f"[{B}, {past + n}] (cached + new tokens)."
+                )
+        token_mask = attention_mask[:, -n:].bool()
+        if dense_ok and bool(token_mask.all()):
+            return None
+        return token_mask
 
 
 class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
@@ -333,23 +382,47 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: the model creates its NatslCache itself
         return False
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        """`generate(..., cache_implementation="static")` decodes with a NatslStaticCache sized to the call
+        (rows x beams, prompt + max_new_tokens), which transformers then compiles as it does a StaticCache.
+        Without it, the model creates a NatslCache in its first forward."""
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if generation_config.cache_implementation != "static" or user_cache is not None:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+            )
+        if getattr(generation_config, "max_cache_len", None) is not None:
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+        rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+        model_kwargs[CACHE_FIELD] = NatslStaticCache(
+            self.config, max_batch_size=rows, max_cache_len=max_cache_length, device=self.device, dtype=self.dtype
+        )
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'
+        columns of the 2D mask (the cache holds the rest), so that is what it gets."""
+        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1]:]
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: NatslCache | None = None,
+        past_key_values: NatslCache | NatslStaticCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_routes: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
-        cache: NatslCache | None = None,
+        cache: NatslCache | NatslStaticCache | None = None,
         **kwargs,
     ) -> NatslCausalLMOutputWithPast:
         """labels -> `loss` = next-token cross-entropy + router loss (the budget term, training only).
-        cache / past_key_values: a NatslCache (either name; see CACHE_FIELD), or None."""
+        cache / past_key_values: a NatslCache or NatslStaticCache (either name; see CACHE_FIELD), or None."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -359,7 +432,9 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             output_routes=output_routes,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -136,15 +136,14 @@ def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, monkeypatch):
     g = torch.Generator().manual_seed(B * 31 + C)
     kept_len = torch.tensor(kept if kept is not None else [[0] * Hkv] * B)
     L = int(kept_len.max()) + 7 if kept is not None else 0  # allocated beyond the longest (row, group)
-    valid = torch.arange(L)[None, None] < kept_len[..., None]  # [B,Hkv,L], valid entries first
     kept_k = torch.randn(B, Hkv, L, D, generator=g)
-    kept_v = torch.randn(B, Hkv, L, Dv, generator=g)  # the padding holds garbage: it must be masked
+    kept_v = torch.randn(B, Hkv, L, Dv, generator=g)  # past kept_len: garbage that must not be read
     open_k, open_v = torch.randn(B, C, Hkv, D, generator=g), torch.randn(B, C, Hkv, Dv, generator=g)
     q = torch.randn(B, Hq, D, generator=g)
     slot = torch.tensor(slot)
     seen = 5 * C + slot  # position of the new token
-    o = K.routed_decode_attention(q, kept_k, kept_v, valid, open_k, open_v, seen, D ** -0.5)
-    o_r = R.routed_decode_attention(q, kept_k, kept_v, valid, open_k, open_v, seen, D ** -0.5)
+    o = K.routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, D ** -0.5)
+    o_r = R.routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, D ** -0.5)
     assert o.shape == (B, Hq, Dv)
     _close(o, o_r, 1e-4, "decode o")
 

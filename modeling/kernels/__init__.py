@@ -2,7 +2,7 @@
 
 routed_softmax_attention(q, k, v, route_weight, chunk_size, scale) -> o
 routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (o, open_chunk_state)
-routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale) -> o   (one decode step)
+routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale) -> o   (one decode step)
 kernels_available(tensor) -> bool
 """
 
@@ -95,6 +95,6 @@ def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | No
     return _f(q, k, v, g, beta, chunk_size, scale, initial_state)
 
 
-def routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale: float | None = None):
+def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
     from .decode import routed_decode_attention as _f
-    return _f(q.to(kept_k.dtype), kept_k, kept_v, kept_valid, open_k, open_v, seen, scale)
+    return _f(q.to(kept_k.dtype), kept_k, kept_v, kept_len, open_k, open_v, seen, scale)

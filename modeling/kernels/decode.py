@@ -1,8 +1,8 @@
 """One decode step of the softmax branch against the compacted cache (split-K, "flash-decoding").
 
 Semantics (SPEC section 4, `reference.softmax_branch` with a cache prefix and one query): the new
-token's query attends to the kept KV of its KV group (the complete softmax chunks: the entries of
-`kept_k[b, g]` where `kept_valid[b, g]`) and to its own open chunk up to and including itself
+token's query attends to the kept KV of its KV group (the complete softmax chunks: the first
+`kept_len[b, g]` entries of `kept_k[b, g]`) and to its own open chunk up to and including itself
 (slots 0..seen[b] % C of `open_k[b]`, the new token already written at that slot; `seen[b]` is the
 new token's position). Every visible key has weight 1, so this is plain softmax attention over
 those keys.
@@ -12,11 +12,12 @@ Work layout
   [s * SPLIT, (s + 1) * SPLIT) of one (row, KV group) in blocks of BN, for all q heads of the group
   at once (rows = q heads, padded to 16 for the tensor-core dot: GQA without repeating K/V), and
   writes its running max, sum and unnormalised output; program (bg, NSPLIT) does the open chunk.
-  NSPLIT is fixed on the host from the allocated length L, so there is no host sync; a split with
-  no valid entry returns an empty partial (max -inf, sum 0).
+  NSPLIT is fixed on the host from the allocated length L, so there is no host sync; each program
+  stops at its (row, group)'s kept_len, so a preallocated buffer (NatslStaticCache) costs only
+  what it holds, and a split past kept_len returns an empty partial (max -inf, sum 0).
 * Pass 2, grid (B * Hkv): merges the NSPLIT + 1 partials of each q head (log-sum-exp rescaling).
   The open split always holds the new token, so every merge has a finite max.
-Cost: reads the kept KV once (allocated length x Hkv x (D + Dv) x 2 bytes) plus the open chunk.
+Cost: reads the kept KV once (kept tokens x Hkv x (D + Dv) x 2 bytes) plus the open chunk.
 Host side: the cache tensors go in as they are (no length, slot or dtype conversions) and the
 partials share one scratch buffer, so a step is two Triton launches and two allocations: at batch 1
 that launch overhead, not the GPU, sets the step time (bench/KERNELS_NOTES.md).
@@ -38,8 +39,8 @@ TARGET_PROGRAMS = 512  # about 4 programs per SM on an H100 / H200; splits never
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, KK, KV, KVALID, OK, OV, SEEN, MID,
-    sqb, sqh, skb, skh, skt, svb, svh, svt, smb, smh, sokb, sokt, sokh, sovb, sovt, sovh,
+    Q, KK, KV, KLEN, OK, OV, SEEN, MID,
+    sqb, sqh, skb, skh, skt, svb, svh, svt, sokb, sokt, sokh, sovb, sovt, sovh,
     HKV, L, NSPLIT, SPLIT, qk_scale,
     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -57,13 +58,14 @@ def _decode_partial_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    if s < NSPLIT:  # kept entries [s * SPLIT, (s + 1) * SPLIT), the valid ones
+    if s < NSPLIT:  # kept entries [s * SPLIT, (s + 1) * SPLIT) below kept_len
         kbase = KK + b * skb + g * skh
         vbase = KV + b * svb + g * svh
         on = tl.arange(0, BN)
-        for start in range(s * SPLIT, tl.minimum((s + 1) * SPLIT, L), BN):
+        n_kept = tl.minimum(tl.load(KLEN + bg).to(tl.int32), L)
+        for start in range(s * SPLIT, tl.minimum((s + 1) * SPLIT, n_kept), BN):
             t = start + on
-            mk = tl.load(KVALID + b * smb + g * smh + t, mask=t < L, other=0) != 0
+            mk = t < n_kept
             k = tl.load(kbase + t[:, None] * skt + od[None, :], mask=mk[:, None] & (od[None, :] < D), other=0.0)
             v = tl.load(vbase + t[:, None] * svt + odv[None, :], mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
             sc = tl.dot(q, tl.trans(k)) * qk_scale
@@ -131,11 +133,11 @@ def _num_splits(rows: int, length: int) -> tuple[int, int]:
     return triton.cdiv(length, split), split
 
 
-def routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen, scale: float | None = None):
-    """One new token per row against the compacted cache (a `NatslLayerState`'s tensors as they are).
+def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
+    """One new token per row against the compacted cache (a layer state's tensors as they are).
 
     q: [B, Hq, D] the new token's RoPE'd query (the cache's dtype)
-    kept_k: [B, Hkv, L, D], kept_v: [B, Hkv, L, Dv] kept KV; kept_valid: [B, Hkv, L] bool
+    kept_k: [B, Hkv, L, D], kept_v: [B, Hkv, L, Dv] kept KV; kept_len: [B, Hkv] integer, the valid prefix
     open_k: [B, C, Hkv, D], open_v: [B, C, Hkv, Dv] the open chunk, the new token written at slot seen % C
     seen: [B] integer, the new token's position (keys in open slots 0..seen % C are visible)
     -> o: [B, Hq, Dv] in q's dtype. Inference only (no autograd).
@@ -143,21 +145,22 @@ def routed_decode_attention(q, kept_k, kept_v, kept_valid, open_k, open_v, seen,
     B, HQ, D = q.shape
     HKV, L, DV = kept_k.shape[1], kept_k.shape[2], kept_v.shape[-1]
     C = open_k.shape[1]
-    assert HQ % HKV == 0 and kept_k.shape[:2] == (B, HKV) and kept_valid.shape == (B, HKV, L)
+    assert HQ % HKV == 0 and kept_k.shape[:2] == (B, HKV) and kept_len.shape == (B, HKV)
     assert open_k.shape[2] == HKV and seen.shape == (B,)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     group = HQ // HKV
     BM, BD, BDV, BC = _pow2(group), _pow2(D), _pow2(DV), _pow2(C)
-    tensors = [q, kept_k, kept_v, kept_valid, open_k, open_v]
-    q, kept_k, kept_v, kept_valid, open_k, open_v = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    tensors = [q, kept_k, kept_v, open_k, open_v]
+    q, kept_k, kept_v, open_k, open_v = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    kept_len = kept_len.contiguous()
     nsplit, split = _num_splits(B * HKV, L)
     mid = torch.empty(B * HKV, nsplit + 1, BM, BDV + 2, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, DV, device=q.device, dtype=q.dtype)
     _decode_partial_kernel[(B * HKV, nsplit + 1)](
-        q, kept_k, kept_v, kept_valid, open_k, open_v, seen, mid,
+        q, kept_k, kept_v, kept_len, open_k, open_v, seen, mid,
         q.stride(0), q.stride(1), kept_k.stride(0), kept_k.stride(1), kept_k.stride(2),
-        kept_v.stride(0), kept_v.stride(1), kept_v.stride(2), kept_valid.stride(0), kept_valid.stride(1),
+        kept_v.stride(0), kept_v.stride(1), kept_v.stride(2),
         open_k.stride(0), open_k.stride(1), open_k.stride(2), open_v.stride(0), open_v.stride(1), open_v.stride(2),
         HKV, L, nsplit, split, scale * LOG2E,
         GROUP=group, BM=BM, BN=BN, C=C, BC=BC, D=D, DV=DV, BD=BD, BDV=BDV, num_warps=4, num_stages=2,

@@ -1,0 +1,142 @@
+"""NatslStaticCache: fixed-shape decoding (prefill + steps == one forward), compiled steps, capacity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from natsl_hf import NatslCache, NatslStaticCache
+from natsl_hf.modeling_natsl import CACHE_FIELD
+from natsl_testing import tiny_model
+
+C = 4  # tiny_config's chunk size
+
+
+def full_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, use_cache=False).logits
+
+
+def left_padded(prompts):
+    T = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(len(prompts), T, dtype=torch.long), torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_prefill_then_steps_equal_each_prompt_alone(kv_heads):
+    """Left-padded prompts of different lengths, then decode steps across several chunk boundaries with
+    mixed routes per row and per KV group: every row's logits equal the prompt + steps run alone."""
+    model = tiny_model(seed=11, num_key_value_heads=kv_heads)
+    lens, N = [13, 6, 3], 3 * C + 2
+    prompts = [torch.randint(1, 97, (L,)) for L in lens]
+    steps = torch.randint(1, 97, (3, N))
+    ids, mask = left_padded(prompts)
+    T = ids.shape[1]
+    cache = NatslStaticCache(model.config, max_batch_size=3, max_cache_len=T + N, max_kept_fraction=1.0)
+    with torch.no_grad():
+        logits = [model(ids, attention_mask=mask, past_key_values=cache).logits]
+        for t in range(N):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            logits.append(model(steps[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits)
+    logits = torch.cat(logits, 1)
+    for b, p in enumerate(prompts):
+        alone = full_logits(model, torch.cat([p, steps[b]])[None])[0]
+        real = torch.cat([torch.arange(T - len(p), T), torch.arange(T, T + N)])
+        assert (logits[b, real] - alone).abs().max() <= 1e-4, b
+    kept = torch.stack([layer.state.kept_len for layer in cache.layers])  # [layers, B, Hkv]
+    assert kept.unique().numel() > 2, "test needs routes that differ across rows and groups"
+    assert 0 < cache.realised_fraction() < 1
+    assert int(cache.get_seq_length()) == T + N
+
+
+def test_a_prompt_in_pieces_then_steps():
+    """Several multi-token calls against the static cache (each loaded back into its buffers)."""
+    model = tiny_model(seed=12)
+    ids = torch.randint(1, 97, (2, 23))
+    expected = full_logits(model, ids)
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=23, max_kept_fraction=1.0)
+    with torch.no_grad():
+        pieces = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 6), (6, 13))]
+        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(13, 23)]
+    assert (torch.cat(pieces, 1) - expected).abs().max() <= 1e-4
+
+
+def test_greedy_generate_static_equals_dynamic():
+    model = tiny_model(seed=8)
+    ids, mask = left_padded([torch.randint(1, 97, (L,)) for L in (11, 5, 8)])
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         cache_implementation="static", return_dict_in_generate=True)
+    assert isinstance(getattr(out, CACHE_FIELD), NatslStaticCache)
+    assert torch.equal(out.sequences, dynamic)
+
+
+def test_compiled_decode_step_has_no_graph_break():
+    """A decode step, chunk-closing steps included, traces into one graph (fullgraph=True fails on a
+    host sync such as .item() or bool(tensor)) and gives the eager logits; later steps reuse it."""
+    import torch._dynamo
+
+    model = tiny_model(seed=13)
+    ids = torch.randint(1, 97, (2, 15))
+    mask = torch.ones(2, 15, dtype=torch.long)
+    expected = full_logits(model, ids)
+    torch._dynamo.reset()
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=15, max_kept_fraction=1.0)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        logits = [model(ids[:, :5], past_key_values=cache).logits]
+        for t in range(5, 15):  # closes the chunks ending at 7, 11 and 15
+            logits.append(compiled(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], past_key_values=cache).logits)
+    assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+
+
+def test_full_kept_kv_sends_softmax_chunks_to_gdn_and_counts_them():
+    """Documented policy: with no room left (max_kept_fraction=0 keeps only the sink chunk), chunks routed
+    softmax are written to the GDN state instead, which is what an all-linear router computes."""
+    softmax = tiny_model(seed=14, route_override="softmax")
+    linear = tiny_model(seed=14, route_override="linear")
+    ids = torch.randint(1, 97, (2, 6 + 3 * C))
+    cache = NatslStaticCache(softmax.config, max_batch_size=2, max_cache_len=ids.shape[1], max_kept_fraction=0.0)
+    dyn = NatslCache(linear.config)
+    with torch.no_grad():
+        a = [softmax(ids[:, :6], past_key_values=cache).logits]  # no routable chunk closes in the prompt
+        b = [linear(ids[:, :6], past_key_values=dyn).logits]
+        for t in range(6, ids.shape[1]):
+            a.append(softmax(ids[:, t : t + 1], past_key_values=cache).logits)
+            b.append(linear(ids[:, t : t + 1], past_key_values=dyn).logits)
+    assert (torch.cat(a, 1) - torch.cat(b, 1)).abs().max() <= 1e-4
+    report = cache.overflow_report()
+    assert report["total"] == 3 * 2 * 2 * 2  # 3 chunks x 2 rows x 2 KV groups x 2 layers
+    assert all(int(layer.state.kept_len.max()) <= layer.state.capacity for layer in cache.layers)
+    assert cache.realised_fraction() == 0.0
+
+
+def test_a_prompt_beyond_the_capacity_names_the_setting():
+    model = tiny_model(seed=15, route_override="softmax")
+    cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=64, max_kept_fraction=0.1)
+    with pytest.raises(ValueError, match="max_kept_fraction"), torch.no_grad():
+        model(torch.randint(1, 97, (1, 40)), past_key_values=cache)
+
+
+def test_size_and_batch_are_checked():
+    model = tiny_model(seed=16)
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="max_batch_size"):
+            model(torch.randint(1, 97, (3, 4)), past_key_values=cache)
+        model(torch.randint(1, 97, (2, 8)), past_key_values=cache)
+        with pytest.raises(ValueError, match="max_cache_len"):
+            model(torch.randint(1, 97, (2, 1)), past_key_values=cache)
+    with pytest.raises(ValueError, match="max_kept_fraction"):
+        NatslStaticCache(model.config, max_batch_size=1, max_cache_len=8, max_kept_fraction=1.5)
+
+
+def test_memory_follows_what_is_kept():
+    """NAtS-L layers allocate sinks + max_kept_fraction of the chunks, full-softmax layers the whole context."""
+    model = tiny_model(seed=17, natsl_layers=[1], softmax_budget=0.125)  # default fraction: 2 x budget
+    cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=40 * C)
+    full, natsl = (layer.state.capacity for layer in cache.layers)
+    assert full == 40 * C and natsl == (1 + 10) * C  # 1 sink + ceil(0.25 x 39) chunks
