@@ -76,3 +76,98 @@ def test_an_update_is_validated_as_a_whole():
     config.natsl_layers = [1, 0, 1]
     assert config.natsl_layers == [0, 1]
     assert "_natsl_validated" not in config.to_json_string()
+
+
+# --------------------------------------------------------------------------- natsl-convert
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".natsl-tmp-" in p.name or ".natsl-old-" in p.name]
+
+
+def test_convert_into_a_read_only_directory(tmp_path, monkeypatch, capsys):
+    src = tiny_llama(tmp_path / "src")
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # what a read-only filesystem answers (root ignores chmod)
+        if Path(path).parent == parent:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    capsys.readouterr()
+    assert convert_main([str(src), str(parent / "out"), "--chunk-size", "4", "--quiet"]) == 2
+    line = one_line_error(capsys.readouterr().err, "natsl-convert")
+    assert f"Cannot write into {parent} (permission denied); pick an OUT in a directory you can write to" in line
+    assert list(parent.iterdir()) == []
+
+
+CONVERT_SCRIPT = """
+import sys, time
+import natsl_hf
+from natsl_hf import NatslForCausalLM
+from natsl_hf.conversion import convert_checkpoint
+
+def save_slowly(self, folder, *args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(60)
+
+NatslForCausalLM.save_pretrained = save_slowly
+convert_checkpoint(sys.argv[1], sys.argv[2], chunk_size=4, progress=False)
+"""
+
+
+def start_conversion_and_signal(src: Path, out: Path, signum: int) -> int:
+    """Run a conversion in a child process, send it `signum` while it writes, return its exit status."""
+    child = subprocess.Popen([sys.executable, "-c", CONVERT_SCRIPT, str(src), str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        assert leftovers(out.parent), "the temp dir exists while writing"
+        child.send_signal(signum)
+        return child.wait(timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sigterm_during_conversion_cleans_up(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    out = tmp_path / "out"
+    assert start_conversion_and_signal(src, out, signal.SIGTERM) == 128 + signal.SIGTERM
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_next_conversion_removes_what_a_killed_one_left(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    out = tmp_path / "out"
+    assert start_conversion_and_signal(src, out, signal.SIGKILL) == -signal.SIGKILL
+    assert len(leftovers(tmp_path)) == 1  # SIGKILL cannot be cleaned up after ...
+    running = tmp_path / f".out.natsl-tmp-{os.getpid()}-0123456789ab"  # ... and a live conversion's is not touched
+    running.mkdir()
+    assert convert_main([str(src), str(out), "--chunk-size", "4", "--quiet"]) == 0
+    assert leftovers(tmp_path) == [running.name] and (out / "model.safetensors").is_file()
+
+
+def test_chunk_size_past_the_context_is_refused(tmp_path, capsys):
+    src = tiny_llama(tmp_path / "src")  # 128 positions
+    capsys.readouterr()
+    assert convert_main([str(src), str(tmp_path / "out"), "--chunk-size", "128", "--quiet"]) == 2
+    line = one_line_error(capsys.readouterr().err, "natsl-convert")
+    assert "no chunk could ever be routed; use chunk_size <= 64. (set by --chunk-size)" in line
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_shortened_context_is_noted_at_conversion(tmp_path, capsys):
+    src = tiny_llama(tmp_path / "src")
+    assert convert_main([str(src), str(tmp_path / "out"), "--chunk-size", "4", "--max-positions", "32", "--quiet"]) == 0
+    assert "note: converted for 32 positions (the source has 128)" in capsys.readouterr().out
+
+
+@pytest.mark.skip(reason="needs NatslModel.forward to warn when positions reach config.max_position_embeddings "
+                         "(natsl_hf/modeling_natsl.py, issue 17); remove this skip with that change")
+def test_text_longer_than_the_converted_context_warns(tmp_path):
+    torch.manual_seed(0)
+    model = NatslForCausalLM(tiny_config(max_position_embeddings=16)).eval()
+    with pytest.warns(UserWarning, match="max_position_embeddings=16"):
+        model(torch.randint(1, 97, (1, 24)))
