@@ -17,7 +17,7 @@ What it does, per call:
            `natsl-convert` (chunk 64, budget 0.25, all layers NAtS-L).
   runs     the same `natsl-distill --stage S` (bf16, gradient checkpointing, seed 0, same global
            batch and per-device micro-batch) as
-             1gpu   one process, --grad-accum 2 (two micro-batches a step)
+             1gpu   one process, --gradient_accumulation_steps 2 (two micro-batches a step)
              ddp    2 processes, accelerate_configs/ddp.yaml
              fsdp   2 processes, accelerate_configs/fsdp.yaml (full shard, NatslDecoderLayer units)
            Stage 2 starts from the stage-1 1gpu run's output (run first if this call has none:
@@ -137,7 +137,7 @@ def worker(result: str, block_file: str, distill_argv: list[str], reload_records
     """Inside `accelerate launch`: one natsl-distill run plus the per-rank records."""
     from transformers import TrainerCallback
 
-    from natsl_hf.conversion.distill import build_parser, train
+    from natsl_hf.conversion.distill import parse_args, train
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -148,10 +148,8 @@ def worker(result: str, block_file: str, distill_argv: list[str], reload_records
                 torch.cuda.synchronize()
             self.times.append((state.global_step, time.perf_counter()))
 
-    args = build_parser().parse_args(distill_argv)
-    args.command = shlex.join(["natsl-distill", *distill_argv])
     timer = StepTimer()
-    trainer = train(args, callbacks=[timer])
+    trainer = train(*parse_args(distill_argv), callbacks=[timer], command=shlex.join(["natsl-distill", *distill_argv]))
     acc, model = trainer.accelerator, trainer.model_wrapped
     rank = acc.process_index
 
@@ -202,16 +200,17 @@ def launch_args(mode: str, smoke: bool) -> list[str]:
 
 def distill_args(stage: int, mode: str, model: str, paths: dict, out_dir: Path, steps: int, a) -> list[str]:
     argv = ["--stage", str(stage), "--model", model, "--data", paths["text"],
-            "--output-dir", str(out_dir), "--max-steps", str(steps), "--batch-size", str(a.micro_batch),
-            "--grad-accum", str(2 // PROCESSES[mode]), "--seq-len", str(a.seq_len),
-            "--max-blocks", str(steps * 2 * a.micro_batch), "--logging-steps", str(a.logging_steps),
-            "--save-steps", "1000000", "--seed", "0", "--report-to", "none",
-            "--router-fit-blocks", str(a.fit_blocks), "--calibration-blocks", str(a.calibration_blocks),
-            "--lr", str(a.lr_stage1 if stage == 1 else a.lr_stage2)]
+            "--output_dir", str(out_dir), "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(a.micro_batch),
+            "--gradient_accumulation_steps", str(2 // PROCESSES[mode]), "--seq_len", str(a.seq_len),
+            "--max_blocks", str(steps * 2 * a.micro_batch), "--logging_steps", str(a.logging_steps),
+            "--save_steps", "1000000", "--seed", "0", "--report_to", "none",
+            "--router_fit_blocks", str(a.fit_blocks), "--calibration_blocks", str(a.calibration_blocks),
+            "--learning_rate", str(a.lr_stage1 if stage == 1 else a.lr_stage2)]
     if stage == 1:
         argv += ["--source", paths["source"]]
     if not a.smoke:
-        argv += ["--bf16", "--gradient-checkpointing"]
+        argv += ["--bf16", "--gradient_checkpointing"]
     return argv
 
 

@@ -55,12 +55,12 @@ PRESETS = {
         "chunk_size": 32,
         "train_seq_len": 256,
         "recall_doc_len": 1024,  # = the router fit's / calibration's block length
-        "stage1": ["--max-steps", "40", "--lr", "5e-3", "--batch-size", "1", "--router-loss-weight", "10",
-                   "--logging-steps", "5", "--calibration-blocks", "16", "--calibration-seq-len", "1024",
-                   "--router-fit-blocks", "48"],
-        "stage2": ["--max-steps", "16", "--lr", "2e-5", "--batch-size", "1", "--kd-weight", "1.0",
-                   "--kd-temperature", "1.0", "--logging-steps", "4", "--calibration-blocks", "16",
-                   "--calibration-seq-len", "1024"],
+        "stage1": ["--max_steps", "40", "--learning_rate", "5e-3", "--per_device_train_batch_size", "1",
+                   "--router_loss_weight", "10", "--logging_steps", "5", "--calibration_blocks", "16",
+                   "--calibration_seq_len", "1024", "--router_fit_blocks", "48"],
+        "stage2": ["--max_steps", "16", "--learning_rate", "2e-5", "--per_device_train_batch_size", "1",
+                   "--kd_weight", "1.0", "--kd_temperature", "1.0", "--logging_steps", "4",
+                   "--calibration_blocks", "16", "--calibration_seq_len", "1024"],
         "eval": ["--seq-len", "512", "--ppl-blocks", "12", "--gen-prompts", "6", "--gen-prompt-len", "64",
                  "--gen-tokens", "16", "--retrieval-lengths", "2048", "--retrieval-contexts", "4",
                  "--retrieval-pairs", "8", "--retrieval-queries", "8"],
@@ -70,10 +70,10 @@ PRESETS = {
         "chunk_size": 64,
         "train_seq_len": 2048,
         "recall_doc_len": 2048,
-        "stage1": ["--max-steps", "300", "--lr", "1e-3", "--batch-size", "4", "--bf16", "--logging-steps", "20",
-                   "--router-fit-blocks", "32", "--calibration-blocks", "16"],
-        "stage2": ["--max-steps", "60", "--lr", "2e-5", "--batch-size", "4", "--kd-weight", "1.0", "--bf16",
-                   "--logging-steps", "10", "--calibration-blocks", "16"],
+        "stage1": ["--max_steps", "300", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4", "--bf16",
+                   "--logging_steps", "20", "--router_fit_blocks", "32", "--calibration_blocks", "16"],
+        "stage2": ["--max_steps", "60", "--learning_rate", "2e-5", "--per_device_train_batch_size", "4",
+                   "--kd_weight", "1.0", "--bf16", "--logging_steps", "10", "--calibration_blocks", "16"],
         "eval": ["--seq-len", "2048", "--ppl-blocks", "16", "--gen-prompts", "8", "--gen-tokens", "32",
                  "--retrieval-lengths", "2048", "4096", "--retrieval-contexts", "8", "--retrieval-pairs", "8",
                  "--retrieval-queries", "8"],
@@ -185,9 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--routing", choices=("supervised", "unsupervised"), default="supervised",
                    help="stage-1 routing: supervised by the source attention's heavy-hitter chunks, then calibrated "
                    "to the budget (natsl-distill's default), or the router's own with the budget hinge "
-                   "(natsl-distill --no-supervised-routing)")
+                   "(natsl-distill --no_supervised_routing)")
     p.add_argument("--stage2-train-router", action="store_true",
-                   help="stage 2 keeps training the router (natsl-distill --train-router); default: frozen")
+                   help="stage 2 keeps training the router (natsl-distill --train_router); default: frozen")
     p.add_argument("--recall-docs", type=int, default=0,
                    help="add N synthetic key-value recall documents to the training text (`recall_documents`)")
     p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
@@ -226,17 +226,17 @@ def main(argv=None) -> int:
                        str(src), str(init_dir), str(preset["chunk_size"]), str(budget),
                        json.dumps(preset["natsl_layers"])]
         run_info["steps"]["convert"] = run(convert_cmd, workdir / "logs" / f"{tag}_convert.log")
-        common = ["--source", str(src), "--data", str(train_txt), "--seq-len", str(preset["train_seq_len"]),
-                  "--softmax-budget", str(budget), "--save-steps", "100000"]
+        common = ["--source", str(src), "--data", str(train_txt), "--seq_len", str(preset["train_seq_len"]),
+                  "--softmax_budget", str(budget), "--save_steps", "100000"]
         s1 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "1", "--model", str(init_dir),
-              "--output-dir", str(s1_dir), *common, *preset["stage1"]]
+              "--output_dir", str(s1_dir), *common, *preset["stage1"]]
         if args.routing == "unsupervised":
-            s1.append("--no-supervised-routing")
+            s1.append("--no_supervised_routing")
         run_info["steps"]["stage1"] = run(s1, workdir / "logs" / f"{tag}_stage1.log")
         s2 = [py, "-m", "natsl_hf.conversion.distill", "--stage", "2", "--model", str(s1_dir),
-              "--output-dir", str(s2_dir), *common, *preset["stage2"]]
+              "--output_dir", str(s2_dir), *common, *preset["stage2"]]
         if args.stage2_train_router:
-            s2.append("--train-router")
+            s2.append("--train_router")
         run_info["steps"]["stage2"] = run(s2, workdir / "logs" / f"{tag}_stage2.log")
         for stage, d in (("stage1", s1_dir), ("stage2", s2_dir)):
             state = d / "trainer_state.json"

@@ -22,10 +22,10 @@ from natsl_testing import free_port
 RANK_SCRIPT = textwrap.dedent(
     """
     import hashlib, os, sys
-    from natsl_hf.conversion.distill import build_parser, train
+    from natsl_hf.conversion.distill import parse_args, train
 
     out = sys.argv[1]
-    trainer = train(build_parser().parse_args(sys.argv[2:]))
+    trainer = train(*parse_args(sys.argv[2:]))
     model = trainer.accelerator.unwrap_model(trainer.model)
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -85,8 +85,9 @@ def test_ddp_two_cpu_processes_stage1(tmp_path):
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--main_process_port", str(free_port()), str(script), str(tmp_path),
         "--stage", "1", "--model", str(model_dir), "--source", str(src_dir), "--data", str(text),
-        "--output-dir", str(out_dir), "--max-steps", "4", "--lr", "1e-2", "--batch-size", "2", "--seq-len", "32",
-        "--logging-steps", "2", "--save-steps", "1000", "--report-to", "none",
+        "--output_dir", str(out_dir), "--max_steps", "4", "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", "2", "--seq_len", "32", "--logging_steps", "2", "--save_steps", "1000",
+        "--report_to", "none",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true",
                CUDA_VISIBLE_DEVICES="")

@@ -1,4 +1,4 @@
-"""Recovery training (natsl_hf.conversion.distill) on tiny models built here: CPU, a few seconds each."""
+"""Recovery training (conversion/trainer.py and the natsl-distill CLI) on tiny models built here: CPU, seconds each."""
 
 from __future__ import annotations
 
@@ -15,13 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 
 from natsl_hf import NatslForCausalLM
 from natsl_hf.conversion.data import load_packed_dataset, pack
-from natsl_hf.conversion.distill import (
-    AttentionTransfer,
-    NatslDistillTrainer,
-    is_natsl_parameter,
-    prepare_student,
-    save_final,
-)
+from natsl_hf.conversion.distill import save_final
+from natsl_hf.conversion.families import is_new_parameter
+from natsl_hf.conversion.trainer import AttentionTransfer, NatslDistillTrainer, prepare_student
 from natsl_testing import free_port
 
 VOCAB, SEQ, CHUNK = 64, 32, 8
@@ -106,7 +102,7 @@ def test_stage1_trains_only_new_parameters_and_lowers_alignment(tmp_path):
     ds = token_dataset()
     b = batch(ds)
     before_align = alignment(model, src, b)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not is_natsl_parameter(n)}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not is_new_parameter(n)}
     prepare_student(model, 1)
     trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=20, learning_rate=3e-2),
                                   train_dataset=ds, stage=1, teacher=src, supervised_routing=False)
@@ -280,7 +276,7 @@ def test_packed_text_data(tmp_path):
 
 
 def test_route_budget_loss_is_hinge_on_realised_fraction():
-    from natsl_hf.conversion.distill import route_budget_loss
+    from natsl_hf.conversion.trainer import route_budget_loss
 
     src = tiny_source()
     model = tiny_natsl(src, softmax_budget=0.25, router_loss_weight=2.0)
@@ -338,11 +334,11 @@ def test_cli_stages_carry_the_model_card(tmp_path):
                        progress=False, command="natsl-convert src init --chunk-size 8")
     data = tmp_path / "train.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    common = ["--data", str(data), "--seq-len", "32", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
-              "--report-to", "none", "--source", str(src)]
-    assert main(["--stage", "1", "--model", str(init), "--output-dir", str(tmp_path / "s1"), *common]) == 0
-    assert main(["--stage", "2", "--model", str(tmp_path / "s1"), "--output-dir", str(tmp_path / "s2"),
-                 "--kd-weight", "0.5", "--calibration-seq-len", "64", *common]) == 0
+    common = ["--data", str(data), "--seq_len", "32", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "100",
+              "--report_to", "none", "--source", str(src)]
+    assert main(["--stage", "1", "--model", str(init), "--output_dir", str(tmp_path / "s1"), *common]) == 0
+    assert main(["--stage", "2", "--model", str(tmp_path / "s1"), "--output_dir", str(tmp_path / "s2"),
+                 "--kd_weight", "0.5", "--calibration_seq_len", "64", *common]) == 0
     card = ModelCard.load(tmp_path / "s2" / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "org/tiny"
     assert "natsl-convert src init --chunk-size 8" in card.text

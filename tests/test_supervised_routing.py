@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from natsl_hf.conversion.distill import NatslDistillTrainer, prepare_student
+from natsl_hf.conversion.trainer import NatslDistillTrainer, prepare_student
 from natsl_hf.modeling import NatslAttention
 from natsl_hf.modeling.router import chunk_attention_mass, routing_supervision_loss, routing_targets
 from natsl_testing import tiny_config
