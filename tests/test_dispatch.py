@@ -90,15 +90,17 @@ def test_kernel_path_matches_reference_in_the_model():
     assert "DISPATCH_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def test_decode_kernel_matches_reference_in_the_model():
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_kernel_matches_reference_in_the_model(static):
     """Decode steps against a NatslCache take the decode kernel (modeling/kernels/decode.py) in every layer,
-    NAtS-L or full softmax, and give the reference's logits; a left-padded row has its own chunk phase."""
-    script = textwrap.dedent(
+    NAtS-L or full softmax, and give the reference's logits; a left-padded row has its own chunk phase.
+    Against a NatslStaticCache every step takes it, the chunk-closing ones included."""
+    script = "STATIC = %r\n" % static + textwrap.dedent(
         """
         import os, sys, torch
         sys.path.insert(0, "tests")
         from natsl_testing import tiny_model
-        from natsl_hf import NatslCache
+        from natsl_hf import NatslCache, NatslStaticCache
         from natsl_hf.modeling import layer as L
         calls = {"decode": 0}
         real = L.kernels.routed_decode_attention
@@ -112,7 +114,7 @@ def test_decode_kernel_matches_reference_in_the_model():
         mask[1, :7] = 0  # row 1: a 13-token prompt, left-padded
         def run(force_ref):
             os.environ["NATSL_FORCE_REFERENCE"] = "1" if force_ref else "0"
-            cache = NatslCache(model.config)
+            cache = NatslStaticCache(model.config, 2, 40, 1.0) if STATIC else NatslCache(model.config)
             with torch.no_grad():
                 logits = [model(ids[:, :20], attention_mask=mask, past_key_values=cache).logits[:, -1:]]
                 for t in range(20, 40):
@@ -124,7 +126,7 @@ def test_decode_kernel_matches_reference_in_the_model():
         ker = run(False)
         # 20 steps x 2 layers, minus the steps that close a chunk in some row (general path): row 0 closes
         # one at position 31 (step t=31), row 1 (13-token prompt, position t-7) at 15 and 31 (t=22, 38)
-        assert calls["decode"] == (20 - 3) * 2, calls
+        assert calls["decode"] == (20 - (0 if STATIC else 3)) * 2, calls
         err = (ker - ref).abs().max().item()
         assert err < 1e-4, err
         print("DECODE_OK", err)
