@@ -12,6 +12,16 @@ Every document is tokenised, an EOS token is appended, all documents are concate
 into blocks of exactly `seq_len` tokens (the remainder is dropped), the usual
 `run_clm.py` "group_texts" packing. Each example has ``input_ids``, ``attention_mask`` and
 ``labels`` (= ``input_ids``; the model shifts them).
+
+`packing` says whether a block is one sequence or keeps its documents apart:
+
+- ``"blocks"`` (default): a block is one sequence; attention crosses document boundaries.
+- ``"documents"``: the same blocks, plus ``position_ids`` that restart at 0 at every document start
+  and at the block start (a document cut by the block boundary continues as a fresh piece; RoPE
+  only sees relative positions, so its attention is unchanged), the layout of transformers'
+  `DataCollatorWithFlattening`. The model then keeps the documents apart (no attention and no
+  GDN state across a boundary, chunks restart, see modeling/varlen.py), and ``labels`` are -100 at
+  every position 0, so no document's first token is predicted from the previous document.
 """
 
 from __future__ import annotations
@@ -78,28 +88,68 @@ def load_texts_or_ids(path: str | os.PathLike, split: str = "train"):
     )
 
 
-def pack(token_lists, seq_len: int, eos_token_id: int | None) -> list[list[int]]:
-    """Concatenate token lists (EOS between documents) and cut into full blocks of `seq_len`."""
+PACKINGS = ("blocks", "documents")
+IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
+
+
+def _stream(token_lists, eos_token_id: int | None) -> tuple[list[int], list[int]]:
+    """Token lists concatenated with an EOS closing each document -> (tokens, index of each document's
+    first token)."""
     stream: list[int] = []
+    starts: list[int] = []
     for ids in token_lists:
+        starts.append(len(stream))
         stream.extend(ids)
         if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
             stream.append(eos_token_id)
+    return stream, starts
+
+
+def pack(token_lists, seq_len: int, eos_token_id: int | None) -> list[list[int]]:
+    """Concatenate token lists (EOS between documents) and cut into full blocks of `seq_len`."""
+    stream, _ = _stream(token_lists, eos_token_id)
     n_blocks = len(stream) // seq_len
     return [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_blocks)]
 
 
-def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max_blocks: int | None = None):
-    """Tokenise and pack the data at `path` into a `datasets.Dataset` of `seq_len`-token blocks."""
+def pack_documents(token_lists, seq_len: int, eos_token_id: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """`pack`'s blocks and, for each, position ids restarting at 0 at every document start in the
+    block and at the block start -> (blocks, position_ids)."""
+    stream, starts = _stream(token_lists, eos_token_id)
+    n_blocks = len(stream) // seq_len
+    is_start = bytearray(len(stream))
+    for i in starts:
+        if i < len(stream):
+            is_start[i] = 1
+    positions, p = [], 0
+    for i in range(n_blocks * seq_len):
+        p = 0 if is_start[i] or i % seq_len == 0 else p + 1
+        positions.append(p)
+    blocks = [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_blocks)]
+    return blocks, [positions[i * seq_len:(i + 1) * seq_len] for i in range(n_blocks)]
+
+
+def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max_blocks: int | None = None,
+                        packing: str = "blocks"):
+    """Tokenise and pack the data at `path` into a `datasets.Dataset` of `seq_len`-token blocks.
+
+    packing: "blocks" (columns input_ids, attention_mask, labels) or "documents" (also position_ids
+    restarting at each document, labels -100 at each document's first token); see the module docstring.
+    """
     (Dataset,) = _datasets("Dataset")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: need at least 2 tokens per block for next-token prediction.")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r} (--packing) is not one of {', '.join(PACKINGS)}.")
     kind, data = load_texts_or_ids(path, split)
     if kind == "text":
         token_lists = tokenizer(data, add_special_tokens=False)["input_ids"]
     else:
         token_lists = data["input_ids"]
-    blocks = pack(token_lists, seq_len, tokenizer.eos_token_id)
+    if packing == "documents":
+        blocks, positions = pack_documents(token_lists, seq_len, tokenizer.eos_token_id)
+    else:
+        blocks, positions = pack(token_lists, seq_len, tokenizer.eos_token_id), None
     if not blocks:
         total = sum(len(t) for t in token_lists)
         raise ValueError(
@@ -107,11 +157,14 @@ def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max
         )
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
-    return Dataset.from_dict({
-        "input_ids": blocks,
-        "attention_mask": [[1] * seq_len for _ in blocks],
-        "labels": [list(b) for b in blocks],
-    })
+    columns = {"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks]}
+    if positions is None:
+        columns["labels"] = [list(b) for b in blocks]
+    else:
+        positions = positions[: len(blocks)]
+        columns["position_ids"] = positions
+        columns["labels"] = [[IGNORE_INDEX if p == 0 else t for t, p in zip(b, ps)] for b, ps in zip(blocks, positions)]
+    return Dataset.from_dict(columns)
 
 
-__all__ = ["load_packed_dataset", "load_texts_or_ids", "pack"]
+__all__ = ["PACKINGS", "load_packed_dataset", "load_texts_or_ids", "pack", "pack_documents"]
