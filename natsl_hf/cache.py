@@ -267,6 +267,13 @@ class NatslStaticCache(Cache):
     def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
         return self.layers[layer_idx].state
 
+    def fits(self, batch_size: int, max_cache_len: int, config, device, dtype) -> bool:
+        """Whether generate() can reuse this cache for a call of that size (with the default capacity)."""
+        state = self.layers[0].state
+        return (batch_size == self.max_batch_size and max_cache_len == self.max_cache_len
+                and self.max_kept_fraction == min(1.0, 2 * config.softmax_budget)
+                and state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype)
+
     def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
         self.layers[layer_idx].set_state(state, columns, aux)
 

@@ -395,9 +395,17 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         if getattr(generation_config, "max_cache_len", None) is not None:
             max_cache_length = max(max_cache_length, generation_config.max_cache_len)
         rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
-        model_kwargs[CACHE_FIELD] = NatslStaticCache(
-            self.config, max_batch_size=rows, max_cache_len=max_cache_length, device=self.device, dtype=self.dtype
-        )
+        # reused across calls of the same size, as transformers reuses its StaticCache: new buffers would
+        # have new addresses, which a captured (CUDA-graph) step would have to record again
+        cache = getattr(self, "_natsl_static_cache", None)
+        if cache is None or not cache.fits(rows, max_cache_length, self.config, self.device, self.dtype):
+            cache = NatslStaticCache(
+                self.config, max_batch_size=rows, max_cache_len=max_cache_length, device=self.device, dtype=self.dtype
+            )
+            self._natsl_static_cache = cache
+        else:
+            cache.reset()
+        model_kwargs[CACHE_FIELD] = cache
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'

@@ -70,8 +70,13 @@ def test_greedy_generate_static_equals_dynamic():
     dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                          cache_implementation="static", return_dict_in_generate=True)
-    assert isinstance(getattr(out, CACHE_FIELD), NatslStaticCache)
+    cache = getattr(out, CACHE_FIELD)
+    assert isinstance(cache, NatslStaticCache)
     assert torch.equal(out.sequences, dynamic)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                           cache_implementation="static", return_dict_in_generate=True)
+    assert getattr(again, CACHE_FIELD) is cache, "a call of the same size reuses the buffers (CUDA graphs keep them)"
+    assert torch.equal(again.sequences, dynamic)
 
 
 def test_compiled_decode_step_has_no_graph_break():

@@ -1,0 +1,360 @@
+"""Model-level NAtS-L vs its source, side by side on one GPU, as a user runs them (issues 14 and 15).
+
+The source is a Llama-3.2-1B-shaped `LlamaForCausalLM` (hidden 2048, 16 layers, 32 q / 8 kv heads,
+head_dim 64, random weights, bf16, SDPA); NAtS-L is its conversion with the project's own
+`convert_model` (every layer NAtS-L, chunk 64, one sink chunk). Random routes at softmax fraction p:
+each router gets random weights and a bias calibrated on the chunk means of one random 8k prompt so
+that p of the routable chunks go softmax (gdn_alpha stays 0, so the routers' inputs do not depend on
+the routing); the realised fraction is measured on every prompt and reported.
+
+Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
+  decode     tok/s of `generate()` (greedy, batch B, context T): source with its default DynamicCache
+             ("source-default") and with `cache_implementation="static"` ("source-static", which
+             transformers compiles), NAtS-L with `cache_implementation="static"` (NatslStaticCache,
+             compiled the same way). tok/s = B * 128 / (time of 144 new tokens - time of 16), so the
+             prefill cancels out; compile time (the first call) is reported apart. peak_gb = peak memory
+             of the 144-token call.
+  prefill    ms of one forward with last-token logits, no cache (torch.cuda events, median of 3).
+  train_step ms of forward + backward with labels, gradient checkpointing (no optimizer step).
+  max_batch  the largest batch at 32k context whose prefill + 4 new tokens fit, from the measured peak
+             memory at batch 1 and 2 (linear in the batch), then checked by running it.
+  profile    CUDA kernels, cudaGraphLaunch calls and host syncs per decode step (torch profiler), eager
+             and compiled.
+
+Usage (GPU):  python bench/model_bench.py --out bench/results/model_bench_h200.json [--sections decode,prefill]
+              [--contexts 8192,32768] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import natsl_hf
+from natsl_hf import NatslCache, NatslStaticCache
+from natsl_hf.conversion import convert_model
+
+SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+             tie_word_embeddings=True, max_position_embeddings=131072)
+N_SHORT, N_LONG = 16, 144  # new tokens of the two generate() calls whose difference is timed
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "natsl_hf": natsl_hf.__version__}
+    for name in ("triton", "fla"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as err:  # noqa: BLE001 - recorded, not fatal
+            out[name] = f"not importable: {err}"
+    return out
+
+
+def build_models(quick: bool):
+    shape = dict(SHAPE, num_hidden_layers=2) if quick else SHAPE
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(torch.bfloat16)
+    natsl = convert_model(source, chunk_size=64)
+    for m in (source, natsl):
+        m.to("cuda").eval()
+        m.generation_config.eos_token_id = None
+        m.generation_config.pad_token_id = 0
+    return source, natsl
+
+
+@torch.no_grad()
+def calibrate_routes(natsl, p: float, seed: int = 0) -> None:
+    """Random routers whose bias keeps p of the routable chunks softmax on one random 8k prompt."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, natsl.config.vocab_size, (1, 8192), device="cuda", generator=g)
+    margins, hooks = {}, []
+    for i, layer in enumerate(natsl.model.layers):
+        router = layer.self_attn.router
+        router.proj.weight.normal_(0.0, 1.0 / natsl.config.hidden_size ** 0.5, generator=g)
+        router.proj.bias.zero_()
+
+        def save(module, args, out, i=i):
+            margins[i] = (out[..., 0] - out[..., 1]).float().flatten(0, -2)  # [chunks, Hkv]
+        hooks.append(router.register_forward_hook(save))
+    natsl(ids, use_cache=False, logits_to_keep=1)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(natsl.model.layers):
+        m = margins[i][natsl.config.num_sink_chunks:]
+        threshold = torch.quantile(m, 1.0 - p, dim=0)  # [Hkv]: p of the chunks above it
+        bias = layer.self_attn.router.proj.bias.view(-1, 2)
+        bias[:, 0] -= threshold
+    natsl.config.softmax_budget = p  # sizes NatslStaticCache's default kept capacity (2 x budget)
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def cuda_ms(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def free(*models):
+    """Drop the caches generate() keeps on a model between calls (so each row's peak is its own)."""
+    for m in models:
+        for name in ("_cache", "_natsl_static_cache", "_previous_max_cache_length"):
+            if hasattr(m, name):
+                delattr(m, name)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def prompt(batch: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(0, SHAPE["vocab_size"], (batch, T), device="cuda", generator=g)
+
+
+def realised_fraction(natsl, ids) -> float:
+    with torch.no_grad():
+        out = natsl(ids[:1], use_cache=False, logits_to_keep=1)
+    return None if out.softmax_fraction is None else float(out.softmax_fraction)
+
+
+def decode_row(model, name: str, T: int, batch: int, p, cache_implementation) -> dict:
+    ids = prompt(batch, T)
+    mask = torch.ones_like(ids)
+    model.generation_config.max_cache_len = T + N_LONG  # one cache shape for both calls: no recompile
+
+    def gen(n):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              cache_implementation=cache_implementation)
+
+    free(model)
+    first = sync_time(lambda: gen(N_SHORT))  # compiles (static caches)
+    short = min(sync_time(lambda: gen(N_SHORT)) for _ in range(2))
+    torch.cuda.reset_peak_memory_stats()
+    long = sync_time(lambda: gen(N_LONG))
+    row = {"kind": "decode", "model": name, "T": T, "batch": batch, "p": p,
+           "tok_s": batch * (N_LONG - N_SHORT) / (long - short), "ms_per_step": 1e3 * (long - short) / (N_LONG - N_SHORT),
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "first_call_s": first, "compile_s_estimate": first - short}
+    if name == "natsl":
+        row["realised_fraction"] = realised_fraction(model, ids)
+    model.generation_config.max_cache_len = None
+    return row
+
+
+def prefill_row(model, name, T, p) -> dict:
+    ids = prompt(1, T)
+    free(model)
+    with torch.no_grad():
+        ms = cuda_ms(lambda: model(ids, use_cache=False, logits_to_keep=1))
+    row = {"kind": "prefill", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    if name == "natsl":
+        row["realised_fraction"] = realised_fraction(model, ids)
+    return row
+
+
+def train_row(model, name, T, p) -> dict:
+    ids = prompt(1, T)
+    model.train()
+    model.gradient_checkpointing_enable()
+    free(model)
+
+    def step():
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+    try:
+        step()  # warm-up (kernel compilation, autotune)
+        ms = cuda_ms(step)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_disable()
+        model.eval()
+    return {"kind": "train_step", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def peak_for_batch(model, T: int, batch: int, cache_implementation: str) -> float:
+    ids = prompt(batch, T)
+    model.generation_config.max_cache_len = T + 8
+    free(model)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                   cache_implementation=cache_implementation)
+    model.generation_config.max_cache_len = None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def max_batch_row(model, name, T, p) -> dict:
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    one, two = peak_for_batch(model, T, 1, "static"), peak_for_batch(model, T, 2, "static")
+    per_row = two - one
+    predicted = int((0.97 * total - (one - per_row)) // per_row)
+    row = {"kind": "max_batch", "model": name, "T": T, "p": p, "peak_gb_b1": one, "peak_gb_b2": two,
+           "per_row_gb": per_row, "device_gb": total, "batch": predicted, "method": "linear in batch from b=1,2"}
+    try:
+        row["checked_peak_gb"] = peak_for_batch(model, T, predicted, "static")
+        row["checked"] = True
+    except torch.OutOfMemoryError:
+        row["checked"] = False
+    free(model)
+    return row
+
+
+def profile_row(model, name, T: int, p) -> dict:
+    """GPU kernels, CUDA-graph launches, kernel launches from the host and host syncs per new token of a
+    compiled `generate(cache_implementation="static")` (torch profiler over 32 tokens, after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompt(1, T)
+    n = 32
+    model.generation_config.max_cache_len = T + n + N_SHORT
+
+    def gen(k):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False, cache_implementation="static")
+    free(model)
+    gen(N_SHORT)
+    counts = {}
+    for k in (N_SHORT, N_SHORT + n):  # the difference is n decode steps
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen(k)
+            torch.cuda.synchronize()
+        events = prof.events()
+        counts[k] = {
+            "gpu_kernels": sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+            "graph_launches": sum(1 for e in events if e.name.startswith("cudaGraphLaunch")),
+            "host_launches": sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")),
+            "host_syncs": sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                               "cudaEventSynchronize", "aten::_local_scalar_dense")),
+        }
+    model.generation_config.max_cache_len = None
+    per_token = {key: (counts[N_SHORT + n][key] - counts[N_SHORT][key]) / n for key in counts[N_SHORT]}
+    return {"kind": "profile", "model": name, "T": T, "batch": 1, "p": p, "mode": "compiled generate, static cache",
+            **{f"{key}_per_token": value for key, value in per_token.items()}}
+
+
+def check_static_equals_dynamic(natsl, T: int) -> dict:
+    """bf16 logits of 70 eager decode steps (one chunk close at least) with NatslStaticCache vs NatslCache."""
+    ids = prompt(2, T + 70, seed=7)
+    out = {}
+    with torch.no_grad():
+        for kind in ("dynamic", "static"):
+            cache = (NatslStaticCache(natsl.config, max_batch_size=2, max_cache_len=T + 70) if kind == "static"
+                     else NatslCache(natsl.config))
+            logits = [natsl(ids[:, :T], past_key_values=cache, logits_to_keep=1).logits.float()]
+            for t in range(T, T + 70):
+                logits.append(natsl(ids[:, t : t + 1], past_key_values=cache).logits.float())
+            out[kind] = torch.cat(logits, 1)
+    ref = out["dynamic"]
+    return {"kind": "check", "what": "static vs dynamic cache logits, 70 decode steps, bf16", "T": T,
+            "rel_err": float((out["static"] - ref).norm() / ref.norm()),
+            "argmax_agreement": float((out["static"].argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--sections", default="check,decode,prefill,train,max_batch,profile")
+    p.add_argument("--contexts", default="8192,32768,65536", help="decode / prefill contexts at batch 1")
+    p.add_argument("--fractions", default="0.125,0.25")
+    p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
+    args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    contexts = [int(t) for t in args.contexts.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    report = {"device": torch.cuda.get_device_name(0), "versions": versions(),
+              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+              "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
+                        "dtype": "bfloat16", "weights": "random"},
+              "rows": [], "errors": []}
+
+    def dump():
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    def run(fn, *a):
+        t0 = time.perf_counter()
+        try:
+            row = fn(*a)
+            row["wall_s"] = time.perf_counter() - t0
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        except Exception:  # noqa: BLE001 - one failed row must not lose the others
+            report["errors"].append({"call": f"{fn.__name__}{tuple(str(x)[:20] for x in a)}", "error": traceback.format_exc()})
+            print(traceback.format_exc(), flush=True)
+            free(*a[:1])
+        dump()
+
+    source, natsl = build_models(args.quick)
+    for frac in fractions:
+        calibrate_routes(natsl, frac)
+        if "check" in sections and frac == fractions[0]:
+            run(check_static_equals_dynamic, natsl, 1000)
+        if "decode" in sections:
+            for T in contexts:
+                run(decode_row, natsl, "natsl", T, 1, frac, "static")
+            run(decode_row, natsl, "natsl", 16384, 32, frac, "static")
+        if "prefill" in sections:
+            for T in contexts:
+                run(prefill_row, natsl, "natsl", T, frac)
+        if "train" in sections:
+            for T in contexts[:2]:
+                run(train_row, natsl, "natsl", T, frac)
+        if "max_batch" in sections and frac == fractions[0]:
+            run(max_batch_row, natsl, "natsl", 32768, frac)
+        if "profile" in sections and frac == fractions[0]:
+            run(profile_row, natsl, "natsl", 8192, frac)
+    if "decode" in sections:
+        for T in contexts:
+            run(decode_row, source, "source-static", T, 1, None, "static")
+            run(decode_row, source, "source-default", T, 1, None, None)
+        run(decode_row, source, "source-static", 16384, 32, None, "static")
+        run(decode_row, source, "source-default", 16384, 32, None, None)
+    if "prefill" in sections:
+        for T in contexts:
+            run(prefill_row, source, "source", T, None)
+    if "train" in sections:
+        for T in contexts[:2]:
+            run(train_row, source, "source", T, None)
+    if "max_batch" in sections:
+        run(max_batch_row, source, "source", 32768, None)
+    if "profile" in sections:
+        run(profile_row, source, "source-static", 8192, None)
+    dump()
+    print_table(report)
+    return 0
+
+
+def print_table(report) -> None:
+    rows = report["rows"]
+    for r in rows:
+        metric = r.get("tok_s") or r.get("ms") or r.get("batch")
+        print(f"{r['kind']:>10} {r['model']:>15} T={r.get('T')} B={r.get('batch')} p={r.get('p')} "
+              f"-> {metric if not isinstance(metric, float) else round(metric, 2)} peak={round(r.get('peak_gb', 0), 2)}")
+    print(f"{len(report['errors'])} errors")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
