@@ -218,7 +218,7 @@ def convert_checkpoint(
     Returns the converted model (in memory). Its conversion summary is at `model.natsl_conversion_report`
     (counts, bytes written, notes, and the `base_model` / `license` written into the card, None if unknown).
     """
-    from natsl_hf.hub import render_model_card
+    from natsl_hf.model_card import render_model_card
 
     start = time.perf_counter()
     out = Path(out_dir)

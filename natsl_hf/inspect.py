@@ -73,7 +73,7 @@ def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Each dict: `layer` (model layer index), `natsl_index` (position in `outputs.routes`),
     `num_chunks` (N, the dummy padding chunk dropped), `num_kv_heads`, `routable` / `softmax` /
     `linear` (counts of routable (chunk, KV head) decisions over the batch), `fraction`
-    (= the output's `layer_softmax_fraction`, NaN where nothing is routable), and the routes
+    (= the output's `layer_softmax_fraction`; NaN where nothing is routable, where the output has None), and the routes
     `hard` / `routable_mask` as CPU bool tensors [B, N, H] (dummy chunk dropped).
     The model is left in the train/eval mode it came in.
     """
@@ -102,7 +102,8 @@ def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         routable = r.routable[:, :-1].bool().cpu()
         n_routable = int(routable.sum())
         n_softmax = int((hard & routable).sum())
-        fraction = float(out.layer_softmax_fraction[k])
+        fractions = out.layer_softmax_fraction  # None when the call routed no chunk
+        fraction = math.nan if fractions is None else float(fractions[k])
         counted = n_softmax / n_routable if n_routable else math.nan
         if not (math.isnan(fraction) and math.isnan(counted)) and not math.isclose(fraction, counted, abs_tol=1e-6):
             raise RuntimeError(
@@ -248,6 +249,20 @@ def _has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def check_exists(name: str, what: str) -> None:
+    """Refuse at once a `name` that can only be a local path (no Hub id has its form) and does not exist, rather
+    than let transformers look it up on the Hub (which retries for a minute offline)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).expanduser().exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise InspectError(f"{what} {name!r} does not exist (no such folder, and not a Hub id owner/name)") from None
+
+
 def load_tokenizer(model: str, tokenizer: str | None = None):
     """AutoTokenizer from `tokenizer` or else from the model folder / id, with a clear error."""
     from transformers import AutoTokenizer
@@ -292,9 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Everything `main` does after argument parsing; returns the `routing_summary` rows."""
-    import natsl_hf  # noqa: F401  (registers NAtS-L with the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     text_path = Path(args.text)
     if not text_path.is_file():
         raise InspectError(f"text file {str(text_path)!r} does not exist")
@@ -303,6 +315,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     text = text_path.read_text(encoding="utf-8")
     if not text.strip():
         raise InspectError(f"text file {str(text_path)!r} is empty")
+    check_exists(args.model, "MODEL")
+    if args.tokenizer:
+        check_exists(args.tokenizer, "--tokenizer")
+    import natsl_hf  # noqa: F401  (registers NAtS-L with the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tokenizer = load_tokenizer(args.model, args.tokenizer)  # before the (slow) model load
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.max_tokens]
 

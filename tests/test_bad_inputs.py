@@ -171,3 +171,57 @@ def test_text_longer_than_the_converted_context_warns(tmp_path):
     model = NatslForCausalLM(tiny_config(max_position_embeddings=16)).eval()
     with pytest.warns(UserWarning, match="max_position_embeddings=16"):
         model(torch.randint(1, 97, (1, 24)))
+
+
+# --------------------------------------------------------------------------- natsl-hub, natsl-inspect
+def test_hub_dry_run_on_a_checkpoint_that_is_not_natsl(tmp_path, capsys):
+    from natsl_hf.hub import main as hub_main
+
+    src = tiny_llama(tmp_path / "llama")
+    capsys.readouterr()
+    assert hub_main([str(src), "--repo-id", "me/x", "--dry-run"]) == 2
+    line = one_line_error(capsys.readouterr().err, "natsl-hub")
+    assert f"holds a 'llama' checkpoint, not a NAtS-L one; convert it first (natsl-convert {src} OUT)" in line
+    assert not (tmp_path / "llama-hub").exists()
+
+
+def test_inspect_on_a_path_that_does_not_exist_fails_at_once(tmp_path, capsys):
+    from natsl_hf.inspect import main as inspect_main
+
+    text = tmp_path / "text.txt"
+    text.write_text("hello world")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        inspect_main([str(tmp_path / "nowhere"), "--text", str(text), "--out", str(tmp_path / "maps")])
+    assert exit_.value.code == 2 and time.perf_counter() - start < 10  # no Hub lookup (it retried for ~50 s)
+    line = one_line_error(capsys.readouterr().err, "natsl-inspect")
+    assert "does not exist (no such folder, and not a Hub id owner/name)" in line
+    assert not (tmp_path / "maps").exists()
+
+
+def test_the_conversion_command_travels_as_card_metadata(tmp_path):
+    """natsl-hub takes the conversion command from the card's metadata, not from its rendered text."""
+    from huggingface_hub import ModelCard
+
+    from natsl_hf.hub import main as hub_main
+
+    src = tiny_llama(tmp_path / "src")
+    assert convert_main([str(src), str(tmp_path / "natsl"), "--chunk-size", "4", "--quiet"]) == 0
+    readme = tmp_path / "natsl" / "README.md"
+    card = ModelCard.load(readme)
+    command = card.data.natsl_conversion_command
+    assert command == f"natsl-convert {src} {tmp_path / 'natsl'} --chunk-size 4 --quiet"
+    card.text = "A card whose text was rewritten by hand.\n"
+    card.save(readme)
+    assert hub_main([str(tmp_path / "natsl"), "--repo-id", "me/x", "--out", str(tmp_path / "hub"), "--dry-run"]) == 0
+    published = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert published.data.natsl_conversion_command == command and f"```bash\n{command}\n```" in published.text
+
+
+def test_card_kv_row_says_what_it_shows():
+    from natsl_hf.model_card import render_model_card
+
+    text = render_model_card(tiny_config(), metrics={"kv_fraction": 0.25})
+    assert "| KV cache kept (fraction of a full cache) | 0.25 |" in text and "(bytes) |" not in text
+    text = render_model_card(tiny_config(), metrics={"kv_bytes": 256, "full_kv_bytes": 1024})
+    assert "| KV cache kept (fraction of a full cache) | 0.25 (256 of 1,024 bytes) |" in text

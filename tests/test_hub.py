@@ -74,7 +74,7 @@ def test_card_with_metrics_shows_exactly_the_given_numbers():
                                    metrics=metrics, repo_id="me/tiny-natsl")).text
     assert "0.3125 (31.2% of routable chunks)" in text
     assert "| 1 | 0.125 |" in text and "| 3 | n/a (no routable chunk was measured) |" in text
-    assert "| KV cache kept / full (bytes) | 0.4375 |" in text and "| KV-cache saving | 56.2% |" in text
+    assert "| KV cache kept (fraction of a full cache) | 0.4375 |" in text and "| KV-cache saving | 56.2% |" in text
     assert "| wikitext2 ppl | 14.27 |" in text and "| source wikitext2 ppl | 13.91 |" in text
     assert "| custom.note | x |" in text
     assert "natsl-convert a b --chunk-size 4" in text and 'from_pretrained("me/tiny-natsl"' in text
@@ -210,7 +210,7 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
 
 
 def kv_rows(text: str) -> tuple[str, str]:
-    kept = text.split("| KV cache kept / full (bytes) | ", 1)[1].split(" |", 1)[0]
+    kept = text.split("| KV cache kept (fraction of a full cache) | ", 1)[1].split(" |", 1)[0]
     saving = text.split("| KV-cache saving | ", 1)[1].split(" |", 1)[0]
     return kept, saving
 
@@ -220,7 +220,7 @@ def test_kv_saving_needs_both_byte_counts():
     # a full-cache size alone says nothing about what was kept: no fraction, no saving
     text = parse(render_model_card(tiny_config(), metrics={"full_kv_bytes": full})).text
     assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED)
-    assert "100.0%" not in text and "| KV cache kept / full (bytes) | 0 |" not in text
+    assert "100.0%" not in text and "| KV cache kept (fraction of a full cache) | 0 |" not in text
     assert f"| full_kv_bytes | {full} |" in text  # the lone number is kept, as an other measurement
     text = parse(render_model_card(tiny_config(), metrics={"kv_bytes": 1024})).text
     assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED) and "| kv_bytes | 1024 |" in text
@@ -228,7 +228,7 @@ def test_kv_saving_needs_both_byte_counts():
     assert kv_rows(text) == (NOT_MEASURED, NOT_MEASURED)
     # both counts: derived, with the bytes shown
     text = parse(render_model_card(tiny_config(), metrics={"kv_bytes": full // 4, "full_kv_bytes": full})).text
-    assert kv_rows(text) == ("0.25 (67,108,864 / 268,435,456 bytes)", "75.0%")
+    assert kv_rows(text) == ("0.25 (67,108,864 of 268,435,456 bytes)", "75.0%")
     assert "## Other measurements" not in text
     text = parse(render_model_card(tiny_config(), metrics={"kv_fraction": 0.5})).text
     assert kv_rows(text) == ("0.5", "50.0%")

@@ -1,0 +1,253 @@
+"""The measured numbers behind a NAtS-L model card: reading them from JSON files.
+
+Metrics schema (all optional; several JSON files are merged left to right by `load_metrics`):
+    softmax_fraction        float, realised over all NAtS-L layers
+    layer_softmax_fraction  list[float] in `config.natsl_layers` order, or {layer: float}
+    kv_fraction             float, kept KV bytes / full-cache KV bytes (NatslCache.memory_report()),
+                            or kv_bytes + full_kv_bytes (both, full > 0) to derive it; with neither
+                            the card says "not measured" (a lone byte count goes to "Other measurements")
+    measured_on             str, what the numbers above were measured on
+    training                str, the recovery training done (stage, tokens, ...)
+    quality                 {name: number or str}, e.g. {"wikitext2 ppl": 12.3}
+    quality_command         str, the command that measured `quality` (shown under its table)
+    speed                   {name: number or str}, e.g. {"decode tok/s (H100, bs 1)": 151.0}
+    speed_measured_on       str, device / dtype / setup of the `speed` numbers (shown under its table)
+    speed_command           str, the command that measured `speed` (shown under its table)
+Any other key (nested dicts flattened to dotted names) goes to an "Other measurements" table.
+
+Two benchmark reports are recognised and mapped onto this schema: one written by bench/eval_quality.py
+(`metrics_from_quality_report`; `label` picks the model when it evaluated several), and one written by
+bench/decode_bench.py (`metrics_from_decode_report`, onto `speed`), the latter only when the model shape
+it was run on (hidden size, layers, heads, KV heads, head dim, chunk size; vocab / MLP size / NAtS-L
+layers when recorded) equals the checkpoint's; otherwise it is refused with a ValueError: rerun
+`bench/decode_bench.py --model MODEL_DIR` for this checkpoint.
+
+A checkpoint keeps the metrics of its card in `natsl_metrics.json` (METRICS_FILE) beside it, so
+re-publishing it keeps its measured numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS_FILE = "natsl_metrics.json"  # the measured numbers behind a card, kept beside it
+KNOWN_METRICS = (
+    "softmax_fraction",
+    "layer_softmax_fraction",
+    "kv_fraction",
+    "kv_bytes",
+    "full_kv_bytes",
+    "measured_on",
+    "training",
+    "quality",
+    "speed",
+    "quality_command",
+    "speed_measured_on",
+    "speed_command",
+)
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def is_quality_report(data) -> bool:
+    """Whether `data` is a report written by bench/eval_quality.py (summary per model label + results)."""
+    return isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("results"), dict)
+
+
+def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
+    """Card metrics from a bench/eval_quality.py report, for the model evaluated under `label`.
+
+    The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
+    gap), top-1 agreement with the source, greedy prefix match, retrieval accuracy per context
+    length (model and source), the realised softmax fraction on the perplexity blocks (overall and
+    per NAtS-L layer), and the kept / full KV bytes after prefilling the longest retrieval context.
+    `label` may be omitted when the report evaluated exactly one model besides the source.
+    """
+    summary = report["summary"]
+    labels = [k for k in summary if k != "source"]
+    if label is None:
+        if len(labels) != 1:
+            raise ValueError(f"The quality report evaluates {labels}; pick one with --label (label=...).")
+        label = labels[0]
+    if label not in summary:
+        raise ValueError(f"The quality report has no model labelled {label!r}; it has {labels}.")
+    row, src = summary[label], summary.get("source", {})
+    quality: dict = {}
+    if "perplexity" in row:
+        quality["perplexity"] = row["perplexity"]
+    if "perplexity" in src:
+        quality["source perplexity"] = src["perplexity"]
+    if "ppl_gap_vs_source" in row:
+        quality["perplexity gap vs source"] = f"{100.0 * row['ppl_gap_vs_source']:+.2f}%"
+    if "top1_agreement" in row:
+        quality["top-1 agreement with source"] = row["top1_agreement"]
+    if "gen_prefix_match" in row:
+        quality["greedy prefix match with source"] = row["gen_prefix_match"]
+    for key, value in row.items():
+        if key.startswith("retrieval_") and not key.startswith(("softmax_fraction_", "kv_fraction_")):
+            length = key[len("retrieval_"):]
+            quality[f"key-value retrieval accuracy @{length} tokens"] = value
+            if key in src:
+                quality[f"source key-value retrieval accuracy @{length} tokens"] = src[key]
+    settings = report.get("settings") or {}
+    where = []
+    if "seq_len" in settings and "ppl_blocks" in settings:
+        where.append(f"{settings['ppl_blocks']} blocks of {settings['seq_len']} tokens"
+                     + (f" of {settings['text']}" if settings.get("text") else ""))
+    where += [str(report[k]) for k in ("device", "dtype") if report.get(k)]
+    metrics = {"quality": quality}
+    if report.get("command"):
+        metrics["quality_command"] = report["command"]
+    if row.get("softmax_fraction") is not None:
+        metrics["softmax_fraction"] = row["softmax_fraction"]
+        metrics["measured_on"] = "held-out perplexity blocks (bench/eval_quality.py): " + ", ".join(where)
+        layers = (((report.get("results") or {}).get(label) or {}).get("perplexity") or {}).get("layer_softmax_fraction")
+        if layers is not None:
+            metrics["layer_softmax_fraction"] = layers
+    kv = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in row.items() if k.startswith("kv_fraction_retrieval_"))
+    if kv:  # the longest retrieval context's prefill: kept / full KV bytes
+        length, metrics["kv_fraction"] = kv[-1]
+        there = row.get(f"softmax_fraction_retrieval_{length}")
+        there = f"{there:.4g}" if there is not None and math.isfinite(there) else "not measured"
+        metrics["measured_on"] = (metrics.get("measured_on", "") + f"; KV cache: after prefilling the {length}-token "
+                                  f"retrieval contexts (softmax fraction there {there})").lstrip("; ")
+    return metrics
+
+
+# the model shape a decode benchmark must share with the checkpoint before its numbers describe it
+DECODE_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "chunk_size")
+DECODE_OPTIONAL_KEYS = ("intermediate_size", "vocab_size", "natsl_layers", "num_sink_chunks")  # checked if recorded
+
+
+def is_decode_report(data) -> bool:
+    """Whether `data` is a report written by bench/decode_bench.py (model shape + rows of step times)."""
+    if not (isinstance(data, dict) and isinstance(data.get("model"), dict) and isinstance(data.get("rows"), list)):
+        return False
+    return bool(data["rows"]) and all(isinstance(r, dict) and "step_ms" in r and "context" in r for r in data["rows"])
+
+
+def decode_report_mismatch(report: dict, config) -> list[str]:
+    """The shape fields on which the decode report's model differs from `config` (empty: it matches).
+
+    The six DECODE_SHAPE_KEYS must be recorded and equal; DECODE_OPTIONAL_KEYS are compared when the
+    report records them (reports older than `decode_bench.py --model` do not).
+    """
+    shape = report["model"]
+    wrong = []
+    for key in DECODE_SHAPE_KEYS + DECODE_OPTIONAL_KEYS:
+        ours = getattr(config, key, None)
+        if key not in shape:
+            if key in DECODE_SHAPE_KEYS:
+                wrong.append(f"{key}: not recorded in the report vs {ours} in the checkpoint")
+            continue
+        theirs = shape[key]
+        if key == "natsl_layers":
+            theirs, ours = sorted(theirs), sorted(ours)
+        if theirs != ours:
+            wrong.append(f"{key}: {theirs} in the report vs {ours} in the checkpoint")
+    return wrong
+
+
+def metrics_from_decode_report(report: dict, config, source: str = "the decode report",
+                               model_dir: str | None = None) -> dict:
+    """Card `speed` metrics from a bench/decode_bench.py report, if it was run on `config`'s shape.
+
+    Per context length and model row: the decode step time (ms, batch 1) and the cache bytes
+    (NAtS-L rows split into kept KV + GDN/conv state), each named with the device and the row's
+    model ("softmax (DynamicCache + SDPA)" baseline or "NAtS-L p=<synthetic softmax fraction>").
+    Copied, never recomputed. Raises ValueError naming every mismatching shape field and the fix
+    when the benchmark ran on another model shape: its numbers would not describe this checkpoint.
+    model_dir: the checkpoint's directory, named in that error's rerun command.
+    """
+    wrong = decode_report_mismatch(report, config)
+    if wrong:
+        model_dir = model_dir or getattr(config, "_name_or_path", "") or "MODEL_DIR"
+        raise ValueError(
+            f"{source} is a bench/decode_bench.py report for another model shape ({'; '.join(wrong)}), so its "
+            f"speed numbers do not describe this checkpoint. Rerun the benchmark on this checkpoint's config: "
+            f"`python bench/decode_bench.py --model {model_dir} --out bench/results/decode_<device>.json` on the "
+            f"GPU to quote, and pass that JSON with --metrics."
+        )
+    device = report.get("device") or "unknown device"
+    speed: dict = {}
+    for row in report["rows"]:
+        where = f"@ {row['context']} ctx ({device}, {row.get('model', 'unnamed')})"
+        speed[f"decode step ms {where}"] = float(row["step_ms"])
+        if row.get("cache_bytes") is not None:
+            cache = int(row["cache_bytes"])
+            text = f"{_mib(cache)} ({cache:,} bytes)"
+            if row.get("kv_bytes") is not None and row.get("state_bytes") is not None:
+                text += f": KV {_mib(int(row['kv_bytes']))} + GDN/conv state {_mib(int(row['state_bytes']))}"
+            speed[f"decode cache {where}"] = text
+    setup = ", ".join(str(report[k]) for k in ("device", "dtype") if report.get(k))
+    measured_on = (
+        f"{setup}: {report.get('benchmark', 'decode step, batch 1')} (bench/decode_bench.py). Random weights of this "
+        "checkpoint's shape; caches filled synthetically, NAtS-L rows at the softmax fraction p they name "
+        "(not this checkpoint's learned routing)"
+    )
+    metrics = {"speed": speed, "speed_measured_on": measured_on}
+    if report.get("command"):
+        metrics["speed_command"] = report["command"]
+    return metrics
+
+
+def load_metrics(paths, label: str | None = None, config=None, model_dir: str | None = None) -> dict:
+    """Merge metrics JSON files (later files win on equal top-level keys; quality/speed merge, and
+    the speed provenance of several speed reports is joined).
+
+    A file written by bench/eval_quality.py is recognised and mapped with
+    `metrics_from_quality_report(report, label)`; one written by bench/decode_bench.py with
+    `metrics_from_decode_report(report, config)`, which needs the checkpoint's `config` and refuses a
+    report run on another model shape (`model_dir` only names the checkpoint in that error). Any
+    other file must follow the module's schema.
+    """
+    merged: dict = {}
+    for path in paths or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"Cannot read metrics file {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"Metrics file {path} must hold a JSON object, got {type(data).__name__}.")
+        if is_quality_report(data):
+            data = metrics_from_quality_report(data, label)
+        elif is_decode_report(data):
+            if config is None:
+                raise ValueError(f"{path} is a bench/decode_bench.py report; pass the checkpoint's config "
+                                 "(load_metrics(..., config=...)) so its model shape can be checked.")
+            data = metrics_from_decode_report(data, config, source=str(path), model_dir=model_dir)
+        for key, value in data.items():
+            if key in ("quality", "speed") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            elif key in ("speed_command", "speed_measured_on") and merged.get(key) and merged[key] != value:
+                sep = "\n" if key == "speed_command" else "; "  # one command per line in the card's bash block
+                merged[key] = f"{merged[key]}{sep}{value}"
+            else:
+                merged[key] = value
+    return merged
+
+
+
+def read_metrics_file(model_dir) -> dict:
+    """The metrics a checkpoint keeps beside its card (METRICS_FILE), {} when it has none."""
+    path = Path(model_dir) / METRICS_FILE
+    return load_metrics([path]) if path.is_file() else {}
+
+
+__all__ = [
+    "KNOWN_METRICS",
+    "METRICS_FILE",
+    "decode_report_mismatch",
+    "is_decode_report",
+    "is_quality_report",
+    "load_metrics",
+    "metrics_from_decode_report",
+    "metrics_from_quality_report",
+    "read_metrics_file",
+]
