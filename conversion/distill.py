@@ -134,8 +134,8 @@ class DistillArguments:
             raise ValueError("--train_router with --lora would leave the router frozen (PEFT trains only the "
                              "adapters); train the router without --lora, or keep it frozen.")
         if self.packing == "documents" and self.stage == 1:
-            raise ValueError("--packing documents applies to stage 2: stage 1 aligns every layer with the source "
-                             "attention over whole blocks; use --packing blocks.")
+            raise ValueError("--packing documents applies to stage 2: stage 1 supervises and fits the routers on "
+                             "whole unpadded blocks (each packed document becomes a padded row); use --packing blocks.")
         for flag, value, low in (("--seq_len", self.seq_len, 2), ("--calibration_seq_len", self.calibration_seq_len, 2),
                                  ("--max_blocks", self.max_blocks, 1), ("--router_fit_blocks", self.router_fit_blocks, 0),
                                  ("--calibration_blocks", self.calibration_blocks, 0), ("--lora_r", self.lora_r, 1)):
@@ -175,21 +175,32 @@ class DistillArgumentParser(HfArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> tuple[DistillArguments, TrainingArguments]:
     """The NAtS-L and Trainer options of a natsl-distill command line (ValueError for a bad combination)."""
-    distill, training = DistillArgumentParser().parse_args_into_dataclasses(args=argv)
+    parser = DistillArgumentParser()
+    distill, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return distill, distill.finish_training_arguments(training)
 
 
 # ---------------------------------------------------------------------------- inputs
-def load_student(path: str) -> NatslForCausalLM:
-    """The NAtS-L model to train; a checkpoint of another model_type is refused (convert it first)."""
-    config = Path(path, "config.json")
+def load_student_config(distill: DistillArguments):
+    """The config of the NAtS-L model to train, with --softmax_budget / --router_loss_weight applied (NatslConfig
+    validates them); a checkpoint of another model_type is refused (convert it first)."""
+    from natsl_hf import NatslConfig
+
+    config = Path(distill.model, "config.json")
     if not config.is_file():
-        raise ValueError(f"--model {path} has no config.json; pass a natsl-convert output directory.")
+        raise ValueError(f"--model {distill.model} has no config.json; pass a natsl-convert output directory.")
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     if model_type != "natsl":
-        raise ValueError(f"--model {path} is a {model_type!r} checkpoint, not NAtS-L: convert it first "
-                         f"(natsl-convert {path} OUT), then pass --model OUT --source {path}.")
-    return NatslForCausalLM.from_pretrained(path, dtype=torch.float32)
+        raise ValueError(f"--model {distill.model} is a {model_type!r} checkpoint, not NAtS-L: convert it first "
+                         f"(natsl-convert {distill.model} OUT), then pass --model OUT --source {distill.model}.")
+    config = NatslConfig.from_pretrained(distill.model)
+    if distill.softmax_budget is not None:
+        config.softmax_budget = distill.softmax_budget
+    if distill.router_loss_weight is not None:
+        config.router_loss_weight = distill.router_loss_weight
+    return config
 
 
 def load_source(path: str, dtype=torch.float32):
@@ -198,8 +209,8 @@ def load_source(path: str, dtype=torch.float32):
 
     import natsl_hf  # noqa: F401  (a NAtS-L checkpoint may serve as source too)
 
-    if not Path(path).is_dir():
-        raise ValueError(f"--source {path} is not a directory; pass the checkpoint the model was converted from.")
+    if not Path(path, "config.json").is_file():
+        raise ValueError(f"--source {path} has no config.json; pass the checkpoint the model was converted from.")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -238,34 +249,37 @@ def resume_checkpoint(training: TrainingArguments) -> str | None:
 
 
 def load_blocks(distill: DistillArguments, training: TrainingArguments, tokenizer, seq_len: int,
-                max_blocks: int | None):
+                max_blocks: int | None, packing: str):
+    """The packed blocks of --data (conversion/data.py), tokenised once (the main process first)."""
     from .data import load_packed_dataset
 
+    if Path(distill.data).is_file() and Path(distill.data).stat().st_size == 0:
+        raise ValueError(f"--data {distill.data} is empty: pass a file or directory with training text.")
     with training.main_process_first(desc="tokenise and pack"):
-        packing = {} if distill.packing == "blocks" else {"packing": distill.packing}  # TEMP until data.py lands it
-        return load_packed_dataset(distill.data, tokenizer, seq_len, max_blocks=max_blocks, **packing)
+        return load_packed_dataset(distill.data, tokenizer, seq_len, max_blocks=max_blocks, packing=packing)
 
 
 def prepare(distill: DistillArguments, training: TrainingArguments, callbacks=None):
     """Check and load everything a stage needs, writing nothing: -> (trainer, calibration blocks).
     `training.resume_from_checkpoint` becomes the checkpoint directory to resume from (or None)."""
     training.resume_from_checkpoint = resume_checkpoint(training)
-    model = load_student(distill.model)
+    config = load_student_config(distill)
     tokenizer = load_tokenizer(distill.model, distill.source)
     calibration_seq_len = distill.calibration_seq_len or distill.seq_len
-    check_routable(model.config, distill.seq_len)
-    check_routable(model.config, calibration_seq_len, "--calibration_seq_len")
-    model = prepare_student(model, distill.stage, lora=distill.lora, lora_r=distill.lora_r,
-                            lora_alpha=distill.lora_alpha, softmax_budget=distill.softmax_budget,
-                            router_loss_weight=distill.router_loss_weight)
+    check_routable(config, distill.seq_len)
+    check_routable(config, calibration_seq_len, "--calibration_seq_len")
+    dataset = load_blocks(distill, training, tokenizer, distill.seq_len, distill.max_blocks, distill.packing)
+    calibration = dataset
+    calibration_blocks = max(distill.calibration_blocks, distill.router_fit_blocks)
+    if (calibration_seq_len != distill.seq_len or distill.packing != "blocks") and calibration_blocks > 0:
+        # routers are fitted and calibrated on whole blocks: one sequence each, as the model serves them
+        calibration = load_blocks(distill, training, tokenizer, calibration_seq_len, calibration_blocks, "blocks")
     teacher = None
     if distill.stage == 1 or distill.kd_weight > 0:
         teacher = load_source(distill.source, torch.bfloat16 if training.bf16 else torch.float32)
-    dataset = load_blocks(distill, training, tokenizer, distill.seq_len, distill.max_blocks)
-    calibration = dataset
-    if calibration_seq_len != distill.seq_len and max(distill.calibration_blocks, distill.router_fit_blocks) > 0:
-        calibration = load_blocks(distill, training, tokenizer, calibration_seq_len,
-                                  max(distill.calibration_blocks, distill.router_fit_blocks))
+    model = NatslForCausalLM.from_pretrained(distill.model, config=config, dtype=torch.float32)
+    model = prepare_student(model, distill.stage, lora=distill.lora, lora_r=distill.lora_r,
+                            lora_alpha=distill.lora_alpha)
     trainer = NatslDistillTrainer(
         model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=callbacks,

@@ -231,6 +231,15 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     return kl.mean() * temperature**2
 
 
+def source_inputs(batch: dict) -> dict:
+    """The source model's view of a training batch. Packed documents (`position_ids` restarting at each
+    document, conversion/data.py) go without the attention mask, which is how transformers' models keep
+    the documents apart (their packed-sequence masks; the blocks are never padded)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+
+
 # ---------------------------------------------------------------------------- Trainer
 class NatslDistillTrainer(Trainer):
     """`Trainer` for both NAtS-L recovery stages (see the module docstring).
@@ -324,7 +333,7 @@ class NatslDistillTrainer(Trainer):
         if self.budget_on == "route" and self.router_mode == "learned":
             inputs["output_routes"] = True
         mask = inputs.get("attention_mask")
-        teacher_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        teacher_inputs = source_inputs(inputs)
         if self.stage == 1:
             if not self.transfer.enabled:
                 raise RuntimeError("Stage-1 losses are defined for training steps only (no evaluation loop).")

@@ -17,7 +17,7 @@ from natsl_hf import NatslForCausalLM
 from natsl_hf.conversion.data import load_packed_dataset, pack
 from natsl_hf.conversion.distill import save_final
 from natsl_hf.conversion.families import is_new_parameter
-from natsl_hf.conversion.trainer import AttentionTransfer, NatslDistillTrainer, prepare_student
+from natsl_hf.conversion.trainer import TRAINABLE_WEIGHTS_NAME, AttentionTransfer, NatslDistillTrainer, prepare_student
 from natsl_testing import free_port
 
 VOCAB, SEQ, CHUNK = 64, 32, 8
@@ -216,40 +216,64 @@ def test_stage2_lora_wraps_natsl_layers_and_saves_merged(tmp_path):
 
 
 class FirstStep(TrainerCallback):
-    """Records the global step and the router weights when the (resumed) run takes its first step."""
+    """Records the global step at which the (resumed) run takes its first step."""
 
     def __init__(self):
-        self.step, self.router = None, None
+        self.step = None
 
-    def on_step_begin(self, args, state, control, model=None, **kw):
+    def on_step_begin(self, args, state, control, **kw):
         if self.step is None:
             self.step = state.global_step
-            self.router = model.model.layers[0].self_attn.router.proj.weight.detach().clone()
 
 
-def test_resume_from_checkpoint_restores_routing_and_step(tmp_path):
+@pytest.mark.parametrize("saved", ["model", "trainable", "lora"])
+def test_resume_from_checkpoint_continues_the_run(tmp_path, saved):
+    """A run resumed from its step-3 checkpoint continues at step 3 and ends with the parameters of the run
+    that was not interrupted. model: stage-1 checkpoints of the whole model (the Trainer's own); trainable:
+    checkpoints of the new NAtS-L parameters alone (checkpoint_trainable_only); lora: stage 2, whose PEFT
+    checkpoints hold the adapters alone."""
+    pytest.importorskip("peft")
     src = tiny_source()
     ds = token_dataset()
+    stage = 2 if saved == "lora" else 1
 
     def run(out, resume=None, callbacks=()):
-        model = prepare_student(tiny_natsl(src, seed=1, softmax_budget=0.1, router_loss_weight=10.0), 1)
+        model = tiny_natsl(src, seed=1, softmax_budget=0.1, router_loss_weight=10.0)
+        model = prepare_student(model, stage, lora=saved == "lora", lora_r=4, lora_alpha=8)
         args = targs(out, max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1, learning_rate=2e-2)
-        trainer = NatslDistillTrainer(model=model, args=args, train_dataset=ds, stage=1, teacher=src,
-                                      callbacks=list(callbacks))
+        trainer = NatslDistillTrainer(model=model, args=args, train_dataset=ds, stage=stage,
+                                      teacher=src if stage == 1 else None,
+                                      checkpoint_trainable_only=saved == "trainable", callbacks=list(callbacks))
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     full = run(tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoint-3"
-    saved_router = load_file(ckpt / "model.safetensors")["model.layers.0.self_attn.router.proj.weight"]
+    weights = {"model": "model.safetensors", "trainable": TRAINABLE_WEIGHTS_NAME, "lora": "adapter_model.safetensors"}
+    assert {p.name for p in ckpt.iterdir()} & set(weights.values()) == {weights[saved]}
+    if saved == "trainable":
+        names = set(load_file(ckpt / TRAINABLE_WEIGHTS_NAME))
+        assert names == {n for n, _ in full.model.named_parameters() if is_new_parameter(n)}
     first = FirstStep()
     resumed = run(tmp_path / "resumed", resume=str(ckpt), callbacks=[first])
-    assert first.step == 3
-    torch.testing.assert_close(first.router, saved_router, rtol=0, atol=0)
-    assert resumed.state.global_step == 6
-    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
-        if "router" in n:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert first.step == 3 and resumed.state.global_step == 6
+    trained = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    for n, p in resumed.model.named_parameters():
+        if n in trained:
+            torch.testing.assert_close(p, trained[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_refuses_trainable_parameters_of_another_setup(tmp_path):
+    """A checkpoint of stage-1 parameters does not resume stage 2 (which trains other parameters)."""
+    src = tiny_source()
+    model = prepare_student(tiny_natsl(src), 1)
+    args = targs(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    NatslDistillTrainer(model=model, args=args, train_dataset=token_dataset(4), stage=1, teacher=src,
+                        checkpoint_trainable_only=True).train()
+    stage2 = NatslDistillTrainer(model=prepare_student(tiny_natsl(src), 2), args=targs(tmp_path / "s2", max_steps=2),
+                                 train_dataset=token_dataset(4), stage=2, checkpoint_trainable_only=True)
+    with pytest.raises(ValueError, match="trained parameters of another setup"):
+        stage2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
 def test_packed_text_data(tmp_path):
@@ -419,3 +443,105 @@ def test_router_calibration_under_fsdp_after_wrapping(tmp_path):
     cmd = [sys.executable, str(script), str(tmp_path / "out"), str(free_port()), str(Path(__file__).parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------- the natsl-distill command line
+def test_cli_takes_every_trainer_flag_over_the_recipe_defaults():
+    from natsl_hf.conversion.distill import parse_args
+
+    common = ["--model", "m", "--data", "d", "--output_dir", "o"]
+    distill, training = parse_args(["--stage", "1", "--source", "s", *common])
+    assert (training.learning_rate, training.lr_scheduler_type, training.per_device_train_batch_size) == (
+        1e-3, "cosine", 1)
+    assert distill.supervised_routing and distill.packing == "blocks" and training.dataloader_drop_last
+    assert parse_args(["--stage", "2", *common])[1].learning_rate == 2e-5
+    assert parse_args(["--stage", "2", "--lora", *common])[1].learning_rate == 2e-4
+    distill, training = parse_args(["--stage", "2", *common, "--learning_rate", "3e-5", "--lr_scheduler_type", "linear",
+                                    "--optim", "sgd", "--save_strategy", "no", "--packing", "documents"])
+    assert (training.learning_rate, training.lr_scheduler_type, training.optim, training.save_strategy) == (
+        3e-5, "linear", "sgd", "no")
+    assert distill.packing == "documents"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "2", "--no_supervised_routing"], "--no_supervised_routing applies to --stage 1"),
+    (["--stage", "1", "--source", "s", "--lora"], "--lora applies to --stage 2"),
+    (["--stage", "2", "--train_router", "--lora"], "--train_router with --lora"),
+    (["--stage", "1", "--source", "s", "--budget_on", "route"], "--budget_on route only acts"),
+    (["--stage", "1", "--source", "s", "--packing", "documents"], "--packing documents applies to stage 2"),
+    (["--stage", "2", "--checkpoint_trainable_only", "--load_best_model_at_end", "--eval_strategy", "steps",
+      "--save_strategy", "steps"], "--load_best_model_at_end cannot load one"),
+    (["--stage", "2", "--eval_strategy", "steps"], "no evaluation set"),
+])
+def test_cli_refuses_option_conflicts(argv, message):
+    from natsl_hf.conversion.distill import parse_args
+
+    with pytest.raises(ValueError, match=message):
+        parse_args([*argv, "--model", "m", "--data", "d", "--output_dir", "o"])
+
+
+@pytest.fixture(scope="module")
+def cli_dirs(tmp_path_factory):
+    """A saved Llama source and its NAtS-L conversion (each with a tokenizer), training text, an empty file."""
+    from test_ddp_cpu import char_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = char_tokenizer()
+    source = tiny_source()
+    source.resize_token_embeddings(len(tok), mean_resizing=False)
+    for name, model in (("src", source), ("natsl", tiny_natsl(source))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "train.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    (root / "empty.txt").write_text("")
+    return root
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    from natsl_hf.conversion.distill import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, message: str, out: Path) -> None:
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("natsl-distill: error: ") and message in errors[0], err
+    assert not out.exists()  # nothing written
+
+
+def test_cli_refuses_a_model_that_is_not_natsl_before_writing(cli_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(["--stage", "1", "--model", str(cli_dirs / "src"), "--source", str(cli_dirs / "src"),
+                         "--data", str(cli_dirs / "train.txt"), "--seq_len", "32", "--output_dir", str(out)], capsys)
+    assert_one_line_error(code, err, "is a 'llama' checkpoint, not NAtS-L: convert it first (natsl-convert", out)
+
+
+def test_cli_refuses_an_empty_data_file(cli_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(["--stage", "1", "--model", str(cli_dirs / "natsl"), "--source", str(cli_dirs / "src"),
+                         "--data", str(cli_dirs / "empty.txt"), "--seq_len", "32", "--output_dir", str(out)], capsys)
+    assert_one_line_error(code, err, "empty.txt is empty", out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "3"], "argument --stage: invalid choice: 3"),
+    (["--stage", "2", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--stage", "1"], "stage 1 needs --source"),
+    (["--stage", "2", "--data", "DIRS/missing.txt"], "missing.txt does not exist"),
+    (["--stage", "2", "--seq_len", "8"], "--seq_len 8 leaves no routable chunk"),
+    (["--stage", "2", "--softmax_budget", "3"], "softmax_budget=3.0 is invalid"),
+    (["--stage", "2", "--kd_weight", "1", "--source", "DIRS"], "has no config.json; pass the checkpoint"),
+    (["--stage", "2", "--resume_from_checkpoint", "last"], "--resume_from_checkpoint last: no checkpoint"),
+])
+def test_cli_input_errors_are_one_line(cli_dirs, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    defaults = ["--model", str(cli_dirs / "natsl"), "--data", str(cli_dirs / "train.txt"), "--seq_len", "32",
+                "--output_dir", str(out)]
+    argv = [arg.replace("DIRS", str(cli_dirs)) for arg in argv]
+    code, err = run_cli([*defaults, *argv], capsys)  # of a flag given twice, the later wins
+    assert_one_line_error(code, err, message, out)
