@@ -225,3 +225,50 @@ def test_card_kv_row_says_what_it_shows():
     assert "| KV cache kept (fraction of a full cache) | 0.25 |" in text and "(bytes) |" not in text
     text = render_model_card(tiny_config(), metrics={"kv_bytes": 256, "full_kv_bytes": 1024})
     assert "| KV cache kept (fraction of a full cache) | 0.25 (256 of 1,024 bytes) |" in text
+
+
+# --------------------------------------------------------------------------- the tokenizer of a converted checkpoint
+LOAD_TOKENIZER = """
+import sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], **eval(sys.argv[2]))
+assert "natsl_hf" not in sys.modules
+print("class", type(tokenizer).__module__.split(".")[0], type(tokenizer).__name__)
+print("ids", tokenizer("w1 w2 w3")["input_ids"])
+"""
+
+
+def load_tokenizer_alone(folder: Path, tmp_path: Path, **kwargs) -> str:
+    """AutoTokenizer.from_pretrained(folder, **kwargs) in a fresh process that never imports natsl_hf, stdin
+    closed (an interactive question reads EOF); returns what it printed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run([sys.executable, "-c", LOAD_TOKENIZER, str(folder), repr(kwargs)], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def converted_with_tokenizer(tmp_path_factory):
+    from test_conversion import tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tokenizer")
+    src = tiny_llama(tmp / "src", vocab_size=97)
+    tiny_tokenizer().save_pretrained(src)
+    assert convert_main([str(src), str(tmp / "out"), "--chunk-size", "4", "--quiet"]) == 0
+    return tmp / "out"
+
+
+def test_tokenizer_loads_without_remote_code(converted_with_tokenizer, tmp_path):
+    printed = load_tokenizer_alone(converted_with_tokenizer, tmp_path, trust_remote_code=False)
+    assert "class transformers TokenizersBackend" in printed and "ids [5, 6, 7]" in printed
+    assert "custom code" not in printed
+    assert "pass `trust_remote_code=False`" in (converted_with_tokenizer / "README.md").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="transformers 5.17-5.24: AutoTokenizer.from_pretrained resolves the model "
+                   "config first, and a config.json whose auto_map names AutoConfig makes it ask about remote code "
+                   "(the tokenizer itself needs none); natsl checkpoints need that auto_map for trust_remote_code")
+def test_tokenizer_loads_without_a_remote_code_question(converted_with_tokenizer, tmp_path):
+    assert "custom code" not in load_tokenizer_alone(converted_with_tokenizer, tmp_path)
