@@ -3,6 +3,11 @@
 `convert_model` converts a loaded model in memory; `convert_checkpoint` reads a checkpoint
 directory, GGUF file or model object and writes a NAtS-L checkpoint (CLI: `natsl-convert`).
 The per-family config and weight maps live in `families.py`.
+
+Recovery training, one job a file: `data.py` (packed training blocks), `router_fit.py` (routers
+fitted to the source attention, biases calibrated to the budget), `trainer.py` (`NatslDistillTrainer`:
+stage 1 attention transfer, stage 2 LM / KD, freezing, LoRA) and `distill.py` (the `natsl-distill`
+command line); `layers.py` finds the layers behind DDP / FSDP / PEFT wrappers.
 """
 
 from .convert import ConversionError, convert_checkpoint, convert_model

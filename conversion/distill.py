@@ -164,9 +164,14 @@ class DistillArgumentParser(HfArgumentParser):
     errors are one line (the usage of every Trainer flag would be pages)."""
 
     def __init__(self):
+        defaults = ", ".join(f"{k}={v}" for k, v in RECIPE_DEFAULTS.items() if v is not None)
+        rates = ", ".join(f"{rate:g} (stage {stage}{' --lora' if lora else ''})"
+                          for (stage, lora), rate in DEFAULT_LEARNING_RATES.items())
         super().__init__((DistillArguments, TrainingArguments), prog=PROG,
                          description="Recover a converted NAtS-L model: stage 1 (attention transfer, new parameters "
-                         "only) or stage 2 (LM loss + optional logit KD, full or LoRA) with transformers.Trainer.")
+                         "only) or stage 2 (LM loss + optional logit KD, full or LoRA) with transformers.Trainer. "
+                         f"Takes every TrainingArguments flag; where one is not given: {defaults}, "
+                         f"learning_rate={rates}.")
         self.set_defaults(**RECIPE_DEFAULTS)
 
     def error(self, message):

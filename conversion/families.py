@@ -68,7 +68,8 @@ NATSL_OPTIONS = (
 )
 
 # Per NAtS-L layer, the parameters the converter does not copy: `_init_weights` initialises
-# them so the model starts (nearly) equal to its source (router softmax-biased, gdn_alpha = 0).
+# them so the model starts (nearly) equal to its source (router softmax-biased, gdn_alpha = 0),
+# and recovery stage 1 trains them alone (conversion/trainer.py). The one list of these names.
 NEW_PARAMETER_SUFFIXES = (
     "self_attn.router.proj.weight",
     "self_attn.router.proj.bias",
