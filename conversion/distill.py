@@ -136,9 +136,11 @@ class DistillArguments:
         if self.packing == "documents" and self.stage == 1:
             raise ValueError("--packing documents applies to stage 2: stage 1 supervises and fits the routers on "
                              "whole unpadded blocks (each packed document becomes a padded row); use --packing blocks.")
-        for flag, value, low in (("--seq_len", self.seq_len, 2), ("--calibration_seq_len", self.calibration_seq_len, 2),
-                                 ("--max_blocks", self.max_blocks, 1), ("--router_fit_blocks", self.router_fit_blocks, 0),
-                                 ("--calibration_blocks", self.calibration_blocks, 0), ("--lora_r", self.lora_r, 1)):
+        for flag, value, low in (
+            ("--seq_len", self.seq_len, 2), ("--calibration_seq_len", self.calibration_seq_len, 2),
+            ("--max_blocks", self.max_blocks, 1), ("--router_fit_blocks", self.router_fit_blocks, 0),
+            ("--calibration_blocks", self.calibration_blocks, 0), ("--lora_r", self.lora_r, 1),
+        ):
             if value is not None and value < low:
                 raise ValueError(f"{flag} {value}: expected an integer >= {low}.")
         if self.kd_weight < 0 or self.kd_temperature <= 0:
@@ -339,7 +341,8 @@ def save_final(trainer: NatslDistillTrainer, output_dir: str, model_dir: str | N
     from `model_dir`'s card (the checkpoint training started from), and the recovery training so far
     (`model_dir`'s plus `training_note`), which is also kept in natsl_metrics.json for the next stage and
     for natsl-hub."""
-    from natsl_hf.hub import METRICS_FILE, card_provenance, render_model_card
+    from natsl_hf.metrics import METRICS_FILE
+    from natsl_hf.model_card import card_provenance, render_model_card
 
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # PEFT

@@ -88,7 +88,8 @@ def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tenso
     attns = [d.self_attn for d in natsl_decoder_layers(base)]
     samples: list[list] = [[] for _ in attns]
     inputs: dict[int, tuple] = {}
-    hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:2])) for i, a in enumerate(attns)]
+    hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:2]))
+             for i, a in enumerate(attns)]
     override, base.config.route_override = base.config.route_override, "softmax"  # = the source model
     was_training = model.training
     model.eval()

@@ -98,15 +98,8 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
     return get_peft_model(model, config)
 
 
-def prepare_student(model: nn.Module, stage: int, *, lora: bool = False, lora_r: int = 16,
-                    lora_alpha: int = 32, softmax_budget: float | None = None,
-                    router_loss_weight: float | None = None):
-    """Set the budget overrides (NatslConfig validates them) and the trainable parameters for `stage`;
-    returns the model to train."""
-    if softmax_budget is not None:
-        model.config.softmax_budget = float(softmax_budget)
-    if router_loss_weight is not None:
-        model.config.router_loss_weight = float(router_loss_weight)
+def prepare_student(model: nn.Module, stage: int, *, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32):
+    """Set the trainable parameters for `stage` (and no cache in training); returns the model to train."""
     model.config.use_cache = False
     if stage == 1:
         if lora:
