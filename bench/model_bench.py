@@ -279,6 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="check,decode,prefill,train,max_batch,profile")
     p.add_argument("--contexts", default="8192,32768,65536", help="decode / prefill contexts at batch 1")
     p.add_argument("--fractions", default="0.125,0.25")
+    p.add_argument("--models", default="natsl,source", help="which side(s) to run")
     p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -308,7 +309,8 @@ def main(argv=None) -> int:
         dump()
 
     source, natsl = build_models(args.quick)
-    for frac in fractions:
+    models = set(args.models.split(","))
+    for frac in fractions if "natsl" in models else []:
         calibrate_routes(natsl, frac)
         if "check" in sections and frac == fractions[0]:
             run(check_static_equals_dynamic, natsl, 1000)
@@ -326,6 +328,8 @@ def main(argv=None) -> int:
             run(max_batch_row, natsl, "natsl", 32768, frac)
         if "profile" in sections and frac == fractions[0]:
             run(profile_row, natsl, "natsl", 8192, frac)
+    if "source" not in models:
+        sections = set()
     if "decode" in sections:
         for T in contexts:
             run(decode_row, source, "source-static", T, 1, None, "static")

@@ -186,6 +186,9 @@ class NatslStaticCacheLayer(NatslCacheLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return int(self.columns) + query_length, 0
 
+    def get_max_length(self) -> int:
+        return self.cache_len
+
     def reset(self) -> None:
         for t in self.buffers():
             t.zero_()
@@ -260,9 +263,10 @@ class NatslStaticCache(Cache):
             layers.append(layer)
         super().__init__(layers=layers)
         self.chunk_size = C
-        self.max_cache_len = max_cache_len
-        self.max_batch_size = max_batch_size
-        self.max_kept_fraction = max_kept_fraction
+        # not `max_cache_len` / `max_batch_size`: transformers 5.17's Cache has read-only properties of those names
+        self.cache_len, self.rows, self.max_kept_fraction = max_cache_len, max_batch_size, max_kept_fraction
+        for layer in self.layers:
+            layer.cache_len = max_cache_len
 
     def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
         return self.layers[layer_idx].state
@@ -270,7 +274,7 @@ class NatslStaticCache(Cache):
     def fits(self, batch_size: int, max_cache_len: int, config, device, dtype) -> bool:
         """Whether generate() can reuse this cache for a call of that size (with the default capacity)."""
         state = self.layers[0].state
-        return (batch_size == self.max_batch_size and max_cache_len == self.max_cache_len
+        return (batch_size == self.rows and max_cache_len == self.cache_len
                 and self.max_kept_fraction == min(1.0, 2 * config.softmax_budget)
                 and state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype)
 
@@ -278,16 +282,16 @@ class NatslStaticCache(Cache):
         self.layers[layer_idx].set_state(state, columns, aux)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_cache_len
+        return self.cache_len
 
     def check_room(self, batch_size: int, columns: int) -> None:
         """Before an eager call: the batch matches and `columns` more tokens fit (raises, naming the fix)."""
-        if batch_size != self.max_batch_size:
-            raise ValueError(f"This NatslStaticCache holds {self.max_batch_size} rows, the call has {batch_size}; "
+        if batch_size != self.rows:
+            raise ValueError(f"This NatslStaticCache holds {self.rows} rows, the call has {batch_size}; "
                              "create the cache with max_batch_size = the call's batch size.")
         cached = int(self.layers[0].columns)
-        if cached + columns > self.max_cache_len:
-            raise ValueError(f"NatslStaticCache(max_cache_len={self.max_cache_len}) is full: {cached} tokens cached, "
+        if cached + columns > self.cache_len:
+            raise ValueError(f"NatslStaticCache(max_cache_len={self.cache_len}) is full: {cached} tokens cached, "
                              f"{columns} more given; create it with a larger max_cache_len (generate() sizes it to "
                              "the prompt + max_new_tokens).")
 
