@@ -12,8 +12,8 @@ stage-1 run: it collects (chunk mean, target) pairs from the converted model (wh
 source's attention at init) on packed blocks of the training text, fits an L2-regularised logistic
 regression (full batch, LBFGS: the best a linear router can do on these samples), and reports on
 held-out blocks the ROC AUC and the precision of the top `budget` share (random routing: AUC 0.5,
-precision = budget), for each `--l2`. The samples and the fit are natsl-distill's own
-(`collect_routing_samples`, `fit_router`: the stage-1 router fit). Writes JSON with the exact command.
+precision = budget), for each `--l2`. The samples and the fit are stage 1's own (conversion/router_fit.py:
+`collect_routing_samples`, `fit_router`). Writes JSON with the exact command.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from natsl_hf import NatslForCausalLM
 
 from .layers import unwrap
-from .trainer import NatslDistillTrainer, prepare_student
+from .trainer import NatslDistillTrainer, check_stage_options, prepare_student
 
 PROG = "natsl-distill"
 # The activation-checkpointing kwargs field (transformers 5.2x renamed `gradient_checkpointing_kwargs`).
@@ -111,28 +111,9 @@ class DistillArguments:
         "help": "write the trained model and its card to --output_dir (--no_save_final: checkpoints only)"})
 
     def __post_init__(self):
-        stage = f"--stage {self.stage}"
-        if self.stage not in (1, 2):
-            raise ValueError(f"--stage {self.stage}: expected 1 (attention transfer) or 2 (LM / KD fine-tuning).")
-        if self.stage == 1 and not self.source:
-            raise ValueError("stage 1 needs --source SOURCE_DIR (the model that was converted).")
-        if self.stage == 2 and self.kd_weight > 0 and not self.source:
-            raise ValueError("--kd_weight > 0 needs --source SOURCE_DIR (the KD teacher).")
-        for flag, given, applies in (
-            ("--train_router", self.train_router, 2),
-            ("--no_supervised_routing", not self.supervised_routing, 1),
-            ("--lora", self.lora, 2),
-            ("--kd_weight", self.kd_weight != 0, 2),
-        ):
-            if given and self.stage != applies:
-                raise ValueError(f"{flag} applies to --stage {applies}, not to {stage}.")
-        router_learned = not self.supervised_routing if self.stage == 1 else self.train_router
-        if self.budget_on == "route" and not router_learned:
-            raise ValueError("--budget_on route only acts on a router trained with the budget term "
-                             "(--stage 2 --train_router, or --stage 1 --no_supervised_routing); drop it.")
-        if self.train_router and self.lora:
-            raise ValueError("--train_router with --lora would leave the router frozen (PEFT trains only the "
-                             "adapters); train the router without --lora, or keep it frozen.")
+        check_stage_options(self.stage, has_source=bool(self.source), kd_weight=self.kd_weight,
+                            kd_temperature=self.kd_temperature, budget_on=self.budget_on,
+                            supervised_routing=self.supervised_routing, train_router=self.train_router, lora=self.lora)
         if self.packing == "documents" and self.stage == 1:
             raise ValueError("--packing documents applies to stage 2: stage 1 supervises and fits the routers on "
                              "whole unpadded blocks (each packed document becomes a padded row); use --packing blocks.")
@@ -143,9 +124,6 @@ class DistillArguments:
         ):
             if value is not None and value < low:
                 raise ValueError(f"{flag} {value}: expected an integer >= {low}.")
-        if self.kd_weight < 0 or self.kd_temperature <= 0:
-            raise ValueError(f"--kd_weight {self.kd_weight} / --kd_temperature {self.kd_temperature}: "
-                             "expected a weight >= 0 and a temperature > 0.")
 
     def finish_training_arguments(self, training: TrainingArguments) -> TrainingArguments:
         """Give `training` the stage's learning rate when none was given; refuse the Trainer options this

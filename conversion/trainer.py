@@ -103,7 +103,7 @@ def prepare_student(model: nn.Module, stage: int, *, lora: bool = False, lora_r:
     model.config.use_cache = False
     if stage == 1:
         if lora:
-            raise ValueError("--lora applies to stage 2; stage 1 already trains only the new NAtS-L parameters.")
+            raise ValueError("--lora applies to --stage 2; stage 1 trains only the new NAtS-L parameters.")
         freeze_for_stage1(model)
         return model
     model.requires_grad_(True)
@@ -119,6 +119,37 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
                 f"--source does not match --model: {field} is {getattr(t, field)} in the source and "
                 f"{getattr(s, field)} in the NAtS-L model. Pass the checkpoint the model was converted from."
             )
+
+
+def check_stage_options(stage: int, *, has_source: bool, kd_weight: float = 0.0, kd_temperature: float = 1.0,
+                        budget_on: str = "prob", supervised_routing: bool = True, train_router: bool = False,
+                        lora: bool = False) -> None:
+    """Refuse the options of a recovery stage that cannot run together, naming the fix: the one check of
+    them, for NatslDistillTrainer and natsl-distill (whose flags are the same names, `--train_router`)."""
+    if stage not in (1, 2):
+        raise ValueError(f"--stage {stage!r}: expected 1 (attention transfer) or 2 (LM / KD fine-tuning).")
+    if (stage == 1 or kd_weight > 0) and not has_source:
+        raise ValueError(f"{'stage 1' if stage == 1 else '--kd_weight > 0'} needs the source model: --source "
+                         "SOURCE_DIR, the checkpoint that was converted (NatslDistillTrainer: teacher=).")
+    if kd_weight < 0 or kd_temperature <= 0:
+        raise ValueError(f"--kd_weight {kd_weight} / --kd_temperature {kd_temperature}: expected a weight >= 0 "
+                         "and a temperature > 0.")
+    if budget_on not in ("prob", "route"):
+        raise ValueError(f"--budget_on {budget_on!r}: expected 'prob' (the model's router loss) or 'route'.")
+    for flag, given, applies in (
+        ("--train_router", train_router, 2),
+        ("--no_supervised_routing", not supervised_routing, 1),
+        ("--lora", lora, 2),
+        ("--kd_weight", kd_weight != 0, 2),
+    ):
+        if given and stage != applies:
+            raise ValueError(f"{flag} applies to --stage {applies}, not to --stage {stage}.")
+    if budget_on == "route" and not (not supervised_routing if stage == 1 else train_router):
+        raise ValueError("--budget_on route only acts on a router trained with the budget term "
+                         "(--stage 2 --train_router, or --stage 1 --no_supervised_routing); drop it.")
+    if train_router and lora:
+        raise ValueError("--train_router with --lora would leave the router frozen (PEFT trains only the "
+                         "adapters); train the router without --lora, or keep it frozen.")
 
 
 # ---------------------------------------------------------------------------- losses
@@ -264,18 +295,9 @@ class NatslDistillTrainer(Trainer):
                  kd_weight: float = 0.0, kd_temperature: float = 1.0, budget_on: str = "prob",
                  supervised_routing: bool = True, train_router: bool = False,
                  checkpoint_trainable_only: bool = False, **kwargs):
-        if stage not in (1, 2):
-            raise ValueError(f"stage={stage!r}: expected 1 (attention transfer) or 2 (LM / KD fine-tuning).")
-        if (stage == 1 or kd_weight > 0) and teacher is None:
-            raise ValueError(f"stage {stage}{' with kd_weight > 0' if stage == 2 else ''} needs the source model "
-                             "as `teacher` (CLI: --source SOURCE_DIR).")
-        if kd_temperature <= 0:
-            raise ValueError(f"kd_temperature={kd_temperature}: expected > 0.")
-        if budget_on not in ("prob", "route"):
-            raise ValueError(f"budget_on={budget_on!r}: expected 'prob' (the model's router loss) or 'route'.")
-        if train_router and hasattr(model, "get_base_model"):
-            raise ValueError("train_router=True with a PEFT (LoRA) model would leave the router frozen: PEFT trains "
-                             "only the adapters. Train the router without LoRA, or keep it frozen.")
+        check_stage_options(stage, has_source=teacher is not None, kd_weight=kd_weight,
+                            kd_temperature=kd_temperature, budget_on=budget_on, supervised_routing=supervised_routing,
+                            train_router=train_router, lora=hasattr(model, "get_base_model"))
         if teacher is not None:
             check_pair(model, teacher)
         super().__init__(model=model, args=args, **kwargs)
@@ -463,6 +485,7 @@ __all__ = [
     "TRAINABLE_WEIGHTS_NAME",
     "apply_lora",
     "check_pair",
+    "check_stage_options",
     "freeze_for_stage1",
     "kd_loss",
     "prepare_student",

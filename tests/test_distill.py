@@ -531,7 +531,7 @@ def test_cli_refuses_an_empty_data_file(cli_dirs, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--stage", "3"], "argument --stage: invalid choice: 3"),
     (["--stage", "2", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
-    (["--stage", "1"], "stage 1 needs --source"),
+    (["--stage", "1"], "stage 1 needs the source model: --source"),
     (["--stage", "2", "--data", "DIRS/missing.txt"], "missing.txt does not exist"),
     (["--stage", "2", "--seq_len", "8"], "--seq_len 8 leaves no routable chunk"),
     (["--stage", "2", "--softmax_budget", "3"], "softmax_budget=3.0 is invalid"),
