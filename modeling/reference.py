@@ -5,8 +5,8 @@ i.e. the cached tokens of the still-open chunk followed by the new tokens (train
 prefill: just the new tokens). Rows may differ in length and padding, so every token carries
 its real position `pos` in its own sequence (-1 for padding); its chunk is `pos // chunk_size`.
 A segment always starts at a chunk boundary of every row, so all chunks that close inside it
-are complete in it. Nothing here loops over chunks or tokens: both branches are written in
-their parallel (quadratic) form.
+are complete in it. Along a row the real positions increase (as `segment_positions` numbers
+them) and every query is also a token of the segment.
 
 Softmax branch (query i, KV group g): causal softmax over the tokens of i's own chunk plus every
 token of earlier chunks routed softmax for g (plus the kept KV of earlier calls). An earlier
@@ -15,17 +15,31 @@ chunk's keys are weighted by the route weight m (value 1; it carries the router 
 
 GDN branch: the gated delta rule with writes `beta * (1 - m)` (so only linear-routed complete
 chunks write), read out inter-chunk only:
-    o_i = scale * exp(G_i - G_{e}) S_e^T q_i,   e = last token before i's chunk,
-equivalently  exp(G_i) q_i S_0 + sum_{j in earlier chunks} exp(G_i - G_j) (q_i . k_j) v_new_j,
-with v_new = (I + L)^{-1} (beta v) - (I + L)^{-1} (beta k e^{G}) S_0 the delta-rule corrected
-values (L_ij = beta_i (k_i . k_j) e^{G_i - G_j}, j < i): the WY / UT form of fla's chunk
-algorithm applied to the whole segment.
+    o_i = scale * exp(G_i - G_e) S_e^T q_i,   e = last token before i's chunk,
+with G the cumulative log decay and S_e the state after every token before i's chunk.
+
+How it is computed (memory linear in T): each row's tokens are first laid out by position in a
+chunk-aligned buffer `[B, N*C]` (slot = pos - first chunk * C; empty slots are zeros and write
+nothing), so chunk n of every row is slots [nC, (n+1)C), whatever the padding.
+- Softmax branch: queries in blocks of whole chunks (QUERY_BLOCK tokens), each block against only
+  the keys it can see: the kept prefix, the earlier chunks routed softmax in some row and group,
+  and the block's own chunks; the route weights enter as an additive bias log m.
+- GDN branch: fla's chunk form. Inside each chunk the UT transform (I + A)^{-1}, A_ij = beta_i
+  (k_i . k_j) e^{G_i - G_j} (j < i, G cumulated within the chunk), gives w = (I + A)^{-1} beta k e^G
+  and u = (I + A)^{-1} beta v; then one step per chunk: v_new = u - w S, o = scale e^G q S (the
+  readout from the chunk-start state), S <- e^{G_last} S + (k e^{G_last - G})^T v_new.
+Padding queries (pos -1) read 0 from both branches. (The first version of this file wrote both
+branches in their parallel form over the whole segment, [T, T] scores and a T x T triangular
+solve; tests/test_reference_scaling.py keeps that form as the oracle.)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+QUERY_BLOCK = 256  # softmax-branch queries per block (whole chunks, at least one)
 
 
 def segment_positions(valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -38,8 +52,79 @@ def segment_positions(valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, pos, torch.full_like(pos, -1))
 
 
-def _masked_min(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).min
+class ChunkLayout:
+    """Where a segment's tokens go in the chunk-aligned buffer [B, N*C]: slot = pos - base * C, base =
+    each row's first chunk (0 for a row without tokens). Padding goes to a dummy slot N*C, dropped.
+
+    k_pos: [B, S] real positions of the segment's tokens (-1 = padding). One host sync (N)."""
+
+    def __init__(self, k_pos: torch.Tensor, chunk_size: int):
+        C = chunk_size
+        valid = k_pos >= 0
+        first = torch.where(valid, k_pos, torch.iinfo(k_pos.dtype).max).amin(1)  # [B]
+        self.base = torch.where(valid.any(1), torch.div(first, C, rounding_mode="floor"), 0)  # [B]
+        self.chunk_size = C
+        self.num_chunks = int((k_pos - self.base[:, None] * C).masked_fill(~valid, -1).max()) // C + 1 if k_pos.numel() else 0
+        self.length = self.num_chunks * C
+        self.key_slot = self.slot(k_pos)  # [B, S]
+
+    def slot(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos [B, T] -> slot [B, T] long in [0, N*C], N*C for padding."""
+        return torch.where(pos >= 0, pos - self.base[:, None] * self.chunk_size, self.length)
+
+    def scatter(self, x: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, ...] -> [B, N*C, ...]: token t of row b at slot[b, t] (default: the keys' slots), zeros
+        elsewhere."""
+        slot = self.key_slot if slot is None else slot
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(slot)
+        buf = x.new_zeros(x.shape[0], self.length + 1, *x.shape[2:])
+        return buf.index_put((rows, slot), x)[:, : self.length]
+
+    def gather(self, buf: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """buf [B, N*C, ...] -> [B, T, ...] read at slot [B, T]; 0 at padding (slot N*C)."""
+        buf = torch.cat([buf, buf.new_zeros(buf.shape[0], 1, *buf.shape[2:])], 1)
+        return buf[torch.arange(buf.shape[0], device=buf.device)[:, None], slot]
+
+
+def _bias(q_slot, key_slot, key_real, key_hard, key_log_w, chunk_size, dtype):
+    """Softmax-branch additive bias of queries at slots q_slot [Qb] for keys at slots key_slot [n]: log m
+    through an earlier chunk routed softmax, 0 inside the query's own chunk (causal), the dtype's min
+    where the key is not visible.
+
+    key_real: [B, n] bool, key_hard: [B, Hkv, n] bool, key_log_w: [B, Hkv, n] -> bias [B, Hkv, Qb, n]
+    """
+    q_chunk = torch.div(q_slot, chunk_size, rounding_mode="floor")[:, None]  # [Qb, 1]
+    k_chunk = torch.div(key_slot, chunk_size, rounding_mode="floor")  # [n]
+    own = (k_chunk == q_chunk) & (key_slot <= q_slot[:, None])
+    earlier = k_chunk < q_chunk
+    visible = key_real[:, None, None] & (own | (earlier & key_hard[:, :, None]))
+    bias = torch.where(earlier, key_log_w[:, :, None], 0.0).to(dtype)
+    return bias.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def _attend(q, keys, values, biases, scale):
+    """Attention with an additive bias. q: [B, Hkv, G, Qb, D], keys / values: [B, Hkv, n, *], biases:
+    [B, Hkv, Qb or 1, n_i] (sum n_i = n) -> o [B, Hkv, G, Qb, Dv].
+
+    Each KV group is a batch entry whose G query heads share one KV head and one bias ([Qb, n] per
+    group). The bias enters torch's SDPA as a constant, so the fused kernel runs with and without
+    autograd alike; its gradient (the route weights') is added back as a term of value 0:
+    d o_i / d bias_ij = P_ij (v_j - o_i)."""
+    B, Hkv, G, Qb, D = q.shape
+    bias = q.new_empty(B, Hkv, Qb, keys.shape[2])
+    start = 0
+    for part in biases:  # (slice assignment broadcasts; faster than a cat of expanded parts)
+        bias[..., start: start + part.shape[-1]] = part
+        start += part.shape[-1]
+    q, keys, values, bias = q.flatten(0, 1), keys.flatten(0, 1)[:, None], values.flatten(0, 1)[:, None], bias.flatten(0, 1)[:, None]
+    fixed = bias.detach()
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=fixed, scale=scale, enable_gqa=True)  # [B*Hkv,G,Qb,Dv]
+    if bias.requires_grad:
+        with torch.no_grad():
+            p = torch.softmax((q @ keys.transpose(-1, -2)) * scale + fixed, -1)  # [B*Hkv,G,Qb,n]
+        dbias = p * (bias - fixed)  # value 0, derivative P
+        o = o + dbias @ values.detach() - o.detach() * dbias.sum(-1, keepdim=True)
+    return o.unflatten(0, (B, Hkv))
 
 
 def softmax_branch(
@@ -62,33 +147,70 @@ def softmax_branch(
     key_weight: [B, S, Hkv] float, route weight m of each key's chunk (value == key_hard)
     prefix: kept KV of earlier calls, (k [B, Hkv, L, D], v [B, Hkv, L, Dv], valid [B, Hkv, L]),
         visible to every query with weight 1.
-    -> o: [B, Tq, Hq, Dv]
+    -> o: [B, Tq, Hq, Dv] in v's dtype (0 at padding queries)
+
+    Tiled (module docstring): a block of query chunks at a time, against the prefix, the earlier
+    chunks routed softmax in some row and group, and its own chunks. Under autograd each block is
+    checkpointed, so training keeps no per-block scores either.
     """
     B, Tq, Hq, D = q.shape
-    Hkv = k.shape[2]
+    Hkv, C, dtype = k.shape[2], chunk_size, v.dtype
     G = Hq // Hkv
-    q_chunk = torch.div(q_pos, chunk_size, rounding_mode="floor")[:, None, :, None]  # [B,1,Tq,1]
-    k_chunk = torch.div(k_pos, chunk_size, rounding_mode="floor")[:, None, None, :]  # [B,1,1,S]
-    hard = key_hard.transpose(1, 2)[:, :, None, :]  # [B,Hkv,1,S]
-    earlier = k_chunk < q_chunk
-    visible = (k_pos[:, None, None, :] >= 0) & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
-    visible = visible & ((k_chunk == q_chunk) | (earlier & hard))  # [B,Hkv,Tq,S]
-    log_w = torch.log(torch.where(key_hard, key_weight, torch.ones_like(key_weight)))
-    bias = torch.where(earlier & hard, log_w.transpose(1, 2)[:, :, None, :].float(), 0.0)
-
-    keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B,Hkv,S,*]
+    layout = ChunkLayout(k_pos, C)
+    q_slot = layout.slot(q_pos)
+    qs = layout.scatter(q.to(dtype), q_slot).transpose(1, 2).unflatten(1, (Hkv, G))  # [B,Hkv,G,N*C,D]
+    ks = layout.scatter(k.to(dtype)).transpose(1, 2)  # [B,Hkv,N*C,D]
+    vs = layout.scatter(v).transpose(1, 2)  # [B,Hkv,N*C,Dv]
+    real = layout.scatter(k_pos >= 0)  # [B,N*C]
+    hard = layout.scatter(key_hard).transpose(1, 2) & real[:, None]  # [B,Hkv,N*C]
+    log_w = layout.scatter(torch.log(torch.where(key_hard, key_weight, 1.0).float())).transpose(1, 2)
+    keys, values, biases = [], [], []  # the prefix: visible to every query, weight 1
     if prefix is not None:
-        pk, pv, pvalid = prefix
-        keys, values = torch.cat([pk, keys], 2), torch.cat([pv, values], 2)
-        visible = torch.cat([pvalid[:, :, None, :].expand(-1, -1, Tq, -1), visible], -1)
-        bias = torch.cat([bias.new_zeros(B, Hkv, Tq, pk.shape[2]), bias.expand(-1, -1, Tq, -1)], -1)
+        keys, values = [prefix[0].to(dtype)], [prefix[1].to(dtype)]
+        biases = [torch.zeros((), dtype=dtype).masked_fill(~prefix[2].bool(), torch.finfo(dtype).min)[:, :, None]]
 
-    qg = q.transpose(1, 2).reshape(B, Hkv, G, Tq, D)
-    scores = torch.matmul(qg, keys[:, :, None].transpose(-1, -2)).float() * scale  # [B,Hkv,G,Tq,L+S]
-    scores = (scores + bias[:, :, None]).masked_fill(~visible[:, :, None], _masked_min(torch.float32))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values[:, :, None])  # [B,Hkv,G,Tq,Dv]
-    return out.reshape(B, Hq, Tq, -1).transpose(1, 2)
+    # the chunks some row and group routed softmax: the only earlier chunks a block visits
+    softmax_chunks = hard.unflatten(2, (layout.num_chunks, C)).any(3).any(1).any(0).nonzero().flatten()
+    per_block = max(1, QUERY_BLOCK // C)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_weight, *keys, *values))
+
+    def block(qs, ks, vs, log_w, *prefix_kv, c0, c1):
+        own = torch.arange(c0 * C, c1 * C, device=qs.device)  # the block's query slots and own key slots
+        early = (softmax_chunks[softmax_chunks < c0, None] * C + torch.arange(C, device=qs.device)).flatten()
+        slots = torch.cat([early, own])  # [n] the segment keys the block visits
+        block_keys, block_values = ks[:, :, slots], vs[:, :, slots]
+        if prefix_kv:
+            block_keys, block_values = torch.cat([prefix_kv[0], block_keys], 2), torch.cat([prefix_kv[1], block_values], 2)
+        parts = (real[:, slots], hard[..., slots], log_w[..., slots])
+        # every query of the block sits after the early chunks: one bias row serves them all
+        block_biases = [*biases, _bias(own[:1], early, *(p[..., : len(early)] for p in parts), C, dtype),
+                        _bias(own, own, *(p[..., len(early):] for p in parts), C, dtype)]
+        return _attend(qs[..., c0 * C: c1 * C, :], block_keys, block_values, block_biases, scale)
+
+    out = []
+    for c0 in range(0, layout.num_chunks, per_block):
+        bounds = {"c0": c0, "c1": min(c0 + per_block, layout.num_chunks)}
+        inputs = (qs, ks, vs, log_w, *keys, *values)
+        out.append(checkpoint(block, *inputs, use_reentrant=False, **bounds) if grad else block(*inputs, **bounds))
+    o = torch.cat(out, 3) if out else qs.new_zeros(B, Hkv, G, 0, vs.shape[-1])  # [B,Hkv,G,N*C,Dv]
+    return layout.gather(o.flatten(1, 2).transpose(1, 2), q_slot)  # [B,Tq,Hq,Dv]
+
+
+def _chunk_ut(k, v, g, beta):
+    """Within-chunk WY / UT form of the delta rule (fla's chunk algorithm), every chunk at once.
+
+    k: [B, H, N, C, K], v: [B, H, N, C, V], g / beta: [B, H, N, C] (fp32)
+    -> w [B, H, N, C, K], u [B, H, N, C, V], G [B, H, N, C] decay cumulated within the chunk (inclusive)
+    """
+    C = k.shape[-2]
+    G = g.cumsum(-1)
+    strict = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~strict, float("-inf")).exp()
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * decay  # [B,H,N,C,C] strictly lower
+    eye = torch.eye(C, device=k.device, dtype=A.dtype)
+    rhs = torch.cat([beta[..., None] * v, beta[..., None] * k * G.exp()[..., None]], -1)
+    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    return sol[..., v.shape[-1]:], sol[..., : v.shape[-1]], G
 
 
 def gdn_branch(
@@ -114,48 +236,41 @@ def gdn_branch(
     initial_state: [B, Hkv, K, V] state at the segment start (a chunk boundary), or None (zeros).
     state_until: [B] long chunk index; if given, also return the state at the start of that chunk
         (after all segment tokens of earlier chunks), [B, Hkv, K, V] fp32.
-    -> o [B, Tq, Hq, V] (fp32), state or None
+    -> o [B, Tq, Hq, V] (fp32, 0 at padding queries), state or None
+
+    Chunkwise (module docstring): the UT transform inside each chunk, then one step per chunk.
     """
     B, S, Hkv, K = k.shape
-    Tq, Hq = q.shape[1], q.shape[2]
-    Gq = Hq // Hkv
-    kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B,H,S,*]
-    bf = beta.float().transpose(1, 2)  # [B,H,S]
-    Gc = g.float().cumsum(1).transpose(1, 2)  # [B,H,S] cumulative log decay, inclusive
+    Hq, V, C = q.shape[2], v.shape[-1], chunk_size
+    layout = ChunkLayout(k_pos, C)
+    N = layout.num_chunks
 
-    idx = torch.arange(S, device=k.device)
-    strict = idx[:, None] > idx[None, :]
-    diff = (Gc[..., :, None] - Gc[..., None, :]).masked_fill(~strict, float("-inf"))
-    L = bf[..., :, None] * (kf @ kf.transpose(-1, -2)) * diff.exp()  # [B,H,S,S], strictly lower
-    eye = torch.eye(S, device=k.device, dtype=L.dtype)
-    rhs = torch.cat([bf[..., None] * vf, bf[..., None] * kf * Gc.exp()[..., None]], -1)
-    sol = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
-    v_new, k_cum = sol[..., : vf.shape[-1]], sol[..., vf.shape[-1]:]
-    if initial_state is not None:
-        v_new = v_new - k_cum @ initial_state.float()
+    def chunked(x):  # [B, S, Hkv, *] -> [B, Hkv, N, C, *]
+        return layout.scatter(x.float()).unflatten(1, (N, C)).movedim(3, 1)
 
-    # readout: query i (segment index S - Tq + t) reads keys of strictly earlier chunks
-    G_q = Gc[..., S - Tq:]  # [B,H,Tq]
-    q_chunk = torch.div(q_pos, chunk_size, rounding_mode="floor")
-    k_chunk = torch.div(k_pos, chunk_size, rounding_mode="floor")
-    readable = (k_chunk[:, None, :] < q_chunk[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B,Tq,S]
-    decay = (G_q[..., :, None] - Gc[..., None, :]).masked_fill(~readable[:, None], float("-inf")).exp()
-    qg = q.float().transpose(1, 2).reshape(B, Hkv, Gq, Tq, K)
-    scores = (qg @ kf[:, :, None].transpose(-1, -2)) * decay[:, :, None]  # [B,H,G,Tq,S]
-    out = scores @ v_new[:, :, None]  # [B,H,G,Tq,V]
-    if initial_state is not None:
-        out = out + (qg @ initial_state.float()[:, :, None]) * G_q.exp()[:, :, None, :, None]
-    out = (out * scale).reshape(B, Hq, Tq, -1).transpose(1, 2)
+    kc, vc = chunked(k), chunked(v)
+    gc, bc = chunked(g[..., None])[..., 0], chunked(beta[..., None])[..., 0]  # [B,H,N,C]
+    w, u, Gc = _chunk_ut(kc, vc, gc, bc)
+    k_out = kc * (Gc[..., -1:] - Gc).exp()[..., None]  # [B,H,N,C,K] keys decayed to the chunk's end
 
-    state = None
-    if state_until is not None:
-        closed = (k_chunk < state_until[:, None]) & (k_pos >= 0)  # [B,S], a prefix of the valid tokens
-        G_end = (g.float() * closed[..., None]).sum(1)  # [B,H]
-        w = (G_end[..., None] - Gc).masked_fill(~closed[:, None, :], float("-inf")).exp()  # [B,H,S]
-        state = (kf * w[..., None]).transpose(-1, -2) @ v_new  # [B,H,K,V]
-        if initial_state is not None:
-            state = state + initial_state.float() * G_end.exp()[..., None, None]
-    return out, state
+    state = initial_state.float() if initial_state is not None else kc.new_zeros(B, Hkv, K, V)
+    states = [state]  # state at the start of chunk n, n = 0 .. N
+    for n in range(N):
+        v_new = u[:, :, n] - w[:, :, n] @ state  # [B,H,C,V]
+        state = state * Gc[:, :, n, -1, None, None].exp() + k_out[:, :, n].transpose(-1, -2) @ v_new
+        states.append(state)
+    starts = torch.stack(states[:-1], 2)  # [B,H,N,K,V]
+
+    q_slot = layout.slot(q_pos)
+    qc = layout.scatter(q.float(), q_slot).unflatten(1, (N, C)).movedim(3, 1)  # [B,Hq,N,C,K]
+    qc = qc.unflatten(1, (Hkv, Hq // Hkv))  # [B,H,G,N,C,K]
+    o = (qc @ starts[:, :, None]) * (Gc.exp()[:, :, None, ..., None] * scale)  # [B,H,G,N,C,V]
+    o = layout.gather(o.flatten(1, 2).flatten(2, 3).transpose(1, 2), q_slot)  # [B,Tq,Hq,V]
+
+    if state_until is None:
+        return o, None
+    until = (state_until - layout.base).clamp(0, N)  # [B] chunk of the segment
+    return o, torch.stack(states, 1)[torch.arange(B, device=k.device), until]
 
 
 # --- kernel-shaped entry points (uniform chunks, no padding): what modeling/kernels/ accelerate ---
@@ -203,18 +318,20 @@ def routed_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One new token per row against a decode state: the first kept_len kept keys of its group plus
-    the open chunk's slots up to the new token's own (written at slot seen % C). q [B,Hq,D],
-    kept_k/v [B,Hkv,L,*], kept_len [B,Hkv], open_k/v [B,C,Hkv,*], seen [B] (the new token's
-    position) -> o [B,Hq,Dv]."""
-    B, C, H = open_k.shape[:3]
-    slot = seen % C
-    slots = torch.arange(C, device=q.device)
-    k_pos = torch.where(slots[None] <= slot[:, None], seen[:, None] - slot[:, None] + slots[None], -1)
-    ones = torch.ones(B, C, H, device=q.device)
-    kept_valid = torch.arange(kept_k.shape[2], device=q.device) < kept_len[..., None]
-    o = softmax_branch(q[:, None], open_k, open_v, seen[:, None], k_pos, ones.bool(), ones, C, scale,
-                       (kept_k, kept_v, kept_valid))
-    return o[:, 0]
+    the open chunk's slots up to the new token's own (written at slot seen % C), all with weight 1.
+    q [B,Hq,D], kept_k/v [B,Hkv,L,*], kept_len [B,Hkv], open_k/v [B,C,Hkv,*], seen [B] (the new
+    token's position) -> o [B,Hq,Dv]. Fixed shapes and no host sync (a compiled decode step runs it)."""
+    B, Hq, D = q.shape
+    C, H = open_k.shape[1], open_k.shape[2]
+    keys = torch.cat([kept_k, open_k.transpose(1, 2)], 2)  # [B,Hkv,L+C,D]
+    values = torch.cat([kept_v, open_v.transpose(1, 2)], 2)
+    kept_visible = torch.arange(kept_k.shape[2], device=q.device) < kept_len[..., None]  # [B,Hkv,L]
+    open_visible = (torch.arange(C, device=q.device) <= (seen % C)[:, None])[:, None].expand(B, H, C)
+    visible = torch.cat([kept_visible, open_visible], -1)  # [B,Hkv,L+C]
+    qg = q.reshape(B, H, Hq // H, 1, D)
+    scores = (qg @ keys[:, :, None].transpose(-1, -2)).float()[..., 0, :] * scale  # [B,Hkv,G,L+C]
+    probs = scores.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min).softmax(-1)
+    return (probs.to(values.dtype) @ values).reshape(B, Hq, -1)  # [B,Hq,Dv]
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
