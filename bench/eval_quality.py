@@ -1,9 +1,10 @@
-"""Quality of NAtS-L checkpoints against their source: perplexity, greedy agreement, long-range recall.
+"""Quality of NAtS-L checkpoints against their source: perplexity, generation, retrieval, short answers.
 
-    python bench/eval_quality.py --source SRC_DIR --model init=CONVERTED_DIR --model stage1=S1_DIR \\
-        --model stage2=S2_DIR --text HELDOUT.txt --out bench/results/quality_X.json
+    python bench/eval_quality.py --source SRC_DIR --model natsl=NATSL_DIR --model layer_hybrid=HYBRID_DIR \\
+        --text HELDOUT.txt --out bench/results/quality_X.json
 
-For the source and every `--model LABEL=DIR` (NAtS-L checkpoints), in this order:
+For the source and every `--model LABEL=DIR` (NAtS-L checkpoints, e.g. a NAtS-L model and the
+layer-level hybrid of conversion/baselines.py side by side), in this order:
 
 - perplexity: exp(mean next-token NLL) over `--ppl-blocks` packed blocks of `--seq-len` tokens of
   the held-out text (`natsl_hf.conversion.data` packing), plus top-1 agreement with the source's
@@ -13,19 +14,31 @@ For the source and every `--model LABEL=DIR` (NAtS-L checkpoints), in this order
   `gen_prefix_match` = mean fraction of the continuation before the model's greedy choice first
   differs (exactly what free-running greedy decoding of the model would reproduce, given that a full
   forward equals prefill + decode), `gen_token_match` = per-position top-1 agreement;
-- retrieval: synthetic key-value recall in contexts of `--retrieval-lengths` tokens of held-out text
-  (a run of consecutive sentences of `--text`; `--retrieval-haystack words`: random sentences of
-  common words, which a router trained on natural text may treat as out of distribution) with
-  `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through it; the
-  context is prefilled once (cache), then for each of `--retrieval-queries` queries
-  "... The code for WORD is" the answer counts if greedy decoding reproduces NUMBER exactly (scored in
-  one teacher-forced call from a copy of the cache);
+- short answers: the questions of `--qa-file` (bench/data/short_qa.jsonl: simple factual, arithmetic
+  and completion questions with known answers and aliases), each after the same `--qa-context` tokens
+  of held-out text (the last documents of `--text`; a question alone would sit in the sink chunk,
+  where a NAtS-L model is its source exactly), through the chat template when there is one; the
+  greedy answer (`--qa-tokens`, `generate` in left-padded batches) is right when its first line holds
+  the answer or an alias as whole words. `short_qa_source_correct_kept` = the share of the questions
+  the source answers right that the model answers right too;
+- retrieval, at each of `--retrieval-lengths`, in contexts of held-out text (a run of consecutive
+  sentences of `--text`; `--retrieval-haystack words`: random sentences of common words, which a
+  router trained on natural text may treat as out of distribution): key-value recall, `--retrieval-
+  contexts` contexts with `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through
+  each and `--retrieval-queries` queries per context; and needle in a haystack, `--needle-contexts`
+  contexts with one line "The special magic number for WORD is NUMBER." (7 digits) at depths spread
+  evenly from the start to the end. Each context is prefilled once (cache), then for each query
+  "... Question: what is the code for WORD? Answer: The code for WORD is" the answer counts if greedy
+  decoding reproduces NUMBER exactly (scored in one teacher-forced call from a copy of the cache);
 - the realised softmax fraction (NAtS-L models, inference routing) on the perplexity blocks (also per
   NAtS-L layer) and on the retrieval contexts, and the kept / full KV-cache bytes after prefilling a
   retrieval context (`NatslCache.memory_report()["kv_fraction"]`); `pair_chunk_softmax_fraction` =
   the share of the routable chunks holding a pair line that the routers keep softmax (over NAtS-L
   layers and KV heads): what recall from the softmax branch can reach, against the context's
   overall fraction.
+
+The defaults ask 128 queries per length and task (16 contexts x 8 key-value queries, 128 needles),
+so one point of accuracy is not noise; set them lower for a CPU run.
 
 Writes one JSON with device, library versions, the exact command and all numbers.
 """
@@ -42,12 +55,14 @@ import re
 import shlex
 import sys
 import time
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+QA_FILE = REPO / "bench" / "data" / "short_qa.jsonl"
 
 WORDS = ("apple river stone cloud maple copper violet harbor lantern meadow falcon silver garden pepper "
          "candle orbit willow thunder marble velvet cactus glacier harvest compass ember tulip canyon "
@@ -159,18 +174,33 @@ def haystack_sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if len(p.strip()) > 1]
 
 
+class Probe(NamedTuple):
+    """A retrieval task: `line` states a key's value somewhere in the context, `question` (at the end)
+    asks for it; the answer counts when greedy decoding reproduces the value exactly."""
+
+    line: str
+    question: str
+    digits: int
+
+
+KEY_VALUE = Probe("The code for {key} is {value}.", " Question: what is the code for {key}? Answer: The code for {key} is", 4)
+NEEDLE = Probe("The special magic number for {key} is {value}.",
+               " Question: what is the special magic number for {key}? Answer: The special magic number for {key} is", 7)
+
+
 def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Random,
-                            haystack: list[str] | None = None):
+                            haystack: list[str] | None = None, probe: Probe = KEY_VALUE, depth: float | None = None):
     """-> (context token ids of ~`length` tokens, [(key, value)], positions of the pair lines' tokens).
 
     haystack: sentences of held-out natural text; a random run of consecutive sentences fills the
     context (the router sees text like its training text). None: random sentences of common words.
+    depth: where the (single) line goes, as a fraction of the filler (0 = first, 1 = last); None:
+    the `n_pairs` lines at random positions.
     """
     keys = rng.sample(WORDS, n_pairs)
-    pairs = [(k, str(rng.randint(1000, 9999))) for k in keys]
-    # filler sentences, with the pair lines at evenly spread random positions
+    pairs = [(k, str(rng.randint(10 ** (probe.digits - 1), 10 ** probe.digits - 1))) for k in keys]
     n_tok = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    pair_lines = [f"The code for {k} is {v}." for k, v in pairs]
+    pair_lines = [probe.line.format(key=k, value=v) for k, v in pairs]
     budget = length - sum(n_tok(" " + s) for s in pair_lines) - 16
     filler = []
     start = rng.randrange(len(haystack)) if haystack else 0
@@ -184,7 +214,12 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
             break
         filler.append(sentence)
         budget -= cost
-    slots = sorted(rng.sample(range(len(filler) + 1), n_pairs))
+    if depth is None:
+        slots = sorted(rng.sample(range(len(filler) + 1), n_pairs))
+    else:
+        if n_pairs != 1:
+            raise ValueError("depth places a single line (n_pairs=1).")
+        slots = [round(depth * len(filler))]
     lines = list(filler)
     for offset, (slot, line) in enumerate(zip(slots, pair_lines)):
         lines.insert(slot + offset, line)
@@ -200,7 +235,7 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
 
 
 @torch.no_grad()
-def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
+def retrieval(model, tokenizer, contexts, n_queries: int, device, probe: Probe = KEY_VALUE) -> dict:
     from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
 
     correct, total, fractions, kv, pair_kept = 0, 0, [], [], []
@@ -218,8 +253,7 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
             if kept.numel():
                 pair_kept.append(float(kept.mean()))
         for key, value in pairs[:n_queries]:
-            q = tokenizer(f" Question: what is the code for {key}? Answer: The code for {key} is",
-                          add_special_tokens=False)["input_ids"]
+            q = tokenizer(probe.question.format(key=key), add_special_tokens=False)["input_ids"]
             a = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
             cache = copy.deepcopy(getattr(out, CACHE_FIELD))
             y = torch.tensor([q + a], device=device)
@@ -237,27 +271,97 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device) -> dict:
     return res
 
 
+def load_short_qa(path) -> list[dict]:
+    """The offline short-answer questions: one JSON object a line, {"question", "answer", "aliases"?}."""
+    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [i for i, item in enumerate(items) if not {"question", "answer"} <= set(item)]
+    if bad:
+        raise SystemExit(f"--qa-file {path}: lines {bad[:5]} lack a 'question' or an 'answer'.")
+    return items
+
+
+def normalise(text: str) -> str:
+    """Lower case, words of letters and digits only, without articles: what answer matching compares."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+def is_correct(reply: str, item: dict) -> bool:
+    """Whether the first line of a reply contains the answer (or an alias) as whole words."""
+    first = f" {normalise(reply.strip().splitlines()[0] if reply.strip() else '')} "
+    return any(f" {normalise(a)} " in first for a in [item["answer"], *item.get("aliases", [])])
+
+
+def qa_prompts(tokenizer, items: list[dict], context: str) -> list[list[int]]:
+    """Each question after the same `context` (so that the prompt spans routed chunks: a short prompt
+    alone fits in the sink chunk, where a NAtS-L model computes its source exactly), through the chat
+    template when the tokenizer has one."""
+    prompts = []
+    for item in items:
+        content = (f"{context}\n\n" if context else "") + f"Answer the question in a few words. {item['question']}"
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(f"{content}\nAnswer:", add_special_tokens=False)["input_ids"]
+        prompts.append(list(ids))
+    return prompts
+
+
+@torch.no_grad()
+def short_qa(model, tokenizer, prompts: list[list[int]], items: list[dict], n_new: int, batch_size: int,
+             device) -> dict:
+    """Greedy answers (left-padded batches of `generate`) -> accuracy and which questions were answered right."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
+        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    correct = [is_correct(r, item) for r, item in zip(replies, items)]
+    return {"accuracy": sum(correct) / len(correct), "questions": len(correct), "correct": correct,
+            "replies": [r.strip() for r in replies]}
+
+
+def qa_agreement(model_qa: dict, source_qa: dict) -> float:
+    """Share of the questions the source answers right that the model answers right too (NaN: none)."""
+    right = [m for m, s in zip(model_qa["correct"], source_qa["correct"]) if s]
+    return sum(right) / len(right) if right else float("nan")
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True, help="source checkpoint dir (reference for agreement)")
     p.add_argument("--model", action="append", default=[], metavar="LABEL=DIR",
-                   help="NAtS-L checkpoint to evaluate (repeatable, e.g. init=DIR stage1=DIR stage2=DIR)")
+                   help="checkpoint to evaluate against the source (repeatable, e.g. natsl=DIR layer_hybrid=DIR)")
     p.add_argument("--text", required=True, help="held-out text file/dir/saved dataset (not used in training)")
     p.add_argument("--out", required=True, help="JSON output path")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--ppl-blocks", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gen-prompts", type=int, default=8)
+    p.add_argument("--gen-prompts", type=int, default=32)
     p.add_argument("--gen-prompt-len", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--retrieval-lengths", type=int, nargs="*", default=[2048, 4096])
-    p.add_argument("--retrieval-contexts", type=int, default=2, help="contexts per length")
+    p.add_argument("--retrieval-lengths", type=int, nargs="*", default=[2048, 4096],
+                   help="context lengths of the key-value and needle tasks")
+    p.add_argument("--retrieval-contexts", type=int, default=16, help="key-value contexts per length")
     p.add_argument("--retrieval-pairs", type=int, default=8, help="key-value lines per context")
     p.add_argument("--retrieval-queries", type=int, default=8, help="queries per context (<= pairs)")
+    p.add_argument("--needle-contexts", type=int, default=128,
+                   help="needle-in-a-haystack contexts per length (one needle each, depths evenly spread over 0..1)")
     p.add_argument("--retrieval-haystack", choices=("text", "words"), default="text",
                    help="what surrounds the key-value lines: consecutive sentences of the held-out --text (default; "
                    "the routers see in-distribution text) or random sentences of common words")
+    p.add_argument("--qa-file", default=str(QA_FILE), help="short questions with known answers (JSON lines)")
+    p.add_argument("--qa-questions", type=int, default=None, help="the first N questions of --qa-file (default all)")
+    p.add_argument("--qa-context", type=int, default=1024,
+                   help="tokens of held-out text before each question (0: the question alone)")
+    p.add_argument("--qa-tokens", type=int, default=16, help="greedy answer length")
+    p.add_argument("--qa-batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
@@ -265,70 +369,43 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    from transformers import AutoTokenizer
-
-    sys.path.insert(0, str(REPO))
-    from natsl_hf.conversion.data import load_packed_dataset
-
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     models = []
-    for spec in args.model:
-        if "=" not in spec:
-            raise SystemExit(f"--model {spec!r}: expected LABEL=DIR (e.g. stage2=out/stage2).")
-        label, path = spec.split("=", 1)
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--model {spec!r}: expected LABEL=DIR (e.g. natsl=out/stage2).")
+        if label == "source" or label in dict(models):
+            raise SystemExit(f"--model {spec!r}: the label {label!r} is taken; give each model its own label.")
         models.append((label, path))
-    if args.retrieval_queries > args.retrieval_pairs:
-        raise SystemExit("--retrieval-queries must be <= --retrieval-pairs.")
-    torch.manual_seed(args.seed)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.source)
+    return models
 
-    ds = load_packed_dataset(args.text, tokenizer, args.seq_len, max_blocks=args.ppl_blocks)
-    blocks = torch.tensor(ds["input_ids"], device=device)
-    prompts = blocks[: args.gen_prompts, : args.gen_prompt_len]
-    rng = random.Random(args.seed)
-    haystack = None
-    if args.retrieval_haystack == "text":
-        from natsl_hf.conversion.data import load_texts_or_ids
 
-        kind, texts = load_texts_or_ids(args.text)
-        if kind != "text":
-            raise SystemExit("--retrieval-haystack text needs raw text in --text; use --retrieval-haystack words.")
-        haystack = [s for t in texts for s in haystack_sentences(t)]
-    contexts = {L: [build_retrieval_context(tokenizer, L, args.retrieval_pairs, rng, haystack)
-                    for _ in range(args.retrieval_contexts)] for L in args.retrieval_lengths}
+def evaluate(model, path: str, data: dict, reference: dict | None, args, tokenizer, device) -> dict:
+    """Every measurement of one model; `reference`: the source's entry (None: this is the source)."""
+    ppl, argmax = perplexity(model, data["blocks"], reference and reference["argmax"], args.batch_size)
+    entry = {"path": path, "perplexity": ppl}
+    if is_natsl(model):
+        entry["config"] = {k: getattr(model.config, k, None) for k in
+                           ("chunk_size", "num_sink_chunks", "softmax_budget", "natsl_layers", "route_override")}
+    if reference is None:
+        entry["argmax"] = argmax  # the source's next-token choices, for top1_agreement (not written out)
+    elif data["continuations"] is not None:
+        entry["generation"] = greedy_agreement(model, data["prompts"], data["continuations"])
+    entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
+                          for L, c in data["kv_contexts"].items()}
+    if args.needle_contexts:
+        entry["needle"] = {str(L): retrieval(model, tokenizer, c, 1, device, NEEDLE)
+                           for L, c in data["needle_contexts"].items()}
+    if data["qa_prompts"]:
+        entry["short_qa"] = short_qa(model, tokenizer, data["qa_prompts"], data["qa_items"], args.qa_tokens,
+                                     args.qa_batch_size, device)
+        if reference is not None:
+            entry["short_qa"]["source_correct_kept"] = qa_agreement(entry["short_qa"], reference["short_qa"])
+    return entry
 
-    results, t_start = {}, time.time()
-    source = load_model(args.source, device, dtype)
-    t0 = time.time()
-    ppl, src_argmax = perplexity(source, blocks, None, args.batch_size)
-    conts = source_continuations(source, prompts, args.gen_tokens) if args.gen_prompts else None
-    entry = {"path": args.source, "perplexity": ppl}
-    entry["retrieval"] = {str(L): retrieval(source, tokenizer, c, args.retrieval_queries, device)
-                          for L, c in contexts.items()}
-    entry["seconds"] = round(time.time() - t0, 1)
-    results["source"] = entry
-    print(json.dumps({"source": entry}), flush=True)
-    del source
 
-    for label, path in models:
-        t0 = time.time()
-        model = load_model(path, device, dtype)
-        ppl, _ = perplexity(model, blocks, src_argmax, args.batch_size)
-        entry = {"path": path, "perplexity": ppl,
-                 "config": {k: getattr(model.config, k, None) for k in
-                            ("chunk_size", "num_sink_chunks", "softmax_budget", "natsl_layers")}}
-        if conts is not None:
-            entry["generation"] = greedy_agreement(model, prompts, conts)
-        entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
-                              for L, c in contexts.items()}
-        entry["seconds"] = round(time.time() - t0, 1)
-        results[label] = entry
-        print(json.dumps({label: entry}), flush=True)
-        del model
-
+def summarise(results: dict) -> dict:
     src_ppl = results["source"]["perplexity"]["perplexity"]
     summary = {}
     for label, entry in results.items():
@@ -339,12 +416,76 @@ def main(argv=None) -> int:
                 row[key] = entry["perplexity"][key]
         if "generation" in entry:
             row["gen_prefix_match"] = entry["generation"]["gen_prefix_match"]
-        for L, r in entry["retrieval"].items():
-            row[f"retrieval_{L}"] = r["accuracy"]
-            for key in ("softmax_fraction", "kv_fraction", "pair_chunk_softmax_fraction"):
-                if key in r:
-                    row[f"{key}_retrieval_{L}"] = r[key]
+        if "short_qa" in entry:
+            row["short_qa_accuracy"] = entry["short_qa"]["accuracy"]
+            if "source_correct_kept" in entry["short_qa"]:
+                row["short_qa_source_correct_kept"] = entry["short_qa"]["source_correct_kept"]
+        for task in ("retrieval", "needle"):
+            for L, r in entry.get(task, {}).items():
+                row[f"{task}_{L}"] = r["accuracy"]
+                for key in ("softmax_fraction", "kv_fraction", "pair_chunk_softmax_fraction"):
+                    if key in r:
+                        row[f"{key}_{task}_{L}"] = r[key]
         summary[label] = row
+    return summary
+
+
+def prepare_data(args, tokenizer, device) -> dict:
+    """Held-out blocks, prompts, retrieval / needle contexts and QA prompts, the same for every model."""
+    from natsl_hf.conversion.data import load_packed_dataset, load_texts_or_ids
+
+    ds = load_packed_dataset(args.text, tokenizer, args.seq_len, max_blocks=args.ppl_blocks)
+    blocks = torch.tensor(ds["input_ids"], device=device)
+    rng = random.Random(args.seed)
+    haystack = None
+    kind, texts = load_texts_or_ids(args.text)
+    if args.retrieval_haystack == "text":
+        if kind != "text":
+            raise SystemExit("--retrieval-haystack text needs raw text in --text; use --retrieval-haystack words.")
+        haystack = [s for t in texts for s in haystack_sentences(t)]
+    kv = {L: [build_retrieval_context(tokenizer, L, args.retrieval_pairs, rng, haystack)
+              for _ in range(args.retrieval_contexts)] for L in args.retrieval_lengths}
+    depths = [i / max(args.needle_contexts - 1, 1) for i in range(args.needle_contexts)]
+    needle = {L: [build_retrieval_context(tokenizer, L, 1, rng, haystack, NEEDLE, depth) for depth in depths]
+              for L in args.retrieval_lengths}
+    items = load_short_qa(args.qa_file)[: args.qa_questions]
+    context = ""
+    if args.qa_context:
+        if kind != "text":
+            raise SystemExit("--qa-context needs raw text in --text; pass --qa-context 0.")
+        context = tokenizer.decode(tokenizer(" ".join(texts[::-1]), add_special_tokens=False)["input_ids"][: args.qa_context])
+    return {"blocks": blocks, "prompts": blocks[: args.gen_prompts, : args.gen_prompt_len], "continuations": None,
+            "kv_contexts": kv, "needle_contexts": needle if args.needle_contexts else {},
+            "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else []}
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO))
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    models = parse_models(args.model)
+    if args.retrieval_queries > args.retrieval_pairs:
+        raise SystemExit("--retrieval-queries must be <= --retrieval-pairs.")
+    torch.manual_seed(args.seed)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.source)
+    data = prepare_data(args, tokenizer, device)
+
+    results, t_start = {}, time.time()
+    for label, path in [("source", args.source), *models]:
+        t0 = time.time()
+        model = load_model(path, device, dtype)
+        if label == "source" and args.gen_prompts:
+            data["continuations"] = source_continuations(model, data["prompts"], args.gen_tokens)
+        entry = evaluate(model, path, data, results.get("source"), args, tokenizer, device)
+        entry["seconds"] = round(time.time() - t0, 1)
+        results[label] = entry
+        print(json.dumps({label: {k: v for k, v in entry.items() if k != "argmax"}}), flush=True)
+        del model
+    results["source"].pop("argmax")
+
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO))
                                                                   if Path(__file__).is_relative_to(REPO)
@@ -354,13 +495,13 @@ def main(argv=None) -> int:
         "versions": versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("model",)},
         "note": args.note,
-        "summary": summary,
+        "summary": summarise(results),
         "results": results,
         "seconds": round(time.time() - t_start, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(report["summary"], indent=2))
     return 0
 
 

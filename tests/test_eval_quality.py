@@ -35,17 +35,46 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     convert_checkpoint(src, init, chunk_size=16, progress=False)
     text = tmp_path / "held.txt"
     text.write_text(" ".join(f"Sentence number {i} talks about item {i * 7 % 13}." for i in range(60)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What is item {i}?", "answer": str(i * 7 % 13),
+                                      "aliases": ["x"]}) + "\n" for i in range(3)))
     out = tmp_path / "q.json"
     assert load_eval().main(["--source", str(src), "--model", f"init={init}", "--text", str(text), "--out", str(out),
                              "--seq-len", "64", "--ppl-blocks", "2", "--gen-prompts", "1", "--gen-prompt-len", "16",
                              "--gen-tokens", "4", "--retrieval-lengths", "300", "--retrieval-contexts", "1",
-                             "--retrieval-pairs", "2", "--retrieval-queries", "2"]) == 0
+                             "--retrieval-pairs", "2", "--retrieval-queries", "2", "--needle-contexts", "2",
+                             "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2"]) == 0
     report = json.loads(out.read_text())
     src_row, row = report["summary"]["source"], report["summary"]["init"]
     # freshly converted: every chunk softmax, the source's numbers exactly
     assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
-    assert row["retrieval_300"] == src_row["retrieval_300"]
+    assert row["retrieval_300"] == src_row["retrieval_300"] and row["needle_300"] == src_row["needle_300"]
     assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
     assert row["kv_fraction_retrieval_300"] == 1.0 and row["pair_chunk_softmax_fraction_retrieval_300"] == 1.0
     assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
+    assert report["results"]["init"]["needle"]["300"]["queries"] == 2
+    qa_src, qa_init = report["results"]["source"]["short_qa"], report["results"]["init"]["short_qa"]
+    assert qa_init["replies"] == qa_src["replies"] and len(qa_init["replies"]) == 3  # greedy answers, batched
+    assert row["short_qa_accuracy"] == src_row["short_qa_accuracy"]
     assert report["settings"]["retrieval_haystack"] == "text" and report["command"].startswith("python ")
+
+
+def test_short_answer_matching():
+    module = load_eval()
+    item = {"question": "How many days are in a week?", "answer": "seven", "aliases": ["7"]}
+    assert module.is_correct("There are 7 days in a week.", item) and module.is_correct("Seven.", item)
+    assert not module.is_correct("Seventy.", item) and not module.is_correct("\nSeven", item) is False
+    assert module.qa_agreement({"correct": [True, False, True]}, {"correct": [True, True, False]}) == 0.5
+    items = module.load_short_qa(module.QA_FILE)
+    assert len(items) >= 50 and all(item["answer"] for item in items)
+
+
+def test_needle_depth():
+    module = load_eval()
+    tok = char_tokenizer()
+    import random
+
+    first = module.build_retrieval_context(tok, 400, 1, random.Random(0), None, module.NEEDLE, 0.0)
+    last = module.build_retrieval_context(tok, 400, 1, random.Random(0), None, module.NEEDLE, 1.0)
+    assert first[2][0] == 0 and last[2][0] > 300  # the needle's tokens: at the start, at the end
+    assert len(first[1][0][1]) == 7  # a 7-digit number
