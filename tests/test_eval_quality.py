@@ -63,7 +63,8 @@ def test_short_answer_matching():
     module = load_eval()
     item = {"question": "How many days are in a week?", "answer": "seven", "aliases": ["7"]}
     assert module.is_correct("There are 7 days in a week.", item) and module.is_correct("Seven.", item)
-    assert not module.is_correct("Seventy.", item) and not module.is_correct("\nSeven", item) is False
+    assert module.is_correct("\nSeven", item) and not module.is_correct("Seventy.", item)
+    assert not module.is_correct("I do not know.\nSeven", item)  # only the first line counts
     assert module.qa_agreement({"correct": [True, False, True]}, {"correct": [True, True, False]}) == 0.5
     items = module.load_short_qa(module.QA_FILE)
     assert len(items) >= 50 and all(item["answer"] for item in items)
