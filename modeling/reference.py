@@ -64,7 +64,8 @@ class ChunkLayout:
         first = torch.where(valid, k_pos, torch.iinfo(k_pos.dtype).max).amin(1)  # [B]
         self.base = torch.where(valid.any(1), torch.div(first, C, rounding_mode="floor"), 0)  # [B]
         self.chunk_size = C
-        self.num_chunks = int((k_pos - self.base[:, None] * C).masked_fill(~valid, -1).max()) // C + 1 if k_pos.numel() else 0
+        slots = (k_pos - self.base[:, None] * C).masked_fill(~valid, -1)  # [B, S], -1 for padding
+        self.num_chunks = int(slots.max()) // C + 1 if slots.numel() else 0
         self.length = self.num_chunks * C
         self.key_slot = self.slot(k_pos)  # [B, S]
 
@@ -116,14 +117,15 @@ def _attend(q, keys, values, biases, scale):
     for part in biases:  # (slice assignment broadcasts; faster than a cat of expanded parts)
         bias[..., start: start + part.shape[-1]] = part
         start += part.shape[-1]
-    q, keys, values, bias = q.flatten(0, 1), keys.flatten(0, 1)[:, None], values.flatten(0, 1)[:, None], bias.flatten(0, 1)[:, None]
+    q, bias = q.flatten(0, 1), bias.flatten(0, 1)[:, None]  # [B*Hkv,G,Qb,D], [B*Hkv,1,Qb,n]
+    keys, values = keys.flatten(0, 1)[:, None], values.flatten(0, 1)[:, None]  # [B*Hkv,1,n,*]
     fixed = bias.detach()
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=fixed, scale=scale, enable_gqa=True)  # [B*Hkv,G,Qb,Dv]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=fixed, scale=scale, enable_gqa=True)
     if bias.requires_grad:
         with torch.no_grad():
             p = torch.softmax((q @ keys.transpose(-1, -2)) * scale + fixed, -1)  # [B*Hkv,G,Qb,n]
-        dbias = p * (bias - fixed)  # value 0, derivative P
-        o = o + dbias @ values.detach() - o.detach() * dbias.sum(-1, keepdim=True)
+        grad_only = p * (bias - fixed)  # value 0, derivative P
+        o = o + grad_only @ values.detach() - o.detach() * grad_only.sum(-1, keepdim=True)
     return o.unflatten(0, (B, Hkv))
 
 
@@ -180,7 +182,8 @@ def softmax_branch(
         slots = torch.cat([early, own])  # [n] the segment keys the block visits
         block_keys, block_values = ks[:, :, slots], vs[:, :, slots]
         if prefix_kv:
-            block_keys, block_values = torch.cat([prefix_kv[0], block_keys], 2), torch.cat([prefix_kv[1], block_values], 2)
+            block_keys = torch.cat([prefix_kv[0], block_keys], 2)
+            block_values = torch.cat([prefix_kv[1], block_values], 2)
         parts = (real[:, slots], hard[..., slots], log_w[..., slots])
         # every query of the block sits after the early chunks: one bias row serves them all
         block_biases = [*biases, _bias(own[:1], early, *(p[..., : len(early)] for p in parts), C, dtype),
@@ -239,6 +242,7 @@ def gdn_branch(
     -> o [B, Tq, Hq, V] (fp32, 0 at padding queries), state or None
 
     Chunkwise (module docstring): the UT transform inside each chunk, then one step per chunk.
+    Padding tokens are left out of the recurrence (their g and beta, 0 by contract, get no gradient).
     """
     B, S, Hkv, K = k.shape
     Hq, V, C = q.shape[2], v.shape[-1], chunk_size
