@@ -362,7 +362,8 @@ def training_summary(trainer: NatslDistillTrainer, distill: DistillArguments, ca
         router += f", router bias calibrated to the budget on {calibrated}"
     what = "attention transfer, new parameters only" if distill.stage == 1 else (
         "LM loss" + (f" + logit KD (weight {distill.kd_weight:g})" if distill.kd_weight > 0 else "")
-        + (", LoRA" if distill.lora else ", all parameters"))
+        + (", LoRA" if distill.lora else ", all parameters")
+        + (", packed documents kept apart" if distill.packing == "documents" else ""))
     budget = unwrap(trainer.model).config.softmax_budget
     note = (f"stage {distill.stage} ({what}; {router}; softmax budget {budget:g}): "
             f"{trainer.state.global_step} steps x {blocks} blocks x {distill.seq_len} tokens = {tokens:,} tokens")

@@ -362,15 +362,15 @@ def test_cli_stages_carry_the_model_card(tmp_path):
               "--report_to", "none", "--source", str(src)]
     assert main(["--stage", "1", "--model", str(init), "--output_dir", str(tmp_path / "s1"), *common]) == 0
     assert main(["--stage", "2", "--model", str(tmp_path / "s1"), "--output_dir", str(tmp_path / "s2"),
-                 "--kd_weight", "0.5", "--calibration_seq_len", "64", *common]) == 0
+                 "--kd_weight", "0.5", "--calibration_seq_len", "64", "--packing", "documents", *common]) == 0
     card = ModelCard.load(tmp_path / "s2" / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "org/tiny"
     assert "natsl-convert src init --chunk-size 8" in card.text
     assert ("stage 1 (attention transfer, new parameters only; supervised routing, routers first fitted to the "
             "targets on 56 blocks of 32 tokens (training AUC"
             in card.text) and "router bias calibrated to the budget on 32 blocks of 32 tokens" in card.text
-    assert ("stage 2 (LM loss + logit KD (weight 0.5), all parameters; router frozen, router bias calibrated to the "
-            "budget on 28 blocks of 64 tokens" in card.text)
+    assert ("stage 2 (LM loss + logit KD (weight 0.5), all parameters, packed documents kept apart; router frozen, "
+            "router bias calibrated to the budget on 28 blocks of 64 tokens" in card.text)
     assert "3 steps x 1 blocks x 32 tokens = 96 tokens" in card.text and "`natsl-distill --stage 2" in card.text
     assert NatslForCausalLM.from_pretrained(tmp_path / "s2").config.softmax_budget == 0.3
 
