@@ -73,7 +73,7 @@ def _context_note(source_config, config) -> list[str]:
     if source_context is None or config.max_position_embeddings >= source_context:
         return []
     return [f"converted for {config.max_position_embeddings} positions (the source has {source_context}): the model "
-            "equals its source only within them, and warns when given more"]
+            "equals its source only within them"]
 
 
 # --------------------------------------------------------------------------- build: model + weights
@@ -162,8 +162,8 @@ def _build(config, source: Source, dtype: torch.dtype | None, progress: bool):
         report = _copy_weights(model.eval(), tensors, progress)
     finally:
         tensors.close()
-    if source.generation_config is not None:
-        model.generation_config = copy.deepcopy(source.generation_config)
+    if tensors.generation_config is not None:
+        model.generation_config = copy.deepcopy(tensors.generation_config)
     return model, report
 
 

@@ -39,11 +39,12 @@ class ConversionError(RuntimeError):
 
 # --------------------------------------------------------------------------- tensor sources
 class _StateDictSource:
-    """Tensors of a loaded model (its state_dict)."""
+    """Tensors of a loaded model (its state_dict), and the model's generation config if it has one."""
 
-    def __init__(self, state_dict: dict[str, torch.Tensor], origin: str):
+    def __init__(self, state_dict: dict[str, torch.Tensor], origin: str, generation_config=None):
         self.tensors = state_dict
         self.origin = origin
+        self.generation_config = generation_config
 
     def keys(self) -> set[str]:
         return set(self.tensors)
@@ -57,6 +58,8 @@ class _StateDictSource:
 
 class _SafetensorsSource:
     """Lazily read tensors of a safetensors checkpoint (single file or shards with an index)."""
+
+    generation_config = None  # a checkpoint directory's generation_config.json is copied as a file
 
     def __init__(self, src: Path):
         from safetensors import safe_open
@@ -134,10 +137,11 @@ class Source:
     """A checkpoint to convert.
 
     config: its transformers config (the family and the decoder fields come from it).
-    open_tensors: `open_tensors(dtype)` reads its tensors (`dtype`: what a GGUF is dequantised to, None: float32).
+    open_tensors: `open_tensors(dtype)` reads its tensors (`dtype`: what a GGUF is dequantised to, None: float32),
+        with the generation config of a loaded model (`.generation_config`, None for a directory).
     label: how the summary and the recorded command name it; path: where it is on disk (None: a model object).
     hub_id / license: for the model card, when known. files: files copied unchanged into the output
-    (tokenizer, generation_config.json); tokenizer / generation_config: objects saved into it instead.
+    (tokenizer, generation_config.json); tokenizer: saved into it when there are no files to copy.
     """
 
     config: object
@@ -148,7 +152,6 @@ class Source:
     license: str | None = None
     files: list[Path] = field(default_factory=list)
     tokenizer: object = None
-    generation_config: object = None
 
 
 def open_source(src_or_model, *, gguf_file: str | None = None, allow_pickle: bool = False, tokenizer=None) -> Source:
@@ -170,11 +173,11 @@ def model_source(model, tokenizer=None) -> Source:
     name = getattr(model.config, "_name_or_path", None)
     return Source(
         config=model.config,
-        open_tensors=lambda dtype: _StateDictSource(model.state_dict(), type(model).__name__),
+        open_tensors=lambda dtype: _StateDictSource(model.state_dict(), type(model).__name__,
+                                                    getattr(model, "generation_config", None)),
         label=f"<{type(model).__name__} object>",
         hub_id=_hub_id(name),
         tokenizer=tokenizer,
-        generation_config=getattr(model, "generation_config", None),
     )
 
 
@@ -214,22 +217,19 @@ def _gguf_source(path: Path, *, tokenizer=None) -> Source:
     folder, name = path.parent, path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     get_family(config.model_type)
-    source = Source(
+
+    def open_tensors(dtype):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+        return _StateDictSource(model.state_dict(), str(path), model.generation_config)
+
+    return Source(
         config=config,
-        open_tensors=lambda dtype: None,
+        open_tensors=open_tensors,
         label=str(path),
         path=path,
         license=_card_license(folder) or _gguf_license(path),
         tokenizer=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder, gguf_file=name),
     )
-
-    def open_tensors(dtype):
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
-        source.generation_config = model.generation_config
-        return _StateDictSource(model.state_dict(), str(path))
-
-    source.open_tensors = open_tensors
-    return source
 
 
 def _read_config(src: Path):
