@@ -6,8 +6,8 @@ into place, so a failure never leaves a partial OUT:
   terminated conversion cleans up too;
 - an existing OUT is moved aside (`.OUT.natsl-old-<pid>-<random>`) only once the new one is complete, and moved
   back if the swap fails;
-- a conversion killed outright (SIGKILL, power loss) cannot clean up: the next conversion into the same
-  parent removes the temp dirs of processes that no longer run (and puts back an OUT left aside).
+- a conversion killed outright (SIGKILL, power loss) cannot clean up: the next conversion to the same OUT
+  removes the temp dirs of processes that no longer run (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """
     with _sigterm_raises():
         tmp = _make_temp_dir(out)
-        remove_stale(out)
         old = None
         try:
+            remove_stale(out)
             write(tmp)
             _normalise_modes(tmp)
             if out.exists():
@@ -71,15 +71,13 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove the temp dirs that conversions into `out` left when they were killed (their process is gone);
-    an OUT one of them had moved aside goes back in place if no OUT exists. Returns the paths removed."""
+    """Remove what conversions into `out` left when they were killed (their process is gone): their temp dirs,
+    and an OUT they had moved aside once a complete OUT exists again (without one, the aside dir holds the only
+    copy of the previous OUT and is left alone). Returns the paths removed."""
     removed = []
     for path in sorted(out.parent.glob(f".{out.name}.natsl-*-*")):
         tag, pid = _tag_and_pid(out, path)
-        if tag is None or _alive(pid):
-            continue
-        if tag == OLD_TAG and not out.exists():
-            path.rename(out)
+        if tag is None or _alive(pid) or (tag == OLD_TAG and not out.exists()):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

@@ -149,6 +149,18 @@ def test_next_conversion_removes_what_a_killed_one_left(tmp_path):
     assert leftovers(tmp_path) == [running.name] and (out / "model.safetensors").is_file()
 
 
+def test_an_out_moved_aside_by_a_killed_conversion(tmp_path):
+    """Removed once a complete OUT exists again; kept while it holds the only copy of the previous OUT."""
+    from natsl_hf.conversion.output import remove_stale
+
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.natsl-old-999999999-0123456789ab"  # no such process
+    aside.mkdir()
+    assert remove_stale(out) == [] and aside.is_dir()
+    out.mkdir()
+    assert remove_stale(out) == [aside] and not aside.exists()
+
+
 def test_chunk_size_past_the_context_is_refused(tmp_path, capsys):
     src = tiny_llama(tmp_path / "src")  # 128 positions
     capsys.readouterr()
