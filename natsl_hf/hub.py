@@ -24,8 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from transformers import AutoTokenizer, PreTrainedConfig
+
+from .configuration_natsl import NatslConfig
 from .metrics import METRICS_FILE, load_metrics
 from .model_card import NOT_MEASURED, card_provenance, render_model_card
+from .modeling_natsl import NatslForCausalLM
 
 HUB_MARKER = ".natsl-hub"  # marks a folder natsl-hub wrote (never uploaded: dot files are skipped)
 
@@ -164,10 +168,6 @@ def _fail(message: str, status: int = 2) -> int:
 
 def _read_config(model_dir: Path):
     """The NatslConfig of the checkpoint in `model_dir`; ValueError naming the fix for anything else."""
-    from transformers import PreTrainedConfig
-
-    from natsl_hf import NatslConfig
-
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json (expected a NAtS-L checkpoint directory).")
     try:
@@ -210,10 +210,6 @@ def main(argv=None) -> int:
         render_model_card(config, **card_kwargs)  # a card that cannot render leaves an existing folder alone
     except ValueError as err:
         return _fail(str(err))
-
-    from transformers import AutoTokenizer
-
-    from natsl_hf import NatslForCausalLM
 
     model = NatslForCausalLM.from_pretrained(model_dir)
     tokenizer = None
