@@ -344,6 +344,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             f"warning: {n_tokens} tokens < {need} = (num_sink_chunks + 1) * chunk_size: no chunk is routable",
             file=sys.stderr,
         )
+    if n_tokens > config.max_position_embeddings:
+        print(
+            f"warning: {n_tokens} tokens > max_position_embeddings={config.max_position_embeddings}: past that position "
+            "the model runs outside the context it was converted for (natsl-convert --max-positions); pass "
+            f"--max-tokens {config.max_position_embeddings} to stay inside it",
+            file=sys.stderr,
+        )
     rows = routing_summary(model, input_ids)
 
     out = Path(args.out)

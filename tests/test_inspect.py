@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -64,6 +65,10 @@ def checkpoint(tmp_path_factory):
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     model.save_pretrained(root / "bare")  # no tokenizer
+    short = copy.deepcopy(model)
+    short.config.max_position_embeddings = 64  # as natsl-convert --max-positions 64 leaves it
+    short.save_pretrained(root / "short-context")
+    tokenizer.save_pretrained(root / "short-context")
     (root / "text.txt").write_text(TEXT, encoding="utf-8")
     return root, model, tokenizer
 
@@ -159,6 +164,16 @@ def test_too_short_text_reports_na(checkpoint, capsys):
     assert re.search(r"^\s*0\s+0\s+0\s+n/a\s*$", captured.out, re.M)
     assert json.loads((root / "short" / "summary.json").read_text())["overall_fraction"] is None
     assert (root / "short" / "routes_layer01.png").is_file()
+
+
+def test_text_past_the_converted_context_warns(checkpoint, capsys):
+    root, _, _ = checkpoint
+    argv = ["--text", str(root / "text.txt"), "--out", str(root / "long")]
+    assert main([str(root / "short-context"), *argv]) == 0
+    assert ("90 tokens > max_position_embeddings=64: past that position the model runs outside the context it was "
+            "converted for (natsl-convert --max-positions); pass --max-tokens 64") in capsys.readouterr().err
+    assert main([str(root / "short-context"), *argv, "--max-tokens", "64"]) == 0
+    assert "max_position_embeddings" not in capsys.readouterr().err
 
 
 def test_missing_text_file_is_a_clear_error(checkpoint, capsys):
