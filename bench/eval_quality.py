@@ -9,8 +9,8 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
 - perplexity: exp(mean next-token NLL) over `--ppl-blocks` packed blocks of `--seq-len` tokens of
   the held-out text (`natsl_hf.conversion.data` packing), plus top-1 agreement with the source's
   next-token argmax on the same tokens;
-- greedy agreement: the source greedily continues `--gen-prompts` prompts (prefixes of held-out
-  blocks) by `--gen-tokens` tokens; each model is scored on those continuations with teacher forcing:
+- greedy agreement: the source greedily continues `--gen-prompts` prompts (the first `--gen-prompt-len`
+  tokens of held-out blocks, long enough to span routed chunks) by `--gen-tokens` tokens; each model is scored on those continuations with teacher forcing:
   `gen_prefix_match` = mean fraction of the continuation before the model's greedy choice first
   differs (exactly what free-running greedy decoding of the model would reproduce, given that a full
   forward equals prefill + decode), `gen_token_match` = per-position top-1 agreement;
@@ -344,7 +344,9 @@ def build_parser():
     p.add_argument("--ppl-blocks", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gen-prompts", type=int, default=32)
-    p.add_argument("--gen-prompt-len", type=int, default=64)
+    p.add_argument("--gen-prompt-len", type=int, default=448,
+                   help="prompt tokens (<= --seq-len): long enough to span routed chunks (a prompt and continuation "
+                   "inside the sink chunk and the open chunk after it never meet a routing decision)")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--retrieval-lengths", type=int, nargs="*", default=[2048, 4096],
                    help="context lengths of the key-value and needle tasks")
@@ -468,6 +470,9 @@ def main(argv=None) -> int:
     models = parse_models(args.model)
     if args.retrieval_queries > args.retrieval_pairs:
         raise SystemExit("--retrieval-queries must be <= --retrieval-pairs.")
+    if args.gen_prompt_len > args.seq_len:
+        raise SystemExit(f"--gen-prompt-len {args.gen_prompt_len} exceeds --seq-len {args.seq_len}: the prompts are "
+                         "prefixes of the perplexity blocks.")
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.source)
