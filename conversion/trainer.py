@@ -442,10 +442,10 @@ class NatslDistillTrainer(Trainer):
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial):
-        self._saving_checkpoint = True
+    def _save_checkpoint(self, *args, **kwargs):
+        self._saving_checkpoint = True  # what save_model writes now is a checkpoint
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(*args, **kwargs)
         finally:
             self._saving_checkpoint = False
 
