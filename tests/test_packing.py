@@ -120,3 +120,60 @@ def test_document_blocks_unpack_into_their_documents(tmp_path):
     cu = cu_seqlens_from_position_ids(positions)
     assert cu.tolist() == [0, 4, 5, 7, 10]
     assert unpack(ids, cu).tolist() == [[11, 12, 13, 0], [14, 0, 0, 0], [15, 0, 0, 0], [16, 17, 18, 0]]
+
+
+# ------------------------------------------------- model level: packed documents == each document alone
+LENGTHS = [[13, 6, 9, 4], [7, 25]]  # two packed rows of 32 tokens; chunk size 4: odd lengths, a document < 1 chunk
+
+
+def packed_batch(lengths, seed=0):
+    """-> documents (list of rows of 1-D id tensors), packed ids [B, T], their restarting position ids."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [[torch.randint(1, 97, (n,), generator=gen) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])
+    return docs, ids, positions
+
+
+def logits_and_grads(model, run):
+    """run() -> logits [B, T, V]; -> (logits, gradients of a fixed random projection of them)."""
+    logits = run()
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)
+    return logits, grads
+
+
+def each_document_alone(model, docs):
+    return torch.cat([torch.cat([model(d[None], use_cache=False).logits for d in row], 1) for row in docs])
+
+
+def test_documents_as_right_padded_rows_equal_each_document_alone():
+    """The varlen contract the model's packing rests on: unpack a packed batch into one right-padded row
+    per document, run those rows (attention_mask = pad_mask), repack: the logits and every gradient are
+    those of each document run alone (no attention or GDN state across a boundary, chunks restart)."""
+    from natsl_testing import tiny_model
+
+    model = tiny_model(seed=3).train()
+    docs, ids, positions = packed_batch(LENGTHS)
+    cu = cu_seqlens_from_position_ids(positions)
+
+    def rows_run():
+        rows = unpack(ids, cu)
+        logits = model(rows, attention_mask=pad_mask(cu, rows.shape[1]).long(), use_cache=False).logits
+        return repack(logits, cu, *ids.shape)
+
+    packed, g_packed = logits_and_grads(model, rows_run)
+    alone, g_alone = logits_and_grads(model, lambda: each_document_alone(model, docs))
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert_same_grads(model, g_packed, g_alone, 1e-5)
+
+
+def assert_same_grads(model, got, want, tol):
+    """Per parameter, relative to the norm (the tied embedding's gradient is large)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(g is not None for g in want) > 10
+    for name, a, b in zip(names, got, want):
+        if b is not None:
+            rel = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+            assert rel < tol, (name, rel)
