@@ -215,8 +215,10 @@ class NatslStaticCache(Cache):
     below), the open chunk's KV and GDN inputs, the GDN state twice (at the open chunk's start and with
     the open chunk written), the conv state and the router sum. Memory is proportional to what is kept,
     not to the context: a NAtS-L layer's kept KV holds
-        capacity = sinks + max_kept_fraction x (the other chunks of max_cache_len)   chunks,
-    a full-softmax layer's holds max_cache_len.
+        capacity = sinks + max(max_kept_fraction x routable, min(routable, 8))   chunks
+    (routable = the chunks of max_cache_len after the sinks; with the default fraction a short cache
+    has room for 8 of them, where the share of a few chunks is noisy), a full-softmax layer's holds
+    max_cache_len.
 
     Args:
         config: the model's NatslConfig.
@@ -224,8 +226,9 @@ class NatslStaticCache(Cache):
         max_cache_len: most tokens per row (prompt + new tokens); generate() sets it.
         max_kept_fraction: the largest share of a row's routable chunks a NAtS-L layer can keep as
             softmax KV (default: min(1, 2 x config.softmax_budget)). When a row's kept KV is full, a
-            chunk the router sends to softmax is written into the GDN state instead, and counted in
-            `overflow_report()`; a prompt that keeps more than the capacity raises a ValueError that
+            chunk the router sends to softmax is written into the GDN state instead (decoding goes on
+            with fixed memory and no host sync) and counted in `overflow_report()`; generate() warns
+            when that happened. A prompt that keeps more than the capacity raises a ValueError that
             names this argument.
         device, dtype: of the KV buffers (default: the model's).
 
@@ -234,8 +237,11 @@ class NatslStaticCache(Cache):
     eagerly and is copied in.
     """
 
+    MIN_KEPT_CHUNKS = 8  # the default capacity's floor: short contexts keep room for 8 routable chunks
+
     def __init__(self, config, max_batch_size: int, max_cache_len: int, max_kept_fraction: float | None = None,
                  device=None, dtype=None):
+        floor = self.MIN_KEPT_CHUNKS if max_kept_fraction is None else 0  # an explicit fraction is taken as given
         if max_kept_fraction is None:
             max_kept_fraction = min(1.0, 2 * config.softmax_budget)
         if not 0.0 <= max_kept_fraction <= 1.0:
@@ -245,28 +251,47 @@ class NatslStaticCache(Cache):
                              f"{max_cache_len} and {max_batch_size}.")
         C, sinks = config.chunk_size, config.num_sink_chunks
         chunks = math.ceil(max_cache_len / C)
-        natsl_capacity = C * min(chunks, sinks + math.ceil(max_kept_fraction * max(chunks - sinks, 0)))
-        qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        layers = []
-        for i in range(config.num_hidden_layers):
-            natsl = config.is_natsl_layer(i)
-            state = NatslStaticLayerState.allocate(
-                batch_size=max_batch_size, capacity=natsl_capacity if natsl else chunks * C, chunk_size=C,
-                num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-                dtype=dtype or config.dtype or torch.float32, device=device, natsl=natsl,
-                hidden_size=config.hidden_size, conv_size=config.gdn_conv_size, conv_channels=qd + kd,
-            )
-            layer = NatslStaticCacheLayer(state, "max_kept_fraction")
-            if not torch.compiler.is_compiling():
-                for t in layer.buffers():  # fixed addresses: in-place updates keep CUDA graphs valid
-                    torch._dynamo.mark_static_address(t)
-            layers.append(layer)
-        super().__init__(layers=layers)
+        routable = max(chunks - sinks, 0)
+        kept = max(math.ceil(max_kept_fraction * routable), min(routable, floor))
+        natsl_capacity = C * (sinks + kept)
+        self._config = config
+        self._capacities = [natsl_capacity if config.is_natsl_layer(i) else chunks * C
+                            for i in range(config.num_hidden_layers)]
+        super().__init__(layers=[self._layer(i, max_batch_size, device, dtype or config.dtype or torch.float32)
+                                 for i in range(config.num_hidden_layers)])
         self.chunk_size = C
         # not `max_cache_len` / `max_batch_size`: transformers 5.17's Cache has read-only properties of those names
         self.cache_len, self.rows, self.max_kept_fraction = max_cache_len, max_batch_size, max_kept_fraction
         for layer in self.layers:
             layer.cache_len = max_cache_len
+
+    def _layer(self, i: int, rows: int, device, dtype) -> NatslStaticCacheLayer:
+        config = self._config
+        qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        state = NatslStaticLayerState.allocate(
+            batch_size=rows, capacity=self._capacities[i], chunk_size=config.chunk_size,
+            num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, dtype=dtype, device=device,
+            natsl=config.is_natsl_layer(i), hidden_size=config.hidden_size, conv_size=config.gdn_conv_size,
+            conv_channels=qd + kd,
+        )
+        layer = NatslStaticCacheLayer(state, "max_kept_fraction")
+        if not torch.compiler.is_compiling():
+            for t in layer.buffers():  # fixed addresses: in-place updates keep CUDA graphs valid
+                torch._dynamo.mark_static_address(t)
+        return layer
+
+    def place_(self, device, dtype) -> None:
+        """Before the first call (eager): buffers on the model's device and in its dtype. A cache created
+        without `device=` is allocated on the CPU; this moves it (empty) where the model runs."""
+        state = self.layers[0].state
+        if state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype:
+            return
+        if int(self.layers[0].columns):
+            raise ValueError(f"This NatslStaticCache holds tokens on {state.kept_k.device} ({state.kept_k.dtype}); "
+                             f"the model runs on {device} ({dtype}): create the cache with device= and dtype= of the model.")
+        for i in range(len(self.layers)):
+            self.layers[i] = self._layer(i, self.rows, device, dtype)
+            self.layers[i].cache_len = self.cache_len
 
     def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
         return self.layers[layer_idx].state

@@ -21,12 +21,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .cache import NatslCache, NatslStaticCache
 from .configuration_natsl import NatslConfig
 from .modeling.layer import NatslAttention, RMSNorm
 from .remote_code import write_remote_code
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed `past_key_values` to `cache`, as forward argument and as output field (the
 # old name stays a deprecated alias there). NAtS-L models take either name and fill the output field
@@ -279,6 +282,7 @@ class NatslModel(NatslPreTrainedModel):
         # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
         static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
         if isinstance(past_key_values, NatslStaticCache) and not torch.compiler.is_compiling():
+            past_key_values.place_(inputs_embeds.device, self.dtype)
             past_key_values.check_room(B, n)
         token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not static_step)
         if position_ids is None:
@@ -287,6 +291,8 @@ class NatslModel(NatslPreTrainedModel):
             valid = torch.ones(B, n, dtype=torch.long, device=inputs_embeds.device) if token_mask is None else token_mask.long()
             position_ids = (seen[:, None] + valid.cumsum(1) - 1).clamp(min=0)
 
+        if not torch.compiler.is_compiling():
+            self._warn_past_context(position_ids, past_key_values, n)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = () if output_hidden_states else None
@@ -325,6 +331,18 @@ class NatslModel(NatslPreTrainedModel):
             routes=tuple(routes) if output_routes else None,
             router_agreement=torch.stack(agreements).mean() if agreements else None,
         )
+
+    def _warn_past_context(self, position_ids, cache, n: int) -> None:
+        """Warn once when positions reach config.max_position_embeddings (a conversion with --max-positions
+        below the source's: past it the model no longer computes what its source would). The exact check
+        syncs, so it runs only when the call could reach that far."""
+        limit = self.config.max_position_embeddings
+        upper = n + (0 if cache is None else int(cache.get_seq_length()))
+        if upper > limit and int(position_ids.max()) >= limit:
+            logger.warning_once(
+                f"The input runs past this model's max_position_embeddings={limit}: beyond it the RoPE tables (and the "
+                "source model) were never meant to run. Convert again with a larger --max-positions, or keep inputs shorter."
+            )
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         """-> inputs_embeds [B, n, D]; refuses what the layers cannot take, naming the fix."""
@@ -388,6 +406,7 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         (rows x beams, prompt + max_new_tokens), which transformers then compiles as it does a StaticCache.
         Without it, the model creates a NatslCache in its first forward."""
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        self._generate_cache = user_cache  # generate() reports a NatslStaticCache's overflow afterwards
         if generation_config.cache_implementation != "static" or user_cache is not None:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
@@ -405,7 +424,21 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             self._natsl_static_cache = cache
         else:
             cache.reset()
-        model_kwargs[CACHE_FIELD] = cache
+        model_kwargs[CACHE_FIELD] = self._generate_cache = cache
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`; afterwards, a warning if a NatslStaticCache ran out of kept-KV room
+        (softmax-routed chunks then went to the GDN state: see NatslStaticCache, `max_kept_fraction`)."""
+        self._generate_cache = None
+        out = super().generate(*args, **kwargs)
+        cache, self._generate_cache = self._generate_cache, None
+        if isinstance(cache, NatslStaticCache) and (overflow := cache.overflow_report()["total"]):
+            logger.warning(
+                f"NatslStaticCache ran out of room for kept softmax KV: {overflow} (layer, row, KV group) chunks routed "
+                "softmax were written to the GDN state instead. Pass past_key_values=NatslStaticCache(model.config, "
+                "max_batch_size, max_cache_len, max_kept_fraction=<larger>) to keep them."
+            )
+        return out
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'

@@ -177,8 +177,6 @@ def test_shortened_context_is_noted_at_conversion(tmp_path, capsys):
     assert "note: converted for 32 positions (the source has 128)" in capsys.readouterr().out
 
 
-@pytest.mark.skip(reason="needs NatslModel.forward to warn when positions reach config.max_position_embeddings "
-                         "(natsl_hf/modeling_natsl.py, issue 17); remove this skip with that change")
 def test_text_longer_than_the_converted_context_warns(caplog):
     torch.manual_seed(0)
     model = NatslForCausalLM(tiny_config(max_position_embeddings=16)).eval()

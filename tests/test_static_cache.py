@@ -119,6 +119,30 @@ def test_full_kept_kv_sends_softmax_chunks_to_gdn_and_counts_them():
     assert cache.realised_fraction() == 0.0
 
 
+def test_generate_warns_when_the_kept_kv_ran_out(caplog):
+    import logging
+
+    model = tiny_model(seed=14, route_override="softmax")
+    ids = torch.randint(1, 97, (1, 6))
+    cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=6 + 3 * C, max_kept_fraction=0.0)
+    with caplog.at_level(logging.WARNING):
+        model.generate(ids, past_key_values=cache, max_new_tokens=3 * C, do_sample=False)
+    assert cache.overflow_report()["total"] > 0
+    assert any("max_kept_fraction" in r.getMessage() for r in caplog.records)
+
+
+def test_default_capacity_keeps_short_generations_exact():
+    """With the default fraction a short cache has room for 8 routable chunks: decoding an all-softmax
+    router stays exact (the same logits as without a cache)."""
+    model = tiny_model(seed=14, route_override="softmax")
+    ids = torch.randint(1, 97, (2, 13))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    full = model.generate(ids, use_cache=False, **kwargs)
+    assert max((a - b).abs().max() for a, b in zip(static.scores, full.scores)) <= 1e-4
+    assert getattr(static, CACHE_FIELD).overflow_report()["total"] == 0
+
+
 def test_a_prompt_beyond_the_capacity_names_the_setting():
     model = tiny_model(seed=15, route_override="softmax")
     cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=64, max_kept_fraction=0.1)

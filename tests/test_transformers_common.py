@@ -171,9 +171,6 @@ def test_sampling_is_reproducible(model, ids):
     assert torch.equal(*samples)
 
 
-@pytest.mark.skip(reason="NatslStaticCache: once a chunk closes during decode, the next logits differ from the full "
-                         "forward by ~0.1 (the dynamic NatslCache matches it to 2e-7); natsl_hf/cache.py or the "
-                         "static decode step in modeling/, issue 17")
 def test_static_cache_scores_equal_the_full_forward(model, ids):
     kwargs = dict(return_dict_in_generate=True, output_scores=True)
     static = generate(model, ids, cache_implementation="static", **kwargs)

@@ -68,7 +68,7 @@ def _decode_partial_kernel(
             mk = t < n_kept
             k = tl.load(kbase + t[:, None] * skt + od[None, :], mask=mk[:, None] & (od[None, :] < D), other=0.0)
             v = tl.load(vbase + t[:, None] * svt + odv[None, :], mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
-            sc = tl.dot(q, tl.trans(k)) * qk_scale
+            sc = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # fp32 also when a compiler passes the scale as fp64
             sc = tl.where(mk[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid entry so far
@@ -84,7 +84,7 @@ def _decode_partial_kernel(
                     mask=mk[:, None] & (od[None, :] < D), other=0.0)
         v = tl.load(OV + b * sovb + oc[:, None] * sovt + g * sovh + odv[None, :],
                     mask=mk[:, None] & (odv[None, :] < DV), other=0.0)
-        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        sc = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)  # fp32 also when a compiler passes the scale as fp64
         sc = tl.where(mk[None, :], sc, float("-inf"))
         m_i = tl.max(sc, 1)
         p = tl.exp2(sc - m_i[:, None])
