@@ -42,6 +42,7 @@ from .router import (
     routing_targets,
 )
 from .state import NatslLayerState, NatslStaticLayerState, gather_open, put_slot
+from .varlen import Documents
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +204,7 @@ class NatslAttention(nn.Module):
         token_mask: torch.Tensor | None = None,
         state: NatslLayerState | NatslStaticLayerState | None = None,
         return_state: bool = False,
+        documents: Documents | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """
         hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
@@ -210,6 +212,8 @@ class NatslAttention(nn.Module):
         state: the layer's state from earlier calls (None = start of the sequences): a NatslLayerState
             (NatslCache) or a NatslStaticLayerState (NatslStaticCache, updated in place)
         return_state: also return the updated state (the cache's next state) in aux["state"]
+        documents: packed documents (modeling/varlen.py; no state, no padding): each document runs as
+            its own right-padded row, so no attention and no GDN state cross a boundary
         -> (output [B, n, D], aux: router_loss, n_routable, n_softmax, routes, state)
 
         Three paths, same maths (tests compare them): a one-token step against a static state
@@ -222,6 +226,10 @@ class NatslAttention(nn.Module):
         cos, sin = position_embeddings
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         n = x.shape[1]
+        if documents is not None:
+            rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
+            out, aux = self._segment(*rows, documents.mask, None, False, right_padded=True)
+            return documents.repack(out), aux
         if isinstance(state, NatslStaticLayerState):
             if n == 1 and not torch.is_grad_enabled():
                 return self._decode_static(x, q, k, v, q_rot, k_rot, token_mask, state)
@@ -240,8 +248,11 @@ class NatslAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, return_state: bool):
-        """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens."""
+    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, return_state: bool,
+                 right_padded: bool = False):
+        """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens.
+        `right_padded`: padding only after each row's tokens (packed documents), which the kernels and
+        SDPA serve exactly (causal: no real query sees a padding key)."""
         B, n, _ = x.shape
         C, dev = self.chunk_size, x.device
         valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
@@ -260,7 +271,7 @@ class NatslAttention(nn.Module):
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
         key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
-        backend = self.branch_backend(x, state, token_mask)
+        backend = self.branch_backend(x, state, None if right_padded else token_mask)
         if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
             route_weight = routes.weight[:, : math.ceil(n / C)]
             o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)

@@ -52,24 +52,48 @@ def pad_mask(cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=cu_seqlens.device) < document_lengths(cu_seqlens)[:, None]
 
 
+class Documents:
+    """The documents of one packed batch, with the gather indices computed once (a model step unpacks
+    and repacks in every layer).
+
+    cu_seqlens [N+1] int32 (see the module docstring), batch_size B, seq_len T:
+      mask [N, Lmax] bool (True = a real token), unpack(x [B, T, ...]) -> [N, Lmax, ...] right-padded
+      with zeros, repack(rows [N, Lmax, ...]) -> [B, T, ...].
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int):
+        self.cu_seqlens, self.batch_size, self.seq_len = cu_seqlens, batch_size, seq_len
+        lengths = document_lengths(cu_seqlens)
+        max_len = int(lengths.max())  # the one host sync
+        self.mask = pad_mask(cu_seqlens, max_len)  # [N, Lmax]
+        index = cu_seqlens[:-1, None].long() + torch.arange(max_len, device=cu_seqlens.device)  # [N, Lmax]
+        self._gather = index.where(self.mask, 0)  # into the flattened [B*T]
+        flat = torch.arange(batch_size * seq_len, device=cu_seqlens.device)
+        doc = torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1  # [B*T] document of each token
+        self._scatter = (doc, flat - cu_seqlens.long()[doc])  # its (row, slot) in the unpacked rows
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> "Documents | None":
+        cu = cu_seqlens_from_position_ids(position_ids)
+        return None if cu is None else cls(cu, *position_ids.shape)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.flatten(0, 1)[self._gather]  # [N, Lmax, ...]
+        return rows * self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2))).to(rows.dtype)
+
+    def repack(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[self._scatter].unflatten(0, (self.batch_size, self.seq_len))
+
+
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """x [B, T, ...] -> [N, Lmax, ...]: document n in row n, right-padded with zeros (Lmax = the
     longest document; one host sync)."""
-    lengths = document_lengths(cu_seqlens)
-    max_len = int(lengths.max())
-    mask = pad_mask(cu_seqlens, max_len)  # [N, Lmax]
-    index = cu_seqlens[:-1, None].long() + torch.arange(max_len, device=x.device)  # [N, Lmax] into B*T
-    flat = x.flatten(0, 1)  # [B*T, ...]
-    rows = flat[index.where(mask, 0)]  # [N, Lmax, ...]
-    return rows * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(rows.dtype)
+    return Documents(cu_seqlens, *x.shape[:2]).unpack(x)
 
 
 def repack(rows: torch.Tensor, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
     """rows [N, Lmax, ...] (as `unpack` lays them out) -> [B, T, ...] in the packed order."""
-    flat = torch.arange(batch_size * seq_len, device=rows.device)  # [B*T]
-    doc = torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1  # [B*T] document of each token
-    offset = flat - cu_seqlens.long()[doc]  # [B*T] its index inside the document
-    return rows[doc, offset].unflatten(0, (batch_size, seq_len))
+    return Documents(cu_seqlens, batch_size, seq_len).repack(rows)
 
 
-__all__ = ["cu_seqlens_from_position_ids", "pad_mask", "unpack", "repack", "document_lengths"]
+__all__ = ["Documents", "cu_seqlens_from_position_ids", "pad_mask", "unpack", "repack", "document_lengths"]

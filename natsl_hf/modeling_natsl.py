@@ -27,6 +27,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache import NatslCache, NatslStaticCache
 from .configuration_natsl import NatslConfig
 from .modeling.layer import NatslAttention, RMSNorm
+from .modeling.varlen import Documents
 from .remote_code import write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -147,13 +148,14 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
         cache: NatslCache | None = None,
+        documents: Documents | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, dict]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         state = None if cache is None else cache.layer_state(self.layer_idx)
         hidden_states, aux = self.self_attn(
-            hidden_states, position_embeddings, token_mask, state, return_state=cache is not None
+            hidden_states, position_embeddings, token_mask, state, return_state=cache is not None, documents=documents
         )
         if cache is not None:
             cache.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1], aux)
@@ -249,7 +251,10 @@ class NatslModel(NatslPreTrainedModel):
         attention_mask: 2D [B, past + n] or [B, n] with 1 for real tokens and 0 for padding (left or
             right). 4D masks are refused: NAtS-L builds its routed mask itself.
         position_ids: [B, n]; default: real-token positions from the mask and the cache, so a
-            left-padded row gets the positions it would have alone.
+            left-padded row gets the positions it would have alone. Without a cache and padding,
+            positions that restart at 0 mark packed documents (transformers' DataCollatorWithFlattening):
+            each runs as if alone (no attention, GDN state or chunk crosses a boundary) and no cache is
+            returned.
         cache / past_key_values: a NatslCache or NatslStaticCache (either name; see CACHE_FIELD), or None.
         output_attentions: not supported (True raises): the softmax branch runs fused and the GDN branch has
             no attention matrix; `output_routes=True` returns what each chunk was routed to.
@@ -277,7 +282,11 @@ class NatslModel(NatslPreTrainedModel):
                 f"NAtS-L models need a NatslCache or NatslStaticCache, got {type(past_key_values).__name__}. Pass "
                 "`past_key_values=None` (the model creates one) or `natsl_hf.NatslCache(model.config)`."
             )
-        if use_cache and past_key_values is None:
+        # packed documents (position_ids restarting at 0, as DataCollatorWithFlattening gives): no cache
+        documents = None
+        if past_key_values is None and position_ids is not None and (attention_mask is None or bool(attention_mask.all())):
+            documents = Documents.from_position_ids(position_ids)
+        if use_cache and past_key_values is None and documents is None:
             past_key_values = NatslCache(self.config)
         # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
         static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
@@ -301,7 +310,7 @@ class NatslModel(NatslPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, aux = layer(hidden_states, position_embeddings, token_mask, past_key_values)
+            hidden_states, aux = layer(hidden_states, position_embeddings, token_mask, past_key_values, documents)
             if not layer.self_attn.natsl:
                 continue
             if "router_loss" in aux:
