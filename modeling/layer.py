@@ -90,6 +90,18 @@ def use_reference() -> bool:
     return os.environ.get("NATSL_FORCE_REFERENCE", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
+def kernels_for(device_type: str) -> bool:
+    """Whether the kernels serve tensors of this device type (CUDA; CPU only with NATSL_FORCE_KERNELS=1
+    under TRITON_INTERPRET=1, for tests) unless NATSL_FORCE_REFERENCE=1. A constant to torch.compile:
+    a compiled decode step bakes the choice in instead of tracing imports and environment reads."""
+    if use_reference():
+        return False
+    if device_type != "cuda" and os.environ.get("NATSL_FORCE_KERNELS", "0") != "1":
+        return False
+    return kernels.kernels_available(torch.empty(0, device=device_type))
+
+
 class NatslAttention(nn.Module):
     def __init__(self, config, layer_idx: int, natsl: bool = True):
         super().__init__()
@@ -173,10 +185,7 @@ class NatslAttention(nn.Module):
         return "kernels" if self._kernels_here(x) else "reference"
 
     def _kernels_here(self, x: torch.Tensor) -> bool:
-        if use_reference() or not self.config.use_kernels:
-            return False
-        on_device = x.is_cuda or os.environ.get("NATSL_FORCE_KERNELS", "0") == "1"
-        return on_device and kernels.kernels_available(x)
+        return self.config.use_kernels and kernels_for(x.device.type)
 
     @torch.no_grad()
     def routing_samples(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:

@@ -95,6 +95,11 @@ def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | No
     return _f(q, k, v, g, beta, chunk_size, scale, initial_state)
 
 
+try:  # imported with the package, not in the call: a compiled (torch.compile) decode step cannot import
+    from . import decode as _decode
+except Exception:  # noqa: BLE001 - kernels_available() says why, and the layer runs the reference
+    _decode = None
+
+
 def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
-    from .decode import routed_decode_attention as _f
-    return _f(q.to(kept_k.dtype), kept_k, kept_v, kept_len, open_k, open_v, seen, scale)
+    return _decode.routed_decode_attention(q.to(kept_k.dtype), kept_k, kept_v, kept_len, open_k, open_v, seen, scale)
