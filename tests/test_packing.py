@@ -122,58 +122,57 @@ def test_document_blocks_unpack_into_their_documents(tmp_path):
     assert unpack(ids, cu).tolist() == [[11, 12, 13, 0], [14, 0, 0, 0], [15, 0, 0, 0], [16, 17, 18, 0]]
 
 
-# ------------------------------------------------- model level: packed documents == each document alone
-LENGTHS = [[13, 6, 9, 4], [7, 25]]  # two packed rows of 32 tokens; chunk size 4: odd lengths, a document < 1 chunk
+# ------------------------------------------------- the data paths into the model (tests/test_packed_model.py:
+# the model on packed position ids, reference and kernels, forward and gradients)
+def piece_losses(model, pieces):
+    """Each document piece alone: (its mean next-token loss, its number of predicted tokens)."""
+    out = []
+    for piece in (p for p in pieces if len(p) > 1):  # a one-token piece predicts nothing
+        piece = torch.tensor(piece)[None]
+        out.append((model(piece, labels=piece, use_cache=False).loss, piece.shape[1] - 1))
+    return out
 
 
-def packed_batch(lengths, seed=0):
-    """-> documents (list of rows of 1-D id tensors), packed ids [B, T], their restarting position ids."""
-    gen = torch.Generator().manual_seed(seed)
-    docs = [[torch.randint(1, 97, (n,), generator=gen) for n in row] for row in lengths]
-    ids = torch.stack([torch.cat(row) for row in docs])
-    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])
-    return docs, ids, positions
+def token_mean(losses):
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
 
-def logits_and_grads(model, run):
-    """run() -> logits [B, T, V]; -> (logits, gradients of a fixed random projection of them)."""
-    logits = run()
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)
-    return logits, grads
-
-
-def each_document_alone(model, docs):
-    return torch.cat([torch.cat([model(d[None], use_cache=False).logits for d in row], 1) for row in docs])
-
-
-def test_documents_as_right_padded_rows_equal_each_document_alone():
-    """The varlen contract the model's packing rests on: unpack a packed batch into one right-padded row
-    per document, run those rows (attention_mask = pad_mask), repack: the logits and every gradient are
-    those of each document run alone (no attention or GDN state across a boundary, chunks restart)."""
+def test_flattening_collator_batch_trains_as_each_document_alone():
+    """DataCollatorWithFlattening's batch straight into the model: its loss (labels -100 at every document
+    start) is the token-weighted mean of each document's own loss, its logits those of each document alone."""
     from natsl_testing import tiny_model
 
-    model = tiny_model(seed=3).train()
-    docs, ids, positions = packed_batch(LENGTHS)
-    cu = cu_seqlens_from_position_ids(positions)
-
-    def rows_run():
-        rows = unpack(ids, cu)
-        logits = model(rows, attention_mask=pad_mask(cu, rows.shape[1]).long(), use_cache=False).logits
-        return repack(logits, cu, *ids.shape)
-
-    packed, g_packed = logits_and_grads(model, rows_run)
-    alone, g_alone = logits_and_grads(model, lambda: each_document_alone(model, docs))
-    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
-    assert_same_grads(model, g_packed, g_alone, 1e-5)
+    model = tiny_model(seed=3)
+    docs = [[int(t) for t in torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n))]
+            for n in (13, 6, 9, 4)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d} for d in docs])
+    with torch.no_grad():
+        out = model(**batch, use_cache=False)
+        alone = torch.cat([model(torch.tensor(d)[None], use_cache=False).logits for d in docs], 1)
+        torch.testing.assert_close(out.logits, alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss, token_mean(piece_losses(model, docs)))
 
 
-def assert_same_grads(model, got, want, tol):
-    """Per parameter, relative to the norm (the tied embedding's gradient is large)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert sum(g is not None for g in want) > 10
-    for name, a, b in zip(names, got, want):
-        if b is not None:
-            rel = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-            assert rel < tol, (name, rel)
+def test_document_blocks_through_the_default_collator_train_as_each_piece_alone(tmp_path):
+    """load_packed_dataset(packing="documents") -> Trainer's default_data_collator -> the model: each block's
+    loss is that of its document pieces, each run alone."""
+    from transformers import default_data_collator
+
+    from natsl_testing import tiny_model
+
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 97, (n,), generator=gen).tolist() for n in (13, 6, 9, 4, 21, 3)]
+    ds = load_packed_dataset(_ids_dataset(tmp_path, docs), types.SimpleNamespace(eos_token_id=EOS), 16,
+                             packing="documents")
+    batch = default_data_collator([ds[i] for i in range(len(ds))])
+    assert set(batch) == {"input_ids", "attention_mask", "position_ids", "labels"} and len(ds) == 62 // 16
+    model = tiny_model(seed=5)
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False)
+        for b in range(len(ds)):
+            ids, positions = batch["input_ids"][b], batch["position_ids"][b]
+            starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+            pieces = [ids[i:j].tolist() for i, j in zip(starts, starts[1:])]
+            block = model(ids[None], position_ids=positions[None], labels=batch["labels"][b][None], use_cache=False)
+            torch.testing.assert_close(block.loss, token_mean(piece_losses(model, pieces)))
+            torch.testing.assert_close(packed.logits[b], block.logits[0], rtol=1e-5, atol=1e-5)
