@@ -299,6 +299,28 @@ def test_packed_text_data(tmp_path):
         load_packed_dataset(tmp_path / "missing", tokenizer, 16)
 
 
+def test_stage2_on_packed_documents_sees_them_as_the_source_does(tmp_path):
+    """packing="documents": the source (KD teacher) and the NAtS-L model both keep the packed documents
+    apart. A converted model equals its source, so the first step's KD term is 0 only if they agree."""
+    from test_ddp_cpu import char_tokenizer
+
+    tok = char_tokenizer()
+    src = tiny_source()
+    src.resize_token_embeddings(len(tok), mean_resizing=False)
+    (tmp_path / "docs").mkdir()
+    for i, length in enumerate((20, 45, 70, 30)):  # documents that start and end inside the 32-token blocks
+        (tmp_path / "docs" / f"{i}.txt").write_text(("abcdefghij"[i:] * 10)[:length])
+    ds = load_packed_dataset(tmp_path / "docs", tok, SEQ, packing="documents")
+    assert any(0 in row[1:] for row in ds["position_ids"])  # some block holds a document start
+    model = prepare_student(tiny_natsl(src), 2)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path / "out", max_steps=1, logging_steps=1,
+                                                          per_device_train_batch_size=len(ds)),
+                                  train_dataset=ds, stage=2, teacher=src, kd_weight=1.0)
+    trainer.train()
+    kd = next(e["kd_loss"] for e in trainer.state.log_history if "kd_loss" in e)
+    assert kd < 1e-6, kd
+
+
 def test_route_budget_loss_is_hinge_on_realised_fraction():
     from natsl_hf.conversion.trainer import route_budget_loss
 
