@@ -112,9 +112,9 @@ def pack(token_lists, seq_len: int, eos_token_id: int | None) -> list[list[int]]
     return [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_blocks)]
 
 
-def pack_documents(token_lists, seq_len: int, eos_token_id: int | None) -> tuple[list[list[int]], list[list[int]]]:
+def pack_documents(token_lists, seq_len: int, eos_token_id: int | None):
     """`pack`'s blocks and, for each, position ids restarting at 0 at every document start in the
-    block and at the block start -> (blocks, position_ids)."""
+    block and at the block start -> (blocks, position_ids), two list[list[int]]."""
     stream, starts = _stream(token_lists, eos_token_id)
     n_blocks = len(stream) // seq_len
     is_start = bytearray(len(stream))

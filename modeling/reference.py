@@ -169,7 +169,7 @@ def softmax_branch(
     keys, values, biases = [], [], []  # the prefix: visible to every query, weight 1
     if prefix is not None:
         keys, values = [prefix[0].to(dtype)], [prefix[1].to(dtype)]
-        biases = [torch.zeros((), dtype=dtype).masked_fill(~prefix[2].bool(), torch.finfo(dtype).min)[:, :, None]]
+        biases = [torch.where(prefix[2].bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, :, None]]  # [B,Hkv,1,L]
 
     # the chunks some row and group routed softmax: the only earlier chunks a block visits
     softmax_chunks = hard.unflatten(2, (layout.num_chunks, C)).any(3).any(1).any(0).nonzero().flatten()
