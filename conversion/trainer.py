@@ -85,7 +85,7 @@ def freeze_for_stage1(model: nn.Module) -> list[str]:
     return trainable
 
 
-def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32):
     """Wrap the model with PEFT LoRA adapters on q/k/v/o and the new NAtS-L projections."""
     try:
         from peft import LoraConfig, get_peft_model
@@ -93,7 +93,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
         raise ImportError("--lora needs PEFT: pip install 'natsl-hf[train]' (or pip install peft).") from err
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in LORA_TARGETS if t in present]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, config)
 
