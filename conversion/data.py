@@ -142,6 +142,8 @@ def load_packed_dataset(path, tokenizer, seq_len: int, split: str = "train", max
     if packing not in PACKINGS:
         raise ValueError(f"packing={packing!r} (--packing) is not one of {', '.join(PACKINGS)}.")
     kind, data = load_texts_or_ids(path, split)
+    if kind == "text" and not any(text.strip() for text in data):
+        raise ValueError(f"{path} holds no text (empty or whitespace only): pass a file or dataset with training text.")
     if kind == "text":
         token_lists = tokenizer(data, add_special_tokens=False)["input_ids"]
     else:

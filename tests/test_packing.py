@@ -82,6 +82,15 @@ def _ids_dataset(tmp_path, docs):
     return tmp_path / "ids"
 
 
+@pytest.mark.parametrize("packing", ["blocks", "documents"])
+def test_a_text_file_without_text_is_refused(tmp_path, packing):
+    path = tmp_path / "blank.txt"
+    path.write_text("  \n\n\t\n")
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS)  # never reached
+    with pytest.raises(ValueError, match="holds no text"):
+        load_packed_dataset(path, tokenizer, 8, packing=packing)
+
+
 def test_document_packing_matches_the_flattening_collator(tmp_path):
     """One block holding whole documents: the same position ids and labels as DataCollatorWithFlattening
     on those documents (each closed by its EOS), labels -100 at every document's first token."""
