@@ -56,7 +56,9 @@ setup(
         "demo": ["gguf>=0.10"],
         "train": ["peft>=0.13", "datasets>=3.0"],
         "inspect": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7", "datasets>=3.0", "gguf>=0.10"],
+        # lm-evaluation-harness: bench/lm_eval_tasks (a local task) and its CI test on a converted checkpoint
+        "eval": ["lm-eval>=0.4.8,<0.5"],
+        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7", "datasets>=3.0", "gguf>=0.10", "lm-eval>=0.4.8,<0.5"],
     },
     entry_points={
         "console_scripts": [
