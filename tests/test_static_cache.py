@@ -163,6 +163,17 @@ def test_size_and_batch_are_checked():
         NatslStaticCache(model.config, max_batch_size=1, max_cache_len=8, max_kept_fraction=1.5)
 
 
+def test_an_empty_cache_moves_to_the_models_dtype_and_device_and_a_used_one_refuses():
+    model = tiny_model(seed=18)
+    cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=12, dtype=torch.float16)
+    ids = torch.randint(1, 97, (1, 9))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        assert cache.layers[0].state.kept_k.dtype == torch.float32
+        with pytest.raises(ValueError, match="create the cache with device= and dtype="):
+            model.half()(ids[:, :1], past_key_values=cache)
+
+
 def test_memory_follows_what_is_kept():
     """NAtS-L layers allocate sinks + max_kept_fraction of the chunks, full-softmax layers the whole context."""
     model = tiny_model(seed=17, natsl_layers=[1], softmax_budget=0.125)  # default fraction: 2 x budget
