@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -44,6 +43,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import natsl_hf
 from natsl_hf import NatslCache, NatslStaticCache
 from natsl_hf.conversion import convert_model
+
+from decode_bench import time_steps  # CUDA-event median, as the decode bench times its steps
 
 SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
@@ -121,18 +122,6 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def cuda_ms(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def free(*models):
     """Drop the caches generate() keeps on a model between calls (so each row's peak is its own)."""
     for m in models:
@@ -195,7 +184,7 @@ def prefill_row(model, name, T, p) -> dict:
     reset_routes(model, name, p, ids)
     free(model)
     with torch.no_grad():
-        ms = cuda_ms(lambda: model(ids, use_cache=False, logits_to_keep=1))
+        ms = time_steps(lambda: model(ids, use_cache=False, logits_to_keep=1), 0, 3, ids.device)
     row = {"kind": "prefill", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
     if name == "natsl":
@@ -214,8 +203,7 @@ def train_row(model, name, T, p) -> dict:
         out = model(ids, labels=ids, use_cache=False)
         out.loss.backward()
     try:
-        step()  # warm-up (kernel compilation, autotune)
-        ms = cuda_ms(step)
+        ms = time_steps(step, 1, 3, ids.device)  # one warm-up step (kernel compilation, autotune)
     finally:
         model.zero_grad(set_to_none=True)
         model.gradient_checkpointing_disable()

@@ -198,14 +198,13 @@ class NatslStaticCacheLayer(NatslCacheLayer):
             if isinstance(t, torch.Tensor):
                 t.copy_(fn(t))
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
+    def _fixed_batch(self, *args) -> None:
         raise NotImplementedError(
-            "NatslStaticCache is allocated for one batch size: create it with batch_size = rows x num_beams "
+            "NatslStaticCache is allocated for one batch size: create it with max_batch_size = rows x num_beams "
             "(or num_return_sequences), or use the default NatslCache."
         )
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.batch_repeat_interleave(0)
+    batch_repeat_interleave = batch_select_indices = _fixed_batch
 
 
 class NatslStaticCache(Cache):
