@@ -375,8 +375,10 @@ class NatslDistillTrainer(Trainer):
                 kd = kd_loss(outputs.logits, t_logits, self.kd_temperature, mask)
                 loss = loss + self.kd_weight * kd
                 metrics["kd_loss"] = kd
-        if outputs.softmax_fraction is not None:
-            metrics["softmax_fraction"] = outputs.softmax_fraction
+        if outputs.routable_chunks is not None:
+            # this step's realised fraction; 0/0 = NaN when it routed nothing, which the logged nanmean
+            # skips (no host sync per step)
+            metrics["softmax_fraction"] = outputs.softmax_chunks.sum() / outputs.routable_chunks.sum()
         if outputs.router_agreement is not None:
             metrics["router_agreement"] = outputs.router_agreement
         if model.training:

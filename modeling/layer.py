@@ -223,7 +223,8 @@ class NatslAttention(nn.Module):
         return_state: also return the updated state (the cache's next state) in aux["state"]
         documents: packed documents (modeling/varlen.py; no state, no padding): each document runs as
             its own right-padded row, so no attention and no GDN state cross a boundary
-        -> (output [B, n, D], aux: router_loss, n_routable, n_softmax, routes, state)
+        -> (output [B, n, D], aux: router_loss, n_routable / n_softmax ([B] routable chunks x KV heads,
+            and those routed softmax), routes, state)
 
         Three paths, same maths (tests compare them): a one-token step against a static state
         (`_decode_static`: fixed shapes, no host sync, capturable); a one-token step against a
@@ -238,6 +239,7 @@ class NatslAttention(nn.Module):
         if documents is not None:
             rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
             out, aux = self._segment(*rows, documents.mask, None, False, right_padded=True)
+            aux["n_routable"], aux["n_softmax"] = (documents.per_row(aux[key]) for key in ("n_routable", "n_softmax"))
             return documents.repack(out), aux
         if isinstance(state, NatslStaticLayerState):
             if n == 1 and not torch.is_grad_enabled():
@@ -310,8 +312,8 @@ class NatslAttention(nn.Module):
         aux = {
             "backend": backend,
             "routes": routes,
-            "n_routable": routes.routable.sum(),
-            "n_softmax": (routes.hard & routes.routable).sum(),
+            "n_routable": routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
+            "n_softmax": (routes.hard & routes.routable).flatten(1).sum(1),  # [B]
         }
         if supervision is not None:
             aux["router_loss"] = self.config.router_loss_weight * supervision["loss"]
@@ -496,8 +498,8 @@ class NatslAttention(nn.Module):
         B, H = x.shape[0], self.num_kv_heads
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
-        aux = {"backend": backend, "routes": routes, "n_routable": routes.routable.sum(),
-               "n_softmax": routes.routable.sum()}
+        none = routes.routable.flatten(1).sum(1)  # [B] zeros
+        aux = {"backend": backend, "routes": routes, "n_routable": none, "n_softmax": none}
         if state is not None:
             aux["state"] = state
         return aux

@@ -58,7 +58,7 @@ class Documents:
 
     cu_seqlens [N+1] int32 (see the module docstring), batch_size B, seq_len T:
       mask [N, Lmax] bool (True = a real token), unpack(x [B, T, ...]) -> [N, Lmax, ...] right-padded
-      with zeros, repack(rows [N, Lmax, ...]) -> [B, T, ...].
+      with zeros, repack(rows [N, Lmax, ...]) -> [B, T, ...], per_row(counts [N]) -> [B].
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int):
@@ -83,6 +83,11 @@ class Documents:
 
     def repack(self, rows: torch.Tensor) -> torch.Tensor:
         return rows[self._scatter].unflatten(0, (self.batch_size, self.seq_len))
+
+    def per_row(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts [N] per document -> [B] summed over each packed row's documents."""
+        row = torch.div(self.cu_seqlens[:-1].long(), self.seq_len, rounding_mode="floor")  # [N]
+        return counts.new_zeros(self.batch_size).index_add_(0, row, counts)
 
 
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 from .modeling.state import NatslLayerState, NatslStaticLayerState
 
@@ -94,13 +94,26 @@ class NatslCacheLayer(CacheLayerMixin):
         pass
 
 
-class NatslCache(Cache):
-    """The cache `NatslForCausalLM` creates for `generate` / `use_cache=True`."""
+def _no_dense_kv(cache) -> None:
+    raise TypeError(
+        f"{type(cache).__name__} does not hold one dense key/value tensor per layer (only the softmax chunks' KV, "
+        "compacted, plus the GDN state): read `cache.layers[i].state` (a NatslLayerState) instead."
+    )
+
+
+class NatslCache(DynamicCache):
+    """The cache `NatslForCausalLM` creates for `generate` / `use_cache=True`.
+
+    A DynamicCache in transformers' sense (it grows with the calls and is what generate() uses by default;
+    generation code and tests check for that class), whose layers are NAtS-L states instead of dense KV:
+    so it is built from its own layers, and iterating it as (keys, values) pairs raises."""
 
     def __init__(self, config=None, num_layers: int | None = None):
         n = num_layers if num_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[NatslCacheLayer() for _ in range(n)])
+        Cache.__init__(self, layers=[NatslCacheLayer() for _ in range(n)])  # not DynamicCache's dense layers
         self.chunk_size = None if config is None else config.chunk_size
+
+    __iter__ = _no_dense_kv
 
     def layer_state(self, layer_idx: int) -> NatslLayerState | None:
         return self.layers[layer_idx].state
@@ -207,8 +220,9 @@ class NatslStaticCacheLayer(NatslCacheLayer):
     batch_repeat_interleave = batch_select_indices = _fixed_batch
 
 
-class NatslStaticCache(Cache):
-    """A NAtS-L cache of fixed size, for compiled decoding (`generate(..., cache_implementation="static")`).
+class NatslStaticCache(StaticCache):
+    """A NAtS-L cache of fixed size, for compiled decoding (`generate(..., cache_implementation="static")`):
+    a StaticCache in transformers' sense (fixed shapes, compileable), built from its own layers.
 
     Per layer it allocates, once: the kept softmax KV (`capacity` tokens per row and KV group, see
     below), the open chunk's KV and GDN inputs, the GDN state twice (at the open chunk's start and with
@@ -256,8 +270,8 @@ class NatslStaticCache(Cache):
         self._config = config
         self._capacities = [natsl_capacity if config.is_natsl_layer(i) else chunks * C
                             for i in range(config.num_hidden_layers)]
-        super().__init__(layers=[self._layer(i, max_batch_size, device, dtype or config.dtype or torch.float32)
-                                 for i in range(config.num_hidden_layers)])
+        Cache.__init__(self, layers=[self._layer(i, max_batch_size, device, dtype or config.dtype or torch.float32)
+                                     for i in range(config.num_hidden_layers)])  # not StaticCache's dense layers
         self.chunk_size = C
         # not `max_cache_len` / `max_batch_size`: transformers 5.17's Cache has read-only properties of those names
         self.cache_len, self.rows, self.max_kept_fraction = max_cache_len, max_batch_size, max_kept_fraction
@@ -336,6 +350,7 @@ class NatslStaticCache(Cache):
         return {"total": sum(counts.values()), "per_layer": {i: c for i, c in counts.items() if c}}
 
     memory_report = NatslCache.memory_report
+    __iter__ = _no_dense_kv
 
 
 __all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer"]

@@ -47,15 +47,41 @@ def _one_cache(cache: NatslCache | None, past_key_values: NatslCache | None) -> 
     return cache if cache is not None else past_key_values
 
 
+class RoutedFractions:
+    """The realised softmax fractions of a NAtS-L output, from its per-row counts (`softmax_chunks`,
+    `routable_chunks`). Computed when read (one host sync); None when the call routed no chunk (a prompt
+    shorter than sinks + 1 chunks, a decode step that closes no chunk, every step against a
+    NatslStaticCache: see `NatslStaticCache.realised_fraction()`), never 0/0."""
+
+    softmax_chunks: torch.LongTensor | None
+    routable_chunks: torch.LongTensor | None
+
+    @property
+    def softmax_fraction(self) -> torch.Tensor | None:
+        """Share of the routable chunks routed softmax, over all rows, KV heads and NAtS-L layers."""
+        if self.routable_chunks is None or not bool(self.routable_chunks.sum() > 0):
+            return None
+        return self.softmax_chunks.sum() / self.routable_chunks.sum()
+
+    @property
+    def layer_softmax_fraction(self) -> torch.Tensor | None:
+        """[num_natsl_layers] the same per NAtS-L layer (in `config.natsl_layers` order)."""
+        if self.softmax_fraction is None:
+            return None
+        return self.softmax_chunks.sum(0) / self.routable_chunks.sum(0).clamp(min=1)
+
+
 @dataclass
-class NatslModelOutputWithPast(BaseModelOutputWithPast):
+class NatslModelOutputWithPast(RoutedFractions, BaseModelOutputWithPast):
     """
     router_loss: sum over NAtS-L layers of the router loss in training (the budget hinge, or the supervised-
         routing loss of stage-1 distillation); None at inference and for frozen routers.
-    softmax_fraction: realised fraction of routable chunks routed softmax, over all NAtS-L layers.
-    layer_softmax_fraction: [num_natsl_layers] the same per NAtS-L layer. Both are None when the call
-        routed no chunk (a prompt shorter than sinks + 1 chunks, a decode step that closes no chunk, every
-        step against a NatslStaticCache: see `NatslStaticCache.realised_fraction()`).
+    routable_chunks: [B, num_natsl_layers] long: per row and NAtS-L layer, the routable chunks this call
+        closed, counted once per KV head (each KV head routes its own). Per row, so a row's counts do not
+        depend on the rest of the batch; packed documents add up into their row. None at a decode step
+        against a NatslStaticCache (it counts in the cache).
+    softmax_chunks: [B, num_natsl_layers] long: of those, the ones routed softmax.
+        `softmax_fraction` / `layer_softmax_fraction` (RoutedFractions) are their ratios.
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
     router_agreement: supervised routing (stage-1 distillation) only: the fraction of labelled chunks on
         which the router's own argmax (margin >= 0, i.e. before any bias calibration) matches the target it
@@ -64,20 +90,20 @@ class NatslModelOutputWithPast(BaseModelOutputWithPast):
     """
 
     router_loss: torch.FloatTensor | None = None
-    softmax_fraction: torch.FloatTensor | None = None
-    layer_softmax_fraction: torch.FloatTensor | None = None
+    softmax_chunks: torch.LongTensor | None = None
+    routable_chunks: torch.LongTensor | None = None
     routes: tuple | None = None
     router_agreement: torch.FloatTensor | None = None
 
 
 @dataclass
-class NatslCausalLMOutputWithPast(CausalLMOutputWithPast):
+class NatslCausalLMOutputWithPast(RoutedFractions, CausalLMOutputWithPast):
     """`loss` = LM loss + router_loss (when labels are given). Other fields as NatslModelOutputWithPast."""
 
     lm_loss: torch.FloatTensor | None = None
     router_loss: torch.FloatTensor | None = None
-    softmax_fraction: torch.FloatTensor | None = None
-    layer_softmax_fraction: torch.FloatTensor | None = None
+    softmax_chunks: torch.LongTensor | None = None
+    routable_chunks: torch.LongTensor | None = None
     routes: tuple | None = None
     router_agreement: torch.FloatTensor | None = None
 
@@ -324,19 +350,16 @@ class NatslModel(NatslPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        fraction = layer_fraction = None
+        routable = softmax = None  # [B, num_natsl_layers]
         if n_routable and not static_step:
-            n_routable, n_softmax = torch.stack(n_routable).float(), torch.stack(n_softmax).float()
-            if bool(n_routable.sum() > 0):  # else nothing was routed in this call: no fraction (not 0/0)
-                layer_fraction = (n_softmax / n_routable.clamp(min=1)).detach()
-                fraction = (n_softmax.sum() / n_routable.sum()).detach()
+            routable, softmax = torch.stack(n_routable, 1), torch.stack(n_softmax, 1)
         return NatslModelOutputWithPast(
             last_hidden_state=hidden_states,
             **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden,
             router_loss=router_loss,
-            softmax_fraction=fraction,
-            layer_softmax_fraction=layer_fraction,
+            softmax_chunks=softmax,
+            routable_chunks=routable,
             routes=tuple(routes) if output_routes else None,
             router_agreement=torch.stack(agreements).mean() if agreements else None,
         )
@@ -452,7 +475,11 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'
         columns of the 2D mask (the cache holds the rest), so that is what it gets."""
-        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1]:]
+        # a copy: a view of the growing mask changes its strides at every step (transformers 5.17 passes the
+        # whole mask), and the compiled step would then be recompiled for each new stride
+        if attention_mask is None:
+            return None
+        return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
 
     @can_return_tuple
     def forward(
@@ -500,8 +527,8 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             router_loss=outputs.router_loss,
-            softmax_fraction=outputs.softmax_fraction,
-            layer_softmax_fraction=outputs.layer_softmax_fraction,
+            softmax_chunks=outputs.softmax_chunks,
+            routable_chunks=outputs.routable_chunks,
             routes=outputs.routes,
             router_agreement=outputs.router_agreement,
         )

@@ -76,3 +76,25 @@ def test_inputs_the_layers_cannot_take_are_refused(ids, mask, match):
     model = tiny_model(seed=5)
     with pytest.raises(ValueError, match=match):
         model(ids, attention_mask=mask)
+
+
+def _counted(routes, which):
+    """[B, num_natsl_layers] chunks x KV heads per row, counted from the routes themselves."""
+    return torch.stack([(which(r) & r.routable).flatten(1).sum(1) for r in routes], 1)
+
+
+def test_routing_counts_are_per_row_and_add_up_over_packed_documents():
+    model = tiny_model(seed=6)
+    first, second = torch.randint(1, 97, (1, 5 * C + 1)), torch.randint(1, 97, (1, 3 * C))
+    positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])])[None]
+    with torch.no_grad():
+        alone = [model(ids, use_cache=False, output_routes=True) for ids in (first, second)]
+        packed = model(torch.cat([first, second], 1), position_ids=positions, use_cache=False)
+    for out in alone:
+        assert out.softmax_chunks.dtype == torch.long and out.softmax_chunks.shape == (1, 2)
+        assert torch.equal(out.softmax_chunks, _counted(out.routes, lambda r: r.hard))
+        assert torch.equal(out.routable_chunks, _counted(out.routes, lambda r: r.routable))
+        assert out.softmax_fraction == out.softmax_chunks.sum() / out.routable_chunks.sum()
+    assert int(alone[0].softmax_chunks.sum()) > 0 and int((alone[0].routable_chunks - alone[0].softmax_chunks).sum()) > 0
+    for key in ("softmax_chunks", "routable_chunks"):
+        assert torch.equal(packed[key], alone[0][key] + alone[1][key]), key

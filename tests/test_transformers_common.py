@@ -3,9 +3,8 @@ tiny NAtS-L model with mixed routing, written here against the public API.
 
 transformers' own files cannot run in CI: the PyPI sdist of transformers 5.24.0 ships tests/test_modeling_common.py
 but not what it imports (tests/generation/test_utils.py, tests/exporters/, tests/utils/) nor tests/causal_lm_tester.py.
-Run locally (ModelTesterMixin from the 5.24 sdist, GenerationTesterMixin and CausalLMModelTest from a 5.6.0.dev0
-snapshot of transformers' tests; the issue-17 report has the counts), what fails there fails here too: the skipped
-tests below name the modeling / cache change each waits for.
+transformers' own test classes run on NAtS-L outside CI with tests/transformers_suite/ (its README says how); what
+fails there should fail here too.
 
 Model: 2 layers, chunk_size 4, 1 sink chunk, routers and GDN parameters randomised (`mix_routes`) so chunks split
 between the softmax and the GDN branch; 13-token prompts hold 3 complete chunks, 2 of them routable.
@@ -96,18 +95,22 @@ def test_inputs_embeds_match_input_ids(model, ids):
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(ids).logits)
 
 
-@pytest.mark.skip(reason="needs per-row routing statistics: softmax_fraction / layer_softmax_fraction are aggregates "
-                         "over the batch (a row alone gives another value, or None), so the output is not batch-"
-                         "equivalent (transformers' test_batching_equivalence); modeling_natsl.py, issue 17")
 def test_batching_equivalence(model, ids):
+    """Every output tensor is per row, and a row's values do not depend on the rest of the batch: the routing
+    counts too, for a left-padded row that routes nothing (its 5 real tokens make one chunk, the sink)."""
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
     with torch.no_grad():
-        batched = model(ids)
-        row = model(ids[:1])
-    assert batched.keys() == row.keys()
-    for key, value in batched.items():
-        if isinstance(value, torch.Tensor):
-            assert value.shape[:1] == (BATCH,), f"{key} has no batch dimension"
-            torch.testing.assert_close(value[:1], row[key], rtol=1e-5, atol=1e-5, msg=key)
+        batched = model(ids, attention_mask=mask)
+        rows = [model(ids[i : i + 1], attention_mask=mask[i : i + 1]) for i in range(BATCH)]
+    assert int(batched.routable_chunks[1].sum()) == 0 and rows[1].softmax_fraction is None
+    assert int(batched.routable_chunks[0].sum()) > 0 and batched.softmax_fraction is not None
+    for i, row in enumerate(rows):
+        assert batched.keys() == row.keys()
+        for key, value in batched.items():
+            if isinstance(value, torch.Tensor):
+                assert value.shape[:1] == (BATCH,), f"{key} has no batch dimension"
+                torch.testing.assert_close(value[i : i + 1], row[key], rtol=1e-5, atol=1e-5, msg=f"{key}, row {i}")
 
 
 def test_training_with_and_without_gradient_checkpointing(ids):
@@ -179,14 +182,25 @@ def test_static_cache_scores_equal_the_full_forward(model, ids):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-@pytest.mark.skip(reason="transformers' generation tests expect generate's default cache to be a DynamicCache and "
-                         "cache_implementation='static' to give a StaticCache, with layers that expose keys / values "
-                         "(plus conv_states / recurrent_states, as LinearAttentionAndFullAttentionLayer does); "
-                         "NatslCache and NatslStaticCache are Cache classes of their own (natsl_hf/cache.py, issue 17)")
 def test_generate_returns_transformers_cache_types(model, ids):
+    """generate()'s default cache is a DynamicCache, cache_implementation="static" gives a StaticCache (what
+    generation code and tests check), each with NAtS-L layers; read as dense (keys, values) pairs they refuse."""
     from transformers import DynamicCache, StaticCache
 
-    dynamic = generate(model, ids, return_dict_in_generate=True)
-    static = generate(model, ids, cache_implementation="static", return_dict_in_generate=True)
-    assert isinstance(getattr(dynamic, CACHE_FIELD), DynamicCache)
-    assert isinstance(getattr(static, CACHE_FIELD), StaticCache)
+    dynamic = getattr(generate(model, ids, return_dict_in_generate=True), CACHE_FIELD)
+    static = getattr(generate(model, ids, cache_implementation="static", return_dict_in_generate=True), CACHE_FIELD)
+    assert isinstance(dynamic, DynamicCache) and not dynamic.is_compileable
+    assert isinstance(static, StaticCache) and static.is_compileable
+    for cache in (dynamic, static):
+        assert len(cache) == model.config.num_hidden_layers and int(cache.get_seq_length()) == PROMPT + NEW - 1
+        with pytest.raises(TypeError, match=r"layers\[i\]\.state"):
+            list(cache)
+
+
+def test_generate_masks_keep_their_strides(model):
+    """A compiled decode step gets the new token's mask column with the same strides at every step: a view of the
+    growing mask (transformers 5.17 passes all of it) changed them each step and recompiled the step."""
+    embeds = torch.empty(BATCH, 1, 0)
+    masks = [model.create_masks_for_generate(model.config, embeds, torch.ones(BATCH, n, dtype=torch.long))
+             for n in (PROMPT, PROMPT + 1, PROMPT + 2)]
+    assert {mask.stride() for mask in masks} == {(1, 1)} and all(mask.shape == (BATCH, 1) for mask in masks)
