@@ -278,7 +278,7 @@ class NatslAttention(nn.Module):
         else:
             k_pos, seg_k, seg_v = q_pos, k_rot, v
 
-        routes, rel, complete, supervision = self._route(x, k_pos, seen, state, q_rot, k_rot)
+        routes, rel, complete, supervision = self._route(x, k_pos, seen, state, q_rot, k_rot, dense=token_mask is None)
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
         key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
@@ -302,8 +302,8 @@ class NatslAttention(nn.Module):
         gdn = None
         if self.natsl:
             o_gdn, gdn = self._gdn_branch(
-                x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,
-                backend,
+                x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
+                open_chunk, return_state, backend,
             )
             o = self._combine(o, o_gdn, x)
         o = o * valid_new[..., None, None].to(o.dtype)
@@ -328,7 +328,8 @@ class NatslAttention(nn.Module):
             aux["kept_chunks"] = (routes.hard & routes.routable).sum(1)
         return out, aux
 
-    def _route(self, x, k_pos, seen, state, q_rot, k_rot) -> tuple[Routes, torch.Tensor, torch.Tensor, dict | None]:
+    def _route(self, x, k_pos, seen, state, q_rot, k_rot, dense: bool = False
+               ) -> tuple[Routes, torch.Tensor, torch.Tensor, dict | None]:
         """Route the chunks of the segment.
 
         -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
@@ -346,7 +347,10 @@ class NatslAttention(nn.Module):
         C = self.chunk_size
         base = torch.div(seen, C, rounding_mode="floor")  # [B] first chunk of the segment
         rel = torch.div(k_pos, C, rounding_mode="floor") - base[:, None]
-        N = int((torch.div(k_pos.max(1).values.clamp(min=0), C, rounding_mode="floor") - base).max()) + 1
+        if dense and state is None:  # every row holds positions 0 .. S-1: known without a host sync
+            N = math.ceil(S / C)
+        else:  # the chunks the rows' real tokens reach (one host sync)
+            N = int((torch.div(k_pos.max(1).values.clamp(min=0), C, rounding_mode="floor") - base).max()) + 1
         rel = torch.where(k_pos >= 0, rel, torch.full_like(rel, N))
         counts = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
         counts.scatter_add_(1, rel, torch.ones_like(rel))
