@@ -186,7 +186,7 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: in
     return [torch.cat(m) if m else torch.empty(0) for m in margins], fraction
 
 
-def _budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
+def budget_thresholds(margins: torch.Tensor, budget: float) -> torch.Tensor:
     """Per head: the margin threshold above which `round(budget * n)` of the n routable chunks lie,
     midway between the k-th and (k+1)-th largest margin. margins: [chunks, H] (NaN = not routable)."""
     thresholds = []
@@ -227,7 +227,7 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     for i, attn in enumerate(layers):
         if i > 0:  # the earlier layers' new routing changed what this router reads
             margins, _ = _router_margins(model, layers, batches, only=i if stop_early else None)
-        shift = _budget_thresholds(margins[i], budget)
+        shift = budget_thresholds(margins[i], budget)
         with torch.no_grad(), (apply_in(decoders[i]) if apply_in else contextlib.nullcontext()):
             bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
             bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
@@ -235,4 +235,4 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     return {"softmax_fraction_before": before, "softmax_fraction_after": after}
 
 
-__all__ = ["calibrate_router_bias", "collect_routing_samples", "fit_router", "fit_routers", "roc_auc"]
+__all__ = ["budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router", "fit_routers", "roc_auc"]

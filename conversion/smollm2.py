@@ -143,7 +143,7 @@ def calibrate_routers(model, input_ids: torch.Tensor, budget: float) -> None:
     reads its input through the already calibrated layers before it, as there (tested equal).
     """
     from .layers import natsl_decoder_layers
-    from .router_fit import _budget_thresholds
+    from .router_fit import budget_thresholds
 
     config = model.config
     T = input_ids.shape[1]
@@ -152,7 +152,7 @@ def calibrate_routers(model, input_ids: torch.Tensor, budget: float) -> None:
         chunk = torch.arange(scores.shape[1], device=scores.device)
         routable = ((chunk + 1) * config.chunk_size <= T) & (chunk >= config.num_sink_chunks)
         margins = (scores[..., 0] - scores[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
-        shift = _budget_thresholds(margins.flatten(0, 1), budget).to(scores)
+        shift = budget_thresholds(margins.flatten(0, 1), budget).to(scores)
         delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
         router.proj.bias.add_(delta.flatten().to(router.proj.bias))
         return scores + delta
