@@ -114,6 +114,15 @@ def calibrate_routes(natsl, p: float, ids: torch.Tensor) -> None:
     natsl.config.softmax_budget = p  # sizes NatslStaticCache's default kept capacity (2 x budget)
 
 
+def dynamo_counts() -> dict:
+    """torch._dynamo's running totals: graphs compiled, frames that broke, recompiles (guard failures)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+
+
 def sync_time(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -307,6 +316,8 @@ def main(argv=None) -> int:
     fractions = [float(f) for f in args.fractions.split(",")]
     report = {"device": torch.cuda.get_device_name(0), "versions": versions(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+              "env": {k: os.environ[k] for k in ("TORCH_LOGS", "NATSL_FORCE_REFERENCE", "TORCHINDUCTOR_CACHE_DIR")
+                      if k in os.environ},
               "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
                         "dtype": "bfloat16", "weights": "random"},
               "rows": [], "errors": []}
@@ -317,9 +328,12 @@ def main(argv=None) -> int:
 
     def run(fn, *a):
         t0 = time.perf_counter()
+        before = dynamo_counts()
         try:
             row = fn(*a)
             row["wall_s"] = time.perf_counter() - t0
+            after = dynamo_counts()
+            row["dynamo"] = {key: after[key] - before[key] for key in after}  # this row's compiles
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
         except Exception:  # noqa: BLE001 - one failed row must not lose the others
