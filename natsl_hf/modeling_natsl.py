@@ -452,7 +452,11 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'
         columns of the 2D mask (the cache holds the rest), so that is what it gets."""
-        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1]:]
+        # a copy: a view of the growing mask changes its strides at every step (transformers 5.17 passes the
+        # whole mask), and the compiled step would then be recompiled for each new stride
+        if attention_mask is None:
+            return None
+        return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
 
     @can_return_tuple
     def forward(
