@@ -52,6 +52,24 @@ SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hi
 N_SHORT, N_LONG = 16, 144  # new tokens of the two generate() calls whose difference is timed
 
 
+def patch_decode_mask() -> str | None:
+    """Stand-in for a fix that belongs in natsl_hf/modeling_natsl.py (not edited here): under transformers
+    5.17, generate() hands `create_masks_for_generate` the growing 2D mask, and its last column
+    `mask[:, -1:]` has row stride T + k, a new value at every step; `.contiguous()` keeps that stride for a
+    [1, 1] view, so at batch 1 dynamo recompiled the step on the stride, made it dynamic, and CUDA graph
+    trees re-recorded a graph for every step (seen on the H200: 30 ms/step). The patch returns the new
+    tokens' columns as a fresh contiguous tensor (strides fixed). Returns what it patched, for the JSON."""
+    from natsl_hf import NatslForCausalLM
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        if attention_mask is None:
+            return None
+        return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
+    NatslForCausalLM.create_masks_for_generate = create_masks_for_generate
+    return ("NatslForCausalLM.create_masks_for_generate returns attention_mask[:, -n:].clone("
+            "memory_format=torch.contiguous_format) (a fixed stride; see patch_decode_mask)")
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "natsl_hf": natsl_hf.__version__}
@@ -226,7 +244,7 @@ def peak_for_batch(model, T: int, batch: int, cache_implementation: str) -> floa
     model.generation_config.max_cache_len = T + 8
     free(model)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                   cache_implementation=cache_implementation)
+                   cache_implementation=cache_implementation, disable_compile=True)
     model.generation_config.max_cache_len = None
     return torch.cuda.max_memory_allocated() / 2**30
 
@@ -238,7 +256,8 @@ def max_batch_row(model, name, T, p) -> dict:
     per_row = two - one
     predicted = int((0.97 * total - (one - per_row)) // per_row)
     row = {"kind": "max_batch", "model": name, "T": T, "p": p, "peak_gb_b1": one, "peak_gb_b2": two,
-           "per_row_gb": per_row, "device_gb": total, "batch": predicted, "method": "linear in batch from b=1,2"}
+           "per_row_gb": per_row, "device_gb": total, "batch": predicted,
+           "method": "linear in batch from b=1,2; generate(static cache, 4 new tokens, disable_compile=True)"}
     try:
         row["checked_peak_gb"] = peak_for_batch(model, T, predicted, "static")
         row["checked"] = True
@@ -263,12 +282,18 @@ def profile_row(model, name, T: int, p) -> dict:
                               do_sample=False, cache_implementation="static")
     free(model)
     gen(N_SHORT)
-    counts = {}
+    counts, by_name = {}, {}
     for k in (N_SHORT, N_SHORT + n):  # the difference is n decode steps
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             gen(k)
             torch.cuda.synchronize()
         events = prof.events()
+        by_name[k] = {}
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                n_t = by_name[k].setdefault(e.name, [0, 0.0])
+                n_t[0] += 1
+                n_t[1] += e.time_range.elapsed_us()
         counts[k] = {
             "gpu_kernels": sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
             "graph_launches": sum(1 for e in events if e.name.startswith("cudaGraphLaunch")),
@@ -278,8 +303,15 @@ def profile_row(model, name, T: int, p) -> dict:
         }
     model.generation_config.max_cache_len = None
     per_token = {key: (counts[N_SHORT + n][key] - counts[N_SHORT][key]) / n for key in counts[N_SHORT]}
+    kernels = []  # per decode token: launches and GPU microseconds of each kernel name
+    for kname, (cnt, us) in by_name[N_SHORT + n].items():
+        c0, u0 = by_name[N_SHORT].get(kname, [0, 0.0])
+        if cnt - c0 > 0:
+            kernels.append({"name": kname[:120], "per_token": (cnt - c0) / n, "us_per_token": (us - u0) / n})
+    kernels.sort(key=lambda r: -r["us_per_token"])
     return {"kind": "profile", "model": name, "T": T, "batch": 1, "p": p, "mode": "compiled generate, static cache",
-            **{f"{key}_per_token": value for key, value in per_token.items()}}
+            **{f"{key}_per_token": value for key, value in per_token.items()},
+            "gpu_us_per_token": sum(r["us_per_token"] for r in kernels), "kernels": kernels[:60]}
 
 
 def check_static_equals_dynamic(natsl, T: int) -> dict:
@@ -310,6 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="natsl,source",
                    help="rows to run: natsl, source (all source rows) or one source row kind, e.g. source-static")
     p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
+    p.add_argument("--no-mask-patch", action="store_true", help="run generate() as natsl_hf ships it (see patch_decode_mask)")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     contexts = [int(t) for t in args.contexts.split(",")]
@@ -320,7 +353,9 @@ def main(argv=None) -> int:
                       if k in os.environ},
               "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
                         "dtype": "bfloat16", "weights": "random"},
-              "rows": [], "errors": []}
+              "rows": [], "errors": [], "patches": []}
+    if not args.no_mask_patch:
+        report["patches"].append(patch_decode_mask())
 
     def dump():
         with open(args.out, "w") as f:
@@ -349,16 +384,22 @@ def main(argv=None) -> int:
     p0 = fractions[0]
     if "check" in sections:
         jobs.append((check_static_equals_dynamic, natsl, 1000))
+    def decode_jobs(shapes):
+        for T, B in shapes:
+            jobs.extend([(decode_row, natsl, "natsl", T, B, p0, "static"),
+                         (decode_row, source, "source-static", T, B, None, "static"),
+                         (decode_row, source, "source-default", T, B, None, None)])
+    # in priority order (a call cut by its limit keeps what ran): batch-1 decode, profile, prefill,
+    # batch-32 decode, train, max_batch
     if "decode" in sections:
-        for T, B in [(T, 1) for T in contexts] + [(16384, 32)]:
-            jobs += [(decode_row, natsl, "natsl", T, B, p0, "static"),
-                     (decode_row, source, "source-static", T, B, None, "static"),
-                     (decode_row, source, "source-default", T, B, None, None)]
+        decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
     if "prefill" in sections:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]
+    if "decode" in sections:
+        decode_jobs([(16384, 32)])
     if "train" in sections:
         for T in contexts[:2]:
             jobs += [(train_row, natsl, "natsl", T, p0), (train_row, source, "source", T, None)]
@@ -375,6 +416,8 @@ def main(argv=None) -> int:
         name = a[1] if isinstance(a[1], str) else "natsl"  # "natsl", "source", "source-static", ...
         if name in models or name.split("-")[0] in models:
             run(fn, *a)
+    from torch._dynamo.utils import compile_times
+    report["compile_times"] = compile_times(repr="str", aggregate=True)  # dynamo / inductor phases, whole run
     dump()
     print_table(report)
     return 0
