@@ -52,24 +52,6 @@ SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hi
 N_SHORT, N_LONG = 16, 144  # new tokens of the two generate() calls whose difference is timed
 
 
-def patch_decode_mask() -> str | None:
-    """Stand-in for a fix that belongs in natsl_hf/modeling_natsl.py (not edited here): under transformers
-    5.17, generate() hands `create_masks_for_generate` the growing 2D mask, and its last column
-    `mask[:, -1:]` has row stride T + k, a new value at every step; `.contiguous()` keeps that stride for a
-    [1, 1] view, so at batch 1 dynamo recompiled the step on the stride, made it dynamic, and CUDA graph
-    trees re-recorded a graph for every step (seen on the H200: 30 ms/step). The patch returns the new
-    tokens' columns as a fresh contiguous tensor (strides fixed). Returns what it patched, for the JSON."""
-    from natsl_hf import NatslForCausalLM
-
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
-        if attention_mask is None:
-            return None
-        return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
-    NatslForCausalLM.create_masks_for_generate = create_masks_for_generate
-    return ("NatslForCausalLM.create_masks_for_generate returns attention_mask[:, -n:].clone("
-            "memory_format=torch.contiguous_format) (a fixed stride; see patch_decode_mask)")
-
-
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "natsl_hf": natsl_hf.__version__}
@@ -342,7 +324,6 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="natsl,source",
                    help="rows to run: natsl, source (all source rows) or one source row kind, e.g. source-static")
     p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
-    p.add_argument("--no-mask-patch", action="store_true", help="run generate() as natsl_hf ships it (see patch_decode_mask)")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     contexts = [int(t) for t in args.contexts.split(",")]
@@ -353,9 +334,7 @@ def main(argv=None) -> int:
                       if k in os.environ},
               "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
                         "dtype": "bfloat16", "weights": "random"},
-              "rows": [], "errors": [], "patches": []}
-    if not args.no_mask_patch:
-        report["patches"].append(patch_decode_mask())
+              "rows": [], "errors": []}
 
     def dump():
         with open(args.out, "w") as f:
