@@ -240,11 +240,18 @@ def max_batch_row(model, name, T, p) -> dict:
     row = {"kind": "max_batch", "model": name, "T": T, "p": p, "peak_gb_b1": one, "peak_gb_b2": two,
            "per_row_gb": per_row, "device_gb": total, "batch": predicted,
            "method": "linear in batch from b=1,2; generate(static cache, 4 new tokens, disable_compile=True)"}
-    try:
-        row["checked_peak_gb"] = peak_for_batch(model, T, predicted, "static")
-        row["checked"] = True
-    except torch.OutOfMemoryError:
-        row["checked"] = False
+    row["tried"] = []  # the prediction, then 10 % steps down until a batch runs (at most 4 tries)
+    for batch in [predicted] + [int(predicted * (1 - 0.1 * i)) for i in range(1, 4)]:
+        try:
+            peak = peak_for_batch(model, T, batch, "static")
+        except torch.OutOfMemoryError:
+            row["tried"].append({"batch": batch, "fits": False})
+            free(model)
+            continue
+        row["tried"].append({"batch": batch, "fits": True, "peak_gb": peak})
+        row["max_batch_run"] = batch
+        break
+    row["checked"] = row["tried"][0]["fits"]
     free(model)
     return row
 
@@ -324,6 +331,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="natsl,source",
                    help="rows to run: natsl, source (all source rows) or one source row kind, e.g. source-static")
     p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
+    p.add_argument("--batch-shapes", default="16384x32", help="decode rows at batch > 1: TxB,... ('' for none)")
+    p.add_argument("--no-batch1-decode", action="store_true", help="skip the batch-1 decode rows")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     contexts = [int(t) for t in args.contexts.split(",")]
@@ -370,7 +379,7 @@ def main(argv=None) -> int:
                          (decode_row, source, "source-default", T, B, None, None)])
     # in priority order (a call cut by its limit keeps what ran): batch-1 decode, profile, prefill,
     # batch-32 decode, train, max_batch
-    if "decode" in sections:
+    if "decode" in sections and not args.no_batch1_decode:
         decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
@@ -378,7 +387,7 @@ def main(argv=None) -> int:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]
     if "decode" in sections:
-        decode_jobs([(16384, 32)])
+        decode_jobs([tuple(int(x) for x in shape.split("x")) for shape in args.batch_shapes.split(",") if shape])
     if "train" in sections:
         for T in contexts[:2]:
             jobs += [(train_row, natsl, "natsl", T, p0), (train_row, source, "source", T, None)]
@@ -386,7 +395,7 @@ def main(argv=None) -> int:
         jobs += [(max_batch_row, natsl, "natsl", 32768, p0), (max_batch_row, source, "source", 32768, None)]
     for frac in fractions[1:]:
         if "decode" in sections:
-            jobs += [(decode_row, natsl, "natsl", T, B, frac, "static") for T, B in [(T, 1) for T in contexts] + [(16384, 32)]]
+            jobs += [(decode_row, natsl, "natsl", T, B, frac, "static") for T, B in [(T, 1) for T in contexts]]
         if "prefill" in sections:
             jobs += [(prefill_row, natsl, "natsl", T, frac) for T in contexts]
         if "train" in sections:
