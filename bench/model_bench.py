@@ -362,6 +362,7 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - one failed row must not lose the others
             report["errors"].append({"call": f"{fn.__name__}{tuple(str(x)[:20] for x in a)}", "error": traceback.format_exc()})
             print(traceback.format_exc(), flush=True)
+            dump()  # before free(): after a device-side fault (illegal address) every CUDA call raises
             free(*a[:1])
         dump()
 
