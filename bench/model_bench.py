@@ -114,6 +114,15 @@ def calibrate_routes(natsl, p: float, ids: torch.Tensor) -> None:
     natsl.config.softmax_budget = p  # sizes NatslStaticCache's default kept capacity (2 x budget)
 
 
+def dynamo_counts() -> dict:
+    """torch._dynamo's running totals: graphs compiled, frames that broke, recompiles (guard failures)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+
+
 def sync_time(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -217,7 +226,7 @@ def peak_for_batch(model, T: int, batch: int, cache_implementation: str) -> floa
     model.generation_config.max_cache_len = T + 8
     free(model)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                   cache_implementation=cache_implementation)
+                   cache_implementation=cache_implementation, disable_compile=True)
     model.generation_config.max_cache_len = None
     return torch.cuda.max_memory_allocated() / 2**30
 
@@ -229,12 +238,20 @@ def max_batch_row(model, name, T, p) -> dict:
     per_row = two - one
     predicted = int((0.97 * total - (one - per_row)) // per_row)
     row = {"kind": "max_batch", "model": name, "T": T, "p": p, "peak_gb_b1": one, "peak_gb_b2": two,
-           "per_row_gb": per_row, "device_gb": total, "batch": predicted, "method": "linear in batch from b=1,2"}
-    try:
-        row["checked_peak_gb"] = peak_for_batch(model, T, predicted, "static")
-        row["checked"] = True
-    except torch.OutOfMemoryError:
-        row["checked"] = False
+           "per_row_gb": per_row, "device_gb": total, "batch": predicted,
+           "method": "linear in batch from b=1,2; generate(static cache, 4 new tokens, disable_compile=True)"}
+    row["tried"] = []  # the prediction, then 10 % steps down until a batch runs (at most 4 tries)
+    for batch in [predicted] + [int(predicted * (1 - 0.1 * i)) for i in range(1, 4)]:
+        try:
+            peak = peak_for_batch(model, T, batch, "static")
+        except torch.OutOfMemoryError:
+            row["tried"].append({"batch": batch, "fits": False})
+            free(model)
+            continue
+        row["tried"].append({"batch": batch, "fits": True, "peak_gb": peak})
+        row["max_batch_run"] = batch
+        break
+    row["checked"] = row["tried"][0]["fits"]
     free(model)
     return row
 
@@ -254,12 +271,18 @@ def profile_row(model, name, T: int, p) -> dict:
                               do_sample=False, cache_implementation="static")
     free(model)
     gen(N_SHORT)
-    counts = {}
+    counts, by_name = {}, {}
     for k in (N_SHORT, N_SHORT + n):  # the difference is n decode steps
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             gen(k)
             torch.cuda.synchronize()
         events = prof.events()
+        by_name[k] = {}
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                n_t = by_name[k].setdefault(e.name, [0, 0.0])
+                n_t[0] += 1
+                n_t[1] += e.time_range.elapsed_us()
         counts[k] = {
             "gpu_kernels": sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
             "graph_launches": sum(1 for e in events if e.name.startswith("cudaGraphLaunch")),
@@ -269,8 +292,15 @@ def profile_row(model, name, T: int, p) -> dict:
         }
     model.generation_config.max_cache_len = None
     per_token = {key: (counts[N_SHORT + n][key] - counts[N_SHORT][key]) / n for key in counts[N_SHORT]}
+    kernels = []  # per decode token: launches and GPU microseconds of each kernel name
+    for kname, (cnt, us) in by_name[N_SHORT + n].items():
+        c0, u0 = by_name[N_SHORT].get(kname, [0, 0.0])
+        if cnt - c0 > 0:
+            kernels.append({"name": kname[:120], "per_token": (cnt - c0) / n, "us_per_token": (us - u0) / n})
+    kernels.sort(key=lambda r: -r["us_per_token"])
     return {"kind": "profile", "model": name, "T": T, "batch": 1, "p": p, "mode": "compiled generate, static cache",
-            **{f"{key}_per_token": value for key, value in per_token.items()}}
+            **{f"{key}_per_token": value for key, value in per_token.items()},
+            "gpu_us_per_token": sum(r["us_per_token"] for r in kernels), "kernels": kernels[:60]}
 
 
 def check_static_equals_dynamic(natsl, T: int) -> dict:
@@ -301,12 +331,16 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="natsl,source",
                    help="rows to run: natsl, source (all source rows) or one source row kind, e.g. source-static")
     p.add_argument("--quick", action="store_true", help="2 layers, short contexts (a smoke run)")
+    p.add_argument("--batch-shapes", default="16384x32", help="decode rows at batch > 1: TxB,... ('' for none)")
+    p.add_argument("--no-batch1-decode", action="store_true", help="skip the batch-1 decode rows")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     contexts = [int(t) for t in args.contexts.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     report = {"device": torch.cuda.get_device_name(0), "versions": versions(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+              "env": {k: os.environ[k] for k in ("TORCH_LOGS", "NATSL_FORCE_REFERENCE", "TORCHINDUCTOR_CACHE_DIR")
+                      if k in os.environ},
               "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
                         "dtype": "bfloat16", "weights": "random"},
               "rows": [], "errors": []}
@@ -317,14 +351,18 @@ def main(argv=None) -> int:
 
     def run(fn, *a):
         t0 = time.perf_counter()
+        before = dynamo_counts()
         try:
             row = fn(*a)
             row["wall_s"] = time.perf_counter() - t0
+            after = dynamo_counts()
+            row["dynamo"] = {key: after[key] - before[key] for key in after}  # this row's compiles
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
         except Exception:  # noqa: BLE001 - one failed row must not lose the others
             report["errors"].append({"call": f"{fn.__name__}{tuple(str(x)[:20] for x in a)}", "error": traceback.format_exc()})
             print(traceback.format_exc(), flush=True)
+            dump()  # before free(): after a device-side fault (illegal address) every CUDA call raises
             free(*a[:1])
         dump()
 
@@ -335,16 +373,22 @@ def main(argv=None) -> int:
     p0 = fractions[0]
     if "check" in sections:
         jobs.append((check_static_equals_dynamic, natsl, 1000))
-    if "decode" in sections:
-        for T, B in [(T, 1) for T in contexts] + [(16384, 32)]:
-            jobs += [(decode_row, natsl, "natsl", T, B, p0, "static"),
-                     (decode_row, source, "source-static", T, B, None, "static"),
-                     (decode_row, source, "source-default", T, B, None, None)]
+    def decode_jobs(shapes):
+        for T, B in shapes:
+            jobs.extend([(decode_row, natsl, "natsl", T, B, p0, "static"),
+                         (decode_row, source, "source-static", T, B, None, "static"),
+                         (decode_row, source, "source-default", T, B, None, None)])
+    # in priority order (a call cut by its limit keeps what ran): batch-1 decode, profile, prefill,
+    # batch-32 decode, train, max_batch
+    if "decode" in sections and not args.no_batch1_decode:
+        decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
     if "prefill" in sections:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]
+    if "decode" in sections:
+        decode_jobs([tuple(int(x) for x in shape.split("x")) for shape in args.batch_shapes.split(",") if shape])
     if "train" in sections:
         for T in contexts[:2]:
             jobs += [(train_row, natsl, "natsl", T, p0), (train_row, source, "source", T, None)]
@@ -352,7 +396,7 @@ def main(argv=None) -> int:
         jobs += [(max_batch_row, natsl, "natsl", 32768, p0), (max_batch_row, source, "source", 32768, None)]
     for frac in fractions[1:]:
         if "decode" in sections:
-            jobs += [(decode_row, natsl, "natsl", T, B, frac, "static") for T, B in [(T, 1) for T in contexts] + [(16384, 32)]]
+            jobs += [(decode_row, natsl, "natsl", T, B, frac, "static") for T, B in [(T, 1) for T in contexts]]
         if "prefill" in sections:
             jobs += [(prefill_row, natsl, "natsl", T, frac) for T in contexts]
         if "train" in sections:
@@ -361,6 +405,8 @@ def main(argv=None) -> int:
         name = a[1] if isinstance(a[1], str) else "natsl"  # "natsl", "source", "source-static", ...
         if name in models or name.split("-")[0] in models:
             run(fn, *a)
+    from torch._dynamo.utils import compile_times
+    report["compile_times"] = compile_times(repr="str", aggregate=True)  # dynamo / inductor phases, whole run
     dump()
     print_table(report)
     return 0

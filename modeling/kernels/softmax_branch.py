@@ -52,7 +52,8 @@ def _fwd_kernel(
     ci = NC - 1 - tl.program_id(1)
     pid1 = tl.program_id(0)
     NHB = HQ // HPP
-    b = pid1 // NHB
+    b = pid1 // NHB  # int32: TMA row coordinates (b * T + t)
+    b64 = b.to(tl.int64)  # pointer offsets: b * (row stride) passes 2**31 once B * T * Hq * D does
     hq0 = (pid1 % NHB) * HPP
     g = hq0 // GROUP
     BM: tl.constexpr = HPP * C
@@ -63,7 +64,7 @@ def _fwd_kernel(
     mq = tq < T
     od = tl.arange(0, BD)
     odv = tl.arange(0, BDV)
-    q = tl.load(Q + b * sqb + tq[:, None] * sqt + (hq0 + hh)[:, None] * sqh + od[None, :],
+    q = tl.load(Q + b64 * sqb + tq[:, None] * sqt + (hq0 + hh)[:, None] * sqh + od[None, :],
                 mask=mq[:, None] & (od[None, :] < D), other=0.0)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -99,9 +100,9 @@ def _fwd_kernel(
     m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + tq[:, None] * sot + (hq0 + hh)[:, None] * soh + odv[None, :],
+    tl.store(O + b64 * sob + tq[:, None] * sot + (hq0 + hh)[:, None] * soh + odv[None, :],
              acc.to(O.dtype.element_ty), mask=mq[:, None] & (odv[None, :] < DV))
-    tl.store(LSE + (b * HQ + hq0 + hh) * T + tq, m_i + tl.log2(l_i), mask=mq)
+    tl.store(LSE + (b64 * HQ + hq0 + hh) * T + tq, m_i + tl.log2(l_i), mask=mq)
 
 
 @triton.jit
@@ -116,7 +117,7 @@ def _bwd_dq_kernel(
     ci = NC - 1 - tl.program_id(1)
     pid1 = tl.program_id(0)
     NHB = HQ // HPP
-    b = pid1 // NHB
+    b = (pid1 // NHB).to(tl.int64)  # b * (row stride) can pass 2**31
     hq0 = (pid1 % NHB) * HPP
     g = hq0 // GROUP
     BM: tl.constexpr = HPP * C
@@ -183,7 +184,7 @@ def _bwd_dkv_kernel(
 ):
     item = tl.load(ORDER + tl.program_id(0))  # = (b * HKV + g) * NC + cj, longest work first
     cj = item % NC
-    b = item // (HKV * NC)
+    b = (item // (HKV * NC)).to(tl.int64)  # b * (row stride) can pass 2**31
     g = (item // NC) % HKV
     oc = tl.arange(0, C)
     od = tl.arange(0, BD)
@@ -248,7 +249,7 @@ def _bwd_dkv_pair_kernel(
     pid = tl.program_id(0)
     n = pid // BHKV  # pair index: small n = early chunks = most work, scheduled first
     bg = pid % BHKV
-    b = bg // HKV
+    b = (bg // HKV).to(tl.int64)  # b * (row stride) can pass 2**31
     g = bg % HKV
     tot = tl.load(TOT + bg)
     if 2 * n < tot:
