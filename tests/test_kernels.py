@@ -123,16 +123,20 @@ DECODE_CASES = [
     (2, 8, 2, 16, 32, 16, [[37, 0], [5, 64]], [3, 15]),  # GQA 4, a group with nothing kept
     (1, 2, 2, 32, 16, 16, [[16, 48]], [0]),              # GQA 1, the new token opens its chunk
     (2, 4, 1, 16, 16, 24, None, [0, 23]),                # nothing kept yet, chunk size not a power of 2
+    (1, 4, 2, 16, 16, 16, [[600, 130]], [5], 64),        # 10 splits + the open one: the merge takes 2 blocks
 ]
 
 
-def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, monkeypatch):
+def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, programs=8, *, monkeypatch):
     """The decode kernel against the reference softmax branch with a cache prefix (SPEC section 4).
-    TARGET_PROGRAMS is lowered so that these short caches are split across several programs (and
-    some splits hold no valid entry)."""
+    TARGET_PROGRAMS is set (`programs`) so that these short caches are split across several programs
+    (and some splits hold no valid entry)."""
     from importlib import import_module
     K, R = _mods()
-    monkeypatch.setattr(import_module(K.__name__ + ".decode"), "TARGET_PROGRAMS", 8)
+    decode = import_module(K.__name__ + ".decode")
+    monkeypatch.setattr(decode, "TARGET_PROGRAMS", programs)
+    if programs > 8:
+        assert decode._num_splits(B * Hkv, max(max(row) for row in kept) + 7)[0] + 1 > decode.MERGE_BLOCK
     g = torch.Generator().manual_seed(B * 31 + C)
     kept_len = torch.tensor(kept if kept is not None else [[0] * Hkv] * B)
     L = int(kept_len.max()) + 7 if kept is not None else 0  # allocated beyond the longest (row, group)
@@ -211,7 +215,7 @@ if _IN_INTERP:
 
     @pytest.mark.parametrize("case", DECODE_CASES)
     def test_routed_decode_attention_interpreter(case, monkeypatch):
-        _decode_case(*case, monkeypatch)
+        _decode_case(*case, monkeypatch=monkeypatch)
 
     def test_misaligned_kv_rows_are_refused_with_the_way_out():
         """The forward's TMA descriptors need K/V rows (Hkv * head_dim elements) of a multiple of 16 bytes."""
