@@ -71,18 +71,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None):
-    """The causal depthwise conv for one token: x [B,1,ch], weight [ch,1,W], state [B,W-1,ch] (the
-    last W-1 real inputs), valid [B,1] bool or None -> y [B,1,ch], next state (unchanged where the
-    token is padding). `reference.causal_depthwise_conv` for T = 1, without its padding sort."""
-    window = torch.cat([state.to(x.dtype), x], 1)  # [B,W,ch]
-    y = (window * weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)
-    nxt = window[:, 1:]
-    if valid is not None:
-        nxt = torch.where(valid[..., None], nxt, state.to(x.dtype))
-    return y, nxt
-
-
 KERNEL_CHUNK_SIZES = (16, 32, 64)  # what modeling/kernels/gdn_branch.py takes
 
 
@@ -401,14 +389,13 @@ class NatslAttention(nn.Module):
         qd = self.num_heads * self.head_dim
         conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1)
         if x.shape[1] == 1 and conv_state is not None:  # a decode token: the window slides, no sync
-            qk, conv_state = conv_step(conv_in, self.gdn_conv.weight, conv_state, valid_new)
+            qk, conv_state = reference.conv_step(conv_in, self.gdn_conv.weight, conv_state, valid_new)
         else:
             qk, conv_state = reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state, valid_new)
         qk = F.silu(qk)
         q_g = reference.l2norm(qk[..., :qd].unflatten(-1, (self.num_heads, self.head_dim)))
         k_g = reference.l2norm(qk[..., qd:].unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        beta = torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta, g = reference.gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         if valid_new is not None:
             g = g * valid_new[..., None]
         return q_g, k_g, beta, g, conv_state
@@ -436,7 +423,7 @@ class NatslAttention(nn.Module):
             q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, None, state.conv_state)
             slots = torch.arange(C, device=x.device)
             decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,Hkv]
-            o = self._combine(o, self._gdn_readout(q_g[:, 0], state.gdn_state, decay)[:, None], x)
+            o = self._combine(o, reference.gdn_readout(q_g[:, 0], state.gdn_state, decay, self.scaling)[:, None], x)
             gdn = {"gdn_k": put_slot(state.gdn_k, slot, k_g[:, 0]), "gdn_g": put_slot(state.gdn_g, slot, g[:, 0]),
                    "gdn_beta": put_slot(state.gdn_beta, slot, beta[:, 0]), "conv_state": conv_state,
                    "router_sum": state.router_sum + x[:, 0].float()}
@@ -454,20 +441,20 @@ class NatslAttention(nn.Module):
         (softmax, if it fits) or committed to the GDN state (linear)."""
         B, C = x.shape[0], self.chunk_size
         valid = torch.ones(B, dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
-        gdn = None
-        if self.natsl:
-            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid[:, None], state.conv_state)
-            state.conv_state.copy_(conv_state)
-            state.router_sum.add_(x[:, 0].float() * valid[:, None])
-            gdn = {"k": k_g[:, 0], "beta": beta[:, 0] * valid[:, None], "g": g[:, 0]}
-        state.write_token_(k_rot[:, 0], v[:, 0], gdn)
         backend, ops = self._decode_ops(x)
+        if self.natsl:  # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
+            o_gdn = ops.gdn_decode_step(
+                q[:, 0].flatten(1), k[:, 0].flatten(1), v[:, 0], self.a_proj(x[:, 0]), self.b_proj(x[:, 0]), valid,
+                self.gdn_conv.weight, self.A_log, self.dt_bias, state, self.scaling,
+            )  # [B, Hq, V] fp32
+            state.router_sum.add_(x[:, 0].float() * valid[:, None])
+        state.write_token_(k_rot[:, 0], v[:, 0])
         o = ops.routed_decode_attention(
             q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, state.open_k, state.open_v, state.seen,
             self.scaling,
         )[:, None]  # [B, 1, Hq, Dv]
         if self.natsl:
-            o = self._combine(o, self._gdn_readout(q_g[:, 0], state.gdn_state, state.gdn_decay)[:, None], x)
+            o = self._combine(o, o_gdn[:, None], x)
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
         closing = valid & ((state.seen + 1) % C == 0)  # [B]
@@ -487,14 +474,6 @@ class NatslAttention(nn.Module):
         """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
         the decode entry points of both have the same signatures."""
         return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
-
-    def _gdn_readout(self, q_g: torch.Tensor, gdn_state: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-        """Inter-chunk GDN readout of one token: q_g [B,Hq,K] fp32, gdn_state [B,Hkv,K,V] (the open
-        chunk's start), decay [B,Hkv] (log decay since then, the token's own g included) -> [B,Hq,V]."""
-        H = self.num_kv_heads
-        qg = q_g.unflatten(1, (H, -1))  # [B,Hkv,G,K]
-        o = (qg @ gdn_state) * decay.exp()[..., None, None] * self.scaling  # [B,Hkv,G,V]
-        return o.flatten(1, 2)
 
     def _no_routes_aux(self, backend: str, x: torch.Tensor, state=None) -> dict:
         """aux of a decode step: it routes nothing in this call's outputs (a chunk closed by a static step

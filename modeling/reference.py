@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .state import gdn_token_write, put_slot
+
 QUERY_BLOCK = 256  # softmax-branch queries per block (whole chunks, at least one)
 
 
@@ -372,3 +374,57 @@ def causal_depthwise_conv(
         return y, packed[:, packed.shape[1] - (W - 1):]
     y = F.conv1d(seq.transpose(1, 2), weight.to(x.dtype), groups=C).transpose(1, 2)
     return y, seq[:, seq.shape[1] - (W - 1):]
+
+
+def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None):
+    """The causal depthwise conv for one token: x [B,1,ch], weight [ch,1,W], state [B,W-1,ch] (the
+    last W-1 real inputs), valid [B,1] bool or None -> y [B,1,ch], next state (unchanged where the
+    token is padding). `causal_depthwise_conv` for T = 1, without its padding sort."""
+    window = torch.cat([state.to(x.dtype), x], 1)  # [B,W,ch]
+    y = (window * weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)
+    nxt = window[:, 1:]
+    if valid is not None:
+        nxt = torch.where(valid[..., None], nxt, state.to(x.dtype))
+    return y, nxt
+
+
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """The GDN write strength and log decay from the a_proj / b_proj outputs a, b [..., Hkv]:
+    beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), both fp32 (Gated DeltaNet's gates)."""
+    return torch.sigmoid(b.float()), -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+
+
+def gdn_readout(q_g: torch.Tensor, gdn_state: torch.Tensor, decay: torch.Tensor, scale: float) -> torch.Tensor:
+    """Inter-chunk GDN readout of one token: q_g [B,Hq,K] fp32, gdn_state [B,Hkv,K,V] (the open chunk's
+    start), decay [B,Hkv] (log decay since then, the token's own g included) -> [B,Hq,V] fp32."""
+    qg = q_g.unflatten(1, (gdn_state.shape[1], -1))  # [B,Hkv,G,K]
+    return ((qg @ gdn_state) * decay.exp()[..., None, None] * scale).flatten(1, 2)
+
+
+def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float) -> torch.Tensor:
+    """The GDN branch of one decode token against a NatslStaticLayerState, updated in place.
+
+    q [B, Hq*D], k [B, Hkv*D]: the token's q / k projections before RoPE (the short conv's inputs);
+    v [B, Hkv, V]; a, b [B, Hkv]: the a_proj / b_proj outputs; valid [B] bool (False: a padding token,
+    which leaves the state as it is); conv_weight [Hq*D + Hkv*D, 1, W]; A_log, dt_bias [Hkv].
+    In `state`: the conv window slides; the token's L2-normalised GDN key, log decay g and write strength
+    beta go to the open chunk's slot seen % C; `gdn_run` takes the token's delta-rule write (the open
+    chunk as if it closes linear) and `gdn_decay` its g.
+    -> o_gdn [B, Hq, V] fp32: the token's readout of `gdn_state` (the open chunk's start), decayed by
+    `gdn_decay`. `modeling.kernels.gdn_decode_step` is this in one Triton launch.
+    """
+    Hkv = a.shape[1]
+    D = k.shape[1] // Hkv
+    y, conv_state = conv_step(torch.cat([q, k], 1)[:, None], conv_weight, state.conv_state, valid[:, None])
+    state.conv_state.copy_(conv_state)
+    qk = F.silu(y[:, 0])
+    q_g, k_g = l2norm(qk[:, : q.shape[1]].unflatten(-1, (-1, D))), l2norm(qk[:, q.shape[1]:].unflatten(-1, (Hkv, D)))
+    beta, g = gdn_gates(a, b, A_log, dt_bias)
+    beta, g = beta * valid[:, None], g * valid[:, None]
+    slot = state.seen % state.chunk_size
+    state.gdn_k.copy_(put_slot(state.gdn_k, slot, k_g))
+    state.gdn_g.copy_(put_slot(state.gdn_g, slot, g))
+    state.gdn_beta.copy_(put_slot(state.gdn_beta, slot, beta))
+    state.gdn_run.copy_(gdn_token_write(state.gdn_run, k_g, v, beta, g))
+    state.gdn_decay.add_(g)
+    return gdn_readout(q_g, state.gdn_state, state.gdn_decay, scale)

@@ -218,18 +218,12 @@ class NatslStaticLayerState:
         return slots < self.kept_len[..., None]
 
     # --- one decode token (in place, no host sync) ---------------------------------------------
-    def write_token_(self, k, v, gdn: dict | None = None) -> None:
-        """Write the new token (k, v [B, Hkv, *]; GDN inputs k~ [B, Hkv, K], beta, g [B, Hkv]) at its
-        open-chunk slot, and into `gdn_run` / `gdn_decay`."""
+    def write_token_(self, k, v) -> None:
+        """Write the new token's softmax KV (k, v [B, Hkv, *]) at its open-chunk slot. Its GDN inputs go in
+        with `gdn_decode_step` (modeling.reference / modeling.kernels)."""
         slot = self.seen % self.chunk_size
         self.open_k.copy_(put_slot(self.open_k, slot, k))
         self.open_v.copy_(put_slot(self.open_v, slot, v))
-        if gdn is not None:
-            self.gdn_k.copy_(put_slot(self.gdn_k, slot, gdn["k"]))
-            self.gdn_g.copy_(put_slot(self.gdn_g, slot, gdn["g"]))
-            self.gdn_beta.copy_(put_slot(self.gdn_beta, slot, gdn["beta"]))
-            self.gdn_run.copy_(gdn_token_write(self.gdn_run, gdn["k"], v, gdn["beta"], gdn["g"]))
-            self.gdn_decay.add_(gdn["g"])
 
     def close_chunk_(self, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
         """Close the open chunk of the rows in `closing` [B] bool, routed `softmax` [B, Hkv] bool

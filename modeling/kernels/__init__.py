@@ -3,6 +3,8 @@
 routed_softmax_attention(q, k, v, route_weight, chunk_size, scale) -> o
 routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (o, open_chunk_state)
 routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale) -> o   (one decode step)
+gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale) -> o_gdn   (one decode step,
+    the NatslStaticLayerState updated in place)
 kernels_available(tensor) -> bool
 """
 
@@ -14,7 +16,8 @@ import warnings
 
 import torch
 
-__all__ = ["routed_softmax_attention", "routed_gdn_readout", "routed_decode_attention", "kernels_available"]
+__all__ = ["routed_softmax_attention", "routed_gdn_readout", "routed_decode_attention", "gdn_decode_step",
+           "kernels_available"]
 
 KERNELS_FIX = (
     "pip install flash-linear-attention fla-core (on Hopper: pip install 'natsl-hf[hopper]'), "
@@ -97,9 +100,14 @@ def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | No
 
 try:  # imported with the package, not in the call: a compiled (torch.compile) decode step cannot import
     from . import decode as _decode
+    from . import gdn_decode as _gdn_decode
 except Exception:  # noqa: BLE001 - kernels_available() says why, and the layer runs the reference
-    _decode = None
+    _decode = _gdn_decode = None
 
 
 def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
     return _decode.routed_decode_attention(q.to(kept_k.dtype), kept_k, kept_v, kept_len, open_k, open_v, seen, scale)
+
+
+def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float):
+    return _gdn_decode.gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale)
