@@ -20,6 +20,8 @@ Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
              memory at batch 1 and 2 (linear in the batch), then checked by running it.
   profile    CUDA kernels, cudaGraphLaunch calls and host syncs per decode step (torch profiler), eager
              and compiled.
+  natsl-unfused-gdn  (decode + profile sections) the 8k decode and profile rows again with the GDN side of
+             the static step as torch ops (`reference.gdn_decode_step`): the fused kernel's before / after.
 
 Usage (GPU):  python bench/model_bench.py --out bench/results/model_bench_h200.json [--sections decode,prefill]
               [--contexts 8192,32768] [--quick]
@@ -152,7 +154,7 @@ def prompt(batch: int, T: int, seed: int = 1) -> torch.Tensor:
 
 def reset_routes(model, name: str, p, ids) -> None:
     """NAtS-L rows: routers re-calibrated to fraction p on this row's prompt (bias only)."""
-    if name == "natsl":
+    if name.startswith("natsl"):
         for layer in model.model.layers:
             layer.self_attn.router.proj.bias.data.zero_()
         calibrate_routes(model, p, ids)
@@ -182,9 +184,29 @@ def decode_row(model, name: str, T: int, batch: int, p, cache_implementation) ->
     row = {"kind": "decode", "model": name, "T": T, "batch": batch, "p": p,
            "tok_s": batch * (N_LONG - N_SHORT) / (long - short), "ms_per_step": 1e3 * (long - short) / (N_LONG - N_SHORT),
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "first_call_s": first, "compile_s_estimate": first - short}
-    if name == "natsl":
+    if name.startswith("natsl"):
         row["realised_fraction"] = realised_fraction(model, ids)
     model.generation_config.max_cache_len = None
+    return row
+
+
+def unfused_gdn_step(row_fn):
+    """`row_fn` with the GDN side of the static decode step as torch ops (`reference.gdn_decode_step`, what
+    ran before modeling/kernels/gdn_decode.py), between two dynamo resets: the fused kernel's before and
+    after in one run (rows "natsl-unfused-gdn")."""
+    from natsl_hf.modeling import kernels, reference
+
+    def row(*args):
+        fused = kernels.gdn_decode_step
+        torch._dynamo.reset()
+        kernels.gdn_decode_step = reference.gdn_decode_step
+        try:
+            return row_fn(*args)
+        finally:
+            kernels.gdn_decode_step = fused
+            torch._dynamo.reset()
+
+    row.__name__ = f"unfused_{row_fn.__name__}"
     return row
 
 
@@ -196,7 +218,7 @@ def prefill_row(model, name, T, p) -> dict:
         ms = time_steps(lambda: model(ids, use_cache=False, logits_to_keep=1), 0, 3, ids.device)
     row = {"kind": "prefill", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
-    if name == "natsl":
+    if name.startswith("natsl"):
         row["realised_fraction"] = realised_fraction(model, ids)
     return row
 
@@ -384,6 +406,9 @@ def main(argv=None) -> int:
         decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
+    if "decode" in sections and "profile" in sections:  # the fused GDN decode step against its torch ops
+        jobs += [(unfused_gdn_step(decode_row), natsl, "natsl-unfused-gdn", 8192, 1, p0, "static"),
+                 (unfused_gdn_step(profile_row), natsl, "natsl-unfused-gdn", 8192, p0)]
     if "prefill" in sections:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]
