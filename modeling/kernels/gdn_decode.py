@@ -82,7 +82,7 @@ def _gdn_decode_kernel(
 
     # readout of the chunk-start state for the G query heads of this group
     start = tl.load(S0 + sp, mask=ms, other=0.0)
-    factor = tl.exp(decay) * scale
+    factor = (tl.exp(decay) * scale).to(tl.float32)  # inductor may hand `scale` over as fp64
     for j in tl.static_range(G):
         qc = (h * G + j) * D + od
         q = _conv_silu_l2(CONV, W, b, qc, md, tl.load(Q + b * HQ * D + qc, mask=md, other=0.0), live, CH, WIN)
