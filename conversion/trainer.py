@@ -392,7 +392,8 @@ class NatslDistillTrainer(Trainer):
             for key, values in self._metrics.items():
                 value = torch.stack(values).nanmean().to(self.args.device)
                 value = self.accelerator.reduce(value, reduction="mean")
-                logs[key] = round(float(value), 6)
+                if not torch.isnan(value):  # NaN: no step since the last log had any (e.g. nothing routable)
+                    logs[key] = round(float(value), 6)
             self._metrics.clear()
         super().log(logs, start_time)
 

@@ -9,6 +9,9 @@ Lengths: `get_seq_length()` counts the *columns* processed (padding included), w
 `generate` slices `input_ids` by; positions and chunk boundaries come from the per-row count of
 real tokens kept inside each layer state (`state.seen`), never from the number of kept keys.
 
+In transformers' terms NatslCache is a DynamicCache (it grows; generate's default) and NatslStaticCache a
+StaticCache (fixed shapes, compileable), each built from NAtS-L layers instead of dense key/value ones.
+
 `NatslStaticCache` holds the same state in buffers allocated once (NatslStaticLayerState), sized by
 `max_cache_len` and `max_kept_fraction`, so that a decode step has fixed shapes and no host sync:
 `generate(..., cache_implementation="static")` builds one and lets transformers compile the step

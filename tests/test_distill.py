@@ -155,6 +155,22 @@ def test_stage2_lowers_lm_loss_with_kd(tmp_path):
     assert all({"lm_loss", "kd_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
 
 
+def test_logs_no_fraction_when_nothing_was_routable(tmp_path):
+    """Blocks shorter than (sinks + 1) chunks route nothing: the logs carry the losses and no softmax_fraction
+    (not a NaN from 0/0)."""
+    src = tiny_source()
+    model = tiny_natsl(src)
+    rows = token_dataset()["input_ids"]
+    short = Dataset.from_dict({"input_ids": [r[: 2 * CHUNK - 1] for r in rows],
+                               "attention_mask": [[1] * (2 * CHUNK - 1)] * len(rows),
+                               "labels": [r[: 2 * CHUNK - 1] for r in rows]})
+    prepare_student(model, 2)
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=5), train_dataset=short, stage=2)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all("lm_loss" in e and "softmax_fraction" not in e for e in logs), logs
+
+
 @pytest.mark.parametrize("train_router", [False, True])
 def test_stage2_router_frozen_by_default(tmp_path, train_router):
     """Stage 2 keeps the (calibrated stage-1) router as it is and sends no gradient through it, unless
