@@ -155,12 +155,14 @@ GDN_DECODE_CASES = [
     # B, Hq, Hkv, D, C, conv window, each row's position (its open-chunk slot = position % C), real rows
     (3, 4, 2, 16, 4, 4, [0, 7, 13], [True, False, True]),  # GQA 2, slots 0 / 3 / 1, a padding row
     (2, 2, 2, 24, 16, 2, [31, 40], [True, True]),          # head_dim not a power of 2, the chunk's last slot
+    (2, 4, 1, 16, 8, 4, [3, 9], [True, True], torch.bfloat16),  # a bf16 model: bf16 inputs and conv window
 ]
 
 
-def _gdn_decode_case(B, Hq, Hkv, D, C, W, seen, valid):
+def _gdn_decode_case(B, Hq, Hkv, D, C, W, seen, valid, dtype=torch.float32):
     """The fused GDN decode step against `reference.gdn_decode_step`: the readout and every buffer it updates
-    (conv window, open-chunk slot of k~ / g / beta, gdn_run, gdn_decay), random states, in fp32."""
+    (conv window, open-chunk slot of k~ / g / beta, gdn_run, gdn_decay), random states, in fp32 (the kernel's
+    maths) or with a bf16 model's inputs (the reference rounds the conv products to bf16, the kernel not)."""
     import copy
     from importlib import import_module
 
@@ -169,20 +171,22 @@ def _gdn_decode_case(B, Hq, Hkv, D, C, W, seen, valid):
     g = torch.Generator().manual_seed(B * 7 + D)
     ch = (Hq + Hkv) * D
     state = State.allocate(batch_size=B, capacity=2 * C, chunk_size=C, num_kv_heads=Hkv, head_dim=D,
-                           dtype=torch.float32, device="cpu", natsl=True, hidden_size=8, conv_size=W, conv_channels=ch)
+                           dtype=dtype, device="cpu", natsl=True, hidden_size=8, conv_size=W, conv_channels=ch)
     for name in ("gdn_k", "gdn_g", "gdn_beta", "gdn_state", "gdn_run", "gdn_decay", "conv_state"):
         getattr(state, name).copy_(torch.randn(getattr(state, name).shape, generator=g) * 0.5)
     state.seen.copy_(torch.tensor(seen))
     args = (torch.randn(B, Hq * D, generator=g), torch.randn(B, Hkv * D, generator=g), torch.randn(B, Hkv, D, generator=g),
             torch.randn(B, Hkv, generator=g) * 3, torch.randn(B, Hkv, generator=g), torch.tensor(valid),
             torch.randn(ch, 1, W, generator=g) * 0.5, torch.randn(Hkv, generator=g), torch.randn(Hkv, generator=g))
+    args = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)
     mine, ref = copy.deepcopy(state), copy.deepcopy(state)
     o = K.gdn_decode_step(*args, mine, D ** -0.5)
     o_r = R.gdn_decode_step(*args, ref, D ** -0.5)
-    assert o.shape == (B, Hq, D) and o.dtype == torch.float32
-    _close(o, o_r, 1e-5, "gdn decode o")
+    assert o.shape == (B, Hq, D) and o.dtype == torch.float32 and mine.conv_state.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    _close(o, o_r, tol, "gdn decode o")
     for name in ("conv_state", "gdn_k", "gdn_g", "gdn_beta", "gdn_run", "gdn_decay"):
-        _close(getattr(mine, name), getattr(ref, name), 1e-5, name)
+        _close(getattr(mine, name), getattr(ref, name), tol, name)
     padding = ~torch.tensor(valid)
     assert torch.equal(mine.conv_state[padding], state.conv_state[padding])  # a padding token leaves the window
 
