@@ -20,8 +20,9 @@ Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
              memory at batch 1 and 2 (linear in the batch), then checked by running it.
   profile    CUDA kernels, cudaGraphLaunch calls and host syncs per decode step (torch profiler), eager
              and compiled.
-  natsl-unfused-gdn  (decode + profile sections) the 8k decode and profile rows again with the GDN side of
-             the static step as torch ops (`reference.gdn_decode_step`): the fused kernel's before / after.
+  natsl-torch-step  (decode + profile sections) the 8k decode and profile rows again with the static step's
+             GDN side and chunk close as torch ops (`reference.gdn_decode_step`, `reference.close_chunk`):
+             the fused kernels' before / after in the same run.
 
 Usage (GPU):  python bench/model_bench.py --out bench/results/model_bench_h200.json [--sections decode,prefill]
               [--contexts 8192,32768] [--quick]
@@ -190,23 +191,27 @@ def decode_row(model, name: str, T: int, batch: int, p, cache_implementation) ->
     return row
 
 
-def unfused_gdn_step(row_fn):
-    """`row_fn` with the GDN side of the static decode step as torch ops (`reference.gdn_decode_step`, what
-    ran before modeling/kernels/gdn_decode.py), between two dynamo resets: the fused kernel's before and
-    after in one run (rows "natsl-unfused-gdn")."""
+def torch_step_ops(row_fn):
+    """`row_fn` with the static decode step's GDN side and chunk close as torch ops (`reference.gdn_decode_step`,
+    `reference.close_chunk`: what ran before modeling/kernels/gdn_decode.py and chunk_close.py), between two
+    dynamo resets: the two fused kernels' before and after in one run (rows "natsl-torch-step")."""
     from natsl_hf.modeling import kernels, reference
 
+    names = ("gdn_decode_step", "close_chunk")
+
     def row(*args):
-        fused = kernels.gdn_decode_step
+        fused = {name: getattr(kernels, name) for name in names}
         torch._dynamo.reset()
-        kernels.gdn_decode_step = reference.gdn_decode_step
+        for name in names:
+            setattr(kernels, name, getattr(reference, name))
         try:
             return row_fn(*args)
         finally:
-            kernels.gdn_decode_step = fused
+            for name, fn in fused.items():
+                setattr(kernels, name, fn)
             torch._dynamo.reset()
 
-    row.__name__ = f"unfused_{row_fn.__name__}"
+    row.__name__ = f"torch_step_{row_fn.__name__}"
     return row
 
 
@@ -406,9 +411,9 @@ def main(argv=None) -> int:
         decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
-    if "decode" in sections and "profile" in sections:  # the fused GDN decode step against its torch ops
-        jobs += [(unfused_gdn_step(decode_row), natsl, "natsl-unfused-gdn", 8192, 1, p0, "static"),
-                 (unfused_gdn_step(profile_row), natsl, "natsl-unfused-gdn", 8192, p0)]
+    if "decode" in sections and "profile" in sections:  # the fused decode-step kernels against their torch ops
+        jobs += [(torch_step_ops(decode_row), natsl, "natsl-torch-step", 8192, 1, p0, "static"),
+                 (torch_step_ops(profile_row), natsl, "natsl-torch-step", 8192, p0)]
     if "prefill" in sections:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]

@@ -466,7 +466,7 @@ class NatslAttention(nn.Module):
             routes = decide_routes(scores[:, None], closing[:, None], ~routable[:, None],
                                    self.config.router_temperature, self.config.route_override, self.num_kv_heads)
             softmax = routes.hard[:, 0]
-        state.close_chunk_(closing, softmax, routable if self.natsl else torch.zeros_like(routable))
+        ops.close_chunk(state, closing, softmax, routable if self.natsl else torch.zeros_like(routable))
         state.seen.add_(valid.long())
         return out, self._no_routes_aux(backend, x, state)
 

@@ -428,3 +428,35 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
     state.gdn_run.copy_(gdn_token_write(state.gdn_run, k_g, v, beta, g))
     state.gdn_decay.add_(g)
     return gdn_readout(q_g, state.gdn_state, state.gdn_decay, scale)
+
+
+def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
+    """Close the open chunk of a NatslStaticLayerState's rows in `closing` [B] bool, in place, routed
+    `softmax` [B, Hkv] bool (`routable` [B] bool: counted in the realised fraction). A softmax chunk is
+    appended to the kept KV if it fits; one that does not fit is written to the GDN state instead and
+    counted in `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context).
+    A linear chunk's writes (`gdn_run`) become the state; a softmax chunk only decays it. Fixed shapes,
+    no host sync: every row runs the same ops (a row that closes nothing writes the kept KV's scratch
+    slots). `modeling.kernels.close_chunk` is this in one Triton launch."""
+    C, cap = state.chunk_size, state.capacity
+    fits = state.kept_len + C <= cap
+    append = closing[:, None] & softmax & fits  # [B,Hkv]
+    dest = torch.where(append, state.kept_len, torch.full_like(state.kept_len, cap))
+    index = (dest[..., None] + torch.arange(C, device=dest.device))[..., None]  # [B,Hkv,C,1]
+    state.kept_k.scatter_(2, index.expand(-1, -1, -1, state.kept_k.shape[-1]), state.open_k.transpose(1, 2))
+    state.kept_v.scatter_(2, index.expand(-1, -1, -1, state.kept_v.shape[-1]), state.open_v.transpose(1, 2))
+    state.kept_len.add_(append.long() * C)
+    counted = (closing & routable)[:, None]
+    state.kept_chunks.add_((counted & append).long())
+    state.closed_chunks.add_(counted[:, 0].long())
+    state.overflow_chunks.add_((closing[:, None] & softmax & ~fits).long())
+    if state.gdn_state is None:
+        return
+    closing4 = closing[:, None, None, None]
+    linear = (closing[:, None] & ~append)[..., None, None]
+    decayed = state.gdn_state * state.gdn_decay.exp()[..., None, None]  # no write: the state only decays
+    start = torch.where(linear, state.gdn_run, torch.where(closing4, decayed, state.gdn_state))
+    state.gdn_state.copy_(start)
+    state.gdn_run.copy_(torch.where(closing4, start, state.gdn_run))
+    state.gdn_decay.masked_fill_(closing[:, None], 0.0)
+    state.router_sum.masked_fill_(closing[:, None], 0.0)

@@ -157,8 +157,8 @@ class NatslStaticLayerState:
     """A layer's decode state in buffers allocated once (NatslStaticCache); updated in place.
 
     `capacity` kept softmax tokens per (row, KV group). `kept_k` / `kept_v` hold capacity + C slots:
-    the last C are scratch that a closing chunk which is not appended writes into (so every step
-    runs the same scatter); they are never counted in `kept_len`.
+    the last C are scratch that a closing chunk which is not appended writes into (so every step of
+    `reference.close_chunk` runs the same scatter); they are never counted in `kept_len`.
     """
 
     capacity: int  # kept tokens per (row, KV group), a multiple of C
@@ -224,35 +224,6 @@ class NatslStaticLayerState:
         slot = self.seen % self.chunk_size
         self.open_k.copy_(put_slot(self.open_k, slot, k))
         self.open_v.copy_(put_slot(self.open_v, slot, v))
-
-    def close_chunk_(self, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
-        """Close the open chunk of the rows in `closing` [B] bool, routed `softmax` [B, Hkv] bool
-        (`routable` [B] bool: counted in the realised fraction). A softmax chunk is appended to the
-        kept KV if it fits; one that does not fit is written to the GDN state instead and counted in
-        `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context).
-        A linear chunk's writes (`gdn_run`) become the state; a softmax chunk only decays it."""
-        C, cap = self.chunk_size, self.capacity
-        fits = self.kept_len + C <= cap
-        append = closing[:, None] & softmax & fits  # [B,Hkv]
-        dest = torch.where(append, self.kept_len, torch.full_like(self.kept_len, cap))
-        index = (dest[..., None] + torch.arange(C, device=dest.device))[..., None]  # [B,Hkv,C,1]
-        self.kept_k.scatter_(2, index.expand(-1, -1, -1, self.kept_k.shape[-1]), self.open_k.transpose(1, 2))
-        self.kept_v.scatter_(2, index.expand(-1, -1, -1, self.kept_v.shape[-1]), self.open_v.transpose(1, 2))
-        self.kept_len.add_(append.long() * C)
-        counted = (closing & routable)[:, None]
-        self.kept_chunks.add_((counted & append).long())
-        self.closed_chunks.add_(counted[:, 0].long())
-        self.overflow_chunks.add_((closing[:, None] & softmax & ~fits).long())
-        if self.gdn_state is None:
-            return
-        closing4 = closing[:, None, None, None]
-        linear = (closing[:, None] & ~append)[..., None, None]
-        decayed = self.gdn_state * self.gdn_decay.exp()[..., None, None]  # no write: the state only decays
-        start = torch.where(linear, self.gdn_run, torch.where(closing4, decayed, self.gdn_state))
-        self.gdn_state.copy_(start)
-        self.gdn_run.copy_(torch.where(closing4, start, self.gdn_run))
-        self.gdn_decay.masked_fill_(closing[:, None], 0.0)
-        self.router_sum.masked_fill_(closing[:, None], 0.0)
 
     # --- multi-token calls: through a NatslLayerState (eager, may sync) -------------------------
     def to_dynamic(self) -> NatslLayerState:

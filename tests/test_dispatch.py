@@ -94,8 +94,9 @@ def test_kernel_path_matches_reference_in_the_model():
 def test_decode_kernel_matches_reference_in_the_model(static):
     """Decode steps against a NatslCache take the decode kernel (modeling/kernels/decode.py) in every layer,
     NAtS-L or full softmax, and give the reference's logits; a left-padded row has its own chunk phase.
-    Against a NatslStaticCache every step takes it, the chunk-closing ones included, and the NAtS-L layer's
-    GDN branch takes the fused step (modeling/kernels/gdn_decode.py)."""
+    Against a NatslStaticCache every step takes it, the chunk-closing ones included, the NAtS-L layer's
+    GDN branch takes the fused step (modeling/kernels/gdn_decode.py) and every layer the fused chunk close
+    (modeling/kernels/chunk_close.py)."""
     script = "STATIC = %r\n" % static + textwrap.dedent(
         """
         import os, sys, torch
@@ -103,7 +104,7 @@ def test_decode_kernel_matches_reference_in_the_model(static):
         from natsl_testing import tiny_model
         from natsl_hf import NatslCache, NatslStaticCache
         from natsl_hf.modeling import layer as L
-        calls = {"decode": 0, "gdn_decode": 0}
+        calls = {"decode": 0, "gdn_decode": 0, "close": 0}
         def counting(name, real):
             def counted(*args):
                 calls[name] += 1
@@ -111,6 +112,7 @@ def test_decode_kernel_matches_reference_in_the_model(static):
             return counted
         L.kernels.routed_decode_attention = counting("decode", L.kernels.routed_decode_attention)
         L.kernels.gdn_decode_step = counting("gdn_decode", L.kernels.gdn_decode_step)
+        L.kernels.close_chunk = counting("close", L.kernels.close_chunk)
         model = tiny_model(seed=4, chunk_size=16, natsl_layers=[1])
         ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
         mask = torch.ones(2, 20, dtype=torch.long)
@@ -131,6 +133,7 @@ def test_decode_kernel_matches_reference_in_the_model(static):
         # one at position 31 (step t=31), row 1 (13-token prompt, position t-7) at 15 and 31 (t=22, 38)
         assert calls["decode"] == (20 - (0 if STATIC else 3)) * 2, calls
         assert calls["gdn_decode"] == (20 if STATIC else 0), calls  # the NAtS-L layer's fused GDN step
+        assert calls["close"] == (40 if STATIC else 0), calls  # the fused chunk close, every layer and step
         err = (ker - ref).abs().max().item()
         assert err < 1e-4, err
         print("DECODE_OK", err)

@@ -191,7 +191,53 @@ def _gdn_decode_case(B, Hq, Hkv, D, C, W, seen, valid, dtype=torch.float32):
     assert torch.equal(mine.conv_state[padding], state.conv_state[padding])  # a padding token leaves the window
 
 
+CHUNK_CLOSE_CASES = [
+    # B, Hkv, D, Dv, C, capacity (tokens), kept_len per (row, head), closing rows, softmax routes, NAtS-L layer
+    (3, 2, 16, 16, 4, 12, [[0, 8], [12, 4], [4, 4]], [True, True, False], [[True, False], [True, True], [True, True]],
+     True),   # appended / linear / full (overflow to GDN) / a row that closes nothing
+    (2, 1, 24, 16, 16, 48, [[32], [0]], [True, True], [[True], [True]], False),  # a full-softmax layer, odd head dim
+]
+
+
+def _chunk_close_case(B, Hkv, D, Dv, C, capacity, kept, closing, softmax, natsl):
+    """The fused chunk close against `reference.close_chunk`: kept KV (the valid part and `kept_len`), the
+    realised-fraction and overflow counters, the GDN state / run / decay and the router sum, random states."""
+    import copy
+    from importlib import import_module
+
+    K, R = _mods()
+    State = import_module(R.__name__.rsplit(".", 1)[0] + ".state").NatslStaticLayerState
+    g = torch.Generator().manual_seed(B * 5 + C)
+    state = State.allocate(batch_size=B, capacity=capacity, chunk_size=C, num_kv_heads=Hkv, head_dim=D,
+                           dtype=torch.float32, device="cpu", natsl=natsl, hidden_size=40, conv_size=4,
+                           conv_channels=8)
+    state.kept_v = torch.zeros(B, Hkv, capacity + C, Dv)
+    state.open_v = torch.zeros(B, C, Hkv, Dv)
+    for name, t in vars(state).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g))
+    state.kept_len.copy_(torch.tensor(kept))
+    state.kept_chunks.copy_(torch.randint(0, 5, (B, Hkv), generator=g))
+    state.closed_chunks.copy_(torch.randint(5, 9, (B,), generator=g))
+    closing, softmax, routable = torch.tensor(closing), torch.tensor(softmax), torch.tensor([True] * (B - 1) + [False])
+    mine, ref = copy.deepcopy(state), copy.deepcopy(state)
+    K.close_chunk(mine, closing, softmax, routable)
+    R.close_chunk(ref, closing, softmax, routable)
+    for name in ("kept_len", "kept_chunks", "closed_chunks", "overflow_chunks"):
+        assert torch.equal(getattr(mine, name), getattr(ref, name)), name
+    for name in ("kept_k", "kept_v"):  # the scratch slots past the capacity hold nothing to compare
+        _close(getattr(mine, name)[:, :, :capacity], getattr(ref, name)[:, :, :capacity], 1e-6, name)
+    if natsl:
+        for name in ("gdn_state", "gdn_run", "gdn_decay", "router_sum"):
+            _close(getattr(mine, name), getattr(ref, name), 1e-5, name)
+    assert int(mine.kept_len.sum()) != int(state.kept_len.sum())  # something was appended
+
+
 if _IN_INTERP:
+
+    @pytest.mark.parametrize("case", CHUNK_CLOSE_CASES)
+    def test_close_chunk_interpreter(case):
+        _chunk_close_case(*case)
 
     @pytest.mark.parametrize("case", GDN_DECODE_CASES)
     def test_gdn_decode_step_interpreter(case):

@@ -5,6 +5,7 @@ routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (
 routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale) -> o   (one decode step)
 gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale) -> o_gdn   (one decode step,
     the NatslStaticLayerState updated in place)
+close_chunk(state, closing, softmax, routable)   (the chunk close of a static decode step, in place)
 kernels_available(tensor) -> bool
 """
 
@@ -17,7 +18,7 @@ import warnings
 import torch
 
 __all__ = ["routed_softmax_attention", "routed_gdn_readout", "routed_decode_attention", "gdn_decode_step",
-           "kernels_available"]
+           "close_chunk", "kernels_available"]
 
 KERNELS_FIX = (
     "pip install flash-linear-attention fla-core (on Hopper: pip install 'natsl-hf[hopper]'), "
@@ -99,10 +100,11 @@ def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | No
 
 
 try:  # imported with the package, not in the call: a compiled (torch.compile) decode step cannot import
+    from . import chunk_close as _chunk_close
     from . import decode as _decode
     from . import gdn_decode as _gdn_decode
 except Exception:  # noqa: BLE001 - kernels_available() says why, and the layer runs the reference
-    _decode = _gdn_decode = None
+    _chunk_close = _decode = _gdn_decode = None
 
 
 def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
@@ -111,3 +113,7 @@ def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, s
 
 def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float):
     return _gdn_decode.gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale)
+
+
+def close_chunk(state, closing, softmax, routable) -> None:
+    _chunk_close.close_chunk(state, closing, softmax, routable)
