@@ -80,10 +80,9 @@ def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: t
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("close_chunk updates the NatslStaticLayerState buffers in place: they must be contiguous "
                          "(as NatslStaticLayerState.allocate makes them).")
-    dummy = state.kept_len  # a pointer for the GDN arguments of a full-softmax layer (never read there)
     _chunk_close_kernel[(B, HKV)](
         closing.contiguous(), softmax.contiguous(), routable.contiguous(), *tensors[:8],
-        *(tensors[8:] if natsl else (dummy,) * 4),
+        *(tensors[8:] if natsl else (None,) * 4),  # a full-softmax layer has no GDN state (NATSL=False)
         HKV, L, state.capacity, state.router_sum.shape[-1] if natsl else 0,
         C=C, BC=_pow2(C), D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), NATSL=natsl, BH=1024, num_warps=4,
     )
