@@ -256,7 +256,10 @@ class NatslAttention(nn.Module):
         C, dev = self.chunk_size, x.device
         valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
         seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
-        q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
+        if token_mask is None and state is None:  # a whole sequence from its start: positions 0 .. n-1
+            q_pos = torch.arange(n, device=dev).repeat(B, 1)  # [B,n]
+        else:
+            q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
         if state is not None:
             open_len, open_start = seen % C, seen - seen % C
             slots = torch.arange(C, device=dev)
@@ -294,7 +297,8 @@ class NatslAttention(nn.Module):
                 open_chunk, return_state, backend,
             )
             o = self._combine(o, o_gdn, x)
-        o = o * valid_new[..., None, None].to(o.dtype)
+        if token_mask is not None:  # padding outputs are zeros
+            o = o * valid_new[..., None, None].to(o.dtype)
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
         aux = {
