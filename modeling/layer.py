@@ -344,10 +344,13 @@ class NatslAttention(nn.Module):
         else:  # the chunks the rows' real tokens reach (one host sync)
             N = int((torch.div(k_pos.max(1).values.clamp(min=0), C, rounding_mode="floor") - base).max()) + 1
         rel = torch.where(k_pos >= 0, rel, torch.full_like(rel, N))
+        # chunks 0 .. N-1 of the segment and a dummy chunk N that padding goes to: never complete, so it is
+        # routed as every incomplete chunk is (softmax, weight 1, not routable; its keys are masked anyway)
+        chunks = torch.arange(N + 1, device=x.device)
         counts = torch.zeros(B, N + 1, dtype=torch.long, device=x.device)
         counts.scatter_add_(1, rel, torch.ones_like(rel))
-        complete = counts[:, :N] == C  # padding went to the dummy chunk N
-        sink = (base[:, None] + torch.arange(N, device=x.device)) < self.config.num_sink_chunks
+        complete = (counts == C) & (chunks < N)  # [B, N+1]
+        sink = (base[:, None] + chunks) < self.config.num_sink_chunks
         scores = None
         if self.natsl:
             n_new = x.shape[1]
@@ -358,9 +361,9 @@ class NatslAttention(nn.Module):
                 sums[:, 0] = sums[:, 0] + state.router_sum
             if self.router_mode == "frozen" and self.training:
                 with torch.no_grad():
-                    scores = self.router(sums[:, :N] / C)
+                    scores = self.router(sums / C)
             else:
-                scores = self.router(sums[:, :N] / C)
+                scores = self.router(sums / C)
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
@@ -372,7 +375,7 @@ class NatslAttention(nn.Module):
                     "pass packed blocks with use_cache=False and no padding."
                 )
             mass = chunk_attention_mass(q_rot, k_rot, C, self.scaling)  # [B, S // C, Hkv]
-            mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
+            mass = torch.cat([mass, mass.new_full((B, N + 1 - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
             target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
             argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route
             hard = torch.where(labelled, target, routes.hard)
@@ -381,10 +384,7 @@ class NatslAttention(nn.Module):
                 "loss": routing_supervision_loss(scores, target, labelled, self.config.router_temperature),
                 "agreement": (argmax == target)[labelled].float().mean() if bool(labelled.any()) else None,
             }
-        # dummy chunk N for padding: softmax, weight 1, not routable (its keys are masked anyway)
-        pad = lambda t, val: torch.cat([t, torch.full_like(t[:, :1], val)], 1)  # noqa: E731
-        routes = Routes(pad(routes.hard, True), pad(routes.weight, 1.0), pad(routes.prob, 0.0), pad(routes.routable, False))
-        return routes, rel, pad(complete, False), supervision
+        return routes, rel, complete, supervision
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
         """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n] bool or
