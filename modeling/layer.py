@@ -387,22 +387,9 @@ class NatslAttention(nn.Module):
         return routes, rel, complete, supervision
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
-        """GDN inputs of the new tokens. q: [B,n,Hq,D], k: [B,n,Hkv,D] (pre-RoPE), valid_new [B,n] bool or
-        None (all real), conv_state [B,W-1,(Hq+Hkv)*D] or None -> q~ [B,n,Hq,D], k~ [B,n,Hkv,D]
-        (L2-normalised fp32), beta [B,n,Hkv], g [B,n,Hkv] (fp32, 0 on padding), next conv state."""
-        qd = self.num_heads * self.head_dim
-        conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1)
-        if x.shape[1] == 1 and conv_state is not None:  # a decode token: the window slides, no sync
-            qk, conv_state = reference.conv_step(conv_in, self.gdn_conv.weight, conv_state, valid_new)
-        else:
-            qk, conv_state = reference.causal_depthwise_conv(conv_in, self.gdn_conv.weight, conv_state, valid_new)
-        qk = F.silu(qk)
-        q_g = reference.l2norm(qk[..., :qd].unflatten(-1, (self.num_heads, self.head_dim)))
-        k_g = reference.l2norm(qk[..., qd:].unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        beta, g = reference.gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
-        if valid_new is not None:
-            g = g * valid_new[..., None]
-        return q_g, k_g, beta, g, conv_state
+        """`reference.gdn_inputs` of the new tokens x [B,n,D] (q, k: their projections before RoPE)."""
+        return reference.gdn_inputs(q, k, self.a_proj(x), self.b_proj(x), self.gdn_conv.weight, self.A_log,
+                                    self.dt_bias, conv_state, valid_new)
 
     def _combine(self, o: torch.Tensor, o_gdn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o + alpha_h * RMSNormGated(o_gdn, gdn_gate_proj x); o, o_gdn: [B,n,Hq,D]."""

@@ -388,10 +388,26 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid:
     return y, nxt
 
 
-def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
-    """The GDN write strength and log decay from the a_proj / b_proj outputs a, b [..., Hkv]:
-    beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), both fp32 (Gated DeltaNet's gates)."""
-    return torch.sigmoid(b.float()), -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+def gdn_inputs(q, k, a, b, conv_weight, A_log, dt_bias, conv_state, valid):
+    """The GDN branch's inputs of n new tokens: the short causal conv over q / k, SiLU, L2 norms, and the
+    gates. q [B,n,Hq,D], k [B,n,Hkv,D] (projections before RoPE), a, b [B,n,Hkv] (the a_proj / b_proj
+    outputs), conv_weight [(Hq+Hkv)*D, 1, W], A_log, dt_bias [Hkv], conv_state [B,W-1,(Hq+Hkv)*D] or None,
+    valid [B,n] bool or None (all real) -> q~ [B,n,Hq,D], k~ [B,n,Hkv,D] (L2-normalised, fp32),
+    beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias) [B,n,Hkv] (fp32, g = 0 on padding), and the
+    next conv state. One token against a conv state slides the window (`conv_step`: no sync)."""
+    qd = q.shape[2] * q.shape[3]
+    conv_in = torch.cat([q.flatten(2), k.flatten(2)], -1)
+    if conv_in.shape[1] == 1 and conv_state is not None:
+        qk, conv_state = conv_step(conv_in, conv_weight, conv_state, valid)
+    else:
+        qk, conv_state = causal_depthwise_conv(conv_in, conv_weight, conv_state, valid)
+    qk = F.silu(qk)
+    q_g, k_g = l2norm(qk[..., :qd].unflatten(-1, q.shape[2:])), l2norm(qk[..., qd:].unflatten(-1, k.shape[2:]))
+    beta = torch.sigmoid(b.float())
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    if valid is not None:
+        g = g * valid[..., None]
+    return q_g, k_g, beta, g, conv_state
 
 
 def gdn_readout(q_g: torch.Tensor, gdn_state: torch.Tensor, decay: torch.Tensor, scale: float) -> torch.Tensor:
@@ -413,14 +429,14 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
     -> o_gdn [B, Hq, V] fp32: the token's readout of `gdn_state` (the open chunk's start), decayed by
     `gdn_decay`. `modeling.kernels.gdn_decode_step` is this in one Triton launch.
     """
-    Hkv = a.shape[1]
+    B, Hkv = a.shape
     D = k.shape[1] // Hkv
-    y, conv_state = conv_step(torch.cat([q, k], 1)[:, None], conv_weight, state.conv_state, valid[:, None])
+    q_g, k_g, beta, g, conv_state = gdn_inputs(
+        q.reshape(B, 1, -1, D), k.reshape(B, 1, Hkv, D), a[:, None], b[:, None], conv_weight, A_log, dt_bias,
+        state.conv_state, valid[:, None],
+    )
     state.conv_state.copy_(conv_state)
-    qk = F.silu(y[:, 0])
-    q_g, k_g = l2norm(qk[:, : q.shape[1]].unflatten(-1, (-1, D))), l2norm(qk[:, q.shape[1]:].unflatten(-1, (Hkv, D)))
-    beta, g = gdn_gates(a, b, A_log, dt_bias)
-    beta, g = beta * valid[:, None], g * valid[:, None]
+    q_g, k_g, beta, g = q_g[:, 0], k_g[:, 0], beta[:, 0] * valid[:, None], g[:, 0]  # a padding token writes nothing
     slot = state.seen % state.chunk_size
     state.gdn_k.copy_(put_slot(state.gdn_k, slot, k_g))
     state.gdn_g.copy_(put_slot(state.gdn_g, slot, g))

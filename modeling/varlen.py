@@ -71,6 +71,7 @@ class Documents:
         flat = torch.arange(batch_size * seq_len, device=cu_seqlens.device)
         doc = torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1  # [B*T] document of each token
         self._scatter = (doc, flat - cu_seqlens.long()[doc])  # its (row, slot) in the unpacked rows
+        self._row = torch.div(cu_seqlens[:-1].long(), seq_len, rounding_mode="floor")  # [N] packed row of each
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor) -> "Documents | None":
@@ -86,8 +87,7 @@ class Documents:
 
     def per_row(self, counts: torch.Tensor) -> torch.Tensor:
         """counts [N] per document -> [B] summed over each packed row's documents."""
-        row = torch.div(self.cu_seqlens[:-1].long(), self.seq_len, rounding_mode="floor")  # [N]
-        return counts.new_zeros(self.batch_size).index_add_(0, row, counts)
+        return counts.new_zeros(self.batch_size).index_add_(0, self._row, counts)
 
 
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
