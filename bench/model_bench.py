@@ -80,7 +80,7 @@ def build_models(quick: bool):
 
 @torch.no_grad()
 def random_routers(natsl, seed: int = 0) -> None:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=natsl.device).manual_seed(seed)
     for layer in natsl.model.layers:
         router = layer.self_attn.router
         router.proj.weight.normal_(0.0, 1.0 / natsl.config.hidden_size ** 0.5, generator=g)

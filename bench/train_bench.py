@@ -1,0 +1,333 @@
+"""Training-speed rows of NAtS-L beside its source, one GPU, one process (issue 21).
+
+The source is a SmolLM2-135M-shaped `LlamaForCausalLM` (random weights: a step's time
+does not depend on them) and NAtS-L its conversion with `convert_model` (all 30 layers NAtS-L, chunk
+64), routes at softmax fraction p: random router weights and biases calibrated on the row's own batch (as
+bench/model_bench.py does). Rows (`bench/results/model_bench_*.json` format, `{"device", "versions",
+"command", "rows", "errors"}`):
+
+  trainer         tok/s of a plain HF `Trainer` fine-tune (bf16 autocast, AdamW, labels = inputs) at
+                  T = 2048: 16 rows without gradient checkpointing, 4 rows with it. Timed from the end of
+                  the warm-up steps to the end of training (one sync at each end).
+  distill_stage1  tok/s of `NatslDistillTrainer` stage 1 (attention transfer + supervised routing, the
+                  teacher's forward inside), same batches.
+  distill_stage2  the same for stage 2 (LM + logit KD, kd_weight 1, the teacher's forward inside).
+  profile         one training step (forward + backward + optimizer, bf16 autocast) under the torch
+                  profiler: wall ms, GPU busy ms (sum of kernel times), GPU kernels, host syncs, aten ops,
+                  the CPU time of the attention modules' forwards, the top kernels and the top CPU ops.
+  prefill         Llama-3.2-1B shape (bench/model_bench.py's), 8k, one forward with last-token logits:
+                  ms, and the same profile fields.
+
+Usage (GPU):  python bench/train_bench.py --out bench/results/model_bench_h200_training.json
+              [--sections trainer,profile,distill,prefill] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from natsl_hf.conversion import convert_model
+from natsl_hf.conversion.trainer import NatslDistillTrainer, prepare_student
+from natsl_hf.modeling.layer import NatslAttention
+
+import model_bench
+from model_bench import calibrate_routes, random_routers, versions
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True, max_position_embeddings=8192)
+T_TRAIN = 2048
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a --quick smoke run of the script itself
+ACTIVITIES = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        sync()
+
+
+def smollm2_source(quick: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    shape = dict(SMOLLM2, num_hidden_layers=2, vocab_size=512) if quick else SMOLLM2
+    return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(DEV)
+
+
+def batch_ids(batch: int, T: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randint(0, vocab, (batch, T), device=DEV, generator=g)
+
+
+def natsl_of(source, p: float, ids: torch.Tensor):
+    natsl = convert_model(source, chunk_size=64).to(DEV).float()
+    random_routers(natsl)
+    natsl.eval()
+    calibrate_routes(natsl, p, ids[:1])
+    return natsl
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor, steps: int):
+        self.ids, self.n = ids.cpu(), steps * ids.shape[0]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        row = self.ids[i % self.ids.shape[0]]
+        return {"input_ids": row, "labels": row}
+
+
+class _Clock(TrainerCallback):
+    """Wall time from the start of step `warmup` to the end of training (a sync at both ends)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, None, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.warmup:
+            sync()
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        sync()
+        self.t1 = time.perf_counter()
+
+
+def training_args(out_dir: str, batch: int, grad_ckpt: bool, steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch, max_steps=steps, bf16=DEV == "cuda", use_cpu=DEV == "cpu",
+        gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=1e-5, save_strategy="no", report_to=[], logging_steps=10**6, remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def run_trainer(kind: str, model, teacher, ids, grad_ckpt: bool, warmup: int, timed: int, tmp: str) -> dict:
+    B, T = ids.shape
+    clock = _Clock(warmup)
+    args = training_args(tmp, B, grad_ckpt, warmup + timed)
+    data = _Dataset(ids, warmup + timed)
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "trainer":
+        model.config.use_cache = False
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
+    else:
+        stage = 1 if kind == "distill_stage1" else 2
+        student = prepare_student(model, stage)
+        trainer = NatslDistillTrainer(student, args, stage=stage, teacher=teacher, kd_weight=1.0 if stage == 2 else 0.0,
+                                      train_dataset=data, callbacks=[clock])
+    trainer.train()
+    seconds = clock.t1 - clock.t0
+    row = {"kind": kind, "T": T, "batch": B, "grad_ckpt": grad_ckpt, "steps_timed": timed,
+           "tok_s": B * T * timed / seconds, "s_per_step": seconds / timed,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}
+    model.gradient_checkpointing_disable()
+    model.zero_grad(set_to_none=True)
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def _label_attention(model) -> None:
+    """Wrap each attention module's forward in a profiler range named by its class (bench only)."""
+    for module in model.modules():
+        if isinstance(module, NatslAttention) or type(module).__name__.endswith("Attention"):
+            fwd = module.forward
+
+            def wrapped(*a, _fwd=fwd, _name=type(module).__name__, **k):
+                with record_function(f"attn::{_name}"):
+                    return _fwd(*a, **k)
+            module.forward = wrapped
+
+
+def summarize(prof, wall_ms: float, n_layers: int) -> dict:
+    events = prof.events()
+    kernels, cpu_ops, attn = {}, {}, {}
+    n_aten = n_sync = n_kernels = 0
+    gpu_us = 0.0
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n_kernels += 1
+            us = e.time_range.elapsed_us()
+            gpu_us += us
+            k = kernels.setdefault(e.name[:100], [0, 0.0])
+            k[0] += 1
+            k[1] += us
+            continue
+        if e.name.startswith("aten::"):
+            n_aten += 1
+        if e.name in SYNC_OPS:
+            n_sync += 1
+        if e.name.startswith("attn::"):
+            a = attn.setdefault(e.name, [0, 0.0])
+            a[0] += 1
+            a[1] += e.time_range.elapsed_us()
+        c = cpu_ops.setdefault(e.name[:80], [0, 0.0])
+        c[0] += 1
+        c[1] += e.self_cpu_time_total
+    top_k = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:30]
+    top_c = sorted(cpu_ops.items(), key=lambda kv: -kv[1][1])[:30]
+    return {
+        "wall_ms": wall_ms, "gpu_busy_ms": gpu_us / 1e3, "gpu_kernels": n_kernels, "host_syncs": n_sync,
+        "aten_ops": n_aten, "kernels_per_layer": n_kernels / n_layers, "aten_ops_per_layer": n_aten / n_layers,
+        "attention_forward": {k: {"calls": v[0], "cpu_ms_per_call": v[1] / 1e3 / max(v[0], 1)} for k, v in attn.items()},
+        "top_kernels": [{"name": k, "count": v[0], "ms": v[1] / 1e3} for k, v in top_k],
+        "top_cpu_ops": [{"name": k, "count": v[0], "self_cpu_ms": v[1] / 1e3} for k, v in top_c],
+    }
+
+
+def profile_train_row(name: str, model, ids, grad_ckpt: bool) -> dict:
+    model.train()
+    model.config.use_cache = False
+    if grad_ckpt:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=DEV == "cuda")
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    sync()
+    _label_attention(model)
+    with profile(activities=ACTIVITIES) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync()
+    unprofiled = (time.perf_counter() - t0) * 1e3 / 3
+    model.gradient_checkpointing_disable()
+    model.eval()
+    del opt
+    B, T = ids.shape
+    return {"kind": "profile", "what": "train step (fwd + bwd + AdamW, bf16 autocast)", "model": name, "T": T,
+            "batch": B, "grad_ckpt": grad_ckpt, "ms_unprofiled": unprofiled,
+            **summarize(prof, wall, model.config.num_hidden_layers)}
+
+
+def prefill_rows(p: float, quick: bool) -> list[dict]:
+    source, natsl = model_bench.build_models(quick)
+    random_routers(natsl)
+    rows = []
+    T = 2048 if quick else 8192
+    ids = model_bench.prompt(1, T)
+    calibrate_routes(natsl, p, ids)
+    for name, model in (("natsl", natsl), ("source", source)):
+        with torch.no_grad():
+            ms = model_bench.time_steps(lambda: model(ids, use_cache=False, logits_to_keep=1), 2, 5, ids.device)
+            _label_attention(model)
+            with profile(activities=ACTIVITIES) as prof:
+                t0 = time.perf_counter()
+                model(ids, use_cache=False, logits_to_keep=1)
+                sync()
+                wall = (time.perf_counter() - t0) * 1e3
+        rows.append({"kind": "prefill", "model": name, "shape": "Llama-3.2-1B", "T": T, "batch": 1,
+                     "p": p if name == "natsl" else None, "ms": ms, **summarize(prof, wall, model.config.num_hidden_layers)})
+    del source, natsl
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sections", default="trainer,profile,distill,prefill")
+    ap.add_argument("--p", type=float, default=0.25, help="softmax fraction of the random routes")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed Trainer steps per row")
+    ap.add_argument("--quick", action="store_true", help="2 layers, a smoke run")
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    report = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "versions": versions(),
+              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+              "model": {"shape": "SmolLM2-135M", **SMOLLM2, "chunk_size": 64, "weights": "random",
+                        "p": args.p},
+              "rows": [], "errors": []}
+    tmp = os.environ.get("TMPDIR", "/tmp") + "/train_bench"
+
+    def dump():
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    def add(rows, **extra):
+        for row in rows if isinstance(rows, list) else [rows]:
+            row.update(extra)
+            report["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("top_")}), flush=True)
+        dump()
+
+    def attempt(label, fn, **extra):
+        t0 = time.perf_counter()
+        try:
+            add(fn(), wall_s=round(time.perf_counter() - t0, 1), **extra)
+        except Exception:  # noqa: BLE001 - one failed row must not lose the others
+            report["errors"].append({"row": label, "error": traceback.format_exc()})
+            print(traceback.format_exc(), flush=True)
+            dump()
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    source = smollm2_source(args.quick)
+    vocab = source.config.vocab_size
+    T = 256 if args.quick else T_TRAIN
+    shapes = [(2, False), (1, True)] if args.quick else [(16, False), (4, True)]
+    natsl = natsl_of(source, args.p, batch_ids(1, T, vocab))
+    for B, ckpt in shapes:
+        ids = batch_ids(B, T, vocab)
+        if "profile" in sections:
+            attempt(f"profile source {B} {ckpt}", lambda: profile_train_row("source", source, ids, ckpt))
+            attempt(f"profile natsl {B} {ckpt}", lambda: profile_train_row("natsl", natsl, ids, ckpt), p=args.p)
+            sections.discard("profile")  # one profile shape (the first) is enough
+        if "trainer" in sections:
+            for name, model in (("source", source), ("natsl", natsl)):
+                attempt(f"trainer {name} {B} {ckpt}", lambda: run_trainer("trainer", model, None, ids, ckpt, args.warmup,
+                                                                          args.steps, tmp), model=name)
+    if "distill" in sections:
+        ids = batch_ids(shapes[0][0], T, vocab)
+        teacher = smollm2_source(args.quick)  # a frozen copy, as natsl-distill loads --source
+        teacher.load_state_dict(source.state_dict())
+        for kind in ("distill_stage1", "distill_stage2"):
+            student = natsl_of(source, args.p, ids)
+            attempt(kind, lambda: run_trainer(kind, student, teacher, ids, False, args.warmup, args.steps, tmp),
+                    model="natsl", p=args.p)
+            del student
+        del teacher
+    del natsl
+    if "prefill" in sections:
+        attempt("prefill 1B", lambda: prefill_rows(0.125, args.quick))
+    dump()
+    for r in report["rows"]:
+        metric = r.get("tok_s") or r.get("ms_unprofiled") or r.get("ms")
+        print(f"{r['kind']:>15} {r.get('model', ''):>7} B={r.get('batch')} ckpt={r.get('grad_ckpt')} -> {metric:.1f} "
+              f"kernels={r.get('gpu_kernels')} aten={r.get('aten_ops')} syncs={r.get('host_syncs')} "
+              f"gpu_busy={r.get('gpu_busy_ms')} peak={r.get('peak_gb')}")
+    print(f"{len(report['errors'])} errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
