@@ -17,6 +17,10 @@ Sections:
           vs SDPA decode (one query, enable_gqa) over the full cache of T tokens; each time both
           with the host's launches (back-to-back calls) and as GPU time (CUDA-graph replay).
           `--only-decode` runs just this section.
+  sweep   (`--sweep`) (num_warps, num_stages) of each softmax-branch kernel (fwd, dQ, dK/dV, the
+          latter also with 1 or 2 q heads per tile) at T = 32k, p = 0.125, each kernel timed alone
+          through its launcher with the config as an argument: the module's constants are not
+          rewritten, so the timings after it run the CFG in softmax_branch.py (change it there).
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ DT = torch.bfloat16
 
 
 def _import_pkg():
-    """kernels + reference loaded straight from modeling/ (no natsl_hf / transformers import)."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling")
-    sys.path.insert(0, here)
-    import kernels as K  # modeling/kernels
-    import reference as R  # modeling/reference.py
+    """kernels + reference loaded from the source tree's modeling/ package (torch only: no natsl_hf /
+    transformers import). reference.py imports its package's state.py, so modeling/ is imported as a
+    package, not as loose modules."""
+    from modeling import kernels as K  # modeling/kernels (the repo root is on sys.path, above)
+    from modeling import reference as R  # modeling/reference.py
     return K, R
 
 
@@ -152,6 +156,45 @@ def check(K, R, T, p, with_h0, seed):
     del o_r, gr, f32
     torch.cuda.empty_cache()
     return res
+
+
+SWEEP_CFGS = [(4, 2), (8, 2), (8, 3), (4, 3), (8, 1)]  # (num_warps, num_stages) of the fwd / dQ kernels
+SWEEP_DKV = [(cfg, hpp) for hpp in (1, 2) for cfg in [(4, 1), (8, 1), (4, 2)]]  # dK/dV: config, q heads per tile
+
+
+def sweep_softmax(SB, q, k, v, rw, scale, kerns):
+    """(num_warps, num_stages) sweep of the softmax-branch kernels ("fwd", "dq", "dkv" in `kerns`), each
+    kernel timed alone through its launcher, the config passed as an argument (nothing in the module
+    is rewritten; its CFG stays what the ops run). -> rows, the best config per kernel."""
+    T = q.shape[1]
+    lst, cnt = SB._route_lists(rw)
+    o, lse = SB._launch_fwd(q, k, v, lst, cnt, C, scale)
+    do = torch.randn_like(o)
+    _, delta = SB._launch_dq(q, k, v, o, lse, do, lst, cnt, C, scale)
+    runs = {  # kernel -> [((config, q heads per tile), call)]
+        "fwd": [((cfg, None), lambda cfg=cfg: SB._launch_fwd(q, k, v, lst, cnt, C, scale, cfg=cfg))
+                for cfg in SWEEP_CFGS],
+        "dq": [((cfg, None), lambda cfg=cfg: SB._launch_dq(q, k, v, o, lse, do, lst, cnt, C, scale, cfg=cfg))
+               for cfg in SWEEP_CFGS],
+        "dkv": [((cfg, hpp), lambda cfg=cfg, hpp=hpp: SB._launch_dkv(q, k, v, do, lse, delta, rw, C, scale,
+                                                                      cfg=cfg, hpp=hpp))
+                for cfg, hpp in SWEEP_DKV],
+    }
+    res, best = [], {}
+    for kern in [x for x in kerns if x in runs]:
+        for (cfg, hpp), fn in runs[kern]:
+            r = {"sweep": kern, "cfg": cfg, "T": T, **({"dkv_hpp": hpp} if hpp else {})}
+            try:
+                r["ms"] = round(bench(fn), 4)
+            except Exception as e:  # noqa: BLE001
+                r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(json.dumps(r), flush=True)
+            res.append(r)
+        ok = [r for r in res if r["sweep"] == kern and "ms" in r]
+        if ok:
+            top = min(ok, key=lambda r: r["ms"])
+            best[kern] = {key: top[key] for key in ("cfg", "ms", "dkv_hpp") if key in top}
+    return res, best
 
 
 def softmax_pairs(rw, T):
@@ -280,8 +323,9 @@ def main():
     ap.add_argument("--Ts", default="8192,32768,65536")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="(num_warps, num_stages) sweep of the softmax kernels")
-    ap.add_argument("--sweep-kerns", default="fwd,dq", help="per-kernel config sweeps (the dK/dV variants always run)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="(num_warps, num_stages) sweep of the softmax kernels, each alone (T=32k, p=0.125)")
+    ap.add_argument("--sweep-kerns", default="fwd,dq,dkv", help="which kernels the sweep times")
     ap.add_argument("--profile", action="store_true", help="kernel table of ours fwd+bwd, T=64k p=0.125")
     ap.add_argument("--only-decode", action="store_true", help="only the decode section (check + time)")
     ap.add_argument("--only-fla", action="store_true",
@@ -327,82 +371,15 @@ def main():
 
     scale = D ** -0.5
     if args.sweep:
-        from kernels import softmax_branch as SB
-        T = 32768
-        q, k, v, rw, *_ = make_inputs(T, 0.125, seed=3)
-        for t in (q, k, v):
-            t.requires_grad_()
-        base = dict(SB.CFG)
-        base_mode, base_hpp, base_pair = SB.DKV_MODE, SB.DKV_HPP, SB.CFG_PAIR
-        res = []
-        for kern in [x for x in args.sweep_kerns.split(",") if x in ("fwd", "dq")]:
-            for cfg in [(4, 2), (8, 2), (8, 3), (4, 3), (8, 1)]:
-                SB.CFG.update(base)
-                SB.CFG[kern] = cfg
-                try:
-                    if kern == "fwd":
-                        def f():
-                            with torch.no_grad():
-                                K.routed_softmax_attention(q, k, v, rw, C, scale)
-                    else:
-                        o = K.routed_softmax_attention(q, k, v, rw, C, scale)
-                        go = torch.ones_like(o)
-
-                        def f():
-                            torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
-                    ms = bench(f)
-                    r = {"sweep": kern, "cfg": cfg, "T": T, "ms": round(ms, 4)}
-                except Exception as e:  # noqa: BLE001
-                    r = {"sweep": kern, "cfg": cfg, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                print(json.dumps(r), flush=True)
-                res.append(r)
-        SB.CFG.update(base)
-        o = K.routed_softmax_attention(q, k, v, rw, C, scale)
-        go = torch.ones_like(o)
-        variants = [("chunk", hpp, cfg) for hpp in [1, 2] for cfg in [(4, 1), (8, 1), (4, 2)]]
-        variants += [("pair", None, cfg) for cfg in [(8, 1), (4, 1), (8, 2)]]
-        for mode, hpp, cfg in variants:
-            SB.DKV_MODE, SB.DKV_HPP = mode, (hpp if mode == "chunk" else base_hpp)
-            if mode == "chunk":
-                SB.CFG["dkv"] = cfg
-            else:
-                SB.CFG["dkv"] = base["dkv"]
-                SB.CFG_PAIR = cfg
-            try:
-                ms = bench(lambda: torch.autograd.grad(o, (q, k, v), go, retain_graph=True))
-                r = {"sweep": "dkv", "mode": mode, "cfg": cfg, "dkv_hpp": hpp, "T": T, "ms": round(ms, 4)}
-            except Exception as e:  # noqa: BLE001
-                r = {"sweep": "dkv", "mode": mode, "cfg": cfg, "dkv_hpp": hpp, "T": T,
-                     "error": f"{type(e).__name__}: {str(e)[:200]}"}
-            print(json.dumps(r), flush=True)
-            res.append(r)
-        SB.DKV_MODE, SB.DKV_HPP, SB.CFG_PAIR = base_mode, base_hpp, base_pair
-        SB.CFG.update(base)
-        best = {}
-        for kern in ["fwd", "dq"]:
-            ok = [r for r in res if r["sweep"] == kern and "ms" in r]
-            if ok:
-                best[kern] = tuple(min(ok, key=lambda r: r["ms"])["cfg"])
-        okd = [r for r in res if r["sweep"] == "dkv" and "mode" in r and "ms" in r]
-        if okd:
-            bd = min(okd, key=lambda r: r["ms"])
-            SB.DKV_MODE = bd["mode"]
-            if bd["mode"] == "chunk":
-                SB.DKV_HPP = bd["dkv_hpp"]
-                best["dkv"] = tuple(bd["cfg"])
-            else:
-                SB.CFG_PAIR = tuple(bd["cfg"])
-        SB.CFG.update(best)
-        out["dkv_mode_used"] = SB.DKV_MODE
-        out["cfg_pair_used"] = SB.CFG_PAIR
-        out["dkv_hpp_used"] = SB.DKV_HPP
-        if not args.no_check and SB.DKV_MODE != base_mode:
-            r = check(K, R, 4096 - 37, 0.25, False, seed=4096 - 37)
-            out["check_after_sweep"] = r
-            print("check_after_sweep", json.dumps(r), flush=True)
+        from modeling.kernels import softmax_branch as SB
+        q, k, v, rw, *_ = make_inputs(32768, 0.125, seed=3)
+        res, best = sweep_softmax(SB, q, k, v, rw, scale, args.sweep_kerns.split(","))
         out["sweep"] = res
-        out["cfg_used"] = dict(SB.CFG)
-        print("using", SB.CFG, flush=True)
+        out["sweep_best"] = best
+        out["cfg_used"] = dict(SB.CFG)  # what the timings below run: the module's constants
+        print("best", best, "- timings below use", SB.CFG, flush=True)
+        del q, k, v, rw
+        torch.cuda.empty_cache()
         dump()
     for T in [int(x) for x in args.Ts.split(",")]:
         rows = {}

@@ -15,11 +15,13 @@ bench/model_bench.py does). Rows (`bench/results/model_bench_*.json` format, `{"
   profile         one training step (forward + backward + optimizer, bf16 autocast) under the torch
                   profiler: wall ms, GPU busy ms (sum of kernel times), GPU kernels, host syncs, aten ops,
                   the CPU time of the attention modules' forwards, the top kernels and the top CPU ops.
+  check           the compiled layer path (CUDA default) against the eager one (NATSL_COMPILE=0): loss and
+                  gradients of one training step.
   prefill         Llama-3.2-1B shape (bench/model_bench.py's), 8k, one forward with last-token logits:
                   ms, and the same profile fields.
 
 Usage (GPU):  python bench/train_bench.py --out bench/results/model_bench_h200_training.json
-              [--sections trainer,profile,distill,prefill] [--quick]
+              [--sections check,trainer,profile,distill,prefill] [--quick]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ ACTIVITIES = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" 
 
 def sync() -> None:
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def smollm2_source(quick: bool) -> LlamaForCausalLM:
@@ -74,7 +76,11 @@ def natsl_of(source, p: float, ids: torch.Tensor):
     natsl = convert_model(source, chunk_size=64).to(DEV).float()
     random_routers(natsl)
     natsl.eval()
-    calibrate_routes(natsl, p, ids[:1])
+    os.environ["NATSL_COMPILE"] = "0"  # the calibration stops each forward at a router hook: eager is enough
+    try:
+        calibrate_routes(natsl, p, ids[:1])
+    finally:
+        os.environ.pop("NATSL_COMPILE")
     return natsl
 
 
@@ -91,19 +97,28 @@ class _Dataset(torch.utils.data.Dataset):
 
 
 class _Clock(TrainerCallback):
-    """Wall time from the start of step `warmup` to the end of training (a sync at both ends)."""
+    """Wall time of steps [warmup, warmup + timed) (a sync at both ends), then the step after them under the
+    torch profiler."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1 = warmup, None, None
+    def __init__(self, warmup: int, timed: int):
+        self.warmup, self.timed, self.t0, self.t1, self.prof, self.prof_ms = warmup, timed, None, None, None, None
 
     def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.warmup:
+        if state.global_step in (self.warmup, self.warmup + self.timed):
             sync()
-            self.t0 = time.perf_counter()
+            now = time.perf_counter()
+            if state.global_step == self.warmup:
+                self.t0 = now
+            else:
+                self.t1 = now
+                self.prof = profile(activities=ACTIVITIES)
+                self.prof.__enter__()
 
-    def on_train_end(self, args, state, control, **kw):
-        sync()
-        self.t1 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and self.prof_ms is None:
+            sync()
+            self.prof_ms = (time.perf_counter() - self.t1) * 1e3
+            self.prof.__exit__(None, None, None)
 
 
 def training_args(out_dir: str, batch: int, grad_ckpt: bool, steps: int) -> TrainingArguments:
@@ -117,9 +132,10 @@ def training_args(out_dir: str, batch: int, grad_ckpt: bool, steps: int) -> Trai
 
 def run_trainer(kind: str, model, teacher, ids, grad_ckpt: bool, warmup: int, timed: int, tmp: str) -> dict:
     B, T = ids.shape
-    clock = _Clock(warmup)
-    args = training_args(tmp, B, grad_ckpt, warmup + timed)
-    data = _Dataset(ids, warmup + timed)
+    _label_attention(model)
+    clock = _Clock(warmup, timed)
+    args = training_args(tmp, B, grad_ckpt, warmup + timed + 1)
+    data = _Dataset(ids, warmup + timed + 1)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if kind == "trainer":
@@ -134,7 +150,8 @@ def run_trainer(kind: str, model, teacher, ids, grad_ckpt: bool, warmup: int, ti
     seconds = clock.t1 - clock.t0
     row = {"kind": kind, "T": T, "batch": B, "grad_ckpt": grad_ckpt, "steps_timed": timed,
            "tok_s": B * T * timed / seconds, "s_per_step": seconds / timed,
-           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None}
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None,
+           "profile": summarize(clock.prof, clock.prof_ms, model.config.num_hidden_layers, top=15)}
     model.gradient_checkpointing_disable()
     model.zero_grad(set_to_none=True)
     del trainer
@@ -146,7 +163,9 @@ def run_trainer(kind: str, model, teacher, ids, grad_ckpt: bool, warmup: int, ti
 def _label_attention(model) -> None:
     """Wrap each attention module's forward in a profiler range named by its class (bench only)."""
     for module in model.modules():
-        if isinstance(module, NatslAttention) or type(module).__name__.endswith("Attention"):
+        if (isinstance(module, NatslAttention) or type(module).__name__.endswith("Attention")) and \
+                not hasattr(module, "_bench_labelled"):
+            module._bench_labelled = True
             fwd = module.forward
 
             def wrapped(*a, _fwd=fwd, _name=type(module).__name__, **k):
@@ -155,13 +174,17 @@ def _label_attention(model) -> None:
             module.forward = wrapped
 
 
-def summarize(prof, wall_ms: float, n_layers: int) -> dict:
+def summarize(prof, wall_ms: float, n_layers: int, top: int = 30) -> dict:
+    """The profile's totals (GPU kernels and their summed time, host syncs, aten ops), the CPU time of the
+    attention forwards (`_label_attention` ranges) and the `top` kernels / CPU ops by time."""
     events = prof.events()
     kernels, cpu_ops, attn = {}, {}, {}
     n_aten = n_sync = n_kernels = 0
     gpu_us = 0.0
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA:
+            if e.name.startswith("attn::"):  # the GPU side of a profiler range, not a kernel
+                continue
             n_kernels += 1
             us = e.time_range.elapsed_us()
             gpu_us += us
@@ -180,8 +203,8 @@ def summarize(prof, wall_ms: float, n_layers: int) -> dict:
         c = cpu_ops.setdefault(e.name[:80], [0, 0.0])
         c[0] += 1
         c[1] += e.self_cpu_time_total
-    top_k = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:30]
-    top_c = sorted(cpu_ops.items(), key=lambda kv: -kv[1][1])[:30]
+    top_k = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    top_c = sorted(cpu_ops.items(), key=lambda kv: -kv[1][1])[:top]
     return {
         "wall_ms": wall_ms, "gpu_busy_ms": gpu_us / 1e3, "gpu_kernels": n_kernels, "host_syncs": n_sync,
         "aten_ops": n_aten, "kernels_per_layer": n_kernels / n_layers, "aten_ops_per_layer": n_aten / n_layers,
@@ -228,6 +251,34 @@ def profile_train_row(name: str, model, ids, grad_ckpt: bool) -> dict:
             **summarize(prof, wall, model.config.num_hidden_layers)}
 
 
+def check_compiled_row(model, ids) -> dict:
+    """The compiled layer path against the eager one (NATSL_COMPILE=0) on one bf16-autocast training step:
+    loss and every gradient."""
+    model.train()
+    model.config.use_cache = False
+
+    def run(flag: str):
+        os.environ["NATSL_COMPILE"] = flag
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    try:
+        (loss_e, grads_e), (loss_c, grads_c) = run("0"), run("1")
+    finally:
+        os.environ.pop("NATSL_COMPILE", None)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    rel = {n: float((grads_c[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads_e.items()}
+    worst = sorted(rel.items(), key=lambda kv: -kv[1])[:5]
+    B, T = ids.shape
+    return {"kind": "check", "what": "compiled vs eager NAtS-L layers: one train step, bf16 autocast", "T": T,
+            "batch": B, "loss_eager": loss_e, "loss_compiled": loss_c, "grads_compared": len(rel),
+            "grads_missing_compiled": sorted(set(grads_e) - set(grads_c)), "grad_rel_err_max": worst[0][1] if worst else None,
+            "grad_rel_err_worst": worst}
+
+
 def prefill_rows(p: float, quick: bool) -> list[dict]:
     source, natsl = model_bench.build_models(quick)
     random_routers(natsl)
@@ -255,10 +306,11 @@ def prefill_rows(p: float, quick: bool) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sections", default="trainer,profile,distill,prefill")
+    ap.add_argument("--sections", default="check,trainer,profile,distill,prefill")
     ap.add_argument("--p", type=float, default=0.25, help="softmax fraction of the random routes")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8, help="timed Trainer steps per row")
+    ap.add_argument("--shapes", help="trainer / profile rows as BATCHxckpt|nockpt,... (default 16xnockpt,4xckpt)")
     ap.add_argument("--quick", action="store_true", help="2 layers, a smoke run")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -277,7 +329,7 @@ def main(argv=None) -> int:
         for row in rows if isinstance(rows, list) else [rows]:
             row.update(extra)
             report["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("top_")}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("top_") and k != "profile"}), flush=True)
         dump()
 
     def attempt(label, fn, **extra):
@@ -295,7 +347,11 @@ def main(argv=None) -> int:
     vocab = source.config.vocab_size
     T = 256 if args.quick else T_TRAIN
     shapes = [(2, False), (1, True)] if args.quick else [(16, False), (4, True)]
+    if args.shapes:
+        shapes = [(int(b), c == "ckpt") for b, c in (shape.split("x") for shape in args.shapes.split(","))]
     natsl = natsl_of(source, args.p, batch_ids(1, T, vocab))
+    if "check" in sections:
+        attempt("check compiled", lambda: check_compiled_row(natsl, batch_ids(2, T, vocab)), model="natsl", p=args.p)
     for B, ckpt in shapes:
         ids = batch_ids(B, T, vocab)
         if "profile" in sections:

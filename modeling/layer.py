@@ -24,8 +24,10 @@ Decisions beyond SPEC.md (documented here, tested in tests/):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,38 @@ def kernels_for(device_type: str) -> bool:
     if device_type != "cuda" and os.environ.get("NATSL_FORCE_KERNELS", "0") != "1":
         return False
     return kernels.kernels_available(torch.empty(0, device=device_type))
+
+
+def compile_enabled() -> bool:
+    """Whether `NatslAttention._dense` runs compiled on CUDA (NATSL_COMPILE=0: eagerly, e.g. to debug)."""
+    return os.environ.get("NATSL_COMPILE", "1") not in ("", "0")
+
+
+def compiles(x: torch.Tensor) -> bool:
+    """Whether the dense path of this input runs compiled: CUDA, NATSL_COMPILE not 0, no failed compile yet."""
+    return x.is_cuda and compile_enabled() and not _COMPILE_FAILED
+
+
+_COMPILE_FAILED: list[str] = []  # the error, once torch.compile of the dense path failed in this process
+
+
+def _compile_failed(err: Exception) -> None:
+    _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
+    warnings.warn(
+        f"torch.compile of the NAtS-L layer failed ({_COMPILE_FAILED[0][:500]}): running it eagerly from now on, "
+        "which is correct but slower to train. Set NATSL_COMPILE=0 to skip the attempt and silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@functools.cache
+def compiled_dense():
+    """`NatslAttention._dense` through torch.compile, made once per process: every layer calls the same
+    compiled function with itself as the first argument, so the layers of a model share their graphs (dynamo
+    lifts the parameters to graph inputs). Shapes start static; a second sequence length makes them dynamic
+    (dynamo's default), so a run of varying lengths compiles twice, not once per length."""
+    return torch.compile(NatslAttention._dense)
 
 
 class NatslAttention(nn.Module):
@@ -214,14 +248,18 @@ class NatslAttention(nn.Module):
         -> (output [B, n, D], aux: router_loss, n_routable / n_softmax ([B] routable chunks x KV heads,
             and those routed softmax), routes, state)
 
-        Three paths, same maths (tests compare them): a one-token step against a static state
-        (`_decode_static`: fixed shapes, no host sync, capturable); a one-token step against a
+        Four paths, same maths (tests compare them): whole unpadded sequences without a cache
+        (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
+        static state (`_decode_static`: fixed shapes, no host sync, capturable); a one-token step against a
         NatslLayerState that closes no chunk (`_decode_step`); and everything else, a segment of any
-        length with padding and routing (`_segment`: training, prefill, multi-token cache calls).
+        length with padding and routing (`_segment`: prefill into a cache, multi-token cache calls, padding,
+        packed documents).
         """
         x = hidden_states
-        q, k, v = self._project(x)
         cos, sin = position_embeddings
+        if state is None and token_mask is None and documents is None and not return_state:
+            return self._run_dense(x, cos, sin)
+        q, k, v = self._project(x)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         n = x.shape[1]
         if documents is not None:
@@ -237,6 +275,108 @@ class NatslAttention(nn.Module):
             if bool(((state.seen + 1) % self.chunk_size != 0).all()):
                 return self._decode_step(x, q, k, v, q_rot, k_rot, state, return_state)
         return self._segment(x, q, k, v, q_rot, k_rot, token_mask, state, return_state)
+
+    def _run_dense(self, x, cos, sin):
+        """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'
+        parameters are its inputs), fused glue around the two branch kernels, which torch.compile sees as
+        custom ops. NATSL_COMPILE=0 runs it eagerly."""
+        if compiles(x):
+            try:
+                return compiled_dense()(self, x, cos, sin)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
+                _compile_failed(err)
+        return self._dense(x, cos, sin)
+
+    def _dense(self, x, cos, sin):
+        """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row
+        holds positions 0 .. n-1, so chunk c of every row is tokens [cC, (c+1)C) and none of the general
+        path's position bookkeeping is needed. The branches are bound once (`_branch_ops`: the kernels on
+        CUDA, the reference elsewhere, same signatures); a full-softmax layer is causal SDPA.
+        x [B, n, D]; cos, sin [B, n, head_dim] -> (out [B, n, D], aux as in `forward`)."""
+        B, n, _ = x.shape
+        C = self.chunk_size
+        q, k, v = self._project(x)  # [B,n,Hq,Dh], [B,n,Hkv,Dh], [B,n,Hkv,Dh]
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.natsl:  # every chunk softmax: causal attention
+            o = self._causal_sdpa(q_rot, k_rot, v)
+            empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
+            routes = decide_routes(None, empty, empty, 1.0, None, self.num_kv_heads)
+            return self.o_proj(o.flatten(2).to(x.dtype)), self._routing_aux("sdpa", routes, None)
+        backend, ops = self._branch_ops(x)
+        full, N = n // C, -(-n // C)  # complete chunks, all chunks (the last may be open)
+        chunk = torch.arange(N, device=x.device)
+        complete = (chunk < full).expand(B, N)
+        sink = (chunk < self.config.num_sink_chunks).expand(B, N)
+        means = x[:, : full * C].float().unflatten(1, (full, C)).mean(2)  # [B, full, D]
+        scores = self._score(F.pad(means, (0, 0, 0, N - full)))  # [B, N, Hkv, 2] (the open chunk: not routed)
+        routes = decide_routes(scores, complete, sink, self.config.router_temperature, self.config.route_override,
+                               self.num_kv_heads)
+        routes, supervision = self._supervise(routes, scores, q_rot, k_rot)
+        o = ops.routed_softmax_attention(q_rot, k_rot, v, routes.weight, C, self.scaling)  # [B,n,Hq,Dv]
+        q_g, k_g, beta, g, _ = self._gdn_inputs(x, q, k, None, None)
+        # linear-routed complete chunks write with beta (1 - m); sinks and the open chunk have m = 1 (no write)
+        key_weight = routes.weight[:, torch.arange(n, device=x.device) // C]  # [B,n,Hkv]
+        o_gdn, _ = ops.routed_gdn_readout(q_g, k_g, v, g, beta * (1.0 - key_weight), C, self.scaling)
+        o = self._combine(o, o_gdn, x)
+        return self.o_proj(o.flatten(2).to(x.dtype)), self._routing_aux(backend, routes, supervision)
+
+    def _causal_sdpa(self, q, k, v) -> torch.Tensor:
+        """A full-softmax layer's attention: q [B,n,Hq,D], k / v [B,n,Hkv,*] -> [B,n,Hq,Dv] (GQA without repeat)."""
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling, enable_gqa=True,
+        ).transpose(1, 2)
+
+    def _branch_ops(self, x: torch.Tensor):
+        """("kernels", modeling.kernels) on CUDA with chunk sizes the kernels take, else ("reference",
+        modeling.reference): the branch entry points of both have the same signatures."""
+        if self.chunk_size in KERNEL_CHUNK_SIZES and self._kernels_here(x):
+            return "kernels", kernels
+        return "reference", reference
+
+    def _routing_aux(self, backend: str, routes: Routes, supervision: dict | None) -> dict:
+        """aux of a routed call: per-row counts, and the router loss of training (the supervised-routing loss
+        in stage 1, the budget hinge for a learned router)."""
+        aux = {
+            "backend": backend,
+            "routes": routes,
+            "n_routable": routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
+            "n_softmax": (routes.hard & routes.routable).flatten(1).sum(1),  # [B]
+        }
+        if supervision is not None:
+            aux["router_loss"] = self.config.router_loss_weight * supervision["loss"]
+            aux["router_agreement"] = supervision["agreement"]
+        elif self.natsl and self.training and self.router_mode == "learned":
+            aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
+        return aux
+
+    def _score(self, chunk_mean: torch.Tensor) -> torch.Tensor:
+        """Router scores [B, N, Hkv, 2] of chunk means [B, N, D] fp32; a frozen router in training gets no
+        gradient (stage 2)."""
+        if self.router_mode == "frozen" and self.training:
+            with torch.no_grad():
+                return self.router(chunk_mean)
+        return self.router(chunk_mean)
+
+    def _supervise(self, routes: Routes, scores, q_rot, k_rot) -> tuple[Routes, dict | None]:
+        """With `router_mode == "supervised"` (stage-1 training; whole unpadded sequences, no cache): the
+        routable chunks are routed by `routing_targets` of this layer's own full-attention mass (its q/k are
+        the source's) instead of by the router, which learns those targets through
+        `routing_supervision_loss` (router.py explains why); a `config.route_override` wins over the targets.
+        -> (routes, {"loss", "agreement": share of labelled chunks whose router argmax matches the target,
+        NaN if none}) or (routes, None) otherwise. routes [B, N, Hkv]; q_rot / k_rot [B, S, H, D]."""
+        if not (self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None):
+            return routes, None
+        B, N = routes.hard.shape[:2]
+        mass = chunk_attention_mass(q_rot, k_rot, self.chunk_size, self.scaling)  # [B, S // C, Hkv]
+        mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
+        target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
+        argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route
+        hard = torch.where(labelled, target, routes.hard)
+        agreement = ((argmax == target) & labelled).sum() / labelled.sum()  # no host branch: NaN if none labelled
+        return Routes(hard, hard.to(routes.weight.dtype), routes.prob, routes.routable), {
+            "loss": routing_supervision_loss(scores, target, labelled, self.config.router_temperature),
+            "agreement": agreement,
+        }
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,n,D] -> q [B,n,Hq,Dh], k, v [B,n,Hkv,Dh]: the source projections (+ its q/k norm)."""
@@ -269,7 +409,7 @@ class NatslAttention(nn.Module):
         else:
             k_pos, seg_k, seg_v = q_pos, k_rot, v
 
-        routes, rel, complete, supervision = self._route(x, k_pos, seen, state, q_rot, k_rot, dense=token_mask is None)
+        routes, rel, complete = self._route(x, k_pos, seen, state, dense=token_mask is None)
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
         key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
@@ -278,10 +418,7 @@ class NatslAttention(nn.Module):
             route_weight = routes.weight[:, : math.ceil(n / C)]
             o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)
         elif backend == "sdpa":  # a full-softmax layer: every chunk is softmax, i.e. causal attention
-            o = F.scaled_dot_product_attention(
-                q_rot.transpose(1, 2), seg_k.transpose(1, 2), seg_v.transpose(1, 2), is_causal=True,
-                scale=self.scaling, enable_gqa=True,
-            ).transpose(1, 2)  # [B,n,Hq,D]
+            o = self._causal_sdpa(q_rot, seg_k, seg_v)
         else:
             prefix = None if state is None else (state.kept_k, state.kept_v, state.kept_valid)
             o = reference.softmax_branch(
@@ -301,17 +438,9 @@ class NatslAttention(nn.Module):
             o = o * valid_new[..., None, None].to(o.dtype)
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
-        aux = {
-            "backend": backend,
-            "routes": routes,
-            "n_routable": routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
-            "n_softmax": (routes.hard & routes.routable).flatten(1).sum(1),  # [B]
-        }
-        if supervision is not None:
-            aux["router_loss"] = self.config.router_loss_weight * supervision["loss"]
-            aux["router_agreement"] = supervision["agreement"]
-        elif self.natsl and self.training and self.router_mode == "learned":
-            aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
+        # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
+        aux = self._routing_aux(backend, Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob,
+                                                                       routes.routable))), None)
         if return_state:
             keep = key_hard & token_complete[..., None]
             aux["state"] = NatslLayerState.after_segment(state, new_seen, k_pos, seg_k, seg_v, keep, open_chunk, C, gdn)
@@ -320,20 +449,12 @@ class NatslAttention(nn.Module):
             aux["kept_chunks"] = (routes.hard & routes.routable).sum(1)
         return out, aux
 
-    def _route(self, x, k_pos, seen, state, q_rot, k_rot, dense: bool = False
-               ) -> tuple[Routes, torch.Tensor, torch.Tensor, dict | None]:
+    def _route(self, x, k_pos, seen, state, dense: bool = False) -> tuple[Routes, torch.Tensor, torch.Tensor]:
         """Route the chunks of the segment.
 
         -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
-        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool, and in supervised
-        mode {"loss": the supervised routing loss, "agreement": the fraction of labelled chunks whose
-        router argmax matches the target} (else None).
-
-        With `router_mode == "supervised"` (training only; stage-1 distillation sets it), the routable chunks
-        are routed by `routing_targets` of this layer's own full-attention mass (its q/k are the
-        source's) instead of by the router, and the router learns those targets through
-        `routing_supervision_loss` (router.py explains why). It takes whole unpadded sequences
-        without a cache, as packed training blocks are. A `config.route_override` wins over the targets.
+        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool. Supervised routing
+        (stage 1) takes whole unpadded sequences without a cache (`_dense`) and is refused here.
         """
         B, S = k_pos.shape
         C = self.chunk_size
@@ -359,32 +480,16 @@ class NatslAttention(nn.Module):
             sums = sums.scatter_add(1, rel_new[..., None].expand(-1, -1, x.shape[-1]), x.float())
             if state is not None:
                 sums[:, 0] = sums[:, 0] + state.router_sum
-            if self.router_mode == "frozen" and self.training:
-                with torch.no_grad():
-                    scores = self.router(sums / C)
-            else:
-                scores = self.router(sums / C)
+            scores = self._score(sums / C)
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
-        supervision = None
         if self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None:
-            if state is not None or bool((k_pos < 0).any()):
-                raise ValueError(
-                    "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
-                    "pass packed blocks with use_cache=False and no padding."
-                )
-            mass = chunk_attention_mass(q_rot, k_rot, C, self.scaling)  # [B, S // C, Hkv]
-            mass = torch.cat([mass, mass.new_full((B, N + 1 - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
-            target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
-            argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route
-            hard = torch.where(labelled, target, routes.hard)
-            routes = Routes(hard, hard.to(routes.weight.dtype), routes.prob, routes.routable)
-            supervision = {
-                "loss": routing_supervision_loss(scores, target, labelled, self.config.router_temperature),
-                "agreement": (argmax == target)[labelled].float().mean() if bool(labelled.any()) else None,
-            }
-        return routes, rel, complete, supervision
+            raise ValueError(
+                "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
+                "pass packed blocks with use_cache=False and no padding."
+            )
+        return routes, rel, complete
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
         """`reference.gdn_inputs` of the new tokens x [B,n,D] (q, k: their projections before RoPE)."""

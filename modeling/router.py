@@ -169,6 +169,5 @@ def routing_supervision_loss(scores: torch.Tensor, target: torch.Tensor, labelle
     """Binary cross-entropy of p(softmax) = sigmoid((s_0 - s_1) / temperature) against the targets,
     averaged over labelled chunks. scores: [B, N, H, 2]; target, labelled: [B, N, H]."""
     margin = (scores[..., 0] - scores[..., 1]) / temperature
-    if not bool(labelled.any()):
-        return margin.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(margin[labelled], target[labelled].to(margin.dtype))
+    loss = F.binary_cross_entropy_with_logits(margin, target.to(margin.dtype), reduction="none")
+    return (loss * labelled).sum() / labelled.sum().clamp(min=1)  # 0 with nothing labelled, no host branch

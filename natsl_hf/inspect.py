@@ -71,10 +71,10 @@ def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """One forward (eval mode, `output_routes=True, use_cache=False`) -> one dict per NAtS-L layer.
 
     Each dict: `layer` (model layer index), `natsl_index` (position in `outputs.routes`),
-    `num_chunks` (N, the dummy padding chunk dropped), `num_kv_heads`, `routable` / `softmax` /
+    `num_chunks` (N), `num_kv_heads`, `routable` / `softmax` /
     `linear` (counts of routable (chunk, KV head) decisions over the batch), `fraction`
     (= the output's `layer_softmax_fraction`; NaN where nothing is routable, where the output has None), and the routes
-    `hard` / `routable_mask` as CPU bool tensors [B, N, H] (dummy chunk dropped).
+    `hard` / `routable_mask` as CPU bool tensors [B, N, H].
     The model is left in the train/eval mode it came in.
     """
     if input_ids.dim() == 1:
@@ -98,8 +98,8 @@ def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise RuntimeError(f"expected {len(layers)} Routes (one per NAtS-L layer), got {len(routes)}")
     rows = []
     for k, (layer, r) in enumerate(zip(layers, routes)):
-        hard = r.hard[:, :-1].bool().cpu()  # chunk N is the dummy padding chunk
-        routable = r.routable[:, :-1].bool().cpu()
+        hard = r.hard.bool().cpu()  # [B, N, H]
+        routable = r.routable.bool().cpu()
         n_routable = int(routable.sum())
         n_softmax = int((hard & routable).sum())
         fractions = out.layer_softmax_fraction  # None when the call routed no chunk

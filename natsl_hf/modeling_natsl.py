@@ -85,7 +85,8 @@ class NatslModelOutputWithPast(RoutedFractions, BaseModelOutputWithPast):
     routes: per NAtS-L layer the `Routes` of this call (when `output_routes=True`).
     router_agreement: supervised routing (stage-1 distillation) only: the fraction of labelled chunks on
         which the router's own argmax (margin >= 0, i.e. before any bias calibration) matches the target it
-        is trained on, mean over NAtS-L layers. With few positives a router that ranks well but is not yet
+        is trained on, mean over the NAtS-L layers that labelled any chunk (NaN if none did: a block too short
+        for a chunk with later queries). With few positives a router that ranks well but is not yet
         calibrated sits near the share of negatives; `bench/router_probe.py` measures the ranking (AUC).
     """
 
@@ -312,6 +313,11 @@ class NatslModel(NatslPreTrainedModel):
         documents = None
         if past_key_values is None and position_ids is not None and (attention_mask is None or bool(attention_mask.all())):
             documents = Documents.from_position_ids(position_ids)
+        if self.training and torch.is_grad_enabled() and past_key_values is None:
+            # a training step gets no cache unless it passes one: building a NatslCache would send every layer
+            # down the general segment path (state bookkeeping) instead of the compiled dense one, for a cache
+            # nobody reads (a plain Trainer run leaves config.use_cache=True)
+            use_cache = False
         if use_cache and past_key_values is None and documents is None:
             past_key_values = NatslCache(self.config)
         # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
@@ -361,7 +367,7 @@ class NatslModel(NatslPreTrainedModel):
             softmax_chunks=softmax,
             routable_chunks=routable,
             routes=tuple(routes) if output_routes else None,
-            router_agreement=torch.stack(agreements).mean() if agreements else None,
+            router_agreement=torch.stack(agreements).nanmean() if agreements else None,
         )
 
     def _warn_past_context(self, position_ids, cache, n: int) -> None:

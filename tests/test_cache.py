@@ -25,7 +25,7 @@ def test_prefill_then_decode_equals_full_forward(P, kv_heads):
     expected = full_logits(model, ids)
     with torch.no_grad():
         routes = model(ids, use_cache=False, output_routes=True).routes
-        hard = torch.stack([r.hard[:, 1:-2] for r in routes])  # routable chunks of both layers
+        hard = torch.stack([r.hard[:, 1:-1] for r in routes])  # routable chunks of both layers
         assert hard.any() and not hard.all(), "test needs mixed routes"
         assert not all(torch.equal(hard[:, 0], hard[:, b]) for b in range(1, 3)), "routes should differ across rows"
         cache = NatslCache(model.config)

@@ -94,7 +94,7 @@ def test_main_writes_maps_table_and_matches_model(checkpoint, capsys):
         ref = model(input_ids=ids, output_routes=True, use_cache=False)
     expected = []
     for routes in ref.routes:
-        hard, routable = routes.hard[0, :-1], routes.routable[0, :-1]  # drop the dummy padding chunk
+        hard, routable = routes.hard[0], routes.routable[0]
         expected.append((int(routable.sum()), int((hard & routable).sum())))
     # 23 chunks: sink chunk 0 and incomplete chunk 22 are not routable -> 21 chunks x 2 KV heads
     assert [e[0] for e in expected] == [42, 42]
@@ -146,7 +146,7 @@ def test_routing_summary_counts_and_codes(checkpoint):
     assert [r["layer"] for r in rows] == [0, 1]
     for row, routes, frac in zip(rows, ref.routes, ref.layer_softmax_fraction.tolist()):
         assert row["hard"].shape == (1, 10, 2)
-        assert torch.equal(row["hard"], routes.hard[:, :-1]) and torch.equal(row["routable_mask"], routes.routable[:, :-1])
+        assert torch.equal(row["hard"], routes.hard) and torch.equal(row["routable_mask"], routes.routable)
         assert row["fraction"] == pytest.approx(frac, abs=1e-6)
         assert row["softmax"] + row["linear"] == row["routable"] == 8 * 2
         codes = route_codes(row["hard"][0], row["routable_mask"][0])

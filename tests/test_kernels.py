@@ -8,7 +8,7 @@ state). Outputs AND gradients are compared.
 Coverage of the GDN branch under the interpreter: our own Triton kernels (_readout_fwd,
 _readout_bwd, _dh_bwd, _chunk_bwd) run for real; fla's chunk kernels cannot run under the
 interpreter, so the per-chunk states (w, u, h, v_new) and the w/u backward are computed by the
-torch stand-ins in gdn_branch.py (_torch_wu, _torch_h, autograd). The fla path itself is checked
+torch stand-ins in gdn_branch.py (_torch_wu, _torch_h, _torch_wu_bwd). The fla path itself is checked
 on the GPU by bench/check_and_time.py (bf16 vs reference at T = 4059 and 1000).
 
 If triton was already imported by an earlier test module without the interpreter, the kernel
@@ -40,6 +40,14 @@ def _mods():
         from modeling import kernels as K  # type: ignore
         from modeling import reference as R  # type: ignore
     return K, R
+
+
+def rerun_in_interpreter(path: str) -> None:
+    """The tests of `path` in a subprocess with TRITON_INTERPRET=1 (for when triton was imported without it)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.abspath(path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
 
 def _close(a, b, tol, what):
@@ -247,15 +255,6 @@ if _IN_INTERP:
     def test_routed_softmax_attention_interpreter(case):
         _softmax_case(*case)
 
-    @pytest.mark.parametrize("case", [SOFTMAX_CASES[0], SOFTMAX_CASES[3]])
-    def test_routed_softmax_attention_pair_dkv_interpreter(case, monkeypatch):
-        """the alternative dK/dV schedule (two softmax chunks per program)"""
-        from importlib import import_module
-        K, _ = _mods()
-        SB = import_module(K.__name__ + ".softmax_branch")
-        monkeypatch.setattr(SB, "DKV_MODE", "pair")
-        _softmax_case(*case)
-
     @pytest.mark.parametrize("case", GDN_CASES)
     def test_routed_gdn_readout_interpreter(case):
         _gdn_case(*case)
@@ -321,10 +320,7 @@ if _IN_INTERP:
 else:
 
     def test_kernels_in_interpreter_subprocess():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.abspath(__file__)],
-                           env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        rerun_in_interpreter(__file__)
 
 
 def test_kernels_available_plain_cpu():

@@ -65,7 +65,7 @@ def test_labels_loss_includes_router_loss_and_outputs_routes():
     out = model(ids, labels=ids, use_cache=False, output_routes=True)
     assert out.router_loss is not None and out.router_loss > 0
     torch.testing.assert_close(out.loss, out.lm_loss + out.router_loss)
-    assert len(out.routes) == 2 and out.routes[0].hard.shape == (2, 5 + 1, 2)  # 5 chunks + padding dummy
+    assert len(out.routes) == 2 and out.routes[0].hard.shape == (2, 5, 2)  # 5 chunks
     n_routable = sum(int(r.routable.sum()) for r in out.routes)
     n_soft = sum(int((r.hard & r.routable).sum()) for r in out.routes)
     assert out.softmax_fraction.item() == pytest.approx(n_soft / n_routable)
@@ -230,3 +230,17 @@ def test_gradient_checkpointing_matches():
     with torch.no_grad():
         model(ids, past_key_values=cache)
     assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_training_step_builds_no_cache():
+    """A plain Trainer leaves config.use_cache=True: a training forward must still take the dense (compiled on
+    CUDA) layer path, not build a NatslCache nobody reads; eval and no-grad forwards keep the cache."""
+    from natsl_hf.modeling_natsl import CACHE_FIELD
+
+    model = tiny_model().train()
+    assert model.config.use_cache
+    ids = torch.randint(1, 97, (2, 19))
+    assert getattr(model(ids, labels=ids), CACHE_FIELD) is None
+    with torch.no_grad():
+        assert getattr(model(ids), CACHE_FIELD) is not None
+    assert getattr(model.eval()(ids), CACHE_FIELD) is not None

@@ -2,6 +2,8 @@
 
 routed_softmax_attention(q, k, v, route_weight, chunk_size, scale) -> o
 routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (o, open_chunk_state)
+    (training: autograd Functions over the custom ops natsl::softmax_branch_fwd / _bwd and
+    natsl::gdn_branch_fwd / _bwd, callable inside torch.compile(fullgraph=True))
 routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale) -> o   (one decode step)
 gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale) -> o_gdn   (one decode step,
     the NatslStaticLayerState updated in place)
@@ -88,23 +90,24 @@ def _one_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: torch.T
 
 
 def routed_softmax_attention(q, k, v, route_weight, chunk_size: int = 64, scale: float | None = None):
-    from .softmax_branch import routed_softmax_attention as _f
     q, k, v = _one_dtype(q, k, v)
-    return _f(q, k, v, route_weight, chunk_size, scale)
+    return _softmax_branch.routed_softmax_attention(q, k, v, route_weight, chunk_size, scale)
 
 
 def routed_gdn_readout(q, k, v, g, beta, chunk_size: int = 64, scale: float | None = None, initial_state=None):
-    from .gdn_branch import routed_gdn_readout as _f
     q, k, v, beta = _one_dtype(q, k, v, beta)
-    return _f(q, k, v, g, beta, chunk_size, scale, initial_state)
+    return _gdn_branch.routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state)
 
 
-try:  # imported with the package, not in the call: a compiled (torch.compile) decode step cannot import
+try:  # imported with the package, not in the call: a compiled (torch.compile) step does not import, and the
+    # training branches register their custom ops (natsl::softmax_branch_fwd / _bwd, natsl::gdn_branch_fwd / _bwd)
     from . import chunk_close as _chunk_close
     from . import decode as _decode
+    from . import gdn_branch as _gdn_branch
     from . import gdn_decode as _gdn_decode
+    from . import softmax_branch as _softmax_branch
 except Exception:  # noqa: BLE001 - kernels_available() says why, and the layer runs the reference
-    _chunk_close = _decode = _gdn_decode = None
+    _chunk_close = _decode = _gdn_branch = _gdn_decode = _softmax_branch = None
 
 
 def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import _pow2
+
 
 @triton.jit
 def _chunk_close_kernel(
@@ -62,10 +64,6 @@ def _chunk_close_kernel(
                 for i in range(0, HIDDEN, BH):
                     oh = i + tl.arange(0, BH)
                     tl.store(ROUTER_SUM + b * HIDDEN + oh, tl.zeros([BH], dtype=tl.float32), mask=oh < HIDDEN)
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_branch import LOG2E, _pow2
+from .utils import LOG2E, _pow2
 
 BN = 64  # kept keys per block
 TARGET_PROGRAMS = 512  # about 4 programs per SM on an H100 / H200; splits never go below one block

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import _pow2
+
 
 @triton.jit
 def _conv_silu_l2(CONV, W, b, c, m, x, live, CH, WIN: tl.constexpr):
@@ -88,10 +90,6 @@ def _gdn_decode_kernel(
         q = _conv_silu_l2(CONV, W, b, qc, md, tl.load(Q + b * HQ * D + qc, mask=md, other=0.0), live, CH, WIN)
         o = tl.sum(q[:, None] * start, 0) * factor
         tl.store(O + (b * HQ + h * G + j) * DV + ov, o, mask=mv)
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""The dense layer path (`NatslAttention._dense`: training, forward without cache) under torch.compile.
+
+On CUDA the layer runs `_dense` compiled (`modeling.layer.compiled_dense`). Here, on CPU, the same function
+is compiled with the `aot_eager` backend (dynamo + AOTAutograd, no inductor code generation) over the kernel
+path under triton's interpreter, which must be switched on before triton is imported: a subprocess. Checked:
+fullgraph (no graph break: the branch kernels are custom ops to dynamo), values and gradients equal to the
+eager path in each router mode (learned, stage-1 supervised, stage-2 frozen), and one graph per mode serving
+every layer of the model (no recompile per layer or per step).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def test_dense_path_compiles_whole_once_for_all_layers():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from torch._dynamo.utils import counters
+        from natsl_testing import tiny_model
+        from natsl_hf.modeling.layer import NatslAttention
+
+        torch.manual_seed(0)
+        model = tiny_model(seed=4, chunk_size=16, num_hidden_layers=3, natsl_layers=[0, 1, 2]).train()
+        layers = [layer.self_attn for layer in model.model.layers]
+        for layer in layers:
+            with torch.no_grad():
+                layer.gdn_alpha.fill_(0.5)  # the GDN branch reaches the output (and its gradients flow)
+        compiled = torch.compile(NatslAttention._dense, backend="aot_eager", fullgraph=True)
+        x = torch.randn(2, 45, 64, requires_grad=True)  # 2 complete chunks + an open one
+        cos, sin = model.model.rotary_emb(x, torch.arange(45).expand(2, 45))
+
+        def run(fn, layer):
+            x.grad = None
+            layer.zero_grad()
+            out, aux = fn(layer, x, cos, sin)
+            (out.square().sum() + aux.get("router_loss", 0.0)).backward()
+            grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+            return out.detach(), aux, x.grad.clone(), grads
+
+        for mode in ("learned", "learned", "supervised", "frozen"):  # two steps, then stage 1 / stage 2 routing
+            for layer in layers:
+                layer.router_mode = mode
+            for layer in layers:
+                out_e, aux_e, dx_e, g_e = run(NatslAttention._dense, layer)
+                out_c, aux_c, dx_c, g_c = run(compiled, layer)
+                assert aux_c["backend"] == "kernels", aux_c["backend"]
+                torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(dx_c, dx_e, rtol=1e-4, atol=1e-6)
+                assert set(g_c) == set(g_e) and "A_log" in g_c, sorted(g_c)
+                assert ("router.proj.weight" in g_c) == (mode != "frozen"), (mode, sorted(g_c))
+                for name in g_e:
+                    torch.testing.assert_close(g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
+                assert torch.equal(aux_c["n_softmax"], aux_e["n_softmax"])
+                assert torch.equal(aux_c["routes"].hard, aux_e["routes"].hard)
+        assert counters["stats"]["unique_graphs"] == 3, "expected one graph per router mode for all layers"
+        for layer in layers:
+            layer.router_mode = "learned"
+        for n in (61, 77):  # other lengths: one recompile with a dynamic length serves both
+            x = torch.randn(2, n, 64, requires_grad=True)
+            cos, sin = model.model.rotary_emb(x, torch.arange(n).expand(2, n))
+            for layer in layers[:2]:
+                out_e, _, dx_e, _ = run(NatslAttention._dense, layer)
+                out_c, _, dx_c, _ = run(compiled, layer)
+                torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(dx_c, dx_e, rtol=1e-4, atol=1e-6)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 4, f"{graphs} graphs: 3 router modes + one dynamic-length graph expected"
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", NATSL_FORCE_KERNELS="1", NATSL_FORCE_REFERENCE="0")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
+    """If torch.compile fails on a user's stack, training goes on with the eager path and a warning naming the
+    switch, instead of stopping; the next calls do not try again."""
+    import warnings
+
+    import pytest
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from natsl_hf.modeling import layer as layer_module
+    from natsl_testing import tiny_model
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        err = BackendCompilerFailed.__new__(BackendCompilerFailed)  # its __init__ differs across torch releases
+        Exception.__init__(err, "backend='inductor' raised: RuntimeError: no compiler here")
+        raise err
+
+    monkeypatch.setattr(layer_module, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(layer_module, "compiled_dense", lambda: broken)
+    monkeypatch.setattr(layer_module, "compiles", lambda x: not layer_module._COMPILE_FAILED)
+    model = tiny_model(seed=1)
+    ids = torch.randint(1, 97, (2, 19))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="NATSL_COMPILE=0"):
+            out = model(ids, use_cache=False).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = model(ids, use_cache=False).logits
+    assert len(calls) == 1  # one attempt, then eager for every layer and call
+    monkeypatch.setattr(layer_module, "compiles", lambda x: False)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids, use_cache=False).logits)
+    torch.testing.assert_close(again, out)
