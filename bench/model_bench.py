@@ -91,6 +91,7 @@ class _Stop(Exception):
     pass
 
 
+@torch.compiler.set_stance("force_eager")  # each forward stops at a router hook: no compile for that
 @torch.no_grad()
 def calibrate_routes(natsl, p: float, ids: torch.Tensor) -> None:
     """Router biases that keep p of the routable chunks of `ids` [B, T] softmax, per layer and KV head,

@@ -76,11 +76,7 @@ def natsl_of(source, p: float, ids: torch.Tensor):
     natsl = convert_model(source, chunk_size=64).to(DEV).float()
     random_routers(natsl)
     natsl.eval()
-    os.environ["NATSL_COMPILE"] = "0"  # the calibration stops each forward at a router hook: eager is enough
-    try:
-        calibrate_routes(natsl, p, ids[:1])
-    finally:
-        os.environ.pop("NATSL_COMPILE")
+    calibrate_routes(natsl, p, ids[:1])
     return natsl
 
 

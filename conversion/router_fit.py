@@ -79,6 +79,10 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+# The fit and the calibration read and stop forwards at router hooks, and the samples switch the config's
+# route_override: they run the layers eagerly (on CUDA the layer's dense path is torch.compile'd, which would
+# trace the hooks and compile a graph for the override, all for one pass).
+@torch.compiler.set_stance("force_eager")
 @torch.no_grad()
 def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
@@ -133,6 +137,7 @@ class _StopForward(Exception):
     (later layers, the LM head) is not needed."""
 
 
+@torch.compiler.set_stance("force_eager")  # see collect_routing_samples
 @torch.no_grad()
 def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: int | None = None
                     ) -> tuple[list[torch.Tensor], float]:

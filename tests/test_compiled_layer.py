@@ -117,3 +117,30 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(out, model(ids, use_cache=False).logits)
     torch.testing.assert_close(again, out)
+
+
+def test_router_fit_and_calibration_run_the_layers_eagerly(monkeypatch):
+    """Router fitting / calibration stop forwards at router hooks and switch route_override: on CUDA they must
+    not trace (or compile a graph for) the compiled dense path. Checked with a compile that counts graphs."""
+    import functools
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from natsl_hf.conversion.router_fit import calibrate_router_bias, fit_routers
+    from natsl_hf.modeling import layer as layer_module
+    from natsl_hf.modeling.layer import NatslAttention
+    from natsl_testing import tiny_model
+
+    monkeypatch.setattr(layer_module, "compiles", lambda x: True)
+    monkeypatch.setattr(layer_module, "compiled_dense",
+                        functools.cache(lambda: torch.compile(NatslAttention._dense, backend="eager")))
+    model = tiny_model(seed=3)
+    batches = [{"input_ids": torch.randint(1, 97, (2, 33))} for _ in range(2)]
+    before = counters["stats"]["unique_graphs"]
+    fit_routers(model, batches)
+    calibrate_router_bias(model, batches, 0.5)
+    assert counters["stats"]["unique_graphs"] == before
+    with torch.no_grad():
+        model(batches[0]["input_ids"], use_cache=False)  # outside them the compiled path does run
+    assert counters["stats"]["unique_graphs"] > before
