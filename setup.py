@@ -63,6 +63,7 @@ setup(
     entry_points={
         "console_scripts": [
             "natsl-convert=natsl_hf.conversion.convert:main",
+            "natsl-calibrate=natsl_hf.conversion.calibrate:main",
             "natsl-distill=natsl_hf.conversion.distill:main",
             "natsl-inspect=natsl_hf.inspect:main",
             "natsl-hub=natsl_hf.hub:main",
