@@ -54,6 +54,7 @@ from collections import defaultdict
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import Trainer
 
@@ -244,11 +245,32 @@ def route_budget_loss(routes, config) -> torch.Tensor:
     return total
 
 
-def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=None) -> torch.Tensor:
-    """`T^2 KL(softmax(t/T) || softmax(s/T))` per token, averaged over real tokens."""
+KD_CHUNK_TOKENS = 2048  # tokens per piece of the KD loss: its fp32 vocabulary-wide tensors stay this size
+
+
+def _token_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """[n, V] logits -> [n] KL(softmax(t/T) || softmax(s/T)), in fp32."""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=None) -> torch.Tensor:
+    """`T^2 KL(softmax(t/T) || softmax(s/T))` per token, averaged over real tokens.
+
+    Computed `KD_CHUNK_TOKENS` tokens at a time, each piece checkpointed: the fp32 log-probabilities of both
+    models are never held for the whole batch (at 16 x 2048 tokens and a 49k vocabulary they are 6.4 GB
+    each, several of them kept for the backward), only the bf16 logits are."""
+    V = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
+    kl = []
+    for start in range(0, student.shape[0], KD_CHUNK_TOKENS):
+        piece = (student[start: start + KD_CHUNK_TOKENS], teacher[start: start + KD_CHUNK_TOKENS])
+        if torch.is_grad_enabled() and student.requires_grad:
+            kl.append(torch.utils.checkpoint.checkpoint(_token_kl, *piece, temperature, use_reentrant=False))
+        else:
+            kl.append(_token_kl(*piece, temperature))
+    kl = torch.cat(kl).view(student_logits.shape[:-1])
     if attention_mask is not None:
         m = attention_mask.to(kl.dtype)
         return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2

@@ -116,36 +116,35 @@ def router_loss(routes: Routes, budget: float, loss_weight: float) -> torch.Tens
 
 
 @torch.no_grad()
-def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
-                         block: int = 512) -> torch.Tensor:
+def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float) -> torch.Tensor:
     """Long-range attention each complete chunk receives, relative to a uniform share.
 
     q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded
-    sequences. Attention is full causal softmax (every earlier token visible), as in the source,
-    computed in fp32 (also under autocast).
+    sequences. Attention is full causal softmax (every earlier token visible), as in the source.
     -> mass [B, T // C, Hkv] fp32: for chunk c and KV group g, the mean over the group's q heads and
     over the queries i of chunks >= c + 2 of P_i(chunk c) * (i + 1) / C (1 = what uniform attention
     gives); NaN for a chunk with no such query.
-    Queries are processed `block` rows at a time (memory B * Hq * block * T, not B * Hq * T^2).
+
+    P_i(chunk c) for every query and chunk is one attention call whose values are the chunks' indicator
+    columns (`F.scaled_dot_product_attention` with v [T, N] one-hot: a fused kernel, the [T, T] probabilities
+    never stored), in the autocast dtype when autocast is on (training: bf16; the targets are a ranking, which
+    bf16 probabilities keep), else in q's dtype.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G, C, N = Hq // Hkv, chunk_size, T // chunk_size
-    with torch.autocast(q.device.type, enabled=False):
-        keys = k.float().transpose(1, 2)[:, :, None]  # [B,Hkv,1,T,D]
-        key_pos = torch.arange(T, device=q.device)
-        total = torch.zeros(B, Hkv, N, device=q.device)
-        for start in range(2 * C, T, block):  # queries of chunks 0 and 1 have no chunk two back
-            stop = min(start + block, T)
-            q_pos = key_pos[start:stop]
-            qb = q[:, start:stop].float().transpose(1, 2).unflatten(1, (Hkv, G))  # [B,Hkv,G,L,D]
-            scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hkv,G,L,T]
-            probs = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf")).softmax(-1)
-            far = (key_pos[None, :] // C) <= (q_pos[:, None] // C) - 2  # [L,T] keys two chunks back or more
-            relative = probs * (far * (q_pos[:, None] + 1) / C)  # P * (keys seen) / C
-            per_key = relative.sum((2, 3))  # [B,Hkv,T]
-            total += per_key[..., : N * C].unflatten(-1, (N, C)).sum(-1)
-        queries = (T - (torch.arange(N, device=q.device) + 2) * C).clamp(min=0) * G  # (query, head) pairs
+    device = q.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else q.dtype
+    pos = torch.arange(T, device=device)
+    with torch.autocast(device.type, enabled=False):
+        keys = k.to(dtype).transpose(1, 2).repeat_interleave(G, 1)  # [B,Hq,T,D] (GQA spelled out: any backend)
+        indicator = (pos[:, None] // C == torch.arange(N, device=device)).to(dtype)  # [T, N]; a tail chunk: no column
+        values = indicator.expand(B, Hq, T, N).contiguous()
+        share = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), keys, values, is_causal=True, scale=scale)
+        far = torch.arange(N, device=device) <= pos[:, None] // C - 2  # [T, N] chunk two chunks back or more
+        weight = far * (pos[:, None] + 1) / C  # P * (keys seen) / C
+        total = (share.float() * weight).unflatten(1, (Hkv, G)).sum((2, 3))  # [B, Hkv, N]
+        queries = (T - (torch.arange(N, device=device) + 2) * C).clamp(min=0) * G  # (query, head) pairs
         mass = total / queries.clamp(min=1)
         mass = torch.where(queries > 0, mass, torch.full_like(mass, float("nan")))
     return mass.transpose(1, 2)

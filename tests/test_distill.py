@@ -583,3 +583,26 @@ def test_cli_input_errors_are_one_line(cli_dirs, tmp_path, capsys, argv, message
     argv = [arg.replace("DIRS", str(cli_dirs)) for arg in argv]
     code, err = run_cli([*defaults, *argv], capsys)  # of a flag given twice, the later wins
     assert_one_line_error(code, err, message, out)
+
+
+def test_kd_loss_in_pieces_equals_the_whole(monkeypatch):
+    """The KD loss is computed a few tokens at a time (checkpointed pieces): the same value and gradient as the
+    formula over the whole batch, with and without a mask."""
+    import torch.nn.functional as F
+
+    from natsl_hf.conversion import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "KD_CHUNK_TOKENS", 5)  # 3 x 7 tokens -> pieces of 5, 5, 5, 5, 1
+    torch.manual_seed(0)
+    student = torch.randn(3, 7, 11, requires_grad=True)
+    teacher = torch.randn(3, 7, 11)
+    mask = (torch.rand(3, 7) > 0.3).long()
+    for m in (None, mask):
+        got = trainer_module.kd_loss(student, teacher, 2.0, m)
+        (g_got,) = torch.autograd.grad(got, student)
+        kl = F.kl_div(F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True,
+                      reduction="none").sum(-1)
+        want = (kl.mean() if m is None else (kl * m).sum() / m.sum()) * 4
+        (g_want,) = torch.autograd.grad(want, student)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(g_got, g_want)

@@ -44,7 +44,7 @@ def test_uniform_attention_gives_every_chunk_the_same_mass():
 def test_chunk_attention_mass_matches_naive(T):
     torch.manual_seed(0)
     q, k = torch.randn(2, T, 4, 8), torch.randn(2, T, 2, 8)
-    mass = chunk_attention_mass(q, k, 4, 8**-0.5, block=5)  # several query blocks
+    mass = chunk_attention_mass(q, k, 4, 8**-0.5)
     expected = naive_mass(q, k, 4, 8**-0.5)
     assert mass.shape == (2, T // 4, 2)
     assert torch.equal(mass.isnan(), expected.isnan())
