@@ -265,7 +265,8 @@ def gdn_branch(
         v_new = u[:, :, n] - w[:, :, n] @ state  # [B,H,C,V]
         state = state * Gc[:, :, n, -1, None, None].exp() + k_out[:, :, n].transpose(-1, -2) @ v_new
         states.append(state)
-    starts = torch.stack(states[:-1], 2)  # [B,H,N,K,V]
+    # [B,H,N,K,V]; N = 0 when no row has a real token (an all-padding batch): nothing to read out
+    starts = torch.stack(states[:-1], 2) if N else state.new_zeros(B, Hkv, 0, K, V)
 
     q_slot = layout.slot(q_pos)
     qc = layout.scatter(q.float(), q_slot).unflatten(1, (N, C)).movedim(3, 1)  # [B,Hq,N,C,K]

@@ -16,6 +16,13 @@ back in the packed order.
 [cu[n], cu[n+1]) of the batch flattened row-major ([B*T]); cu[0] = 0, cu[-1] = B*T. A document
 never spans two rows. All maps are index gathers (differentiable, no loop over documents); the
 only host syncs are "is there more than one document per row" and the longest document.
+
+Packed rows with padding (`Documents.from_position_ids(position_ids, valid)`, e.g. several packed
+rows left-padded to one length): padding tokens belong to no document and their position ids are
+not read; a document is a run of real tokens that starts at a row's first real token or at a real
+token whose position is 0. Each document still gets its own right-padded row (its real tokens in
+order), so it runs exactly as it does alone; `repack` gives zeros at the padding. Such documents
+have no contiguous `cu_seqlens` (it is None).
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ def pad_mask(cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=cu_seqlens.device) < document_lengths(cu_seqlens)[:, None]
 
 
+def document_starts(position_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: the real tokens that start a document, i.e. each row's first real token and every
+    real token at position 0. valid: [B, T] bool, False = padding (None = every token real); padding
+    starts nothing and its position ids are not read."""
+    starts = position_ids == 0
+    if valid is None:
+        starts[:, 0] = True  # a copy: `==` made a new tensor
+        return starts
+    valid = valid.bool()
+    return valid & (starts | (valid.long().cumsum(1) == 1))
+
+
 class Documents:
     """The documents of one packed batch, with the gather indices computed once (a model step unpacks
     and repacks in every layer).
@@ -59,31 +78,63 @@ class Documents:
     cu_seqlens [N+1] int32 (see the module docstring), batch_size B, seq_len T:
       mask [N, Lmax] bool (True = a real token), unpack(x [B, T, ...]) -> [N, Lmax, ...] right-padded
       with zeros, repack(rows [N, Lmax, ...]) -> [B, T, ...], per_row(counts [N]) -> [B].
+    `from_position_ids(position_ids, valid)` also takes padded packed rows (module docstring).
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int):
-        self.cu_seqlens, self.batch_size, self.seq_len = cu_seqlens, batch_size, seq_len
-        lengths = document_lengths(cu_seqlens)
-        max_len = int(lengths.max())  # the one host sync
-        self.mask = pad_mask(cu_seqlens, max_len)  # [N, Lmax]
-        index = cu_seqlens[:-1, None].long() + torch.arange(max_len, device=cu_seqlens.device)  # [N, Lmax]
-        self._gather = index.where(self.mask, 0)  # into the flattened [B*T]
-        flat = torch.arange(batch_size * seq_len, device=cu_seqlens.device)
-        doc = torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1  # [B*T] document of each token
-        self._scatter = (doc, flat - cu_seqlens.long()[doc])  # its (row, slot) in the unpacked rows
-        self._row = torch.div(cu_seqlens[:-1].long(), seq_len, rounding_mode="floor")  # [N] packed row of each
+        starts = torch.zeros(batch_size * seq_len, dtype=torch.bool, device=cu_seqlens.device)
+        starts[cu_seqlens[:-1].long()] = True
+        self._build(starts.view(batch_size, seq_len), None)
+        self.cu_seqlens = cu_seqlens
 
     @classmethod
-    def from_position_ids(cls, position_ids: torch.Tensor) -> "Documents | None":
-        cu = cu_seqlens_from_position_ids(position_ids)
-        return None if cu is None else cls(cu, *position_ids.shape)
+    def from_position_ids(cls, position_ids: torch.Tensor, valid: torch.Tensor | None = None) -> "Documents | None":
+        """The documents of position_ids [B, T] (restarting at 0 at each), or None when every row holds at
+        most one. valid [B, T] bool (False = padding) or None (no padding)."""
+        if valid is None or bool(valid.all()):
+            cu = cu_seqlens_from_position_ids(position_ids)
+            return None if cu is None else cls(cu, *position_ids.shape)
+        starts = document_starts(position_ids, valid)
+        if int(starts.sum()) == int(valid.any(1).sum()):  # one document per row that has tokens
+            return None
+        documents = cls.__new__(cls)
+        documents._build(starts, valid.bool())
+        documents.cu_seqlens = None  # padding splits the flattened batch: no contiguous ranges
+        return documents
+
+    def _build(self, starts: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """The gather / scatter maps from starts [B, T] bool (the first token of every document) and valid
+        [B, T] bool (None: every token is real, every token belongs to the document before it)."""
+        B, T = starts.shape
+        self.batch_size, self.seq_len = B, T
+        dev = starts.device
+        flat_start = starts.flatten()
+        real = torch.ones_like(flat_start) if valid is None else valid.flatten()
+        first = flat_start.nonzero().flatten()  # [N] flat index of each document's first token
+        doc = flat_start.long().cumsum(0) - 1  # [B*T] document of each token (padding: the one before, or -1)
+        rank = real.long().cumsum(0)  # real tokens up to and including each token
+        doc0 = doc.clamp(min=0)
+        slot = rank - rank[first][doc0]  # [B*T] the token's slot in its document's row (real tokens)
+        lengths = torch.zeros(first.shape[0], dtype=torch.long, device=dev).index_add_(0, doc0, real.long())
+        max_len = int(lengths.max())  # the one host sync
+        self.mask = torch.arange(max_len, device=dev) < lengths[:, None]  # [N, Lmax]
+        flat = torch.arange(B * T, device=dev)
+        gather = torch.zeros(first.shape[0], max_len + 1, dtype=torch.long, device=dev)
+        # into the flattened [B*T]; padding tokens go to the dropped column Lmax
+        self._gather = gather.index_put((doc0, torch.where(real, slot, max_len)), flat)[:, :max_len]
+        self._scatter = (doc0, torch.where(real, slot, 0))  # each token's (row, slot) in the unpacked rows
+        self._real = None if valid is None else real.view(B, T)  # repack zeroes the padding
+        self._row = torch.div(first, T, rounding_mode="floor")  # [N] packed row of each document
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.flatten(0, 1)[self._gather]  # [N, Lmax, ...]
         return rows * self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2))).to(rows.dtype)
 
     def repack(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows[self._scatter].unflatten(0, (self.batch_size, self.seq_len))
+        out = rows[self._scatter].unflatten(0, (self.batch_size, self.seq_len))
+        if self._real is None:
+            return out
+        return out * self._real.view(*self._real.shape, *([1] * (out.dim() - 2))).to(out.dtype)
 
     def per_row(self, counts: torch.Tensor) -> torch.Tensor:
         """counts [N] per document -> [B] summed over each packed row's documents."""
@@ -101,4 +152,4 @@ def repack(rows: torch.Tensor, cu_seqlens: torch.Tensor, batch_size: int, seq_le
     return Documents(cu_seqlens, batch_size, seq_len).repack(rows)
 
 
-__all__ = ["Documents", "cu_seqlens_from_position_ids", "pad_mask", "unpack", "repack", "document_lengths"]
+__all__ = ["Documents", "cu_seqlens_from_position_ids", "document_starts", "pad_mask", "unpack", "repack", "document_lengths"]

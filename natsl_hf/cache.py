@@ -21,11 +21,44 @@ StaticCache (fixed shapes, compileable), each built from NAtS-L layers instead o
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 from .modeling.state import NatslLayerState, NatslStaticLayerState
+
+# What a cache's layers are shaped by: a cache built from one config cannot serve a model of another
+# (`check_model`, run before the first layer reads the cache).
+LAYOUT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                 "chunk_size", "gdn_conv_size", "natsl_layers")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _natsl_config(config, cache: str):
+    """The config a cache is built from: a NatslConfig (by its fields, so a trust_remote_code copy of the class
+    serves too); anything else raises, naming the fix."""
+    if config is None or not all(hasattr(config, f) for f in (*LAYOUT_FIELDS, "is_natsl_layer")):
+        raise ValueError(f"{cache} needs the NAtS-L model's config, got {type(config).__name__}: pass "
+                         f"{cache}(model.config, ...).")
+    return config
+
+
+def _layout(config) -> dict:
+    return {f: tuple(getattr(config, f)) if f == "natsl_layers" else getattr(config, f) for f in LAYOUT_FIELDS}
+
+
+def _check_layout(cache, layout: dict, config, fix: str) -> None:
+    """Raise when `config` (the model's) differs from the config the cache was built for (`layout`)."""
+    theirs = _layout(_natsl_config(config, "The model"))
+    wrong = [f for f, mine in layout.items() if theirs[f] != mine]
+    if wrong:
+        said = ", ".join(f"{f}={layout[f]!r} (the model has {theirs[f]!r})" for f in wrong)
+        raise ValueError(f"This {type(cache).__name__} was built for another model: {said}; create it from this "
+                         f"model's config: {fix}.")
 
 
 class NatslCacheLayer(CacheLayerMixin):
@@ -112,9 +145,21 @@ class NatslCache(DynamicCache):
     so it is built from its own layers, and iterating it as (keys, values) pairs raises."""
 
     def __init__(self, config=None, num_layers: int | None = None):
+        if config is None and num_layers is None:
+            raise ValueError("NatslCache needs the model's config: NatslCache(model.config) (or num_layers=).")
+        if num_layers is not None and (not _is_count(num_layers) or num_layers < 1):
+            raise ValueError(f"NatslCache(num_layers={num_layers!r}) is invalid: expected a positive integer, the "
+                             "model's config.num_hidden_layers (or pass NatslCache(model.config)).")
+        if config is not None:
+            config = _natsl_config(config, "NatslCache")
         n = num_layers if num_layers is not None else config.num_hidden_layers
         Cache.__init__(self, layers=[NatslCacheLayer() for _ in range(n)])  # not DynamicCache's dense layers
         self.chunk_size = None if config is None else config.chunk_size
+        self._layout = {"num_hidden_layers": n} if config is None else {**_layout(config), "num_hidden_layers": n}
+
+    def check_model(self, config) -> None:
+        """Before a forward reads the cache (eager, no host sync): it was built for a model of this config."""
+        _check_layout(self, self._layout, config, "NatslCache(model.config)")
 
     __iter__ = _no_dense_kv
 
@@ -170,6 +215,14 @@ class NatslCache(DynamicCache):
             totals["full_kv_bytes"] += full
         totals["kv_fraction"] = totals["kv_bytes"] / max(totals["full_kv_bytes"], 1)
         return {"layers": layers, **totals}
+
+
+def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=...)") -> None:
+    """max_kept_fraction: None (the default) or a number in [0, 1]; raises naming `where` it was given."""
+    ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"max_kept_fraction={value!r} in {where} is invalid: expected a fraction in [0, 1] (the share "
+                         "of routable chunks a layer can keep as softmax KV), or None for the default.")
 
 
 class NatslStaticCacheLayer(NatslCacheLayer):
@@ -257,20 +310,32 @@ class NatslStaticCache(StaticCache):
 
     def __init__(self, config, max_batch_size: int, max_cache_len: int, max_kept_fraction: float | None = None,
                  device=None, dtype=None):
+        config = _natsl_config(config, "NatslStaticCache")
+        check_kept_fraction(max_kept_fraction)
+        for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len)):
+            if not _is_count(value) or value < 1:
+                raise ValueError(f"NatslStaticCache({name}={value!r}) is invalid: expected an integer >= 1 "
+                                 f"({'rows x num_beams' if name == 'max_batch_size' else 'prompt + new tokens'}).")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"NatslStaticCache(dtype={dtype!r}) is invalid: expected a floating torch.dtype such as "
+                             "torch.bfloat16 (the model's: model.dtype), or None.")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError):
+                raise ValueError(f"NatslStaticCache(device={device!r}) is invalid: expected a torch.device or a name "
+                                 "such as 'cuda:0' (the model's: model.device), or None.") from None
+        self._kept_fraction_arg = max_kept_fraction  # None: the default, which depends on the config
         floor = self.MIN_KEPT_CHUNKS if max_kept_fraction is None else 0  # an explicit fraction is taken as given
         if max_kept_fraction is None:
             max_kept_fraction = min(1.0, 2 * config.softmax_budget)
-        if not 0.0 <= max_kept_fraction <= 1.0:
-            raise ValueError(f"max_kept_fraction={max_kept_fraction!r} is invalid: expected a fraction in [0, 1].")
-        if max_cache_len < 1 or max_batch_size < 1:
-            raise ValueError(f"NatslStaticCache needs max_cache_len >= 1 and max_batch_size >= 1, got "
-                             f"{max_cache_len} and {max_batch_size}.")
         C, sinks = config.chunk_size, config.num_sink_chunks
         chunks = math.ceil(max_cache_len / C)
         routable = max(chunks - sinks, 0)
         kept = max(math.ceil(max_kept_fraction * routable), min(routable, floor))
         natsl_capacity = C * (sinks + kept)
         self._config = config
+        self._layout = _layout(config)
         self._capacities = [natsl_capacity if config.is_natsl_layer(i) else chunks * C
                             for i in range(config.num_hidden_layers)]
         Cache.__init__(self, layers=[self._layer(i, max_batch_size, device, dtype or config.dtype or torch.float32)
@@ -312,12 +377,19 @@ class NatslStaticCache(StaticCache):
     def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
         return self.layers[layer_idx].state
 
-    def fits(self, batch_size: int, max_cache_len: int, config, device, dtype) -> bool:
-        """Whether generate() can reuse this cache for a call of that size (with the default capacity)."""
+    def fits(self, batch_size: int, max_cache_len: int, config, device, dtype,
+             max_kept_fraction: float | None = None) -> bool:
+        """Whether generate() can reuse this cache for a call of that size and kept fraction (None: the default)."""
         state = self.layers[0].state
+        fraction = min(1.0, 2 * config.softmax_budget) if max_kept_fraction is None else max_kept_fraction
         return (batch_size == self.rows and max_cache_len == self.cache_len
-                and self.max_kept_fraction == min(1.0, 2 * config.softmax_budget)
+                and self._kept_fraction_arg == max_kept_fraction and self.max_kept_fraction == fraction
+                and self._layout == _layout(config)
                 and state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype)
+
+    def check_model(self, config) -> None:
+        """Before a forward reads the cache (eager, no host sync): its buffers are shaped for this model."""
+        _check_layout(self, self._layout, config, "NatslStaticCache(model.config, max_batch_size, max_cache_len)")
 
     def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
         self.layers[layer_idx].set_state(state, columns, aux)
@@ -356,4 +428,4 @@ class NatslStaticCache(StaticCache):
     __iter__ = _no_dense_kv
 
 
-__all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer"]
+__all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer", "check_kept_fraction"]

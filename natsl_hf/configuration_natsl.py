@@ -10,6 +10,7 @@ names the field, the value and what is allowed, and leaves the config unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,6 +19,20 @@ from transformers import PreTrainedConfig
 ROUTE_OVERRIDES = (None, "softmax", "linear")
 
 _VALIDATED = "_natsl_validated"
+_CHANGED = "_natsl_changed_by_kwargs"  # trained fields a from_pretrained kwarg changed: {field: (saved, given)}
+
+# Fields a trained checkpoint's parameters depend on: its weights' shapes, and what its routers and GDN
+# were trained on (chunks of chunk_size tokens after num_sink_chunks sinks, in the layers of natsl_layers).
+# `from_pretrained(ckpt, field=value)` that changes one of them would silently load a different model
+# (the routers would score chunks they never saw, or weights would be dropped / re-initialised), so
+# NatslPreTrainedModel.from_pretrained refuses it; the other fields (route_override, use_kernels,
+# softmax_budget, router_temperature, router_loss_weight, router_init_bias, rope_parameters,
+# max_position_embeddings, the output flags...) change how a loaded model runs or trains and may be
+# overridden. To experiment with a changed trained field anyway, assign it on a loaded config and pass
+# `config=`: an explicit config is taken as given.
+TRAINED_FIELDS = ("chunk_size", "num_sink_chunks", "natsl_layers", "gdn_conv_size", "vocab_size", "hidden_size",
+                  "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "hidden_act", "qk_norm", "attention_bias", "attention_out_bias", "mlp_bias", "tie_word_embeddings")
 
 
 class NatslConfigError(ValueError):
@@ -215,11 +230,37 @@ class NatslConfig(PreTrainedConfig):
             self.__dict__.update(before)
             raise
         self.__dict__[_VALIDATED] = True
+        for field in config_dict:  # a field assigned on the config is taken as given (see TRAINED_FIELDS)
+            self.__dict__.get(_CHANGED, {}).pop(field, None)
 
     def to_dict(self) -> dict:
         output = super().to_dict()
         output.pop(_VALIDATED, None)  # bookkeeping, not configuration
+        output.pop(_CHANGED, None)
         return output
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, which `from_pretrained(path, **kwargs)` (AutoConfig's too) ends in; it also
+        notes which TRAINED_FIELDS the kwargs changed from the saved values, for NatslPreTrainedModel.from_pretrained
+        to refuse (a config only noted, never changed)."""
+        given = [field for field in TRAINED_FIELDS if field in kwargs]
+        saved = None
+        if given:
+            try:
+                saved = cls(**copy.deepcopy(config_dict))
+            except ValueError:  # a saved config only the kwargs make valid: nothing trained to compare with
+                given = []
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        changed = {f: (getattr(saved, f), getattr(config, f)) for f in given if getattr(saved, f) != getattr(config, f)}
+        if changed:
+            config.__dict__[_CHANGED] = changed
+        return result
+
+    def changed_trained_fields(self) -> dict:
+        """{field: (saved, given)} for each TRAINED_FIELDS entry that a `from_pretrained` kwarg changed."""
+        return dict(self.__dict__.get(_CHANGED, {}))
 
     def _validate_natsl(self) -> None:
         """Every field rule on the current values, then the relations between fields."""
@@ -264,4 +305,4 @@ class NatslConfig(PreTrainedConfig):
 
 
 
-__all__ = ["NatslConfig", "NatslConfigError"]
+__all__ = ["NatslConfig", "NatslConfigError", "TRAINED_FIELDS"]

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
@@ -24,10 +26,10 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .cache import NatslCache, NatslStaticCache
-from .configuration_natsl import NatslConfig
+from .cache import NatslCache, NatslStaticCache, check_kept_fraction
+from .configuration_natsl import TRAINED_FIELDS, NatslConfig
 from .modeling.layer import NatslAttention, RMSNorm
-from .modeling.varlen import Documents
+from .modeling.varlen import Documents, document_starts
 from .remote_code import write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -39,6 +41,12 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 
 
 NatslCaches = (NatslCache, NatslStaticCache)
+
+NO_ATTENTION_WEIGHTS = (
+    "NAtS-L models do not return attention weights (the softmax branch runs as fused kernels and the GDN branch has "
+    "no attention matrix): pass output_attentions=False (and set config.output_attentions=False); output_routes=True "
+    "returns each chunk's route."
+)
 
 
 def _one_cache(cache: NatslCache | None, past_key_values: NatslCache | None) -> NatslCache | None:
@@ -209,6 +217,42 @@ class NatslPreTrainedModel(PreTrainedModel):
     # a decode step against a NatslStaticCache has fixed shapes and no host sync (tests/test_static_cache.py)
     _can_compile_fullgraph = True
 
+    # how to get a model with a different value of a trained field, named in the from_pretrained refusal
+    _TRAINED_FIELD_FIX = {
+        "chunk_size": "convert the source again (natsl-convert SRC OUT --chunk-size N) and distill it",
+        "num_sink_chunks": "convert the source again (natsl-convert SRC OUT --sink-chunks N) and distill it",
+        "natsl_layers": "convert the source again (natsl-convert SRC OUT --layers ...) and distill it",
+        "vocab_size": "load it as saved, then call model.resize_token_embeddings(new_size)",
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing (before anything is loaded) a kwarg that changes a field the
+        checkpoint's parameters depend on (`TRAINED_FIELDS` in configuration_natsl.py: chunk_size, num_sink_chunks,
+        natsl_layers, the head layout and the other weight shapes): the model would load without a word but no longer
+        be the trained one. Other config kwargs (route_override, use_kernels, softmax_budget, rope_parameters...)
+        are applied as transformers applies them. An explicit `config=` with a field assigned is taken as given."""
+        if kwargs.get("output_attentions"):
+            raise ValueError(NO_ATTENTION_WEIGHTS)
+        probe = config if isinstance(config, PreTrainedConfig) else None
+        if probe is None and any(field in kwargs for field in TRAINED_FIELDS) and not kwargs.get("gguf_file"):
+            hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+            probe = cls.config_class.from_pretrained(
+                config if config is not None else pretrained_model_name_or_path,
+                **{k: v for k, v in kwargs.items() if k in hub or k in TRAINED_FIELDS},
+            )
+        changed = probe.changed_trained_fields() if hasattr(probe, "changed_trained_fields") else {}
+        if changed:
+            field, (saved, given) = next(iter(changed.items()))
+            fix = cls._TRAINED_FIELD_FIX.get(field, "train / convert a checkpoint with that value")
+            raise ValueError(
+                f"from_pretrained(..., {field}={given!r}) changes a field the checkpoint was trained with ({field}="
+                f"{saved!r}): its weights and routers depend on it, so it would load a different model. Drop the "
+                f"argument; for a model with {field}={given!r}, {fix} (to experiment anyway: config = "
+                f"NatslConfig.from_pretrained(path); config.{field} = {given!r}; from_pretrained(path, config=config))."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` plus the remote-code modules its `auto_map` names."""
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -275,13 +319,18 @@ class NatslModel(NatslPreTrainedModel):
         **kwargs,
     ) -> NatslModelOutputWithPast:
         """
-        attention_mask: 2D [B, past + n] or [B, n] with 1 for real tokens and 0 for padding (left or
-            right). 4D masks are refused: NAtS-L builds its routed mask itself.
-        position_ids: [B, n]; default: real-token positions from the mask and the cache, so a
-            left-padded row gets the positions it would have alone. Without a cache and padding,
-            positions that restart at 0 mark packed documents (transformers' DataCollatorWithFlattening):
-            each runs as if alone (no attention, GDN state or chunk crosses a boundary) and no cache is
-            returned.
+        attention_mask: 2D [B, past + n] or [B, n] with 1 (True) for real tokens and 0 for padding (left,
+            right or inside a row), any dtype; other values (an additive 0 / -inf mask) are refused. 4D masks
+            are refused: NAtS-L builds its routed mask itself. A row (or a batch) of padding only runs: its
+            outputs are meaningless, as Llama's are, and its cache state stays empty.
+        position_ids: [B, n] or [1, n] integers (RoPE positions; chunks are counted over real tokens); default:
+            real-token positions from the mask and the cache, so a left-padded row gets the positions it would
+            have alone. Over the real tokens they must be >= 0 and increase, except that a position 0 after the
+            row's first real token starts a new packed document (transformers' DataCollatorWithFlattening): each
+            document runs exactly as if alone (no attention, GDN state or chunk crosses a boundary), also when the
+            packed rows are padded (padding's position ids are not read), and no cache is returned. Packed
+            documents with a cache are refused (one state per row), and so is generate() from them. Positions
+            past config.max_position_embeddings warn (see `_warn_past_context`).
         cache / past_key_values: a NatslCache or NatslStaticCache (either name; see CACHE_FIELD), or None.
         output_attentions: not supported (True raises): the softmax branch runs fused and the GDN branch has
             no attention matrix; `output_routes=True` returns what each chunk was routed to.
@@ -289,11 +338,7 @@ class NatslModel(NatslPreTrainedModel):
         past_key_values = _one_cache(cache, past_key_values)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if output_attentions or (output_attentions is None and self.config.output_attentions):
-            raise ValueError(
-                "NAtS-L models do not return attention weights (the softmax branch runs as fused kernels and the GDN "
-                "branch has no attention matrix): pass output_attentions=False (and set config.output_attentions=False); "
-                "output_routes=True returns each chunk's route."
-            )
+            raise ValueError(NO_ATTENTION_WEIGHTS)
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         B, n = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -309,10 +354,21 @@ class NatslModel(NatslPreTrainedModel):
                 f"NAtS-L models need a NatslCache or NatslStaticCache, got {type(past_key_values).__name__}. Pass "
                 "`past_key_values=None` (the model creates one) or `natsl_hf.NatslCache(model.config)`."
             )
-        # packed documents (position_ids restarting at 0, as DataCollatorWithFlattening gives): no cache
-        documents = None
-        if past_key_values is None and position_ids is not None and (attention_mask is None or bool(attention_mask.all())):
-            documents = Documents.from_position_ids(position_ids)
+        if past_key_values is not None and not torch.compiler.is_compiling():
+            past_key_values.check_model(self.config)  # shapes only, no host sync
+        # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
+        static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
+        if isinstance(past_key_values, NatslStaticCache) and not torch.compiler.is_compiling():
+            past_key_values.place_(inputs_embeds.device, self.dtype)
+            past_key_values.check_room(B, n)
+        token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not static_step)
+        # packed documents (position_ids restarting at 0, as DataCollatorWithFlattening gives; with or without
+        # padding): each runs as if alone, and no cache is built for them
+        documents, explicit_max = None, None
+        if position_ids is not None:
+            position_ids = self._check_position_ids(position_ids, B, n)
+            if not static_step and not torch.compiler.is_compiling():
+                documents, explicit_max = self._documents(position_ids, token_mask, B, past_key_values)
         if self.training and torch.is_grad_enabled() and past_key_values is None:
             # a training step gets no cache unless it passes one: building a NatslCache would send every layer
             # down the general segment path (state bookkeeping) instead of the compiled dense one, for a cache
@@ -320,20 +376,14 @@ class NatslModel(NatslPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None and documents is None:
             past_key_values = NatslCache(self.config)
-        # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
-        static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
-        if isinstance(past_key_values, NatslStaticCache) and not torch.compiler.is_compiling():
-            past_key_values.place_(inputs_embeds.device, self.dtype)
-            past_key_values.check_room(B, n)
-        token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not static_step)
         if position_ids is None:
             state = None if past_key_values is None else past_key_values.layer_state(0)
             seen = torch.zeros(B, dtype=torch.long, device=inputs_embeds.device) if state is None else state.seen
             valid = torch.ones(B, n, dtype=torch.long, device=inputs_embeds.device) if token_mask is None else token_mask.long()
             position_ids = (seen[:, None] + valid.cumsum(1) - 1).clamp(min=0)
 
-        if not torch.compiler.is_compiling():
-            self._warn_past_context(position_ids, past_key_values, n)
+        if not static_step and not torch.compiler.is_compiling():
+            self._warn_past_context(position_ids, past_key_values, n, explicit_max)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = () if output_hidden_states else None
@@ -370,13 +420,17 @@ class NatslModel(NatslPreTrainedModel):
             router_agreement=torch.stack(agreements).nanmean() if agreements else None,
         )
 
-    def _warn_past_context(self, position_ids, cache, n: int) -> None:
+    def _warn_past_context(self, position_ids, cache, n: int, explicit_max: int | None = None) -> None:
         """Warn once when positions reach config.max_position_embeddings (a conversion with --max-positions
-        below the source's: past it the model no longer computes what its source would). The exact check
-        syncs, so it runs only when the call could reach that far."""
+        below the source's: past it the model no longer computes what its source would). A warning, not an
+        error, as for Llama: RoPE is defined past it, only no longer what the model was made for. For explicit
+        position_ids `explicit_max` is their largest real position (already read); for the default ones the
+        exact check syncs, so it runs only when the call could reach that far."""
         limit = self.config.max_position_embeddings
         upper = n + (0 if cache is None else int(cache.get_seq_length()))
-        if upper > limit and int(position_ids.max()) >= limit:
+        reached = (explicit_max >= limit if explicit_max is not None
+                   else upper > limit and int(position_ids.max()) >= limit)
+        if reached:
             logger.warning_once(
                 f"The input runs past this model's max_position_embeddings={limit}: beyond it the RoPE tables (and the "
                 "source model) were never meant to run. Convert again with a larger --max-positions, or keep inputs shorter."
@@ -390,9 +444,15 @@ class NatslModel(NatslPreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be 2D [batch, length], got shape {tuple(input_ids.shape)}; "
                                  "for one sequence use input_ids[None] (or tokenizer(..., return_tensors='pt')).")
+            if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+                raise ValueError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}; pass "
+                                 "input_ids.long() (or inputs_embeds= for vectors).")
             inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must be 3D [batch, length, hidden], got shape {tuple(inputs_embeds.shape)}.")
+        elif inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds has hidden size {inputs_embeds.shape[-1]}, the model's is "
+                             f"{self.config.hidden_size}: pass model.get_input_embeddings()(input_ids).")
         if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"The input is empty (shape {tuple(inputs_embeds.shape[:2])}): pass at least one token per row.")
         return inputs_embeds
@@ -400,26 +460,104 @@ class NatslModel(NatslPreTrainedModel):
     @staticmethod
     def _token_mask(attention_mask, B: int, n: int, cache, dense_ok: bool) -> torch.Tensor | None:
         """[B, n] bool (False = padding) from a 2D mask of the new tokens or of past + new, or None when
-        every token is real. `dense_ok=False` (a compiled decode step) keeps the mask as it is instead
-        of checking it on the host."""
+        every token is real. The mask holds 1 (or True) for tokens and 0 for padding, in any dtype; other
+        values (an additive 0 / -inf mask, weights in between) are refused, in the same host sync that finds
+        "every token real". `dense_ok=False` (a compiled decode step) keeps the mask as it is instead of
+        checking it on the host."""
         if attention_mask is None:
             return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a tensor [batch, length] of 1 (token) / 0 (padding), got "
+                             f"{type(attention_mask).__name__}; pass torch.tensor(mask) (or return_tensors='pt').")
         if attention_mask.dim() != 2:
             raise ValueError(
                 f"NAtS-L takes a 2D attention_mask [batch, length] (1 = token, 0 = padding), got shape "
                 f"{tuple(attention_mask.shape)}; it builds the routed causal mask itself."
             )
+        if attention_mask.is_complex():
+            raise ValueError(f"attention_mask must hold 1 (token) / 0 (padding), got dtype {attention_mask.dtype}.")
         if not torch.compiler.is_compiling():
             past = 0 if cache is None else int(cache.get_seq_length())
             if attention_mask.shape[0] != B or attention_mask.shape[1] not in (n, past + n):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{B}, {n}] (the new tokens) or "
-                    f"[{B}, {past + n}] (cached + new tokens)."
-                )
+                expected = f"[{B}, {n}]" if past == 0 else f"[{B}, {n}] (the new tokens) or [{B}, {past + n}] (cached + new tokens)"
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected}.")
         token_mask = attention_mask[:, -n:].bool()
-        if dense_ok and bool(token_mask.all()):
-            return None
-        return token_mask
+        if not dense_ok:
+            return token_mask
+        if attention_mask.dtype == torch.bool:
+            all_real = bool(token_mask.all())
+        else:
+            bad, all_real = torch.stack([((attention_mask != 0) & (attention_mask != 1)).any(),
+                                         token_mask.all()]).tolist()
+            if bad:
+                value = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+                raise ValueError(
+                    f"attention_mask must hold 1 for tokens and 0 for padding, got {value!r}; pass the 0/1 mask the "
+                    "tokenizer returns (NAtS-L takes no additive 0 / -inf mask, nor weights between 0 and 1)."
+                )
+        return None if all_real else token_mask
+
+    @staticmethod
+    def _check_position_ids(position_ids, B: int, n: int) -> torch.Tensor:
+        """Shape and dtype of explicit position_ids (no host sync): [B, n] or [1, n] integers, one per new token.
+        -> position_ids as given."""
+        if not isinstance(position_ids, torch.Tensor):
+            raise ValueError(f"position_ids must be a tensor [batch, length], got {type(position_ids).__name__}; pass "
+                             "torch.tensor(positions)[None] or leave position_ids=None (positions from the mask).")
+        shape = tuple(position_ids.shape)
+        if position_ids.dim() == 1:
+            raise ValueError(f"position_ids must be 2D [batch, length], got shape {shape}; for one sequence pass "
+                             "position_ids[None] (or leave position_ids=None).")
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be 2D [batch, length], got shape {shape} (NAtS-L has one position "
+                             "per token: no multimodal RoPE sections).")
+        if position_ids.dtype == torch.bool or position_ids.is_floating_point() or position_ids.is_complex():
+            raise ValueError(f"position_ids must be integers (torch.long), got dtype {position_ids.dtype}; pass "
+                             "position_ids.long().")
+        if position_ids.shape[0] not in (1, B) or position_ids.shape[1] != n:
+            expected = f"[{B}, {n}]" + (f" (or [1, {n}] for every row)" if B > 1 else "")
+            raise ValueError(f"position_ids has shape {shape}; expected {expected}: one position per new token.")
+        return position_ids
+
+    def _documents(self, position_ids, token_mask, B: int, cache) -> tuple[Documents | None, int]:
+        """The values of explicit position_ids (one host sync; eager calls only): over the real tokens they are
+        >= 0 and increase along each document, where a document starts at a row's first real token and again at
+        each real token at position 0 (packed documents, DataCollatorWithFlattening's layout). Padding's
+        positions are not read, so packed rows may also be padded (left or right): each document still runs
+        exactly as it does alone. Packed documents cannot go into a cache (each would need its own state), so
+        they are refused with one. -> (Documents or None, the largest real position)."""
+        pos = position_ids.expand(B, -1)
+        n = pos.shape[1]
+        t = torch.arange(n, device=pos.device)
+        valid = torch.ones_like(pos, dtype=torch.bool) if token_mask is None else token_mask.to(pos.device)
+        last = torch.where(valid, t, -1).cummax(1).values  # [B, n] the last real token at or before t
+        prev = F.pad(last, (1, 0), value=-1)[:, :-1]  # ... strictly before t (-1: none)
+        prev_pos = pos.gather(1, prev.clamp(min=0))
+        after = valid & (prev >= 0)  # a real token with a real token before it in the row
+        negative = valid & (pos < 0)
+        restart = after & (pos == 0)
+        backwards = after & (pos <= prev_pos) & ~restart & ~negative
+        largest = torch.where(valid, pos, torch.full_like(pos, -1)).max()
+        any_negative, any_backwards, any_restart, largest = torch.stack(
+            [negative.any(), backwards.any(), restart.any(), largest]).tolist()
+        if any_negative:
+            b, i = negative.nonzero()[0].tolist()
+            raise ValueError(f"position_ids must be >= 0, got {int(pos[b, i])} (row {b}, token {i}); pass each token's "
+                             "position in its sequence (0, 1, 2, ...) or leave position_ids=None.")
+        if any_backwards:
+            b, i = backwards.nonzero()[0].tolist()
+            raise ValueError(
+                f"position_ids must increase along a sequence, got {int(prev_pos[b, i])} then {int(pos[b, i])} (row {b}, "
+                f"token {i}); a new packed document starts at 0 (DataCollatorWithFlattening), or leave position_ids=None."
+            )
+        if not any_restart:
+            return None, largest
+        if cache is not None:
+            raise ValueError(
+                "position_ids restart at 0 inside a row (packed documents), which a cache cannot hold: call the model "
+                "without a cache (use_cache=False, no past_key_values) for packed documents, or give each document its own row."
+            )
+        return Documents.from_position_ids(pos, token_mask), largest
 
 
 class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
@@ -438,43 +576,90 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: the model creates its NatslCache itself
         return False
 
+    # what `generate(cache_config=...)` may hold with cache_implementation="static" (NatslStaticCache's arguments)
+    STATIC_CACHE_CONFIG_KEYS = ("max_kept_fraction", "max_cache_len")
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
         """`generate(..., cache_implementation="static")` decodes with a NatslStaticCache sized to the call
-        (rows x beams, prompt + max_new_tokens), which transformers then compiles as it does a StaticCache.
-        Without it, the model creates a NatslCache in its first forward."""
+        (rows x beams, prompt + max_new_tokens), which transformers then compiles as it does a StaticCache;
+        `cache_config={"max_kept_fraction": f}` sets its kept-KV share (`max_cache_len`: a larger size, as
+        generation_config.max_cache_len). Without it (or with "dynamic"), the model creates a NatslCache in its
+        first forward. Other cache implementations (offloaded, quantized, sliding-window...) hold dense KV and are
+        refused, as are cache_config keys NatslStaticCache does not take, before anything runs."""
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         self._generate_cache = user_cache  # generate() reports a NatslStaticCache's overflow afterwards
-        if generation_config.cache_implementation != "static" or user_cache is not None:
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by NAtS-L models (their caches hold routed "
+                "chunks and a GDN state, not dense KV): use cache_implementation='static' (NatslStaticCache, compiled "
+                "decoding) or leave it unset (NatslCache)."
+            )
+        cache_config = dict(getattr(generation_config, "cache_config", None) or {})
+        if cache_config and (implementation != "static" or user_cache is not None):
+            raise ValueError(
+                f"cache_config={cache_config!r} applies only with cache_implementation='static' (the NatslStaticCache "
+                "generate() builds); pass both, or set max_kept_fraction on a NatslStaticCache you pass as past_key_values."
+            )
+        unknown = sorted(set(cache_config) - set(self.STATIC_CACHE_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"cache_config key(s) {', '.join(map(repr, unknown))} are unknown: NatslStaticCache takes "
+                f"{' and '.join(self.STATIC_CACHE_CONFIG_KEYS)}."
+            )
+        if implementation != "static" or user_cache is not None or generation_config.use_cache is False:
+            if implementation == "dynamic" and user_cache is None:
+                return  # the model creates its NatslCache (transformers would warn that it ignores "dynamic")
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
             )
-        if getattr(generation_config, "max_cache_len", None) is not None:
-            max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+        fraction = cache_config.get("max_kept_fraction")
+        check_kept_fraction(fraction, "generate(cache_config=...)")
+        for extra in (cache_config.get("max_cache_len"), getattr(generation_config, "max_cache_len", None)):
+            if extra is not None:
+                if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
+                    raise ValueError(f"max_cache_len={extra!r} for generate() is invalid: expected an integer >= 1 "
+                                     "(the cache is sized to at least prompt + max_new_tokens).")
+                max_cache_length = max(max_cache_length, extra)
+        if max_cache_length > self.config.max_position_embeddings:  # decode steps skip the check (no host sync)
+            self.model._warn_past_context(None, None, max_cache_length, explicit_max=max_cache_length - 1)
         rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
         # reused across calls of the same size, as transformers reuses its StaticCache: new buffers would
         # have new addresses, which a captured (CUDA-graph) step would have to record again
         cache = getattr(self, "_natsl_static_cache", None)
-        if cache is None or not cache.fits(rows, max_cache_length, self.config, self.device, self.dtype):
-            cache = NatslStaticCache(
-                self.config, max_batch_size=rows, max_cache_len=max_cache_length, device=self.device, dtype=self.dtype
-            )
+        if cache is None or not cache.fits(rows, max_cache_length, self.config, self.device, self.dtype, fraction):
+            cache = NatslStaticCache(self.config, max_batch_size=rows, max_cache_len=max_cache_length,
+                                     max_kept_fraction=fraction, device=self.device, dtype=self.dtype)
             self._natsl_static_cache = cache
         else:
             cache.reset()
         model_kwargs[CACHE_FIELD] = self._generate_cache = cache
 
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`; afterwards, a warning if a NatslStaticCache ran out of kept-KV room
-        (softmax-routed chunks then went to the GDN state: see NatslStaticCache, `max_kept_fraction`)."""
+        """`GenerationMixin.generate`; before it, packed position_ids (documents restarting at 0) are refused:
+        generate() continues one sequence per row. Afterwards, a warning if a NatslStaticCache ran out of kept-KV
+        room (softmax-routed chunks then went to the GDN state: see NatslStaticCache, `max_kept_fraction`)."""
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+            mask = kwargs.get("attention_mask")
+            valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == position_ids.shape else None
+            starts = document_starts(position_ids, valid)
+            rows = position_ids.shape[0] if valid is None else int(valid.any(1).sum())
+            if int(starts.sum()) > rows:
+                raise ValueError(
+                    "generate() continues one sequence per row, but position_ids restart at 0 inside a row (packed "
+                    "documents): give each prompt its own row (left-padded, with attention_mask) and leave position_ids unset."
+                )
         self._generate_cache = None
         out = super().generate(*args, **kwargs)
         cache, self._generate_cache = self._generate_cache, None
         if isinstance(cache, NatslStaticCache) and (overflow := cache.overflow_report()["total"]):
             logger.warning(
                 f"NatslStaticCache ran out of room for kept softmax KV: {overflow} (layer, row, KV group) chunks routed "
-                "softmax were written to the GDN state instead. Pass past_key_values=NatslStaticCache(model.config, "
-                "max_batch_size, max_cache_len, max_kept_fraction=<larger>) to keep them."
+                "softmax were written to the GDN state instead. Pass a larger max_kept_fraction: generate(..., "
+                "cache_implementation='static', cache_config={'max_kept_fraction': f}) or past_key_values="
+                "NatslStaticCache(model.config, max_batch_size, max_cache_len, max_kept_fraction=f)."
             )
         return out
 
