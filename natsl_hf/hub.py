@@ -12,7 +12,10 @@
   afterwards. An existing non-empty output folder is refused unless `--overwrite`, which replaces
   it only when an earlier natsl-hub run wrote it (its `.natsl-hub` marker), never a checkpoint.
   The card keeps the checkpoint's provenance (`card_provenance`: base model, license, conversion
-  command, training) and its metrics file, then the `--metrics` files, merged.
+  command, training) and its metrics file, then the `--metrics` files, merged. The folder is written
+  atomically (conversion/output.py: a temp folder renamed into place), its files with the umask's mode;
+  Ctrl-C is one line, exit status 130. Paths and the checkpoint's model_type are checked before torch is
+  imported, so a typo is refused at once.
 """
 
 from __future__ import annotations
@@ -24,12 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedConfig
-
-from .configuration_natsl import NatslConfig
+from .conversion.output import file_stamps, honour_umask, write_atomically
+from .conversion.sources import OneLineArgumentParser, check_input_path, conversion_advice, read_model_type
 from .metrics import METRICS_FILE, load_metrics
 from .model_card import NOT_MEASURED, card_provenance, render_model_card
-from .modeling_natsl import NatslForCausalLM
 
 HUB_MARKER = ".natsl-hub"  # marks a folder natsl-hub wrote (never uploaded: dot files are skipped)
 
@@ -40,8 +41,9 @@ def save_for_hub(model, out_dir, tokenizer=None, **card_kwargs) -> Path:
     tokenizer (when given) and README.md rendered by `render_model_card(model, **card_kwargs)`.
     Returns the folder."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     card = render_model_card(model, **card_kwargs)  # render first: a bad metrics dict writes nothing
+    out.mkdir(parents=True, exist_ok=True)
+    before = file_stamps(out)
     model.save_pretrained(out, safe_serialization=True)
     if getattr(model, "generation_config", None) is not None and not (out / "generation_config.json").exists():
         model.generation_config.save_pretrained(out)
@@ -50,6 +52,7 @@ def save_for_hub(model, out_dir, tokenizer=None, **card_kwargs) -> Path:
     (out / "README.md").write_text(card, encoding="utf-8")
     if card_kwargs.get("metrics"):
         (out / METRICS_FILE).write_text(json.dumps(card_kwargs["metrics"], indent=2) + "\n", encoding="utf-8")
+    honour_umask(out, before)  # model.safetensors would be 0o600 (safetensors writes it through a temp file)
     return out
 
 
@@ -116,7 +119,7 @@ def push_to_hub(
 
 # --------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="natsl-hub",
         description="Write a hub-ready folder for a NAtS-L checkpoint (weights, auto_map config, remote code, "
         "tokenizer, model card) and upload it.",
@@ -166,17 +169,27 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
-def _read_config(model_dir: Path):
-    """The NatslConfig of the checkpoint in `model_dir`; ValueError naming the fix for anything else."""
+def _check_natsl(model_dir: Path) -> None:
+    """Refuse a `model_dir` that is no NAtS-L checkpoint (read as JSON, before torch is imported); ValueError
+    naming the fix: convert it, when natsl-convert supports its family, else which families it supports."""
+    check_input_path(model_dir, "MODEL_DIR")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json (expected a NAtS-L checkpoint directory).")
     try:
-        model_type = PreTrainedConfig.get_config_dict(model_dir)[0].get("model_type")
-    except OSError as err:  # unreadable or invalid JSON
+        model_type = read_model_type(model_dir)
+    except (OSError, ValueError) as err:  # unreadable or invalid JSON
         raise ValueError(f"Cannot read {model_dir / 'config.json'}: {err}") from err
-    if model_type != NatslConfig.model_type:
-        raise ValueError(f"{model_dir} holds a {model_type!r} checkpoint, not a NAtS-L one; convert it first "
-                         f"(natsl-convert {model_dir} OUT) and publish OUT.")
+    if model_type != "natsl":
+        advice = conversion_advice(model_dir, model_type)
+        then = " and publish OUT" if advice.startswith("convert") else ""
+        raise ValueError(f"{model_dir} holds a {model_type!r} checkpoint, not a NAtS-L one; {advice}{then}.")
+
+
+def _read_config(model_dir: Path):
+    """The NatslConfig of the checkpoint in `model_dir`; ValueError naming the fix for anything else."""
+    _check_natsl(model_dir)
+    from .configuration_natsl import NatslConfig
+
     return NatslConfig.from_pretrained(model_dir)
 
 
@@ -188,54 +201,82 @@ def _default_out(args, model_dir: Path) -> Path | None:
     return None  # an upload stages in a temporary folder
 
 
+def _write_folder(out: Path, model, tokenizer, card_kwargs) -> None:
+    save_for_hub(model, out, tokenizer=tokenizer, **card_kwargs)
+    (out / HUB_MARKER).write_text("written by natsl-hub; --overwrite may replace this folder\n", encoding="utf-8")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     model_dir = Path(args.model_dir)
     out = _default_out(args, model_dir)
-    try:
-        config = _read_config(model_dir)
-        own = [model_dir / METRICS_FILE] if (model_dir / METRICS_FILE).is_file() else []
-        metrics = load_metrics(own + list(args.metrics), label=args.label, config=config, model_dir=str(model_dir))
-        problem = None if out is None else _check_out(out, model_dir, args.overwrite)
-        if problem:
-            raise ValueError(problem)
-        known = card_provenance(model_dir)
-        card_kwargs = dict(
-            base_model=args.base_model or known["base_model"],
-            license=args.license or known["license"],
-            conversion_command=known["conversion_command"],
-            metrics=metrics,
-            repo_id=args.repo_id,
-        )
-        render_model_card(config, **card_kwargs)  # a card that cannot render leaves an existing folder alone
-    except ValueError as err:
-        return _fail(str(err))
-
-    model = NatslForCausalLM.from_pretrained(model_dir)
-    tokenizer = None
-    if any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     staging = None
-    if out is None:
-        out = Path(staging := tempfile.mkdtemp(prefix="natsl-hub-"))
+    written = uploading = False
     try:
-        if out.is_dir() and any(out.iterdir()):  # checked by _check_out: an earlier natsl-hub folder, --overwrite given
-            shutil.rmtree(out)  # its stale files (an old tokenizer, metrics) must not ride along to the hub
-        save_for_hub(model, out, tokenizer=tokenizer, **card_kwargs)
-        (out / HUB_MARKER).write_text("written by natsl-hub; --overwrite may replace this folder\n", encoding="utf-8")
-        result = push_to_hub(
-            out, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run, endpoint=args.endpoint
-        )
-    except RuntimeError as err:  # the upload failed: not a bad input, status 1
-        return _fail(str(err), status=1)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _check_natsl(model_dir)  # before torch is imported
+            for path in args.metrics:
+                check_input_path(path, "--metrics", directory=False)
+            problem = None if out is None else _check_out(out, model_dir, args.overwrite)
+            if problem:
+                raise ValueError(problem)
+            config = _read_config(model_dir)
+            own = [model_dir / METRICS_FILE] if (model_dir / METRICS_FILE).is_file() else []
+            metrics = load_metrics(own + list(args.metrics), label=args.label, config=config, model_dir=str(model_dir))
+            known = card_provenance(model_dir)
+            card_kwargs = dict(
+                base_model=args.base_model or known["base_model"],
+                license=args.license or known["license"],
+                conversion_command=known["conversion_command"],
+                metrics=metrics,
+                repo_id=args.repo_id,
+            )
+            render_model_card(config, **card_kwargs)  # a card that cannot render leaves an existing folder alone
+        except (ValueError, OSError) as err:
+            return _fail(" ".join(str(err).split()))
+
+        from . import _load
+        from .modeling_natsl import NatslForCausalLM
+
+        _load()  # AutoTokenizer reads the checkpoint's config: "natsl" must be registered
+        model = NatslForCausalLM.from_pretrained(model_dir)
+        tokenizer = None
+        if any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            if out is None:  # an upload stages in a temporary folder
+                out = Path(staging := tempfile.mkdtemp(prefix="natsl-hub-"))
+                _write_folder(out, model, tokenizer, card_kwargs)
+            else:  # replaces an earlier natsl-hub folder (checked by _check_out) only once the new one is complete
+                write_atomically(out, lambda tmp: _write_folder(tmp, model, tokenizer, card_kwargs))
+            written, uploading = staging is None, not args.dry_run
+            result = push_to_hub(
+                out, args.repo_id, token=args.token, private=args.private, dry_run=args.dry_run, endpoint=args.endpoint
+            )
+        except RuntimeError as err:  # the upload failed: not a bad input, status 1
+            return _fail(str(err), status=1)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+    except KeyboardInterrupt:
+        if uploading:
+            kept = f"; the hub folder {out} is complete" if written else ""
+            note = f"the upload to {args.repo_id} was cut short (check the repository, and run again to upload){kept}"
+        elif written:
+            note = f"the hub folder {out} is complete; nothing was uploaded"
+        else:
+            note = "nothing was written" + (f" ({out} is as it was)" if out is not None and staging is None
+                                            and out.exists() else "")
+        print(f"natsl-hub: interrupted; {note}", file=sys.stderr)
+        return 130
     if args.dry_run:
         print(f"hub folder written to {out} (nothing uploaded; run again without --dry-run to upload)")
     else:
         print(f"uploaded {out} to {args.repo_id}: {result}")
     return 0
+
 
 __all__ = ["METRICS_FILE", "NOT_MEASURED", "build_parser", "card_provenance", "load_metrics", "main", "push_to_hub",
            "render_model_card", "save_for_hub"]

@@ -20,7 +20,12 @@ fraction of a layer is `layer_softmax_fraction` of the model output; the counts 
 
 The pieces are usable from Python: `routing_summary`, `plot_layer_routes`, `plot_summary`,
 `format_table`, `main`. Plots use matplotlib's Agg canvas directly (no pyplot, no GUI, no global
-backend switch); matplotlib is the `inspect` extra: `pip install natsl-hf[inspect]`.
+backend switch); matplotlib is the `inspect` extra (`pip install -e '.[inspect]'` in the natsl-hf clone, or
+`pip install matplotlib`).
+
+The command line starts without torch: `--help` and the errors about its arguments (a missing text file, a
+MODEL or --tokenizer that can only be a local path and does not exist) come at once, before a Hub lookup.
+Ctrl-C is one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .conversion.sources import OneLineArgumentParser, check_input_path, conversion_advice
+
+if TYPE_CHECKING:  # imported where tensors are made, so `natsl-inspect --help` starts without torch
+    import torch
 
 # colours of the routing map, indexed by the codes of `route_codes`
 NOT_ROUTABLE, LINEAR, SOFTMAX = 0, 1, 2
@@ -61,12 +70,13 @@ class InspectError(Exception):
 # ----------------------------------------------------------------------------- analysis
 def route_codes(hard: torch.Tensor, routable: torch.Tensor) -> torch.Tensor:
     """hard, routable: [N, H] bool -> [H, N] long codes NOT_ROUTABLE / LINEAR / SOFTMAX."""
+    import torch
+
     codes = torch.where(hard.bool(), SOFTMAX, LINEAR)
     codes = torch.where(routable.bool(), codes, NOT_ROUTABLE)
     return codes.long().T.contiguous()
 
 
-@torch.no_grad()
 def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[dict]:
     """One forward (eval mode, `output_routes=True, use_cache=False`) -> one dict per NAtS-L layer.
 
@@ -77,6 +87,13 @@ def routing_summary(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     `hard` / `routable_mask` as CPU bool tensors [B, N, H].
     The model is left in the train/eval mode it came in.
     """
+    import torch
+
+    with torch.no_grad():
+        return _routing_summary(model, input_ids, attention_mask)
+
+
+def _routing_summary(model, input_ids, attention_mask) -> list[dict]:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     config = model.config
@@ -152,7 +169,8 @@ def _figure(figsize, dpi):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise InspectError("natsl-inspect needs matplotlib: pip install 'natsl-hf[inspect]'") from e
+        raise InspectError("natsl-inspect needs matplotlib: pip install matplotlib (or, in the natsl-hf clone, "
+                           "pip install -e '.[inspect]')") from e
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
@@ -250,17 +268,13 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 
 def check_exists(name: str, what: str) -> None:
-    """Refuse at once a `name` that can only be a local path (no Hub id has its form) and does not exist, rather
-    than let transformers look it up on the Hub (which retries for a minute offline)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if Path(name).expanduser().exists():
-        return
+    """Refuse at once a `name` that looks like a local path (conversion/sources.py `looks_local`: it starts with
+    '.', '/' or '~', is no Hub id, or is `dir/name` beside an existing `dir/`) and does not exist, rather than
+    let transformers look it up on the Hub (which retries for a minute offline)."""
     try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise InspectError(f"{what} {name!r} does not exist (no such folder, and not a Hub id owner/name)") from None
+        check_input_path(name, what, hub_ok=True)
+    except OSError as err:
+        raise InspectError(str(err)) from None
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
@@ -282,13 +296,15 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
 
 
 def _resolve_dtype(name: str, device: str) -> torch.dtype | str:
+    import torch
+
     if name == "auto":  # the checkpoint's dtype on an accelerator, float32 on CPU
         return "auto" if not device.startswith("cpu") else torch.float32
     return getattr(torch, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="natsl-inspect",
         description="Plot the softmax / linear routing of a NAtS-L checkpoint on a text (one forward pass).",
     )
@@ -312,14 +328,38 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise InspectError(f"text file {str(text_path)!r} does not exist")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InspectError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    text = text_path.read_text(encoding="utf-8")
+    if args.dpi is not None and args.dpi < 1:
+        raise InspectError(f"--dpi must be >= 1, got {args.dpi}")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InspectError(f"text file {str(text_path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise InspectError(f"text file {str(text_path)!r} is empty")
     check_exists(args.model, "MODEL")
     if args.tokenizer:
         check_exists(args.tokenizer, "--tokenizer")
-    import natsl_hf  # noqa: F401  (registers NAtS-L with the Auto classes)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InspectError(f"--out {args.out} exists and is not a folder; pick another --out")
+    local_config = Path(args.model, "config.json")
+    if local_config.is_file():  # a local checkpoint: refused before torch is imported when it is not NAtS-L
+        model_type = _model_type(local_config)
+        if model_type != "natsl":
+            raise InspectError(_not_natsl(args.model, model_type))
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import natsl_hf
+
+    natsl_hf._load()  # registers NAtS-L with the Auto classes
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError) as e:
+        raise InspectError(f"--device {device!r} is not a torch device ({e}); use e.g. cpu, cuda or cuda:1") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise InspectError(f"--device {device}: CUDA is not available here; use --device cpu")
 
     tokenizer = load_tokenizer(args.model, args.tokenizer)  # before the (slow) model load
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.max_tokens]
@@ -329,11 +369,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     except Exception as e:
         raise InspectError(f"could not load a config from {args.model!r} ({type(e).__name__}: {e})") from e
     if getattr(config, "model_type", None) != "natsl":
-        raise InspectError(
-            f"{args.model!r} is a {getattr(config, 'model_type', '?')!r} checkpoint, not NAtS-L; convert it "
-            "first with natsl-convert"
-        )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise InspectError(_not_natsl(args.model, getattr(config, "model_type", None)))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_resolve_dtype(args.dtype, device))
     model.to(device)
 
@@ -353,7 +389,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     rows = routing_summary(model, input_ids)
 
-    out = Path(args.out)
+    args._writing = out  # from here on an interrupt leaves files in `out` (main says so)
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
         plot_layer_routes(r, out / f"routes_layer{r['layer']:02d}.png", chunk_size=config.chunk_size, dpi=args.dpi)
@@ -379,14 +415,35 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _model_type(config_path: Path):
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise InspectError(f"{config_path} is not a valid config.json ({e})") from None
+
+
+def _not_natsl(model: str, model_type) -> str:
+    advice = conversion_advice(model, model_type)
+    then = " and inspect OUT" if advice.startswith("convert") else ""
+    return f"{model!r} is a {model_type!r} checkpoint, not NAtS-L; {advice}{then}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point `natsl-inspect`; returns 0, or exits with status 2 and a message on a usage error."""
+    """Console entry point `natsl-inspect`; returns 0 (130 after Ctrl-C, with one line), or exits with status 2 and
+    a message on a usage error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._writing = None
     try:
         run(args)
     except InspectError as e:
-        parser.exit(2, f"natsl-inspect: error: {e}\n")
+        parser.exit(2, f"natsl-inspect: error: {' '.join(str(e).split())}\n")
+    except KeyboardInterrupt:
+        writing = getattr(args, "_writing", None)
+        note = ("nothing was written" if writing is None else
+                f"the maps in {writing} are incomplete (run again to rewrite them)")
+        print(f"natsl-inspect: interrupted; {note}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -57,7 +57,7 @@ def test_card_without_metrics_says_not_measured():
     # softmax fraction, kv fraction, kv saving, measured on, per-layer table, quality, speed
     assert text.count(NOT_MEASURED) == 7
     assert "0-1, 3 (3 of 4)" in text and "| chunk size | 4 |" in text
-    assert "trust_remote_code=True" in text and "pip install natsl-hf" in text
+    assert "trust_remote_code=True" in text and "pip install -e ." in text  # natsl-hf is not on PyPI
     assert "Conversion command: not recorded." in text
 
 
@@ -160,7 +160,7 @@ def test_cli_upload_failure_returns_error(converted, tmp_path, capsys, monkeypat
     assert "natsl-hub: error:" in err and FAKE_ENDPOINT in err
     assert main([str(tmp_path / "nowhere"), "--repo-id", "me/x", "--dry-run"]) == 2
     assert main([str(model_dir), "--repo-id", "me/x", "--dry-run", "--metrics", str(tmp_path / "missing.json")]) == 2
-    assert "Cannot read metrics file" in capsys.readouterr().err
+    assert "missing.json does not exist" in capsys.readouterr().err
 
 
 def test_cli_keeps_conversion_command_from_existing_card(tmp_path):

