@@ -98,6 +98,10 @@ class _Clock(TrainerCallback):
 
     def __init__(self, warmup: int, timed: int):
         self.warmup, self.timed, self.t0, self.t1, self.prof, self.prof_ms = warmup, timed, None, None, None, None
+        self.t_begin = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_begin = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step in (self.warmup, self.warmup + self.timed):
@@ -146,6 +150,7 @@ def run_trainer(kind: str, model, teacher, ids, grad_ckpt: bool, warmup: int, ti
     seconds = clock.t1 - clock.t0
     row = {"kind": kind, "T": T, "batch": B, "grad_ckpt": grad_ckpt, "steps_timed": timed,
            "tok_s": B * T * timed / seconds, "s_per_step": seconds / timed,
+           "warmup_s": clock.t0 - clock.t_begin,  # the warm-up steps: kernel JIT and torch.compile included
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None,
            "profile": summarize(clock.prof, clock.prof_ms, model.config.num_hidden_layers, top=15)}
     model.gradient_checkpointing_disable()
@@ -261,7 +266,13 @@ def check_compiled_row(model, ids) -> dict:
         loss.backward()
         return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     try:
-        (loss_e, grads_e), (loss_c, grads_c) = run("0"), run("1")
+        t0 = time.perf_counter()
+        loss_e, grads_e = run("0")
+        sync()
+        t1 = time.perf_counter()
+        loss_c, grads_c = run("1")
+        sync()
+        t2 = time.perf_counter()
     finally:
         os.environ.pop("NATSL_COMPILE", None)
         model.zero_grad(set_to_none=True)
@@ -270,7 +281,7 @@ def check_compiled_row(model, ids) -> dict:
     worst = sorted(rel.items(), key=lambda kv: -kv[1])[:5]
     B, T = ids.shape
     return {"kind": "check", "what": "compiled vs eager NAtS-L layers: one train step, bf16 autocast", "T": T,
-            "batch": B, "loss_eager": loss_e, "loss_compiled": loss_c, "grads_compared": len(rel),
+            "batch": B, "eager_step_s": t1 - t0, "first_compiled_step_s": t2 - t1, "loss_eager": loss_e, "loss_compiled": loss_c, "grads_compared": len(rel),
             "grads_missing_compiled": sorted(set(grads_e) - set(grads_c)), "grad_rel_err_max": worst[0][1] if worst else None,
             "grad_rel_err_worst": worst}
 
@@ -369,11 +380,11 @@ def main(argv=None) -> int:
             del student
         del teacher
     del natsl
-    if "prefill" in sections:
+    if "prefill" in sections and DEV == "cuda":  # the 1B shape: GPU only
         attempt("prefill 1B", lambda: prefill_rows(0.125, args.quick))
     dump()
     for r in report["rows"]:
-        metric = r.get("tok_s") or r.get("ms_unprofiled") or r.get("ms")
+        metric = r.get("tok_s") or r.get("ms_unprofiled") or r.get("ms") or float("nan")
         print(f"{r['kind']:>15} {r.get('model', ''):>7} B={r.get('batch')} ckpt={r.get('grad_ckpt')} -> {metric:.1f} "
               f"kernels={r.get('gpu_kernels')} aten={r.get('aten_ops')} syncs={r.get('host_syncs')} "
               f"gpu_busy={r.get('gpu_busy_ms')} peak={r.get('peak_gb')}")

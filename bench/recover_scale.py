@@ -1,0 +1,324 @@
+"""Recovery of SmolLM2-135M-Instruct at scale, in pieces that fit the device tool's calls (issue 22).
+
+    python bench/recover_scale.py --stage 1 --minutes 7 --gguf G --data D --work W --out OUT [--resume CKPT]
+    python bench/recover_scale.py --stage 2 --minutes 7 ... --resume CKPT      # from a stage-1 (or stage-2) CKPT
+    python bench/recover_scale.py --quick --work /tmp/q --out /tmp/q/out ...   # CPU smoke run (tiny random model)
+
+One call = one piece of one stage, as long as `--minutes` allows, then the trained parameters are saved
+and the model is evaluated; the next call resumes from them. What a piece does:
+
+- source: SmolLM2-135M-Instruct from its GGUF (transformers' GGUF loader, dequantised to fp32), the frozen
+  teacher (bf16 on the GPU); student: `convert_model` of it (every layer NAtS-L, chunk 64, one sink chunk,
+  `--budget`), the init seeded as the README main job's, then the checkpoint of `--resume` loaded;
+- data: the token shards of bench/build_recovery_data.py in `--data` (whichever of them this call
+  carried), cut into 2048-token blocks (documents concatenated, EOS between them, the run_clm packing),
+  in an order seeded by the stage and the number of pieces run so far, so pieces see different blocks;
+- stage 1 (`NatslDistillTrainer`, stage 1: attention transfer to the source layer by layer + supervised
+  routing): the new NAtS-L parameters train; on a fresh start the routers are first fitted to the source
+  attention (`fit_routers`); at the end of the piece the router biases are calibrated to the budget;
+- stage 2 (LM + logit KD from the source): PEFT LoRA adapters on the attention projections q/k/v/o and the
+  new NAtS-L parameters train, the router stays frozen (the stage-1 routes, recalibrated at the end);
+- a constant learning rate after a short warm-up in every piece (the schedule cannot span calls whose
+  number is not known in advance); AdamW restarts each piece (its moments would double the checkpoint);
+- checkpoint: every new NAtS-L parameter and every LoRA adapter (not the copied source weights), fp32,
+  as safetensors shards of <= 15 MB (`huggingface_hub.save_torch_state_dict`), and `progress.json`:
+  per piece the stage, steps, tokens, seconds, loss history, and the evaluation;
+- evaluation (the end of every piece): held-out perplexity of source and student on 2048-token blocks
+  of the held-out shard, and the realised softmax fraction, with the model as it serves (eval mode,
+  argmax routes).
+
+Tokens seen, GPU seconds and the commands accumulate in `progress.json` across pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from natsl_hf.conversion import convert_model
+from natsl_hf.conversion.data import load_token_shards
+from natsl_hf.conversion.families import is_new_parameter
+from natsl_hf.conversion.layers import unwrap
+from natsl_hf.conversion.trainer import NatslDistillTrainer, prepare_student
+
+CHUNK_SIZE, SINK_CHUNKS, SEQ_LEN = 64, 1, 2048  # as the README main job (conversion/smollm2.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROGRESS = "progress.json"
+SHARD_SIZE = "15MB"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_source(gguf: Path | None, quick: bool):
+    """(source fp32, tokenizer or None): the GGUF's model, or in --quick a tiny random Llama."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                             tie_word_embeddings=True)
+        return LlamaForCausalLM(config), None
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def student_of(source, budget: float):
+    torch.manual_seed(0)  # the NAtS-L parameters' init, as conversion/smollm2.py's convert_gguf
+    return convert_model(source, chunk_size=CHUNK_SIZE, num_sink_chunks=SINK_CHUNKS, softmax_budget=budget)
+
+
+def add_lora(model, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                                             task_type="CAUSAL_LM", bias="none"))
+    for name, param in unwrap(model).named_parameters():  # the new NAtS-L parameters train too (not the router)
+        if is_new_parameter(name) and ".router." not in name:
+            param.requires_grad_(True)
+    return model
+
+
+def _plain(name: str) -> str:
+    """A PEFT model's parameter name as the plain model's (`base_model.model.` dropped, `.base_layer` too)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: every new NAtS-L parameter and LoRA adapter, plain names, fp32, on the CPU."""
+    return {_plain(n): p.detach().float().cpu().contiguous() for n, p in model.named_parameters()
+            if is_new_parameter(_plain(n)) or ".lora_" in n}
+
+
+def save_checkpoint(model, folder: Path) -> list[str]:
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.safetensors*"):
+        old.unlink()
+    save_torch_state_dict(checkpoint_state(model), folder, max_shard_size=SHARD_SIZE)
+    return sorted(p.name for p in folder.glob("*.safetensors*"))
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    return state
+
+
+def load_into(model, state: dict[str, torch.Tensor], *, lora: bool) -> dict:
+    """Load a checkpoint's tensors (plain names) into `model` (a PEFT model when `lora`); the LoRA tensors only
+    when `lora`. Returns counts."""
+    params = {_plain(n): p for n, p in model.named_parameters()}
+    loaded, skipped = 0, 0
+    with torch.no_grad():
+        for name, value in state.items():
+            if ".lora_" in name and not lora:
+                skipped += 1
+                continue
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name} has no parameter in the model")
+            params[name].copy_(value)
+            loaded += 1
+    missing = [n for n in params if (is_new_parameter(n) or (lora and ".lora_" in n)) and n not in state]
+    return {"loaded": loaded, "skipped_lora": skipped, "fresh": len(missing)}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def train_blocks(data: Path | None, vocab: int, seed: int, quick: bool) -> tuple[torch.Tensor, list[str]]:
+    """[N, SEQ_LEN] int64 blocks of the train shards in `data` (shuffled by `seed`), and the shard names."""
+    if quick:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab, (64, 256), generator=g), []
+    tokens = np.concatenate(load_token_shards(data, "train"))
+    n = len(tokens) // SEQ_LEN
+    blocks = torch.from_numpy(tokens[: n * SEQ_LEN].astype(np.int64)).view(n, SEQ_LEN)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[order], sorted(p.name for p in data.glob("train-*.npy.xz"))
+
+
+def heldout_blocks(data: Path | None, vocab: int, n: int, quick: bool) -> torch.Tensor:
+    if quick:
+        return torch.randint(0, vocab, (2, 256), generator=torch.Generator().manual_seed(99))
+    tokens = np.concatenate(load_token_shards(data, "heldout"))
+    n = min(n, len(tokens) // SEQ_LEN)
+    return torch.from_numpy(tokens[: n * SEQ_LEN].astype(np.int64)).view(n, SEQ_LEN)
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+# ---------------------------------------------------------------------------------------------- the piece
+class Deadline(TrainerCallback):
+    """Stop training once `seconds` have passed since the first step began; keep the log history."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.history = seconds, None, []
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if time.perf_counter() - self.start > self.seconds:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.history.append({"step": state.global_step, **(logs or {})})
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch: int) -> dict:
+    """Held-out perplexity (mean token NLL over the blocks) and, for NAtS-L, the realised softmax fraction."""
+    model.eval()
+    nll, count, soft, routable = 0.0, 0, 0.0, 0.0
+    for i in range(0, len(blocks), batch):
+        ids = blocks[i: i + batch].to(DEV)
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+            out = model(ids, labels=ids, use_cache=False)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        nll += float(out.loss) * n
+        count += n
+        if getattr(out, "routable_chunks", None) is not None:
+            soft += float(out.softmax_chunks.sum())
+            routable += float(out.routable_chunks.sum())
+    return {"ppl": math.exp(nll / count), "softmax_fraction": soft / routable if routable else None, "tokens": count}
+
+
+def run_piece(args) -> dict:
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    progress_path = Path(args.resume, PROGRESS) if args.resume else None
+    progress = json.loads(progress_path.read_text()) if progress_path and progress_path.is_file() else {"pieces": []}
+    t_start = time.perf_counter()
+
+    source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
+    student = student_of(source, args.budget)
+    loaded = {}
+    if args.resume:
+        state = read_checkpoint(Path(args.resume))
+        loaded = load_into(student, state, lora=False)
+    fresh = not args.resume
+    lora = args.stage == 2
+    if lora:
+        student = prepare_student(student, 2)
+        student = add_lora(student, args.lora_r)
+        if args.resume and any(".lora_" in n for n in state):
+            loaded = load_into(student, state, lora=True)
+    else:
+        student = prepare_student(student, 1)
+    teacher = source.to(dtype=torch.bfloat16) if DEV == "cuda" else source
+
+    seed = 1000 * args.stage + len(progress["pieces"])
+    blocks, shards = train_blocks(Path(args.data) if args.data else None, source.config.vocab_size, seed, args.quick)
+    heldout = heldout_blocks(Path(args.data) if args.data else None, source.config.vocab_size, args.eval_blocks,
+                             args.quick)
+    lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
+    training = TrainingArguments(
+        output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.max_steps,
+        learning_rate=lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, weight_decay=0.0,
+        max_grad_norm=1.0, bf16=DEV == "cuda", use_cpu=DEV == "cpu", logging_steps=args.logging_steps,
+        save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True,
+        dataloader_num_workers=0, seed=seed,
+    )
+    deadline = Deadline(args.minutes * 60)
+    trainer = NatslDistillTrainer(student, training, stage=args.stage, teacher=teacher,
+                                  kd_weight=1.0 if args.stage == 2 else 0.0, train_dataset=Blocks(blocks),
+                                  callbacks=[deadline])
+    fit = None
+    if args.stage == 1 and fresh:
+        fit = trainer.fit_routers(args.fit_blocks)
+    t_train = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t_train
+    calibration = trainer.calibrate_routers(args.calibration_blocks)
+    model = unwrap(trainer.model)
+
+    folder = work / "ckpt"
+    files = save_checkpoint(trainer.model, folder)
+    t_eval = time.perf_counter()
+    evaluation = {"student": perplexity(trainer.model, heldout, args.batch)}
+    if not progress.get("source_eval"):
+        progress["source_eval"] = perplexity(teacher, heldout, args.batch)
+    evaluation["source"] = progress["source_eval"]
+    evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
+    steps = result.global_step
+    piece = {
+        "stage": args.stage, "command": shlex.join([sys.executable, *sys.argv]), "budget": args.budget,
+        "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
+        "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
+        "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
+        "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
+        "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "calibration": calibration,
+        "evaluation": evaluation, "history": deadline.history, "checkpoint_files": files,
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+    }
+    progress["pieces"].append(piece)
+    progress["tokens_seen"] = {f"stage{s}": sum(p["tokens"] for p in progress["pieces"] if p["stage"] == s)
+                               for s in (1, 2)}
+    progress["train_s"] = sum(p["train_s"] for p in progress["pieces"])
+    (folder / PROGRESS).write_text(json.dumps(progress, indent=1) + "\n")
+    if out.resolve() != folder.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in [*files, PROGRESS]:
+            shutil.copy2(folder / name, out / name)
+    print(json.dumps({k: piece[k] for k in ("stage", "steps", "tokens", "tok_s", "train_s", "evaluation")}), flush=True)
+    del model
+    return progress
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--minutes", type=float, required=True, help="training time of this piece")
+    p.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (not with --quick)")
+    p.add_argument("--data", help="output folder of bench/build_recovery_data.py (the shards carried)")
+    p.add_argument("--work", required=True, help="work folder (the checkpoint is kept in WORK/ckpt)")
+    p.add_argument("--out", required=True, help="where the checkpoint and progress.json are copied")
+    p.add_argument("--resume", help="checkpoint folder of an earlier piece")
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (stage 1), 1e-4 (stage 2)")
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
+    p.add_argument("--logging-steps", type=int, default=25)
+    p.add_argument("--fit-blocks", type=int, default=32, help="blocks the routers are fitted on (fresh stage 1)")
+    p.add_argument("--calibration-blocks", type=int, default=16)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
+    args = p.parse_args(argv)
+    if not args.quick and not (args.gguf and args.data):
+        p.error("--gguf and --data are needed (or --quick)")
+    run_piece(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
