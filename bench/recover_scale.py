@@ -2,6 +2,7 @@
 
     python bench/recover_scale.py --stage 1 --minutes 7 --gguf G --data D --work W --out OUT [--resume CKPT]
     python bench/recover_scale.py --stage 2 --minutes 7 ... --resume CKPT      # from a stage-1 (or stage-2) CKPT
+    python bench/recover_scale.py --stage 2 ... --resume conversion/recovered/smollm2-135m-instruct-b0.25  # go on
     python bench/recover_scale.py --quick --work /tmp/q --out /tmp/q/out ...   # CPU smoke run (tiny random model)
 
 One call = one piece of one stage, as long as `--minutes` allows, then the trained parameters are saved
@@ -128,6 +129,21 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_resume(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors with this script's names, progress) of `folder`: a piece's checkpoint (progress.json beside it), or
+    the shipped layout of conversion/recovered.py (its recovered.json's pieces; bf16 matrices back to fp32), so a
+    fresh clone resumes from what the repository ships."""
+    from natsl_hf.conversion.recovered import INFO_FILE, read_recovered
+
+    if (folder / INFO_FILE).is_file():
+        shipped, info = read_recovered(folder)
+        state = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
+                 t.float() for n, t in shipped.items()}
+        return state, {"pieces": info["pieces"]}
+    progress = folder / PROGRESS
+    return read_checkpoint(folder), json.loads(progress.read_text()) if progress.is_file() else {"pieces": []}
+
+
 def load_into(model, state: dict[str, torch.Tensor], *, lora: bool) -> dict:
     """Load a checkpoint's tensors (plain names) into `model` (a PEFT model when `lora`); the LoRA tensors only
     when `lora`. Returns counts."""
@@ -218,15 +234,13 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> dict:
 def run_piece(args) -> dict:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    progress_path = Path(args.resume, PROGRESS) if args.resume else None
-    progress = json.loads(progress_path.read_text()) if progress_path and progress_path.is_file() else {"pieces": []}
+    state, progress = read_resume(Path(args.resume)) if args.resume else ({}, {"pieces": []})
     t_start = time.perf_counter()
 
     source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
     student = student_of(source, args.budget)
     loaded = {}
     if args.resume:
-        state = read_checkpoint(Path(args.resume))
         loaded = load_into(student, state, lora=False)
     fresh = not args.resume
     lora = args.stage == 2
