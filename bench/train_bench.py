@@ -373,6 +373,8 @@ def main(argv=None) -> int:
         ids = batch_ids(shapes[0][0], T, vocab)
         teacher = smollm2_source(args.quick)  # a frozen copy, as natsl-distill loads --source
         teacher.load_state_dict(source.state_dict())
+        if DEV == "cuda":  # natsl-distill --bf16 loads the teacher in bf16 (distill.load_source)
+            teacher.to(torch.bfloat16)
         for kind in ("distill_stage1", "distill_stage2"):
             student = natsl_of(source, args.p, ids)
             attempt(kind, lambda: run_trainer(kind, student, teacher, ids, False, args.warmup, args.steps, tmp),
