@@ -192,6 +192,8 @@ def main(argv=None) -> int:
                    help="add N synthetic key-value recall documents to the training text (`recall_documents`)")
     p.add_argument("--tag", default="", help="suffix for the result files and work dirs (e.g. route)")
     args = p.parse_args(argv)
+    if args.preset == "gpu" and not torch.cuda.is_available():  # bf16 + the Triton kernels: a minute in, it would fail
+        p.error("--preset gpu needs a CUDA GPU (bf16, the Triton kernels); on this machine use --preset cpu")
     sfx = f"_{args.tag}" if args.tag else ""
     preset = PRESETS[args.preset]
     workdir = Path(args.workdir)

@@ -33,7 +33,8 @@ PROG = "natsl-calibrate"
 
 
 def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, what: str):
-    """The first `num_blocks` packed blocks of `seq_len` tokens of `texts` ([num_blocks, seq_len] long)."""
+    """The first `num_blocks` packed blocks of `seq_len` tokens of `texts` ([num_blocks, seq_len] long); a
+    ValueError saying how many there are when the text holds fewer."""
     import torch
 
     from .data import pack
@@ -41,27 +42,31 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, wha
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     blocks = pack(ids, seq_len, tokenizer.eos_token_id)
     if len(blocks) < num_blocks:
-        raise ValueError(f"The {what} text holds {len(blocks)} blocks of {seq_len} tokens, not {num_blocks}: "
-                         "give more text, or lower the block count or --seq-len.")
+        raise ValueError(f"the {what} text holds {len(blocks)} blocks of {seq_len} tokens, not {num_blocks}")
     return torch.tensor(blocks[:num_blocks])
 
 
-def calibrate_routers(model, input_ids, budget: float) -> None:
+def calibrate_routers(model, input_ids, budget: float, progress: bool = False) -> None:
     """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks of
-    `input_ids` ([B, T], unpadded blocks) per KV head, in one forward pass.
+    `input_ids` ([B, T], unpadded blocks) per KV head, in one forward pass; `config.softmax_budget` becomes
+    `budget`.
 
     The same thresholds as `router_fit.calibrate_router_bias`, which runs one forward per layer: here a
     forward hook on each router shifts its bias and its scores as the pass reaches it, so every layer
     reads its input through the already calibrated layers before it, as there (tested equal). Eager: the
-    hooks change the routers' outputs, which a compiled layer would have to trace.
+    hooks change the routers' outputs, which a compiled layer would have to trace. progress: a bar that
+    advances as the pass reaches each layer.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from .layers import natsl_decoder_layers
     from .router_fit import budget_thresholds
 
     config = model.config
     T = input_ids.shape[1]
+    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
+    bar = tqdm(total=len(routers), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
 
     def calibrate(router, args, scores):  # scores [B, N, H, 2]: (softmax, linear) per chunk and KV head
         chunk = torch.arange(scores.shape[1], device=scores.device)
@@ -70,9 +75,9 @@ def calibrate_routers(model, input_ids, budget: float) -> None:
         shift = budget_thresholds(margins.flatten(0, 1), budget).to(scores)
         delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
         router.proj.bias.add_(delta.flatten().to(router.proj.bias))
+        bar.update()
         return scores + delta
 
-    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
     hooks = [router.register_forward_hook(calibrate) for router in routers]
     was_training, override = model.training, config.route_override
     model.eval()
@@ -81,6 +86,7 @@ def calibrate_routers(model, input_ids, budget: float) -> None:
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
+        bar.close()
         for hook in hooks:
             hook.remove()
         config.route_override = override
@@ -88,44 +94,64 @@ def calibrate_routers(model, input_ids, budget: float) -> None:
     config.softmax_budget = budget
 
 
-def fit_and_calibrate(model, blocks, budget: float) -> dict:
-    """`router_fit.fit_routers` on `blocks` ([n, T], one forward each, on the source's activations), then
-    `calibrate_routers` on all of them -> the fit's statistics."""
+def fit_and_calibrate(model, blocks, budget: float, progress: bool = True) -> dict:
+    """Fit every router to the source attention's targets on `blocks` ([n, T], one forward each, on the
+    source's activations), then `calibrate_routers` on all of them -> the fit's statistics.
+
+    The fit is `router_fit.fit_routers` step by step, so that each step has its progress bar: one source
+    forward per block collects every layer's samples (`collect_routing_samples`), then each layer's router is
+    fitted by logistic regression (`fit_router`, l2 0.1). Returns fit_routers' summary (tested equal)."""
     from tqdm.auto import tqdm
 
-    from .router_fit import fit_routers
+    from .layers import natsl_decoder_layers, unwrap
+    from .router_fit import collect_routing_samples, fit_router
 
-    fit = fit_routers(model, tqdm([{"input_ids": b[None]} for b in blocks], desc="router fit", unit="block"), l2=0.1)
-    calibrate_routers(model, blocks, budget)
-    return fit
+    base = unwrap(model)
+    batches = tqdm([{"input_ids": b[None]} for b in blocks], desc="routing targets (source forwards)", unit="block",
+                   disable=not progress)
+    samples = collect_routing_samples(model, batches)
+    decoders = natsl_decoder_layers(base)
+    aucs, counts = [], []
+    for d, (means, target, labelled) in tqdm(list(zip(decoders, samples)), desc="fitting routers (logistic regression)",
+                                             unit="layer", disable=not progress):
+        aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, 0.1))
+        counts.append(float(labelled.sum(0).float().mean()))
+    calibrate_routers(model, blocks, budget, progress=progress)
+    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
 
 
-def evaluate_heldout(model, blocks) -> dict:
-    """Perplexity of the model with every chunk softmax ("source": the source model exactly, for a model not
-    trained since its conversion) and as routed, the realised softmax fraction and the KV cache after a prefill
-    of each block ([n, T], one block per forward)."""
+def _all_softmax(model, x) -> float:
+    """The loss of a conversion with every chunk routed softmax: its source model's loss, exactly."""
+    override = model.config.route_override
+    model.config.route_override = "softmax"
+    try:
+        return model(input_ids=x, labels=x, use_cache=False).loss.item()
+    finally:
+        model.config.route_override = override
+
+
+def evaluate_heldout(model, blocks, progress: bool = True, source=None) -> dict:
+    """Perplexity of the source and of the routed model on `blocks` ([n, T], one block per forward), the realised
+    softmax fraction and the KV cache after a prefill of each block, against the full cache.
+
+    source: the conversion the source's numbers come from, with every chunk routed softmax (default `model`: the
+    source model exactly, for a model not trained since its conversion; a trained one has other weights)."""
     import torch
     from tqdm.auto import tqdm
 
     from natsl_hf.modeling_natsl import CACHE_FIELD
 
-    override = model.config.route_override
     nll = {"source": 0.0, "natsl": 0.0}
     fractions, layer_fractions, memory = [], [], []
-    try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # one pass: no graph to compile for it
-            for block in tqdm(blocks, desc="held-out perplexity", unit="block"):
-                x = block[None].to(model.device)
-                model.config.route_override = "softmax"  # every chunk softmax: the source model exactly
-                nll["source"] += model(input_ids=x, labels=x, use_cache=False).loss.item()
-                model.config.route_override = override
-                out = model(input_ids=x, labels=x, use_cache=True)
-                nll["natsl"] += out.loss.item()
-                fractions.append(out.softmax_fraction.item())
-                layer_fractions.append(out.layer_softmax_fraction.float().cpu())
-                memory.append(getattr(out, CACHE_FIELD).memory_report())
-    finally:
-        model.config.route_override = override
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # one pass: no graph to compile for it
+        for block in tqdm(blocks, desc="held-out perplexity (source, converted)", unit="block", disable=not progress):
+            x = block[None].to(model.device)
+            nll["source"] += _all_softmax(source or model, x)
+            out = model(input_ids=x, labels=x, use_cache=True)
+            nll["natsl"] += out.loss.item()
+            fractions.append(out.softmax_fraction.item())
+            layer_fractions.append(out.layer_softmax_fraction.float().cpu())
+            memory.append(getattr(out, CACHE_FIELD).memory_report())
     n = len(blocks)
     kv = sum(m["kv_bytes"] for m in memory)
     full = sum(m["full_kv_bytes"] for m in memory)
@@ -138,6 +164,7 @@ def evaluate_heldout(model, blocks) -> dict:
         "full_kv_bytes": full // n,
         "kv_fraction": kv / full,
         "state_bytes": sum(m["state_bytes"] for m in memory) // n,
+        "tokens": int(blocks.shape[1]),
     }
 
 
@@ -221,7 +248,10 @@ def _run(args, argv) -> int:
     if kind != "text":
         raise ValueError(f"--text {args.text} is a tokenised dataset: pass raw text.")
     budget = model.config.softmax_budget if args.softmax_budget is None else args.softmax_budget
-    blocks = token_blocks(tokenizer, texts, args.seq_len, args.calibration_blocks + args.eval_blocks, "--text")
+    try:
+        blocks = token_blocks(tokenizer, texts, args.seq_len, args.calibration_blocks + args.eval_blocks, "--text")
+    except ValueError as err:
+        raise ValueError(f"{err}: give more text, or lower --calibration-blocks / --eval-blocks or --seq-len") from err
     calibration, heldout = blocks[: args.calibration_blocks].to(device), blocks[args.calibration_blocks:]
     print(f"{PROG}: {len(calibration)} calibration + {len(heldout)} held-out blocks of {args.seq_len} tokens, "
           f"budget {budget}", flush=True)

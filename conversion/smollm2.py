@@ -60,6 +60,7 @@ error answers at once.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import json
@@ -73,10 +74,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+# the zero-shot routing and the held-out measurement are natsl-calibrate's (no torch at import)
+from .calibrate import evaluate_heldout, fit_and_calibrate, token_blocks
 
 PROG = "python -m natsl_hf.conversion.smollm2"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -169,20 +169,6 @@ def recovered_info() -> dict:
     return json.loads((SMOLLM2_RECOVERED / INFO_FILE).read_text(encoding="utf-8"))
 
 
-def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, what: str) -> torch.Tensor:
-    """The first `num_blocks` packed blocks of `seq_len` tokens of `texts` ([num_blocks, seq_len]); a ValueError
-    saying how many there are when the text holds fewer."""
-    import torch
-
-    from .data import pack
-
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    blocks = pack(ids, seq_len, tokenizer.eos_token_id)
-    if len(blocks) < num_blocks:
-        raise ValueError(f"the {what} text holds {len(blocks)} blocks of {seq_len} tokens, not {num_blocks}")
-    return torch.tensor(blocks[:num_blocks])
-
-
 def chat_inputs(tokenizer) -> tuple[dict, str]:
     """The tokenized PROMPT (batch of one) and how it was built: through the chat template, or as plain text for
     a tokenizer without one (a GGUF without `tokenizer.chat_template`)."""
@@ -193,118 +179,20 @@ def chat_inputs(tokenizer) -> tuple[dict, str]:
     return dict(tokenizer(PROMPT, return_tensors="pt")), "plain-text prompt"
 
 
-# ------------------------------------------------------------------------------------------ calibration
-def calibrate_routers(model, input_ids: torch.Tensor, budget: float, progress: bool = False) -> None:
-    """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks of
-    `input_ids` ([B, T], unpadded blocks) per KV head, in one forward pass.
-
-    The same thresholds as `router_fit.calibrate_router_bias`, which runs one forward per layer: here a
-    forward hook on each router shifts its bias and its scores as the pass reaches it, so every layer
-    reads its input through the already calibrated layers before it, as there (tested equal).
-    progress: a bar that advances as the pass reaches each layer.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .layers import natsl_decoder_layers
-    from .router_fit import budget_thresholds
-
-    config = model.config
-    T = input_ids.shape[1]
-    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
-    bar = tqdm(total=len(routers), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
-
-    def calibrate(router, args, scores):  # scores [B, N, H, 2]: (softmax, linear) per chunk and KV head
-        chunk = torch.arange(scores.shape[1], device=scores.device)
-        routable = ((chunk + 1) * config.chunk_size <= T) & (chunk >= config.num_sink_chunks)
-        margins = (scores[..., 0] - scores[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
-        shift = budget_thresholds(margins.flatten(0, 1), budget).to(scores)
-        delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
-        router.proj.bias.add_(delta.flatten().to(router.proj.bias))
-        bar.update()
-        return scores + delta
-
-    hooks = [router.register_forward_hook(calibrate) for router in routers]
-    was_training, override = model.training, config.route_override
-    model.eval()
-    config.route_override = None
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    finally:
-        bar.close()
-        for hook in hooks:
-            hook.remove()
-        config.route_override = override
-        model.train(was_training)
-
-
-def fit_and_calibrate(model, blocks: torch.Tensor, budget: float, progress: bool = True) -> dict:
-    """Fit every router to the source attention's targets on `blocks`, then `calibrate_routers`.
-
-    The fit is `router_fit.fit_routers` step by step, so that each step has its progress bar: one source
-    forward per block collects every layer's samples (`collect_routing_samples`), then each layer's router is
-    fitted by logistic regression (`fit_router`, l2 0.1). Returns fit_routers' summary (tested equal)."""
-    from tqdm.auto import tqdm
-
-    from .layers import natsl_decoder_layers, unwrap
-    from .router_fit import collect_routing_samples, fit_router
-
-    base = unwrap(model)
-    batches = tqdm([{"input_ids": b[None]} for b in blocks], desc="routing targets (source forwards)", unit="block",
-                   disable=not progress)
-    samples = collect_routing_samples(model, batches)
-    decoders = natsl_decoder_layers(base)
-    aucs, counts = [], []
-    for d, (means, target, labelled) in tqdm(list(zip(decoders, samples)), desc="fitting routers (logistic regression)",
-                                             unit="layer", disable=not progress):
-        aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, 0.1))
-        counts.append(float(labelled.sum(0).float().mean()))
-    calibrate_routers(model, blocks, budget, progress=progress)
-    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
-
-
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate_heldout(model, blocks: torch.Tensor, progress: bool = False) -> dict:
-    """Perplexity of the source and of the converted model on `blocks`, the realised softmax fraction and
-    the converted model's KV cache after prefilling them (one block per forward)."""
+def source_model(zero_shot: bool, model=None):
+    """The conversion whose every-chunk-softmax outputs are the source's: the job's own model with --zero-shot
+    (only its routers changed), else a fresh conversion of the GGUF (the recovered parameters change q/k/v/o)."""
+    if zero_shot:
+        return model
     import torch
-    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
 
-    from natsl_hf.modeling_natsl import CACHE_FIELD
+    from .convert import convert_model
 
-    override = model.config.route_override
-    nll = {"source": 0.0, "natsl": 0.0}
-    fractions, layer_fractions, memory = [], [], []
-    try:
-        with torch.no_grad():
-            bar = tqdm(blocks, desc="held-out perplexity (source, converted)", unit="block", disable=not progress)
-            for block in bar:
-                x = block[None]
-                model.config.route_override = "softmax"  # every chunk softmax: the source model exactly
-                nll["source"] += model(input_ids=x, labels=x, use_cache=False).loss.item()
-                model.config.route_override = override
-                out = model(input_ids=x, labels=x, use_cache=True)
-                nll["natsl"] += out.loss.item()
-                fractions.append(out.softmax_fraction.item())
-                layer_fractions.append(out.layer_softmax_fraction.float())
-                memory.append(getattr(out, CACHE_FIELD).memory_report())
-    finally:
-        model.config.route_override = override
-    n = len(blocks)
-    kv = sum(m["kv_bytes"] for m in memory)
-    full = sum(m["full_kv_bytes"] for m in memory)
-    return {
-        "source_perplexity": float(torch.tensor(nll["source"] / n).exp()),
-        "perplexity": float(torch.tensor(nll["natsl"] / n).exp()),
-        "softmax_fraction": sum(fractions) / n,
-        "layer_softmax_fraction": torch.stack(layer_fractions).mean(0).tolist(),
-        "kv_bytes": kv // n,
-        "full_kv_bytes": full // n,
-        "kv_fraction": kv / full,
-        "state_bytes": sum(m["state_bytes"] for m in memory) // n,
-        "tokens": int(blocks.shape[1]),
-    }
+    gguf = find_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return convert_model(loaded, chunk_size=CHUNK_SIZE, num_sink_chunks=SINK_CHUNKS).eval()
 
 
 def _token_bar(total: int, desc: str, progress: bool):
@@ -335,8 +223,8 @@ def chat(model, tokenizer, max_new_tokens: int, *, source: bool = False, progres
          inputs: dict | None = None) -> dict:
     """Greedy answer to PROMPT through a NatslCache, with that cache's memory report.
 
-    source: every chunk routed softmax (`route_override="softmax"`): the source model's answer.
-    inputs: `chat_inputs(tokenizer)[0]` (built here when None)."""
+    source: every chunk routed softmax (`route_override="softmax"`): the source model's answer when `model` is a
+    conversion not trained since (`source_model`). inputs: `chat_inputs(tokenizer)[0]` (built here when None)."""
     import torch
 
     import natsl_hf
@@ -742,19 +630,20 @@ def _job(parser, args, out: Path, run: _Run) -> int:
         say("note: the tokenizer has no chat template; using the prompt as plain text")
     seconds = {"check": time.perf_counter() - t0}
 
-    def measure(model, folder: Path, license, fit, write) -> dict:
-        """Steps 4-6 on `model`; `write(folder, name, text)` writes each output file."""
+    def measure(model, folder: Path, license, fit, write, source=None) -> dict:
+        """Steps 4-6 on `model` (`source`: see `source_model`); `write(folder, name, text)` writes each output file."""
         from natsl_hf.hub import METRICS_FILE, render_model_card
 
+        source = source or source_model(args.zero_shot, model)
         say(f"[4/6] evaluate: perplexity of source and converted model and the KV cache on {args.eval_blocks} held-out "
             f"blocks of {args.seq_len} tokens ...")
         t = time.perf_counter()
-        heldout = evaluate_heldout(model, heldout_blocks, progress=True)
+        heldout = evaluate_heldout(model, heldout_blocks, progress=True, source=source)
         seconds["evaluate"] = time.perf_counter() - t
         say(f"[5/6] chat: the same {inputs['input_ids'].shape[1]}-token prompt answered greedily (up to "
             f"{args.max_new_tokens} tokens) by the source, then by the converted model ...")
         t = time.perf_counter()
-        source_answer = chat(model, tokenizer, args.max_new_tokens, source=True, progress=True, inputs=inputs)
+        source_answer = chat(source, tokenizer, args.max_new_tokens, source=True, progress=True, inputs=inputs)
         answer = chat(model, tokenizer, args.max_new_tokens, progress=True, inputs=inputs)
         seconds["chat"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
@@ -814,6 +703,7 @@ def _job(parser, args, out: Path, run: _Run) -> int:
             staged.rmdir()
             seconds["convert"] = time.perf_counter() - t
             t = time.perf_counter()
+            source = model  # --zero-shot: the job's model, every chunk softmax (only its routers change)
             if args.zero_shot:
                 say(f"[3/6] calibrate: routers fitted to the source attention and calibrated to budget "
                     f"{args.softmax_budget:g} on {args.calibration_blocks} blocks of {args.seq_len} tokens ...")
@@ -825,13 +715,14 @@ def _job(parser, args, out: Path, run: _Run) -> int:
 
                 say(f"[3/6] recover: the trained NAtS-L parameters in {_shown(SMOLLM2_RECOVERED)} (routers, GDN "
                     "branch, LoRA merged into q/k/v/o) applied ...")
+                source = copy.deepcopy(model).eval()  # the conversion as it was: the source's numbers (measure)
                 info, fit = apply_recovered(model, SMOLLM2_RECOVERED), None
                 say(f"applied: {_tokens(info)} in {time.perf_counter() - t:.1f} s")
             say("writing the checkpoint ...")
             model.save_pretrained(tmp)  # the calibrated / recovered parameters replace the freshly converted ones
             seconds["calibrate" if args.zero_shot else "recover"] = time.perf_counter() - t
             job = measure(model, tmp, license, fit,
-                          lambda folder, name, text: (folder / name).write_text(text, encoding="utf-8"))
+                          lambda folder, name, text: (folder / name).write_text(text, encoding="utf-8"), source=source)
 
         job = None
         write_atomically(out, build)

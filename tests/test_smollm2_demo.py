@@ -20,6 +20,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from natsl_hf.conversion import smollm2
+from natsl_hf.conversion.calibrate import calibrate_routers
 from natsl_hf.conversion.router_fit import calibrate_router_bias
 from test_conversion import write_tiny_gguf
 
@@ -171,7 +172,7 @@ def test_one_pass_calibration_equals_layer_by_layer():
     model = tiny_model(num_hidden_layers=3, chunk_size=4)
     reference = copy.deepcopy(model)
     blocks = torch.randint(1, 97, (3, 64), generator=torch.Generator().manual_seed(0))
-    smollm2.calibrate_routers(model, blocks, budget=0.25)
+    calibrate_routers(model, blocks, budget=0.25)
     calibrate_router_bias(reference, [{"input_ids": blocks}], budget=0.25)
     for a, b in zip(model.modules(), reference.modules()):
         if type(a).__name__ == "NatslRouter":
@@ -198,7 +199,7 @@ def test_fit_is_fit_routers():
     blocks = torch.randint(1, 97, (2, 64), generator=torch.Generator().manual_seed(1))
     fit = smollm2.fit_and_calibrate(model, blocks, 0.25, progress=False)
     expected = fit_routers(reference, [{"input_ids": b[None]} for b in blocks], l2=0.1)
-    smollm2.calibrate_routers(reference, blocks, 0.25)
+    calibrate_routers(reference, blocks, 0.25)
     assert fit == pytest.approx(expected)
     for a, b in zip(model.modules(), reference.modules()):
         if type(a).__name__ == "NatslRouter":
@@ -403,6 +404,16 @@ def test_main_job_applies_the_recovered_parameters(tmp_path, monkeypatch, capsys
     assert "add --zero-shot" in printed and "--preset cpu" not in printed
     assert "held-out perplexity: source" in printed and f"  converted (4 tokens): {job['chat']['answer']}" in printed
 
+    # the source's numbers are the GGUF model's, not the recovered model's with every chunk softmax (its q_proj
+    # carries the LoRA update)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    blocks = smollm2.token_blocks(AutoTokenizer.from_pretrained(out), smollm2.heldout_texts(), 256, 1, "held-out")
+    with torch.no_grad():
+        source_ppl = source(input_ids=blocks, labels=blocks).loss.exp().item()
+    assert job["heldout"]["source_perplexity"] == pytest.approx(source_ppl, rel=1e-5)
+    assert job["heldout"]["perplexity"] != pytest.approx(source_ppl, rel=1e-3)
     expected, _ = smollm2.convert_gguf(tmp_path / "conv2", 0.25, "cmd")
     recovered.apply_recovered(expected, folder)
     written = NatslForCausalLM.from_pretrained(out).state_dict()
@@ -422,3 +433,19 @@ def test_heldout_text_is_not_in_the_calibration_text():
     assert len(texts) > 150 and not any(t.startswith("#") for t in texts)
     calibration, _ = smollm2.documentation_topics()
     assert not set(texts) & set(calibration)
+
+
+def test_recovery_script_gpu_preset_needs_cuda(monkeypatch, capsys):
+    """bench/smollm2_recover.py --preset gpu on a machine without CUDA: one usage line at once, not a failure a
+    minute in (bf16 and the Triton kernels need the GPU)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "smollm2_recover.py"
+    spec = importlib.util.spec_from_file_location("smollm2_recover", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(module, "prepare_source", no_work)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--preset", "gpu", "--workdir", "/nonexistent"])
+    assert stop.value.code == 2 and "--preset gpu needs a CUDA GPU" in capsys.readouterr().err
