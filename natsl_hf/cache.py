@@ -379,10 +379,12 @@ class NatslStaticCache(StaticCache):
 
     def fits(self, batch_size: int, max_cache_len: int, config, device, dtype,
              max_kept_fraction: float | None = None) -> bool:
-        """Whether generate() can reuse this cache for a call of that size and kept fraction (None: the default)."""
+        """Whether generate() can reuse this cache for a call of that size and kept fraction (None: the default). A
+        cache longer than the call needs serves it, as transformers' StaticCache does: a shorter second call keeps
+        the shapes, so a compiled step does not recompile."""
         state = self.layers[0].state
         fraction = min(1.0, 2 * config.softmax_budget) if max_kept_fraction is None else max_kept_fraction
-        return (batch_size == self.rows and max_cache_len == self.cache_len
+        return (batch_size == self.rows and max_cache_len <= self.cache_len
                 and self._kept_fraction_arg == max_kept_fraction and self.max_kept_fraction == fraction
                 and self._layout == _layout(config)
                 and state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype)

@@ -325,7 +325,7 @@ class NatslModel(NatslPreTrainedModel):
             outputs are meaningless, as Llama's are, and its cache state stays empty.
         position_ids: [B, n] or [1, n] integers (RoPE positions; chunks are counted over real tokens); default:
             real-token positions from the mask and the cache, so a left-padded row gets the positions it would
-            have alone. Over the real tokens they must be >= 0 and increase, except that a position 0 after the
+            have alone. Over the real tokens they must be >= 0 and not decrease, except that a position 0 after the
             row's first real token starts a new packed document (transformers' DataCollatorWithFlattening): each
             document runs exactly as if alone (no attention, GDN state or chunk crosses a boundary), also when the
             packed rows are padded (padding's position ids are not read), and no cache is returned. Packed
@@ -521,7 +521,7 @@ class NatslModel(NatslPreTrainedModel):
 
     def _documents(self, position_ids, token_mask, B: int, cache) -> tuple[Documents | None, int]:
         """The values of explicit position_ids (one host sync; eager calls only): over the real tokens they are
-        >= 0 and increase along each document, where a document starts at a row's first real token and again at
+        >= 0 and do not decrease along each document, where a document starts at a row's first real token and again at
         each real token at position 0 (packed documents, DataCollatorWithFlattening's layout). Padding's
         positions are not read, so packed rows may also be padded (left or right): each document still runs
         exactly as it does alone. Packed documents cannot go into a cache (each would need its own state), so
@@ -536,7 +536,9 @@ class NatslModel(NatslPreTrainedModel):
         after = valid & (prev >= 0)  # a real token with a real token before it in the row
         negative = valid & (pos < 0)
         restart = after & (pos == 0)
-        backwards = after & (pos <= prev_pos) & ~restart & ~negative
+        # a repeated position is accepted: transformers' generate without a cache gives the first new token of a
+        # right-padded row the padding's position + 1, which may equal the last real token's (its own tests do)
+        backwards = after & (pos < prev_pos) & ~restart & ~negative
         largest = torch.where(valid, pos, torch.full_like(pos, -1)).max()
         any_negative, any_backwards, any_restart, largest = torch.stack(
             [negative.any(), backwards.any(), restart.any(), largest]).tolist()
@@ -547,7 +549,7 @@ class NatslModel(NatslPreTrainedModel):
         if any_backwards:
             b, i = backwards.nonzero()[0].tolist()
             raise ValueError(
-                f"position_ids must increase along a sequence, got {int(prev_pos[b, i])} then {int(pos[b, i])} (row {b}, "
+                f"position_ids must not decrease along a sequence, got {int(prev_pos[b, i])} then {int(pos[b, i])} (row {b}, "
                 f"token {i}); a new packed document starts at 0 (DataCollatorWithFlattening), or leave position_ids=None."
             )
         if not any_restart:

@@ -180,3 +180,19 @@ def test_memory_follows_what_is_kept():
     cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=40 * C)
     full, natsl = (layer.state.capacity for layer in cache.layers)
     assert full == 40 * C and natsl == (1 + 10) * C  # 1 sink + ceil(0.25 x 39) chunks
+
+
+def test_a_shorter_second_generate_reuses_the_static_cache():
+    """A second, shorter generate() keeps the first call's NatslStaticCache (same buffers, so a compiled step keeps
+    its shapes and does not recompile: transformers' test_static_cache_no_recompile_with_smaller_length), and its
+    tokens are those of a fresh dynamic-cache generate; a longer call gets a new, larger cache."""
+    model = tiny_model(seed=3).eval()
+    ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(do_sample=False, cache_implementation="static")
+    model.generate(ids, max_new_tokens=9, **kwargs)
+    first = model._natsl_static_cache
+    shorter = model.generate(ids, max_new_tokens=5, **kwargs)
+    assert model._natsl_static_cache is first
+    assert torch.equal(shorter, model.generate(ids, max_new_tokens=5, do_sample=False))
+    model.generate(ids, max_new_tokens=12, **kwargs)
+    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len > first.cache_len
