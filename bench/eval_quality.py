@@ -464,7 +464,8 @@ def prepare_data(args, tokenizer, device) -> dict:
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(REPO))
+    # natsl_hf comes from the installed package (an editable install in a checkout): the repository's natsl_hf/
+    # folder alone is not the package (setup.py maps modeling/ and conversion/ into it)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     models = parse_models(args.model)

@@ -11,14 +11,22 @@ and the model is evaluated; the next call resumes from them. What a piece does:
 - source: SmolLM2-135M-Instruct from its GGUF (transformers' GGUF loader, dequantised to fp32), the frozen
   teacher (bf16 on the GPU); student: `convert_model` of it (every layer NAtS-L, chunk 64, one sink chunk,
   `--budget`), the init seeded as the README main job's, then the checkpoint of `--resume` loaded;
-- data: the token shards of bench/build_recovery_data.py in `--data` (whichever of them this call
-  carried), cut into 2048-token blocks (documents concatenated, EOS between them, the run_clm packing),
-  in an order seeded by the stage and the number of pieces run so far, so pieces see different blocks;
+- data: the token shards of bench/build_recovery_data.py in the `--data` folders (whichever of them this call
+  carried; more folders, e.g. bench/sample_source.py's, add their documents), cut into 2048-token blocks
+  (documents concatenated, EOS between them, the run_clm packing), in an order seeded by the stage and the
+  number of pieces run so far, so pieces see different blocks; `--selfgen-tokens N` first has the source
+  sample N tokens of its own text from prompts of the first folder (bench/sample_source.py, in this process;
+  a `--selfgen-out` folder that already holds such shards is reused instead), and `--selfgen-share` of the
+  blocks are then drawn from that text (its blocks repeated as needed);
 - stage 1 (`NatslDistillTrainer`, stage 1: attention transfer to the source layer by layer + supervised
   routing): the new NAtS-L parameters train; on a fresh start the routers are first fitted to the source
   attention (`fit_routers`); at the end of the piece the router biases are calibrated to the budget;
-- stage 2 (LM + logit KD from the source): PEFT LoRA adapters on the attention projections q/k/v/o and the
-  new NAtS-L parameters train, the router stays frozen (the stage-1 routes, recalibrated at the end);
+- stage 2 (`--lm-weight` x LM loss + `--kd-weight` x logit KD from the source; `--lm-weight 0`: KD only): PEFT
+  LoRA adapters on the attention projections q/k/v/o and the new NAtS-L parameters train, the router stays
+  frozen (the stage-1 routes, recalibrated at the end);
+- calibration (end of each piece): the router biases are set so that the realised fraction is the budget on
+  `--calibration-blocks` blocks of `--calibration-seq-len` tokens of the first `--data` folder (the routes of a
+  fixed router grow with the context: calibrate at the length the model serves);
 - a constant learning rate after a short warm-up in every piece (the schedule cannot span calls whose
   number is not known in advance); AdamW restarts each piece (its moments would double the checkpoint);
 - checkpoint: every new NAtS-L parameter and every LoRA adapter (not the copied source weights), fp32,
@@ -34,6 +42,18 @@ Tokens seen, GPU seconds and the commands accumulate in `progress.json` across p
 
 writes a checkpoint as the shipped layout of conversion/recovered.py (bf16 matrices, fp32 small tensors,
 recovered.json with the conversion settings, the LoRA scale, tokens, GPU seconds, commands and evaluations).
+
+    python bench/recover_scale.py --materialize old=conversion/recovered/smollm2-135m-instruct-b0.25 new=SHIPPED \
+        --gguf G --to DIR
+
+    python bench/recover_scale.py --recalibrate CKPT --calibration-seq-len 2048 --gguf G --data D --out OUT
+
+sets the router biases of a piece's checkpoint for another serving length (no training: the routes' ranking
+stays, only the threshold moves), re-evaluates, and writes the checkpoint to OUT (the last piece's record
+keeps the earlier calibration and evaluation beside the new ones).
+
+writes DIR/source (the GGUF's model) and DIR/LABEL for each shipped layout (converted, recovered parameters
+applied: what the README main job gives a user) as checkpoints for bench/eval_quality.py, from one GGUF load.
 """
 
 from __future__ import annotations
@@ -173,16 +193,35 @@ def load_into(model, state: dict[str, torch.Tensor], *, lora: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def train_blocks(data: Path | None, vocab: int, seed: int, quick: bool) -> tuple[torch.Tensor, list[str]]:
-    """[N, SEQ_LEN] int64 blocks of the train shards in `data` (shuffled by `seed`), and the shard names."""
+def train_blocks(folders: list[Path], vocab: int, seed: int, quick: bool,
+                 seq_len: int = SEQ_LEN) -> tuple[torch.Tensor, list[str]]:
+    """[N, seq_len] int64 blocks of the train documents of all `folders` (packed in folder order, then shuffled
+    by `seed`), and the shard files read. --quick: random tokens, blocks of seq_len / 8."""
     if quick:
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab, (64, 256), generator=g), []
-    tokens = np.concatenate(load_token_shards(data, "train"))
-    n = len(tokens) // SEQ_LEN
-    blocks = torch.from_numpy(tokens[: n * SEQ_LEN].astype(np.int64)).view(n, SEQ_LEN)
+        return torch.randint(0, vocab, (64, seq_len // 8), generator=g), []
+    tokens = np.concatenate([d for f in folders for d in load_token_shards(f, "train")])
+    n = len(tokens) // seq_len
+    blocks = torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return blocks[order], sorted(p.name for p in data.glob("train-*.npy.xz"))
+    names = [f"{f.name}/{s['file']}" for f in folders for s in _manifest(f)["splits"]["train"]["shards"]
+             if (f / s["file"]).is_file()]
+    return blocks[order], names
+
+
+def mix_blocks(blocks: torch.Tensor, extra: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """`blocks` and `extra` in one shuffled order in which `share` of the blocks come from `extra` (cycled)."""
+    n_extra = round(len(blocks) * share / (1 - share))
+    g = torch.Generator().manual_seed(seed + 7)
+    cycled = extra[torch.randperm(len(extra), generator=g).repeat(n_extra // len(extra) + 1)[:n_extra]]
+    both = torch.cat([blocks, cycled])
+    return both[torch.randperm(len(both), generator=g)]
+
+
+def _manifest(folder: Path) -> dict:
+    from natsl_hf.conversion.data import SHARD_MANIFEST
+
+    return json.loads((folder / SHARD_MANIFEST).read_text())
 
 
 def heldout_blocks(data: Path | None, vocab: int, n: int, quick: bool) -> torch.Tensor:
@@ -241,13 +280,26 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> dict:
     return {"ppl": math.exp(nll / count), "softmax_fraction": soft / routable if routable else None, "tokens": count}
 
 
+def sample_own_text(teacher, tokenizer, prompts_from: Path, folder: Path, args, seed: int) -> dict:
+    """bench/sample_source.py in this process: the teacher samples `--selfgen-tokens` tokens from prompts of the
+    train documents in `prompts_from`, written as shards to `folder`; -> its statistics and shard names."""
+    from sample_source import manifest_of, sample, write_folder
+
+    docs, stats = sample(teacher, tokenizer, load_token_shards(prompts_from, "train"), args.selfgen_tokens,
+                         minutes=args.selfgen_minutes, seed=seed)
+    info = {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
+    files = write_folder(folder, docs, manifest_of(prompts_from), info)
+    return {**stats, "folder": str(folder), "shards": files}
+
+
 def run_piece(args) -> dict:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     state, progress = read_resume(Path(args.resume)) if args.resume else ({}, {"pieces": []})
     t_start = time.perf_counter()
 
-    source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
+    source, tokenizer = load_source(Path(args.gguf) if args.gguf else None, args.quick)
     student = student_of(source, args.budget, args.layer_hybrid)
     loaded = {}
     if args.resume:
@@ -261,12 +313,22 @@ def run_piece(args) -> dict:
             loaded = load_into(student, state, lora=True)
     else:
         student = prepare_student(student, 1)
-    teacher = source.to(dtype=torch.bfloat16) if DEV == "cuda" else source
+    teacher = source.to(DEV, torch.bfloat16) if DEV == "cuda" else source
 
     seed = 1000 * args.stage + len(progress["pieces"])
-    blocks, shards = train_blocks(Path(args.data) if args.data else None, source.config.vocab_size, seed, args.quick)
-    heldout = heldout_blocks(Path(args.data) if args.data else None, source.config.vocab_size, args.eval_blocks,
-                             args.quick)
+    folders = [Path(d) for d in args.data or []]
+    vocab = source.config.vocab_size
+    blocks, shards = train_blocks(folders, vocab, seed, args.quick)
+    selfgen = None
+    if args.selfgen_tokens:
+        own = Path(args.selfgen_out or work / "selfgen")
+        selfgen = (json.loads((own / "manifest.json").read_text())["splits"]["train"] if (own / "manifest.json").is_file()
+                   else sample_own_text(teacher, tokenizer, folders[0], own, args, seed))
+        own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick)
+        blocks = mix_blocks(blocks, own_blocks, args.selfgen_share, seed)
+        shards += own_shards
+    calibration_blocks = train_blocks(folders[:1], vocab, seed + 1, args.quick, args.calibration_seq_len)[0]
+    heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
     lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
     training = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.max_steps,
@@ -280,7 +342,8 @@ def run_piece(args) -> dict:
     # router fit or calibration; attention transfer trains its GDN branches as NAtS-L's
     trainer = NatslDistillTrainer(student, training, stage=args.stage, teacher=teacher,
                                   supervised_routing=not (args.stage == 1 and args.layer_hybrid),
-                                  kd_weight=1.0 if args.stage == 2 else 0.0, train_dataset=Blocks(blocks),
+                                  kd_weight=args.kd_weight if args.stage == 2 else 0.0,
+                                  lm_weight=args.lm_weight if args.stage == 2 else 1.0, train_dataset=Blocks(blocks),
                                   callbacks=[deadline])
     fit = None
     if args.stage == 1 and fresh and not args.layer_hybrid:
@@ -288,7 +351,8 @@ def run_piece(args) -> dict:
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
-    calibration = None if args.layer_hybrid else trainer.calibrate_routers(args.calibration_blocks)
+    calibration = None if args.layer_hybrid else trainer.calibrate_routers(
+        args.calibration_blocks, Blocks(calibration_blocks[: args.calibration_blocks]))
     model = unwrap(trainer.model)
 
     folder = work / "ckpt"
@@ -305,6 +369,8 @@ def run_piece(args) -> dict:
         "layer_hybrid": args.layer_hybrid,
         "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
+        "lm_weight": args.lm_weight if lora else None, "kd_weight": args.kd_weight if lora else None,
+        "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen,
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
         "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
         "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "calibration": calibration,
@@ -342,22 +408,92 @@ def export(ckpt: Path, dest: Path) -> list[str]:
         "tokens_seen": progress["tokens_seen"], "train_gpu_s": progress["train_s"],
         "data": "bench/build_recovery_data.py --with-code (manifest: bench/results/recovery_data_manifest.json)",
         "heldout_evaluation": last["evaluation"],
-        "pieces": [{k: p[k] for k in ("stage", "command", "steps", "tokens", "batch", "seq_len", "learning_rate",
-                                      "lora_r", "train_s", "tok_s", "shards", "evaluation", "device", "versions")}
+        "pieces": [{k: p.get(k) for k in ("stage", "command", "steps", "tokens", "batch", "seq_len", "learning_rate",
+                                          "lora_r", "lm_weight", "kd_weight", "calibration_seq_len", "selfgen",
+                                          "train_s", "tok_s", "shards", "evaluation", "device", "versions")}
                    for p in progress["pieces"]],
         "made_by": f"python bench/recover_scale.py --export {ckpt} --to {dest}",
     }
     return export_recovered(read_checkpoint(ckpt), dest, info)
 
 
+def recalibrate(args) -> dict:
+    """The --recalibrate mode (module docstring); -> the updated progress."""
+    from natsl_hf.conversion.calibrate import calibrate_routers
+
+    state, progress = read_resume(Path(args.recalibrate))
+    last = progress["pieces"][-1]
+    source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
+    student = student_of(source, last["budget"], last.get("layer_hybrid", False))
+    if last.get("lora_r"):
+        student = add_lora(prepare_student(student, 2), last["lora_r"])
+    load_into(student, state, lora=bool(last.get("lora_r")))
+    student.to(DEV).eval()
+    folders = [Path(d) for d in args.data or []]
+    vocab = source.config.vocab_size
+    blocks = train_blocks(folders[:1], vocab, 1000 * last["stage"] + len(progress["pieces"]), args.quick,
+                          args.calibration_seq_len)[0][: args.calibration_blocks]
+    before = perplexity(student, blocks, args.batch)["softmax_fraction"]
+    with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+        calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
+    after = perplexity(student, blocks, args.batch)["softmax_fraction"]
+    heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
+    evaluation = {"student": perplexity(student, heldout, args.batch), "source": progress.get("source_eval")}
+    if evaluation["source"] is None or evaluation["source"]["tokens"] != evaluation["student"]["tokens"]:
+        evaluation["source"] = perplexity(source.to(DEV), heldout, args.batch)
+    evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
+    last.setdefault("earlier", []).append({k: last.get(k) for k in ("calibration", "calibration_seq_len", "evaluation")})
+    last.update(calibration={"softmax_fraction_before": before, "softmax_fraction_after": after,
+                             "command": shlex.join([sys.executable, *sys.argv])},
+                calibration_seq_len=args.calibration_seq_len, evaluation=evaluation)
+    out = Path(args.out)
+    last["checkpoint_files"] = save_checkpoint(student, out)
+    (out / PROGRESS).write_text(json.dumps(progress, indent=1) + "\n")
+    print(json.dumps({"calibration": last["calibration"], "evaluation": evaluation}), flush=True)
+    return progress
+
+
+def materialize(shipped: list[str], gguf: Path, dest: Path) -> list[Path]:
+    """DEST/source and DEST/LABEL (a converted model with the shipped parameters of FOLDER applied) for each
+    LABEL=FOLDER, as Hugging Face checkpoints with the tokenizer: the models bench/eval_quality.py compares."""
+    from natsl_hf.conversion.recovered import apply_recovered, read_recovered
+
+    loaded, tokenizer = load_source(gguf, quick=False)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    source = type(loaded)(config)  # the dequantised weights in a plain model: a GGUF-loaded one cannot be saved
+    source.load_state_dict(loaded.state_dict())
+    del loaded
+    written = [dest / "source"]
+    source.save_pretrained(written[0])
+    tokenizer.save_pretrained(written[0])
+    for item in shipped:
+        label, _, folder = item.partition("=")
+        conversion = read_recovered(folder)[1]["conversion"]
+        torch.manual_seed(0)
+        model = convert_model(source, **conversion)
+        apply_recovered(model, folder)
+        written.append(dest / label)
+        model.save_pretrained(written[-1])
+        tokenizer.save_pretrained(written[-1])
+        print(f"{label}: {folder} -> {written[-1]}", flush=True)
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--export", type=Path, help="write this checkpoint as the shipped layout to --to, and stop")
-    p.add_argument("--to", type=Path, help="destination of --export")
+    p.add_argument("--to", type=Path, help="destination of --export / --materialize")
+    p.add_argument("--recalibrate", metavar="CKPT",
+                   help="set the router biases of CKPT at --calibration-seq-len, evaluate, write it to --out")
+    p.add_argument("--materialize", nargs="+", metavar="LABEL=FOLDER",
+                   help="write --to/source and --to/LABEL (shipped layout FOLDER applied) for bench/eval_quality.py")
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--minutes", type=float, help="training time of this piece")
     p.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (not with --quick)")
-    p.add_argument("--data", help="output folder of bench/build_recovery_data.py (the shards carried)")
+    p.add_argument("--data", nargs="+", help="output folder of bench/build_recovery_data.py (the shards carried), "
+                   "then any more shard folders (bench/sample_source.py's)")
     p.add_argument("--work", help="work folder (the checkpoint is kept in WORK/ckpt)")
     p.add_argument("--out", help="where the checkpoint and progress.json are copied")
     p.add_argument("--resume", help="checkpoint folder of an earlier piece")
@@ -367,6 +503,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (stage 1), 1e-4 (stage 2)")
     p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--lm-weight", type=float, default=1.0, help="stage 2: weight of the LM loss (0: logit KD only)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="stage 2: weight of the logit KD term")
+    p.add_argument("--calibration-seq-len", type=int, default=SEQ_LEN,
+                   help="tokens per calibration block (default 2048): calibrate at the length the model serves")
+    p.add_argument("--selfgen-tokens", type=int, default=0,
+                   help="first let the source sample this many tokens of its own text (bench/sample_source.py) "
+                        "and train on them too")
+    p.add_argument("--selfgen-minutes", type=float, default=3.0, help="time cap of that sampling")
+    p.add_argument("--selfgen-share", type=float, default=0.5, help="share of the training blocks drawn from that text")
+    p.add_argument("--selfgen-out", help="folder of the sampled shards (default WORK/selfgen)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
     p.add_argument("--logging-steps", type=int, default=25)
@@ -375,6 +521,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)
+    if args.materialize:
+        if not (args.to and args.gguf):
+            p.error("--materialize needs --to and --gguf")
+        materialize(args.materialize, Path(args.gguf), args.to)
+        return 0
+    if args.recalibrate:
+        if not args.out or not (args.quick or (args.gguf and args.data)):
+            p.error("--recalibrate needs --out, and --gguf and --data (or --quick)")
+        recalibrate(args)
+        return 0
     if args.export:
         if not args.to:
             p.error("--export needs --to")
@@ -384,6 +540,13 @@ def main(argv=None) -> int:
         p.error("--stage, --minutes, --work and --out are needed (or --export)")
     if not args.quick and not (args.gguf and args.data):
         p.error("--gguf and --data are needed (or --quick)")
+    if args.selfgen_tokens and (args.quick or DEV != "cuda"):
+        p.error("--selfgen-tokens samples with the source on the GPU (bench/sample_source.py): not with --quick or "
+                "without CUDA")
+    if not 0 < args.selfgen_share < 1:
+        p.error(f"--selfgen-share {args.selfgen_share}: give a share in (0, 1)")
+    if args.calibration_seq_len % CHUNK_SIZE or args.calibration_seq_len < SEQ_LEN // 4:
+        p.error(f"--calibration-seq-len {args.calibration_seq_len}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
     run_piece(args)
     return 0
 

@@ -103,6 +103,7 @@ def check_values(options) -> None:
         ("--router_loss_weight", options.router_loss_weight, "a weight >= 0"),
         ("--router_fit_l2", options.router_fit_l2, "a penalty >= 0"),
         ("--kd_weight", options.kd_weight, "a weight >= 0"),
+        ("--lm_weight", options.lm_weight, "a weight >= 0"),
     ):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag} {value}: expected {what}.")
@@ -152,6 +153,8 @@ class DistillArguments:
                 "router grows with the context, so calibrate at the length the model will serve"})
     kd_weight: float = field(default=0.0, metadata={"help": "stage 2: weight of the logit KD term"})
     kd_temperature: float = field(default=1.0, metadata={"help": "stage 2: temperature of the logit KD term"})
+    lm_weight: float = field(default=1.0, metadata={
+        "help": "stage 2: weight of the LM loss (0 with --kd_weight > 0: logit KD only, the student follows the source)"})
     lora: bool = field(default=False, metadata={"help": "stage 2: train LoRA adapters instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -166,7 +169,8 @@ class DistillArguments:
 
         check_stage_options(self.stage, has_source=bool(self.source), kd_weight=self.kd_weight,
                             kd_temperature=self.kd_temperature, budget_on=self.budget_on,
-                            supervised_routing=self.supervised_routing, train_router=self.train_router, lora=self.lora)
+                            supervised_routing=self.supervised_routing, train_router=self.train_router, lora=self.lora,
+                            lm_weight=self.lm_weight)
         if self.packing == "documents" and self.stage == 1:
             raise ValueError("--packing documents applies to stage 2: stage 1 supervises and fits the routers on "
                              "whole unpadded blocks (each packed document becomes a padded row); use --packing blocks.")
@@ -493,7 +497,7 @@ def prepare(distill: DistillArguments, training, callbacks=None):
         model=model, args=training, train_dataset=dataset, data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=callbacks,
         stage=distill.stage, teacher=teacher, kd_weight=distill.kd_weight, kd_temperature=distill.kd_temperature,
-        budget_on=distill.budget_on, supervised_routing=distill.supervised_routing,
+        lm_weight=distill.lm_weight, budget_on=distill.budget_on, supervised_routing=distill.supervised_routing,
         train_router=distill.train_router, checkpoint_trainable_only=distill.checkpoint_trainable_only,
     )
     return trainer, calibration
@@ -609,7 +613,8 @@ def training_summary(trainer, distill: DistillArguments, calibrated: str | None 
     if calibrated:
         router += f", router bias calibrated to the budget on {calibrated}"
     what = "attention transfer, new parameters only" if distill.stage == 1 else (
-        "LM loss" + (f" + logit KD (weight {distill.kd_weight:g})" if distill.kd_weight > 0 else "")
+        (f"LM loss (weight {distill.lm_weight:g})" if distill.lm_weight != 1 else "LM loss")
+        + (f" + logit KD (weight {distill.kd_weight:g})" if distill.kd_weight > 0 else "")
         + (", LoRA" if distill.lora else ", all parameters")
         + (", packed documents kept apart" if distill.packing == "documents" else ""))
     budget = unwrap(trainer.model).config.softmax_budget

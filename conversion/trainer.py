@@ -25,7 +25,7 @@ Stage 1 -- attention transfer (LoLCATs / RADLADS practice).
     commensurate for any model width.
 
 Stage 2 -- end-to-end fine-tuning.
-    `loss = lm_loss + kd_weight * T^2 KL(p_src(T) || p_natsl(T))` on all parameters but the
+    `loss = lm_weight * lm_loss + kd_weight * T^2 KL(p_src(T) || p_natsl(T))` on all parameters but the
     router, or on LoRA adapters (PEFT) on q/k/v/o and the new projections (a_proj, b_proj,
     gdn_gate_proj). The router stays frozen at its calibrated stage-1 state (routes: its argmax,
     no gradient through it), and its bias is calibrated to the budget again at the end, since the
@@ -124,7 +124,7 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
 def check_stage_options(stage: int, *, has_source: bool, kd_weight: float = 0.0, kd_temperature: float = 1.0,
                         budget_on: str = "prob", supervised_routing: bool = True, train_router: bool = False,
-                        lora: bool = False) -> None:
+                        lora: bool = False, lm_weight: float = 1.0) -> None:
     """Refuse the options of a recovery stage that cannot run together, naming the fix: the one check of
     them, for NatslDistillTrainer and natsl-distill (whose flags are the same names, `--train_router`)."""
     if stage not in (1, 2):
@@ -135,6 +135,11 @@ def check_stage_options(stage: int, *, has_source: bool, kd_weight: float = 0.0,
     if kd_weight < 0 or kd_temperature <= 0:
         raise ValueError(f"--kd_weight {kd_weight} / --kd_temperature {kd_temperature}: expected a weight >= 0 "
                          "and a temperature > 0.")
+    if lm_weight < 0:
+        raise ValueError(f"--lm_weight {lm_weight}: expected a weight >= 0.")
+    if stage == 2 and lm_weight == 0 and kd_weight == 0:
+        raise ValueError("--lm_weight 0 with --kd_weight 0 leaves stage 2 without a loss: give --kd_weight > 0 "
+                         "(logit KD only) or keep the LM loss.")
     if budget_on not in ("prob", "route"):
         raise ValueError(f"--budget_on {budget_on!r}: expected 'prob' (the model's router loss) or 'route'.")
     for flag, given, applies in (
@@ -142,6 +147,7 @@ def check_stage_options(stage: int, *, has_source: bool, kd_weight: float = 0.0,
         ("--no_supervised_routing", not supervised_routing, 1),
         ("--lora", lora, 2),
         ("--kd_weight", kd_weight != 0, 2),
+        ("--lm_weight", lm_weight != 1, 2),
     ):
         if given and stage != applies:
             raise ValueError(f"{flag} applies to --stage {applies}, not to --stage {stage}.")
@@ -294,6 +300,9 @@ class NatslDistillTrainer(Trainer):
         stage: 1 (attention transfer, only new parameters) or 2 (LM loss + optional logit KD).
         teacher: the frozen source model (required for stage 1 and for stage 2 with kd_weight > 0).
         kd_weight, kd_temperature: stage-2 logit distillation weight and temperature.
+        lm_weight: stage-2 weight of the LM loss (default 1). 0 with kd_weight > 0 is pure logit KD: the
+            student then follows the source's distribution rather than the training text's (the LM term pulls
+            it towards the data: bench/RECOVERY_NOTES.md measured greedy agreement 0.05 after LM + KD at 1 : 1).
         budget_on: "prob" (default) uses the model's router loss, a hinge on the mean router probability
             p (SPEC.md section 2). "route" replaces it by the same hinge on the straight-through route
             weight m (value: the realised hard fraction, gradient: that of p), so the penalty stops once
@@ -314,19 +323,19 @@ class NatslDistillTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module, args, *, stage: int, teacher: nn.Module | None = None,
-                 kd_weight: float = 0.0, kd_temperature: float = 1.0, budget_on: str = "prob",
+                 kd_weight: float = 0.0, kd_temperature: float = 1.0, lm_weight: float = 1.0, budget_on: str = "prob",
                  supervised_routing: bool = True, train_router: bool = False,
                  checkpoint_trainable_only: bool = False, **kwargs):
         check_stage_options(stage, has_source=teacher is not None, kd_weight=kd_weight,
                             kd_temperature=kd_temperature, budget_on=budget_on, supervised_routing=supervised_routing,
-                            train_router=train_router, lora=hasattr(model, "get_base_model"))
+                            train_router=train_router, lora=hasattr(model, "get_base_model"), lm_weight=lm_weight)
         if teacher is not None:
             check_pair(model, teacher)
         super().__init__(model=model, args=args, **kwargs)
         if checkpoint_trainable_only and self.is_fsdp_enabled:
             raise ValueError("checkpoint_trainable_only is not supported under FSDP (its checkpoints are sharded "
                              "state dicts): drop it, or train with DDP.")
-        self.stage, self.kd_weight, self.kd_temperature = stage, kd_weight, kd_temperature
+        self.stage, self.kd_weight, self.kd_temperature, self.lm_weight = stage, kd_weight, kd_temperature, lm_weight
         self.budget_on = budget_on
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self._saving_checkpoint = False
@@ -389,7 +398,7 @@ class NatslDistillTrainer(Trainer):
             if outputs.lm_loss is None:
                 raise ValueError("Stage 2 needs `labels` in the batch (load_packed_dataset provides them).")
             router = self._router_loss(outputs, outputs.lm_loss)
-            loss = outputs.lm_loss + router
+            loss = self.lm_weight * outputs.lm_loss + router  # lm_loss is logged at any weight: KD-only runs show it
             metrics = {"lm_loss": outputs.lm_loss, "router_loss": router}
             if self.kd_weight > 0:
                 with torch.no_grad():

@@ -18,7 +18,7 @@ from natsl_hf.conversion.data import load_packed_dataset, pack
 from natsl_hf.conversion.distill import save_final
 from natsl_hf.conversion.families import is_new_parameter
 from natsl_hf.conversion.trainer import TRAINABLE_WEIGHTS_NAME, AttentionTransfer, NatslDistillTrainer, prepare_student
-from natsl_testing import free_port
+from natsl_testing import free_port, mix_routes
 
 VOCAB, SEQ, CHUNK = 64, 32, 8
 
@@ -153,6 +153,31 @@ def test_stage2_lowers_lm_loss_with_kd(tmp_path):
     assert after < before - 0.5, (before, after)
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert all({"lm_loss", "kd_loss", "router_loss", "softmax_fraction"} <= set(e) for e in logs)
+
+
+def test_stage2_kd_only(tmp_path):
+    """lm_weight=0: the loss is the KD term alone (the LM loss is still logged), and it falls."""
+    src = tiny_source()
+    ds = token_dataset()
+    model = prepare_student(tiny_natsl(src), 2)
+    mix_routes(model, seed=1, alpha_std=3.0)
+    ids = batch(ds)["input_ids"]
+
+    def kd_now():
+        from natsl_hf.conversion.trainer import kd_loss
+
+        model.eval()
+        with torch.no_grad():
+            return kd_loss(model(ids, use_cache=False).logits, src(ids).logits, 1.0).item()
+
+    before = kd_now()
+    trainer = NatslDistillTrainer(model=model, args=targs(tmp_path, max_steps=12, learning_rate=3e-3, logging_steps=1),
+                                  train_dataset=ds, stage=2, teacher=src, kd_weight=1.0, lm_weight=0.0)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(e["loss"] == pytest.approx(e["kd_loss"] + e["router_loss"], rel=1e-3, abs=1e-6) for e in logs), logs
+    assert all(e["lm_loss"] > 10 * e["kd_loss"] for e in logs)  # logged, but not what trains
+    assert kd_now() < 0.7 * before, before
 
 
 def test_logs_no_fraction_when_nothing_was_routable(tmp_path):
@@ -510,6 +535,9 @@ def test_cli_takes_every_trainer_flag_over_the_recipe_defaults():
     (["--stage", "2", "--checkpoint_trainable_only", "--load_best_model_at_end", "--eval_strategy", "steps",
       "--save_strategy", "steps"], "--load_best_model_at_end cannot load one"),
     (["--stage", "2", "--eval_strategy", "steps"], "no evaluation set"),
+    (["--stage", "1", "--source", "s", "--lm_weight", "0.5"], "--lm_weight applies to --stage 2"),
+    (["--stage", "2", "--source", "s", "--lm_weight", "0"], "leaves stage 2 without a loss"),
+    (["--stage", "2", "--lm_weight", "-1"], "--lm_weight -1.0: expected a weight >= 0"),
 ])
 def test_cli_refuses_option_conflicts(argv, message):
     from natsl_hf.conversion.distill import parse_args

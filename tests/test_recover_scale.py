@@ -55,3 +55,21 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
     progress3 = json.loads((w / "o3" / recover.PROGRESS).read_text())
     assert len(progress3["pieces"]) == 3 and progress3["pieces"][2]["loaded"]["loaded"] == len(stage2)
     assert all(p["evaluation"]["student"]["ppl"] > 0 for p in progress3["pieces"][2:])
+
+
+def test_recalibrate_moves_only_router_biases(recover, tmp_path):
+    """--recalibrate sets the router biases at another length and keeps every other tensor; the last piece's record
+    keeps the earlier calibration and evaluation beside the new ones."""
+    w = tmp_path
+    assert recover.main(["--stage", "2", "--work", str(w / "w"), "--out", str(w / "o"), *PIECE]) == 0
+    before, _ = recover.read_resume(w / "o")
+    assert recover.main(["--recalibrate", str(w / "o"), "--quick", "--calibration-seq-len", "4096",
+                         "--calibration-blocks", "4", "--batch", "2", "--out", str(w / "r")]) == 0
+    after, progress = recover.read_resume(w / "r")
+    assert set(after) == set(before)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.endswith(".router.proj.bias") for n in changed), changed
+    last = progress["pieces"][-1]
+    assert last["calibration_seq_len"] == 4096 and last["calibration"]["softmax_fraction_after"] == pytest.approx(
+        0.25, abs=0.1)
+    assert last["earlier"][0]["calibration_seq_len"] == 2048 and last["earlier"][0]["evaluation"]["student"]["ppl"] > 0

@@ -1,0 +1,183 @@
+"""Text the source model writes itself: training shards on the teacher's own distribution (issue 22).
+
+    python bench/sample_source.py --gguf G --data D --out FOLDER --tokens 2000000 [--minutes 3]
+    (bench/recover_scale.py --selfgen-tokens N runs the same sampling in its own process, with the teacher it loaded)
+
+Logit KD on natural text teaches the student the source's next-token distribution on that text; what a
+user meets is the student continuing its *own* text, and the quality table scores exactly that (greedy
+agreement on the source's continuations). Text the source samples itself puts the KD loss there, and
+costs only GPU seconds: nothing has to be moved to the device machine.
+
+Prompts come from the train documents in D (bench/build_recovery_data.py's shards, whichever are there):
+- half continue a document's opening (16-64 tokens, as the data holds it: prose, documentation, code);
+- half are chat turns through the model's chat template (its default system prompt) that ask one of a few
+  instructions (`INSTRUCTIONS`: explain, summarise, continue, ...) about a passage of 48-192 tokens of a
+  document.
+The source samples each at temperature 0.8, top-p 0.95, up to `--new-tokens` tokens or its EOS; one sample
+is one document (prompt + continuation, closed by EOS), so the KD loss sees the prompt too. Batches run
+until `--tokens` are written or `--minutes` have passed, whichever comes first.
+
+Writes FOLDER/selfgen-NNNNN.npy.xz (uint16, lzma; the format of bench/build_recovery_data.py) and
+FOLDER/manifest.json (split "train"; tokenizer, command, device, seconds), so `--data FOLDER` reads them
+as any other shards (natsl_hf.conversion.data.load_token_shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INSTRUCTIONS = (
+    "Explain the following text in simple terms.",
+    "Summarize the following text in a few sentences.",
+    "What are the main points of this text?",
+    "Continue this text.",
+    "Write three questions about this text, and answer them.",
+    "Rewrite this text so that a beginner can follow it.",
+)
+TEMPERATURE, TOP_P = 0.8, 0.95
+SHARD_TOKENS = 4_000_000  # ~3-4 MB compressed: one shard travels on its own
+
+
+def _openings(docs: list[np.ndarray], rng: random.Random, n: int, low: int, high: int) -> list[list[int]]:
+    """`n` openings of random documents longer than `high`, each of a random length in [low, high]."""
+    long = [d for d in docs if len(d) > high + 1]
+    if not long:
+        raise ValueError(f"no train document is longer than {high} tokens: pass more shards with --data")
+    return [long[rng.randrange(len(long))][: rng.randint(low, high)].tolist() for _ in range(n)]
+
+
+def prompts(tokenizer, docs: list[np.ndarray], n: int, rng: random.Random) -> list[list[int]]:
+    """`n` prompts (token ids), half plain openings, half chat turns about a passage (module docstring)."""
+    plain = _openings(docs, rng, n - n // 2, 16, 64)
+    chats = []
+    for ids in _openings(docs, rng, n // 2, 48, 192):
+        passage = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        message = f"{rng.choice(INSTRUCTIONS)}\n\n{passage}"
+        chats.append(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False))
+    out = plain + [list(c) for c in chats]
+    rng.shuffle(out)
+    return out
+
+
+@torch.no_grad()
+def sample_batch(model, batch: list[list[int]], new_tokens: int, eos: int, pad: int) -> list[np.ndarray]:
+    """One left-padded `generate` of the prompts in `batch`; -> one document per prompt: prompt + sampled
+    tokens up to the first EOS, closed by EOS (uint16)."""
+    width = max(len(p) for p in batch)
+    device = next(model.parameters()).device
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(batch):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=TEMPERATURE,
+                         top_p=TOP_P, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+    docs = []
+    for p, row in zip(batch, out[:, width:].cpu().numpy()):
+        stop = np.flatnonzero(row == eos)
+        cont = row[: stop[0]] if len(stop) else row
+        docs.append(np.concatenate([np.asarray(p, dtype=np.int64), cont, [eos]]).astype(np.uint16))
+    return docs
+
+
+def sample(model, tokenizer, docs: list[np.ndarray], tokens: int, *, minutes: float, batch: int = 512,
+           new_tokens: int = 768, seed: int = 0, log=print) -> tuple[list[np.ndarray], dict]:
+    """Sample documents from `model` (the source) until `tokens` tokens or `minutes`; -> (documents, stats)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.eval()
+    out, written, start = [], 0, time.perf_counter()
+    while written < tokens and time.perf_counter() - start < minutes * 60:
+        new = sample_batch(model, prompts(tokenizer, docs, batch, rng), new_tokens, eos, pad)
+        out += new
+        written += sum(len(d) for d in new)
+        seconds = time.perf_counter() - start
+        log(f"selfgen: {len(out)} documents, {written} tokens, {seconds:.0f} s ({written / seconds:.0f} tok/s)")
+    seconds = time.perf_counter() - start
+    return out, {"documents": len(out), "tokens": written, "seconds": seconds, "tok_s": written / max(seconds, 1e-9),
+                 "batch": batch, "new_tokens": new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P, "seed": seed}
+
+
+def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict) -> list[str]:
+    """`docs` as shards of <= SHARD_TOKENS tokens in `folder`, with a manifest in the format of `like_manifest`
+    (the data folder the prompts came from: same tokenizer). Returns the shard names."""
+    from natsl_hf.conversion.data import SHARD_MANIFEST
+
+    from build_recovery_data import encode_shard  # bench/ is on the path: this file's folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, cur = [], []
+
+    def flush():
+        if not cur:
+            return
+        tokens = np.concatenate(cur)
+        blob = encode_shard(tokens)
+        name = f"selfgen-{len(shards):05d}.npy.xz"
+        (folder / name).write_bytes(blob)
+        shards.append({"file": name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+                       "tokens": int(len(tokens)), "documents": len(cur)})
+        cur.clear()
+
+    for d in docs:
+        if cur and sum(len(c) for c in cur) + len(d) > SHARD_TOKENS:
+            flush()
+        cur.append(d)
+    flush()
+    manifest = {"format": like_manifest["format"], "tokenizer": like_manifest["tokenizer"],
+                "shard_format": like_manifest.get("shard_format"), "made_by": "bench/sample_source.py", **info,
+                "splits": {"train": {"documents": len(docs), "tokens": int(sum(len(d) for d in docs)),
+                                     "shards": shards}}}
+    tmp = folder / (SHARD_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(folder / SHARD_MANIFEST)
+    return [s["file"] for s in shards]
+
+
+def manifest_of(data: Path) -> dict:
+    from natsl_hf.conversion.data import SHARD_MANIFEST
+
+    return json.loads((data / SHARD_MANIFEST).read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct GGUF")
+    p.add_argument("--data", type=Path, required=True, help="bench/build_recovery_data.py's output (the prompts)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the shards and their manifest")
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=768)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("sampling millions of tokens needs a GPU (this machine has no CUDA device)")
+    from natsl_hf.conversion.data import load_token_shards
+    from recover_scale import load_source
+
+    source, tokenizer = load_source(Path(args.gguf), quick=False)
+    source = source.to("cuda", torch.bfloat16)
+    docs, stats = sample(source, tokenizer, load_token_shards(args.data, "train"), args.tokens, minutes=args.minutes,
+                         batch=args.batch, new_tokens=args.new_tokens, seed=args.seed)
+    info = {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
+    print("\n".join(write_folder(args.out, docs, manifest_of(args.data), info)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
