@@ -1,8 +1,10 @@
-"""Shared helpers for the tests: tiny configs and models with mixed routing."""
+"""Shared helpers for the tests: tiny configs and models with mixed routing, tiny saved checkpoints for the CLIs."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -54,3 +56,32 @@ def tiny_model(seed: int = 0, mixed: bool = True, **overrides) -> NatslForCausal
     torch.manual_seed(seed)
     model = NatslForCausalLM(tiny_config(**overrides)).eval()
     return mix_routes(model, seed) if mixed else model
+
+
+class CliCheckpoints(NamedTuple):
+    """What `save_cli_checkpoints` wrote under `root`."""
+
+    root: Path
+    source: Path  # root / "src": a tiny Llama, with a tokenizer
+    natsl: Path  # root / "natsl": its NAtS-L conversion (chunk 8), with the same tokenizer
+    train_text: Path  # root / "train.txt": a short English training text
+
+
+def save_cli_checkpoints(root: Path) -> CliCheckpoints:
+    """Save the tiny checkpoints the command-line tests run on (test_distill.py's `cli_dirs`, test_cli_robustness.py's
+    `dirs`): a Llama source (test_distill.tiny_source, embeddings resized to the character tokenizer of
+    test_ddp_cpu.char_tokenizer), its NAtS-L conversion (test_distill.tiny_natsl), each with that tokenizer, and a
+    training text. Deterministic: the models are seeded."""
+    from test_ddp_cpu import char_tokenizer
+    from test_distill import tiny_natsl, tiny_source
+
+    root = Path(root)
+    paths = CliCheckpoints(root, root / "src", root / "natsl", root / "train.txt")
+    tok = char_tokenizer()
+    source = tiny_source()
+    source.resize_token_embeddings(len(tok), mean_resizing=False)
+    for folder, model in ((paths.source, source), (paths.natsl, tiny_natsl(source))):
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    paths.train_text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    return paths

@@ -49,20 +49,15 @@ def dirs(tmp_path_factory):
     training text and a text to inspect."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from natsl_testing import save_cli_checkpoints
     from test_ddp_cpu import char_tokenizer
-    from test_distill import tiny_natsl, tiny_source
 
-    root = tmp_path_factory.mktemp("cli")
-    tok = char_tokenizer()
-    source = tiny_source()
-    source.resize_token_embeddings(len(tok), mean_resizing=False)
-    for name, model in (("src", source), ("natsl", tiny_natsl(source))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    paths = save_cli_checkpoints(tmp_path_factory.mktemp("cli"))
+    root = paths.root
+    vocab = len(char_tokenizer())  # the tokenizer saved with the checkpoints
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                bos_token_id=0, eos_token_id=0)).save_pretrained(root / "gpt2")
-    (root / "train.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     (root / "text.txt").write_text("the router sends each chunk to softmax or to linear attention " * 2)
     return root
 

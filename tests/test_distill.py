@@ -549,16 +549,9 @@ def test_cli_refuses_option_conflicts(argv, message):
 @pytest.fixture(scope="module")
 def cli_dirs(tmp_path_factory):
     """A saved Llama source and its NAtS-L conversion (each with a tokenizer), training text, an empty file."""
-    from test_ddp_cpu import char_tokenizer
+    from natsl_testing import save_cli_checkpoints
 
-    root = tmp_path_factory.mktemp("cli")
-    tok = char_tokenizer()
-    source = tiny_source()
-    source.resize_token_embeddings(len(tok), mean_resizing=False)
-    for name, model in (("src", source), ("natsl", tiny_natsl(source))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    (root / "train.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    root = save_cli_checkpoints(tmp_path_factory.mktemp("cli")).root
     (root / "empty.txt").write_text("")
     return root
 
