@@ -270,8 +270,17 @@ class NatslAttention(nn.Module):
         if isinstance(state, NatslStaticLayerState):
             if n == 1 and not torch.is_grad_enabled():
                 return self._decode_static(x, q, k, v, q_rot, k_rot, token_mask, state)
-            state = state.to_dynamic() if bool((state.seen > 0).any()) else None
-        elif state is not None and n == 1 and token_mask is None and not torch.is_grad_enabled():
+            # a multi-token call (the prompt) runs through a NatslLayerState. Eager, an empty cache gives none, so
+            # that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch), the
+            # state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
+            # kept or open key)
+            if reference.tracing() or bool((state.seen > 0).any()):
+                state = state.to_dynamic()
+            else:
+                state = None
+        elif (state is not None and n == 1 and token_mask is None and not torch.is_grad_enabled()
+              and not reference.tracing()):
+            # the shortcut of a step that closes no chunk (eager: one sync to know); traced, `_segment`, same maths
             if bool(((state.seen + 1) % self.chunk_size != 0).all()):
                 return self._decode_step(x, q, k, v, q_rot, k_rot, state, return_state)
         return self._segment(x, q, k, v, q_rot, k_rot, token_mask, state, return_state)
@@ -460,9 +469,15 @@ class NatslAttention(nn.Module):
         C = self.chunk_size
         base = torch.div(seen, C, rounding_mode="floor")  # [B] first chunk of the segment
         rel = torch.div(k_pos, C, rounding_mode="floor") - base[:, None]
-        if dense and state is None:  # every row holds positions 0 .. S-1: known without a host sync
+        if (dense and state is None) or reference.tracing():
+            # every row holds positions 0 .. S-1: known without a host sync. Traced (torch.compile / torch.export,
+            # no host sync possible), the same static bound serves every segment: a row's real tokens are
+            # contiguous from its first chunk's start, so they reach chunk ceil(S / C) - 1 at most (ChunkLayout).
+            # Chunks past a row's last token have no token: not complete, so routed as incomplete chunks are
+            # (softmax, weight 1, not routable, no key); outputs, counts and the next state are the same, and
+            # only `routes` then has trailing columns of such chunks.
             N = math.ceil(S / C)
-        else:  # the chunks the rows' real tokens reach (one host sync)
+        else:  # the chunks the rows' real tokens reach (one host sync), so `routes` has a column per chunk reached
             N = int((torch.div(k_pos.max(1).values.clamp(min=0), C, rounding_mode="floor") - base).max()) + 1
         rel = torch.where(k_pos >= 0, rel, torch.full_like(rel, N))
         # chunks 0 .. N-1 of the segment and a dummy chunk N that padding goes to: never complete, so it is

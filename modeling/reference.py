@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .state import gdn_token_write, put_slot
+from .state import gdn_token_write, put_slot, tracing
 
 QUERY_BLOCK = 256  # softmax-branch queries per block (whole chunks, at least one)
 
@@ -58,7 +58,11 @@ class ChunkLayout:
     """Where a segment's tokens go in the chunk-aligned buffer [B, N*C]: slot = pos - base * C, base =
     each row's first chunk (0 for a row without tokens). Padding goes to a dummy slot N*C, dropped.
 
-    k_pos: [B, S] real positions of the segment's tokens (-1 = padding). One host sync (N)."""
+    k_pos: [B, S] real positions of the segment's tokens (-1 = padding). One host sync (N) in eager calls; traced
+    (`tracing()`), N is the static bound ceil(S / C) instead: a row's real slots are contiguous from 0 (its
+    positions rise by one from its first chunk's start, the cached open chunk's included), so they end by slot
+    S - 1, and the chunks past a row's last token are empty: zeros that write nothing and that no query reads.
+    Every output is the same; only work on those empty chunks is added."""
 
     def __init__(self, k_pos: torch.Tensor, chunk_size: int):
         C = chunk_size
@@ -67,7 +71,10 @@ class ChunkLayout:
         self.base = torch.where(valid.any(1), torch.div(first, C, rounding_mode="floor"), 0)  # [B]
         self.chunk_size = C
         slots = (k_pos - self.base[:, None] * C).masked_fill(~valid, -1)  # [B, S], -1 for padding
-        self.num_chunks = int(slots.max()) // C + 1 if slots.numel() else 0
+        if tracing():
+            self.num_chunks = -(-k_pos.shape[1] // C)
+        else:
+            self.num_chunks = int(slots.max()) // C + 1 if slots.numel() else 0
         self.length = self.num_chunks * C
         self.key_slot = self.slot(k_pos)  # [B, S]
 
@@ -173,14 +180,21 @@ def softmax_branch(
         keys, values = [prefix[0].to(dtype)], [prefix[1].to(dtype)]
         biases = [torch.where(prefix[2].bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, :, None]]  # [B,Hkv,1,L]
 
-    # the chunks some row and group routed softmax: the only earlier chunks a block visits
-    softmax_chunks = hard.unflatten(2, (layout.num_chunks, C)).any(3).any(1).any(0).nonzero().flatten()
+    # the chunks some row and group routed softmax: the only earlier chunks a block visits (a host sync: the count
+    # is data-dependent). Traced (`tracing()`), a block visits every earlier chunk instead: the bias (`_bias`) hides
+    # the keys of the chunks a (row, group) did not route softmax, so the output is the same.
+    visit_all = tracing()
+    if not visit_all:
+        softmax_chunks = hard.unflatten(2, (layout.num_chunks, C)).any(3).any(1).any(0).nonzero().flatten()
     per_block = max(1, QUERY_BLOCK // C)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_weight, *keys, *values))
 
     def block(qs, ks, vs, log_w, *prefix_kv, c0, c1):
         own = torch.arange(c0 * C, c1 * C, device=qs.device)  # the block's query slots and own key slots
-        early = (softmax_chunks[softmax_chunks < c0, None] * C + torch.arange(C, device=qs.device)).flatten()
+        if visit_all:
+            early = torch.arange(c0 * C, device=qs.device)
+        else:
+            early = (softmax_chunks[softmax_chunks < c0, None] * C + torch.arange(C, device=qs.device)).flatten()
         slots = torch.cat([early, own])  # [n] the segment keys the block visits
         block_keys, block_values = ks[:, :, slots], vs[:, :, slots]
         if prefix_kv:
@@ -365,7 +379,9 @@ def causal_depthwise_conv(
     if state is None:
         state = x.new_zeros(B, W - 1, C)
     seq = torch.cat([state.to(x.dtype), x], 1)  # [B, W-1+T, C]
-    if valid is not None and not bool(valid.all()):
+    # an all-real `valid` takes the plain conv (eager: one sync to know); traced (`tracing()`), the general path
+    # below, which computes the same for it (the sort keeps an all-real row in order)
+    if valid is not None and (tracing() or not bool(valid.all())):
         real = torch.cat([valid.new_ones(B, W - 1), valid.bool()], 1)
         order = torch.argsort(real.to(torch.int8), dim=1, stable=True)  # padding first, then real in order
         index = order[..., None].expand(-1, -1, C)

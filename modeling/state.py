@@ -28,6 +28,17 @@ from dataclasses import dataclass, fields
 import torch
 
 
+def tracing() -> bool:
+    """Whether this call is being traced by torch.compile or torch.export (both strict and non-strict), where a
+    tensor's values cannot be read on the host. The paths here then take no data-dependent host branch and no
+    data-dependent shape: each value read eagerly (a segment's chunk count, which chunks any row routed softmax,
+    whether a mask holds padding, how long the kept KV gets) is replaced by what serves every value, with the same
+    outputs. Eager calls keep the read: one cheap sync that saves the work the static form spends on empty chunks,
+    linear chunks or a plain conv. That is transformers' own pattern for data-dependent fast paths (masking_utils
+    skips its all-real-mask shortcuts under `is_tracing` / `is_torchdynamo_exporting`)."""
+    return torch.compiler.is_compiling()
+
+
 @dataclass
 class NatslLayerState:
     seen: torch.Tensor  # [B] long
@@ -104,10 +115,12 @@ def append_kept(state: NatslLayerState | None, k, v, keep):
     else:
         old_len, old_k, old_v = state.kept_len, state.kept_k, state.kept_v
     add = keep.sum(-1)
-    if int(add.max()) == 0 and state is not None:
+    if state is not None and not tracing() and int(add.max()) == 0:  # nothing kept: the same tensors (eager only)
         return state.kept_k, state.kept_v, state.kept_valid
     new_len = old_len + add
-    cap = max(int(new_len.max()), old_k.shape[2])
+    # as long as the longest (row, group) after the call: data-dependent. Eager, one host sync; under torch.export an
+    # unbacked size (the exported cache is shaped as the eager one); under torch.compile a graph break
+    cap = torch.sym_max(new_len.max().item(), old_k.shape[2])
     kept_k = old_k.new_zeros(B, Hkv, cap, D)
     kept_v = old_v.new_zeros(B, Hkv, cap, v.shape[-1])
     kept_k[:, :, : old_k.shape[2]] = old_k
@@ -225,10 +238,11 @@ class NatslStaticLayerState:
         self.open_k.copy_(put_slot(self.open_k, slot, k))
         self.open_v.copy_(put_slot(self.open_v, slot, v))
 
-    # --- multi-token calls: through a NatslLayerState (eager, may sync) -------------------------
+    # --- multi-token calls: through a NatslLayerState (eager: may sync; traced: none) ----------
     def to_dynamic(self) -> NatslLayerState:
-        """The same state as a `NatslLayerState` (kept KV trimmed to the longest (row, group))."""
-        L = int(self.kept_len.max())
+        """The same state as a `NatslLayerState` (kept KV trimmed to the longest (row, group); traced, where that
+        length cannot be read, every slot, `kept_valid` marking the kept ones)."""
+        L = self.kept_k.shape[2] if tracing() else int(self.kept_len.max())
         gdn = {}
         if self.gdn_state is not None:
             gdn = dict(gdn_k=self.gdn_k.clone(), gdn_g=self.gdn_g.clone(), gdn_beta=self.gdn_beta.clone(),
@@ -245,14 +259,17 @@ class NatslStaticLayerState:
         `kept_chunks` [B, Hkv] add the call's routable and kept-softmax chunk counts. Raises when a
         row's kept KV is beyond the capacity, naming `setting`, the knob that sizes it."""
         kept_len = state.kept_len
-        longest = int(kept_len.max()) if kept_len.numel() else 0
-        if longest > self.capacity:
-            raise ValueError(
-                f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this NatslStaticCache "
-                f"holds ({self.capacity}); raise `{setting}` when you create the cache."
-            )
+        if tracing():  # no host branch: a runtime check of the exported program (torch.export), the same bound
+            torch._check(kept_len.max().item() <= self.capacity)
+        else:
+            longest = int(kept_len.max()) if kept_len.numel() else 0
+            if longest > self.capacity:
+                raise ValueError(
+                    f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this "
+                    f"NatslStaticCache holds ({self.capacity}); raise `{setting}` when you create the cache."
+                )
         L = state.kept_k.shape[2]
-        keep = min(L, self.capacity)
+        keep = torch.sym_min(L, self.capacity)
         self.kept_k[:, :, :keep].copy_(state.kept_k[:, :, :keep])
         self.kept_v[:, :, :keep].copy_(state.kept_v[:, :, :keep])
         self.kept_len.copy_(kept_len)
@@ -267,7 +284,7 @@ class NatslStaticLayerState:
         # gdn_run / gdn_decay: the open chunk's tokens written one by one (padding slots: beta = g = 0)
         open_len = state.seen % self.chunk_size
         run, decay = state.gdn_state.float(), torch.zeros_like(self.gdn_decay)
-        for s in range(int(open_len.max())):
+        for s in range(self.chunk_size if tracing() else int(open_len.max())):  # traced: every slot (`live` masks)
             live = (s < open_len)[:, None].float()  # [B,1]
             g, beta = state.gdn_g[:, s] * live, state.gdn_beta[:, s] * live
             run = gdn_token_write(run, state.gdn_k[:, s], state.open_v[:, s], beta, g)

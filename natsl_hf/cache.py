@@ -303,7 +303,9 @@ class NatslStaticCache(StaticCache):
 
     Decode steps (one token per row) update the buffers in place, with no host sync and fixed shapes,
     so transformers compiles them (`cache.is_compileable`). A call of several tokens (the prompt) runs
-    eagerly and is copied in.
+    eagerly and is copied in. Both export with torch.export (tests/test_export.py): the step as transformers'
+    ExecuTorch recipe exports a StaticCache's, the cache's buffers made the module's; the prompt as transformers'
+    `decompose_for_generation` captures it, the capacity check then a runtime check of the program.
     """
 
     MIN_KEPT_CHUNKS = 8  # the default capacity's floor: short contexts keep room for 8 routable chunks

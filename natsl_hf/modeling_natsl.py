@@ -462,8 +462,8 @@ class NatslModel(NatslPreTrainedModel):
         """[B, n] bool (False = padding) from a 2D mask of the new tokens or of past + new, or None when
         every token is real. The mask holds 1 (or True) for tokens and 0 for padding, in any dtype; other
         values (an additive 0 / -inf mask, weights in between) are refused, in the same host sync that finds
-        "every token real". `dense_ok=False` (a compiled decode step) keeps the mask as it is instead of
-        checking it on the host."""
+        "every token real". `dense_ok=False` (a compiled decode step), like a traced call, keeps the mask as it is
+        instead of checking it on the host."""
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):
@@ -482,7 +482,12 @@ class NatslModel(NatslPreTrainedModel):
                 expected = f"[{B}, {n}]" if past == 0 else f"[{B}, {n}] (the new tokens) or [{B}, {past + n}] (cached + new tokens)"
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected}.")
         token_mask = attention_mask[:, -n:].bool()
-        if not dense_ok:
+        # Traced (torch.compile / torch.export: no host branch on the mask's values), the mask is kept as it is
+        # and not checked: every call then takes the padded path, which computes the same as the all-real one for
+        # a mask of ones (tests/test_export.py). Eager calls read the mask once, to refuse non-0/1 values and to
+        # send an all-real batch to the dense path (whole sequences, compiled and on kernels on CUDA), as
+        # transformers' masking_utils keeps its all-real shortcut outside tracing only.
+        if not dense_ok or torch.compiler.is_compiling():
             return token_mask
         if attention_mask.dtype == torch.bool:
             all_real = bool(token_mask.all())

@@ -196,3 +196,21 @@ def test_a_shorter_second_generate_reuses_the_static_cache():
     assert torch.equal(shorter, model.generate(ids, max_new_tokens=5, do_sample=False))
     model.generate(ids, max_new_tokens=12, **kwargs)
     assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len > first.cache_len
+
+
+def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls():
+    """transformers 5.2x sizes its static cache by generation_config.max_cache_len when that is larger than the call
+    (the worst case across calls, `_prepare_cache_for_generation`), so that later calls with a longer prompt or more
+    new tokens, up to it, reuse the same cache (no new buffers, no recompile). The NatslStaticCache generate() builds
+    follows it: as a generate() argument and from model.generation_config; past the ceiling, a larger cache."""
+    model = tiny_model(seed=3).eval()
+    short, longer = (torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 13))
+    model.generate(short, max_new_tokens=3, do_sample=False, cache_implementation="static", max_cache_len=40)
+    first = model._natsl_static_cache
+    assert first.cache_len == 40  # not the call's 5 + 3 - 1 (generate caches all but the last token)
+    model.generation_config.cache_implementation, model.generation_config.max_cache_len = "static", 40
+    out = model.generate(longer, max_new_tokens=28, do_sample=False)  # 13 + 28 - 1 = 40: the same cache
+    assert model._natsl_static_cache is first
+    assert torch.equal(out, model.generate(longer, max_new_tokens=28, do_sample=False, cache_implementation="dynamic"))
+    model.generate(longer, max_new_tokens=30, do_sample=False)  # 13 + 30 - 1 = 42 > 40: sized to the call
+    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 42
