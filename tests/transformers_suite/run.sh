@@ -17,7 +17,15 @@ mkdir -p "$tree/tests/models/natsl"
 touch "$tree/tests/models/__init__.py" "$tree/tests/models/natsl/__init__.py"
 cp "$here/natsl_suite.py" "$tree/tests/models/natsl/test_modeling_natsl.py"
 python -c "import transformers, natsl_hf; print('transformers', transformers.__version__, '| natsl_hf', natsl_hf.__version__)"
+# the tree's tests/ package first on the path; transformers itself is the installed one. Then the caller's
+# PYTHONPATH, its relative entries made absolute (pytest runs inside TREE), then this folder, so that
+# `-p tree_defaults` loads the plugin beside this script without a PYTHONPATH.
+path="$tree"
+IFS=: read -r -a entries <<< "${PYTHONPATH:-}"
+for entry in "${entries[@]}"; do
+  [ -z "$entry" ] || path="$path:$(cd "$entry" 2>/dev/null && pwd || echo "$entry")"
+done
+path="$path:$here"
 cd "$tree"
-# the tree's tests/ package first on the path; transformers itself is the installed one
-PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q -p no:cacheprovider -rfE \
+PYTHONPATH="$path" python -m pytest -q -p no:cacheprovider -rfE \
   tests/models/natsl/test_modeling_natsl.py "$@"
