@@ -43,14 +43,14 @@ Tokens seen, GPU seconds and the commands accumulate in `progress.json` across p
 writes a checkpoint as the shipped layout of conversion/recovered.py (bf16 matrices, fp32 small tensors,
 recovered.json with the conversion settings, the LoRA scale, tokens, GPU seconds, commands and evaluations).
 
-    python bench/recover_scale.py --materialize old=conversion/recovered/smollm2-135m-instruct-b0.25 new=SHIPPED \
-        --gguf G --to DIR
-
     python bench/recover_scale.py --recalibrate CKPT --calibration-seq-len 2048 --gguf G --data D --out OUT
 
 sets the router biases of a piece's checkpoint for another serving length (no training: the routes' ranking
 stays, only the threshold moves), re-evaluates, and writes the checkpoint to OUT (the last piece's record
 keeps the earlier calibration and evaluation beside the new ones).
+
+    python bench/recover_scale.py --materialize old=conversion/recovered/smollm2-135m-instruct-b0.25 new=SHIPPED \
+        --gguf G --to DIR
 
 writes DIR/source (the GGUF's model) and DIR/LABEL for each shipped layout (converted, recovered parameters
 applied: what the README main job gives a user) as checkpoints for bench/eval_quality.py, from one GGUF load.
@@ -204,7 +204,7 @@ def train_blocks(folders: list[Path], vocab: int, seed: int, quick: bool,
     n = len(tokens) // seq_len
     blocks = torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    names = [f"{f.name}/{s['file']}" for f in folders for s in _manifest(f)["splits"]["train"]["shards"]
+    names = [f"{f.name}/{s['file']}" for f in folders for s in manifest_of(f)["splits"]["train"]["shards"]
              if (f / s["file"]).is_file()]
     return blocks[order], names
 
@@ -218,7 +218,8 @@ def mix_blocks(blocks: torch.Tensor, extra: torch.Tensor, share: float, seed: in
     return both[torch.randperm(len(both), generator=g)]
 
 
-def _manifest(folder: Path) -> dict:
+def manifest_of(folder: Path) -> dict:
+    """The manifest.json of a shard folder (bench/build_recovery_data.py's or bench/sample_source.py's)."""
     from natsl_hf.conversion.data import SHARD_MANIFEST
 
     return json.loads((folder / SHARD_MANIFEST).read_text())
@@ -283,13 +284,11 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> dict:
 def sample_own_text(teacher, tokenizer, prompts_from: Path, folder: Path, args, seed: int) -> dict:
     """bench/sample_source.py in this process: the teacher samples `--selfgen-tokens` tokens from prompts of the
     train documents in `prompts_from`, written as shards to `folder`; -> its statistics and shard names."""
-    from sample_source import manifest_of, sample, write_folder
+    from sample_source import run_info, sample, write_folder
 
     docs, stats = sample(teacher, tokenizer, load_token_shards(prompts_from, "train"), args.selfgen_tokens,
                          minutes=args.selfgen_minutes, seed=seed)
-    info = {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
-            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
-    files = write_folder(folder, docs, manifest_of(prompts_from), info)
+    files = write_folder(folder, docs, manifest_of(prompts_from), run_info(stats))
     return {**stats, "folder": str(folder), "shards": files}
 
 
@@ -322,7 +321,9 @@ def run_piece(args) -> dict:
     selfgen = None
     if args.selfgen_tokens:
         own = Path(args.selfgen_out or work / "selfgen")
-        selfgen = (json.loads((own / "manifest.json").read_text())["splits"]["train"] if (own / "manifest.json").is_file()
+        from natsl_hf.conversion.data import SHARD_MANIFEST
+
+        selfgen = (manifest_of(own)["splits"]["train"] if (own / SHARD_MANIFEST).is_file()  # sampled before: reused
                    else sample_own_text(teacher, tokenizer, folders[0], own, args, seed))
         own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick)
         blocks = mix_blocks(blocks, own_blocks, args.selfgen_share, seed)
@@ -521,9 +522,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)
+    if args.calibration_seq_len % CHUNK_SIZE or args.calibration_seq_len < SEQ_LEN // 4:
+        p.error(f"--calibration-seq-len {args.calibration_seq_len}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
     if args.materialize:
         if not (args.to and args.gguf):
             p.error("--materialize needs --to and --gguf")
+        for item in args.materialize:
+            label, sep, folder = item.partition("=")
+            if not (sep and label and folder) or label == "source" or "/" in label:
+                p.error(f"--materialize {item!r}: expected LABEL=FOLDER, a label other than 'source' "
+                        "(DIR/source is the GGUF's model) and without '/'")
         materialize(args.materialize, Path(args.gguf), args.to)
         return 0
     if args.recalibrate:
@@ -545,8 +553,6 @@ def main(argv=None) -> int:
                 "without CUDA")
     if not 0 < args.selfgen_share < 1:
         p.error(f"--selfgen-share {args.selfgen_share}: give a share in (0, 1)")
-    if args.calibration_seq_len % CHUNK_SIZE or args.calibration_seq_len < SEQ_LEN // 4:
-        p.error(f"--calibration-seq-len {args.calibration_seq_len}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
     run_piece(args)
     return 0
 

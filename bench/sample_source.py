@@ -111,6 +111,12 @@ def sample(model, tokenizer, docs: list[np.ndarray], tokens: int, *, minutes: fl
                  "batch": batch, "new_tokens": new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P, "seed": seed}
 
 
+def run_info(stats: dict) -> dict:
+    """What a manifest of sampled shards records besides them: the command, device, versions and `stats`."""
+    return {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
+
+
 def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict) -> list[str]:
     """`docs` as shards of <= SHARD_TOKENS tokens in `folder`, with a manifest in the format of `like_manifest`
     (the data folder the prompts came from: same tokenizer). Returns the shard names."""
@@ -147,12 +153,6 @@ def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info
     return [s["file"] for s in shards]
 
 
-def manifest_of(data: Path) -> dict:
-    from natsl_hf.conversion.data import SHARD_MANIFEST
-
-    return json.loads((data / SHARD_MANIFEST).read_text())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct GGUF")
@@ -167,15 +167,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("sampling millions of tokens needs a GPU (this machine has no CUDA device)")
     from natsl_hf.conversion.data import load_token_shards
-    from recover_scale import load_source
+    from recover_scale import load_source, manifest_of
 
     source, tokenizer = load_source(Path(args.gguf), quick=False)
     source = source.to("cuda", torch.bfloat16)
     docs, stats = sample(source, tokenizer, load_token_shards(args.data, "train"), args.tokens, minutes=args.minutes,
                          batch=args.batch, new_tokens=args.new_tokens, seed=args.seed)
-    info = {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
-            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
-    print("\n".join(write_folder(args.out, docs, manifest_of(args.data), info)))
+    print("\n".join(write_folder(args.out, docs, manifest_of(args.data), run_info(stats))))
     return 0
 
 

@@ -73,3 +73,15 @@ def test_recalibrate_moves_only_router_biases(recover, tmp_path):
     assert last["calibration_seq_len"] == 4096 and last["calibration"]["softmax_fraction_after"] == pytest.approx(
         0.25, abs=0.1)
     assert last["earlier"][0]["calibration_seq_len"] == 2048 and last["earlier"][0]["evaluation"]["student"]["ppl"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recalibrate", "CKPT", "--quick", "--out", "O", "--calibration-seq-len", "1000"],
+     "--calibration-seq-len 1000: give a multiple of 64"),
+    (["--materialize", "source=F", "--gguf", "G", "--to", "D"], "a label other than 'source'"),
+    (["--materialize", "old", "--gguf", "G", "--to", "D"], "expected LABEL=FOLDER"),
+])
+def test_modes_refuse_bad_options_before_any_work(recover, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        recover.main(argv)
+    assert message in capsys.readouterr().err

@@ -91,7 +91,7 @@ def test_prompts_sample_and_shards(tools, tmp_path):
         for d in sampled:  # prompt + at most 8 sampled tokens, closed by EOS (a chat prompt holds the template's own)
             assert d[-1] == eos
             assert len(d) <= 64 + 8 + 1 or d[0] == tok.convert_tokens_to_ids("w1")
-        files = sample_source.write_folder(tmp_path / "selfgen", sampled, sample_source.manifest_of(natural),
+        files = sample_source.write_folder(tmp_path / "selfgen", sampled, recover.manifest_of(natural),
                                            {"command": "test"})
         assert files == ["selfgen-00000.npy.xz"]
 
