@@ -34,7 +34,7 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   per piece the stage, steps, tokens, seconds, loss history, and the evaluation;
 - evaluation (the end of every piece): held-out perplexity of source and student on 2048-token blocks
   of the held-out shard, and the realised softmax fraction, with the model as it serves (eval mode,
-  argmax routes).
+  argmax routes); both again on the same tokens as 4096-token blocks (`at_4096`).
 
 Tokens seen, GPU seconds and the commands accumulate in `progress.json` across pieces.
 
@@ -281,6 +281,13 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> dict:
     return {"ppl": math.exp(nll / count), "softmax_fraction": soft / routable if routable else None, "tokens": count}
 
 
+def evaluate(model, heldout: torch.Tensor, batch: int) -> dict:
+    """`perplexity` on the held-out blocks, and again with pairs of them joined into blocks twice as long
+    (`at_4096`: the same tokens at the longer context, where a router that keys on position keeps more)."""
+    longer = heldout[: len(heldout) // 2 * 2].reshape(-1, 2 * heldout.shape[1])
+    return {**perplexity(model, heldout, batch), f"at_{longer.shape[1]}": perplexity(model, longer, max(batch // 2, 1))}
+
+
 def sample_own_text(teacher, tokenizer, prompts_from: Path, folder: Path, args, seed: int) -> dict:
     """bench/sample_source.py in this process: the teacher samples `--selfgen-tokens` tokens from prompts of the
     train documents in `prompts_from`, written as shards to `folder`; -> its statistics and shard names."""
@@ -359,9 +366,9 @@ def run_piece(args) -> dict:
     folder = work / "ckpt"
     files = save_checkpoint(trainer.model, folder)
     t_eval = time.perf_counter()
-    evaluation = {"student": perplexity(trainer.model, heldout, args.batch)}
-    if not progress.get("source_eval"):
-        progress["source_eval"] = perplexity(teacher, heldout, args.batch)
+    evaluation = {"student": evaluate(trainer.model, heldout, args.batch)}
+    if "at_" + str(2 * heldout.shape[1]) not in progress.get("source_eval", {}):
+        progress["source_eval"] = evaluate(teacher, heldout, args.batch)
     evaluation["source"] = progress["source_eval"]
     evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
     steps = result.global_step
@@ -439,9 +446,10 @@ def recalibrate(args) -> dict:
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
-    evaluation = {"student": perplexity(student, heldout, args.batch), "source": progress.get("source_eval")}
-    if evaluation["source"] is None or evaluation["source"]["tokens"] != evaluation["student"]["tokens"]:
-        evaluation["source"] = perplexity(source.to(DEV), heldout, args.batch)
+    evaluation = {"student": evaluate(student, heldout, args.batch), "source": progress.get("source_eval")}
+    if evaluation["source"] is None or evaluation["source"].keys() != evaluation["student"].keys() \
+            or evaluation["source"]["tokens"] != evaluation["student"]["tokens"]:
+        evaluation["source"] = evaluate(source.to(DEV), heldout, args.batch)
     evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
     last.setdefault("earlier", []).append({k: last.get(k) for k in ("calibration", "calibration_seq_len", "evaluation")})
     last.update(calibration={"softmax_fraction_before": before, "softmax_fraction_after": after,

@@ -220,7 +220,8 @@ class NatslAttention(nn.Module):
         x = hidden_states
         q, k, _ = self._project(x)
         cos, sin = position_embeddings
-        mass = chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling)
+        mass = chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling,
+                                    self.config.num_sink_chunks)
         B, N, C = mass.shape[0], mass.shape[1], self.chunk_size
         routable = (torch.arange(N, device=x.device) >= self.config.num_sink_chunks)[None, :, None].expand_as(mass)
         target, labelled = routing_targets(mass, routable, self.config.softmax_budget)
@@ -376,7 +377,7 @@ class NatslAttention(nn.Module):
         if not (self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None):
             return routes, None
         B, N = routes.hard.shape[:2]
-        mass = chunk_attention_mass(q_rot, k_rot, self.chunk_size, self.scaling)  # [B, S // C, Hkv]
+        mass = chunk_attention_mass(q_rot, k_rot, self.chunk_size, self.scaling, self.config.num_sink_chunks)  # [B, S//C, Hkv]
         mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
         target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
         argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route

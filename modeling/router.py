@@ -14,6 +14,7 @@ always softmax and carry no router gradient; `route_override` forces every routa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,25 +108,49 @@ def router_loss(routes: Routes, budget: float, loss_weight: float) -> torch.Tens
 # margin. During supervised training the layer routes by these targets, so the GDN branch learns
 # exactly the chunks it will be given.
 #
-# A chunk's importance is the attention that queries at least one chunk later put on it, relative to
-# the uniform share each query gives a chunk (C / the number of keys it sees), averaged over those
-# queries and the group's q heads. Relative, because raw probabilities favour early chunks (their
-# queries see few keys); "one chunk later", because the next chunk's queries attend to their
-# neighbour for local reasons the GDN state already serves (it holds chunk t-1's writes, barely
-# decayed, when chunk t reads it). A chunk without such queries in the block is not labelled.
+# A chunk's importance is how much more attention the queries at least two chunks later put on it than
+# their position and their distance to it alone predict. "At least two chunks later", because the next
+# chunk's queries attend to their neighbour for local reasons the GDN state already serves (it holds chunk
+# t-1's writes, barely decayed, when chunk t reads it). "Than position and distance predict", because both
+# bias raw attention: a query that sees few keys gives each a large share, and attention decays with
+# distance, so the last chunks of a block (scored only by near queries) looked heavy whatever they held. A
+# router trained on such targets learns "near the end of the block" (from the pretrained model's sense of
+# context length) and keeps more chunks the longer the context (bench/router_length_probe.py measured it:
+# calibrated at 2048, 0.50 kept at 4096). The targets below compare each chunk with the attention expected
+# of a chunk at its distance from a query at that position, so a chunk is kept for what it holds.
+
+
+def _distance_bins(distance: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Chunk distance (>= 2) -> bin of the distance profile: one bin per distance below 8, then quarter
+    octaves (few query-key pairs lie far apart; a bin pools them). num_bins from `_num_distance_bins`."""
+    octaves = torch.log2(distance.clamp(min=8).float() / 8)
+    return torch.where(distance < 8, distance, 8 + (4 * octaves).floor().long()).clamp(max=num_bins - 1)
+
+
+def _num_distance_bins(max_distance: int) -> int:
+    d = max(max_distance, 2)
+    return (d if d < 8 else 8 + math.floor(4 * math.log2(d / 8))) + 1
 
 
 @torch.no_grad()
-def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float) -> torch.Tensor:
-    """Long-range attention each complete chunk receives, relative to a uniform share.
+def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
+                         num_sink_chunks: int = 0, iterations: int = 8) -> torch.Tensor:
+    """Long-range attention each complete chunk receives, over what a chunk at its distance would get.
 
     q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded
     sequences. Attention is full causal softmax (every earlier token visible), as in the source.
-    -> mass [B, T // C, Hkv] fp32: for chunk c and KV group g, the mean over the group's q heads and
-    over the queries i of chunks >= c + 2 of P_i(chunk c) * (i + 1) / C (1 = what uniform attention
-    gives); NaN for a chunk with no such query.
+    -> mass [B, T // C, Hkv] fp32 (1 = what position and distance predict; NaN for a chunk with no query
+    two chunks later).
 
-    P_i(chunk c) for every query and chunk is one attention call whose values are the chunks' indicator
+    With A[j, c] the attention the queries of chunk j (and the group's q heads) put on chunk c in total,
+    the model A[j, c] ~ a[j] * b[bin(j - c)] over the pairs j >= c + 2 (a: per row, group and query chunk,
+    the queries' count and spread; b: per group, the distance profile, pooled over the rows) is fitted by
+    alternating the two factors' maximum-likelihood updates (Poisson, i.e. iterative proportional fitting;
+    `iterations` fixed, no host sync), on the non-sink chunks (the sinks are softmax anyway and would
+    dominate the profile). mass[c] = sum_j A[j, c] / sum_j a[j] b[bin(j - c)] over c's far queries j.
+    Uniform attention and attention that only decays with distance both give every chunk 1.
+
+    A[j, c] for every query and chunk comes from one attention call whose values are the chunks' indicator
     columns (`F.scaled_dot_product_attention` with v [T, N] one-hot: a fused kernel, the [T, T] probabilities
     never stored), in the autocast dtype when autocast is on (training: bf16; the targets are a ranking, which
     bf16 probabilities keep), else in q's dtype.
@@ -133,6 +158,7 @@ def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scal
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G, C, N = Hq // Hkv, chunk_size, T // chunk_size
+    Nq = -(-T // C)  # query chunks, a tail chunk included
     device = q.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else q.dtype
     pos = torch.arange(T, device=device)
@@ -141,12 +167,22 @@ def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scal
         indicator = (pos[:, None] // C == torch.arange(N, device=device)).to(dtype)  # [T, N]; a tail chunk: no column
         values = indicator.expand(B, Hq, T, N).contiguous()
         share = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), keys, values, is_causal=True, scale=scale)
-        far = torch.arange(N, device=device) <= pos[:, None] // C - 2  # [T, N] chunk two chunks back or more
-        weight = far * (pos[:, None] + 1) / C  # P * (keys seen) / C
-        total = (share.float() * weight).unflatten(1, (Hkv, G)).sum((2, 3))  # [B, Hkv, N]
-        queries = (T - (torch.arange(N, device=device) + 2) * C).clamp(min=0) * G  # (query, head) pairs
-        mass = total / queries.clamp(min=1)
-        mass = torch.where(queries > 0, mass, torch.full_like(mass, float("nan")))
+        share = F.pad(share.float(), (0, 0, 0, Nq * C - T))  # [B, Hq, Nq * C, N]
+        A = share.unflatten(2, (Nq, C)).sum(3).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, Nq, N]
+        distance = torch.arange(Nq, device=device)[:, None] - torch.arange(N, device=device)  # [Nq, N]
+        far = distance >= 2
+        fit = far & (torch.arange(N, device=device) >= num_sink_chunks)
+        num_bins = _num_distance_bins(Nq - 1)
+        bins = _distance_bins(distance.clamp(min=2), num_bins)
+        onehot = (bins[..., None] == torch.arange(num_bins, device=device)).float()  # [Nq, N, bins]
+        fit_bins, far_bins = onehot * fit[..., None], onehot * far[..., None]
+        b = torch.ones(Hkv, num_bins, device=device)  # distance profile
+        for _ in range(iterations):
+            a = (A * fit).sum(3) / torch.einsum("gk,jck->gj", b, fit_bins).clamp(min=1e-30)  # [B, Hkv, Nq]
+            b = torch.einsum("bgjc,jck->gk", A, fit_bins) / torch.einsum("bgj,jck->gk", a, fit_bins).clamp(min=1e-30)
+        expected = a[..., None] * torch.einsum("gk,jck->gjc", b, far_bins)  # [B, Hkv, Nq, N], 0 where not far
+        mass = (A * far).sum(2) / expected.sum(2).clamp(min=1e-30)  # [B, Hkv, N]
+        mass = torch.where(far.any(0), mass, torch.full_like(mass, float("nan")))
     return mass.transpose(1, 2)
 
 

@@ -55,6 +55,11 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
     progress3 = json.loads((w / "o3" / recover.PROGRESS).read_text())
     assert len(progress3["pieces"]) == 3 and progress3["pieces"][2]["loaded"]["loaded"] == len(stage2)
     assert all(p["evaluation"]["student"]["ppl"] > 0 for p in progress3["pieces"][2:])
+    # every piece evaluates at twice the block length too (--quick: 256-token blocks joined in pairs)
+    longer = [p["evaluation"]["student"]["at_512"] for p in progress3["pieces"]]
+    assert all(e["tokens"] == 511 and e["ppl"] > 0 for e in longer)
+    assert all(0 <= e["softmax_fraction"] <= 1 for e in longer)
+    assert progress3["source_eval"]["at_512"]["softmax_fraction"] is None
 
 
 def test_recalibrate_moves_only_router_biases(recover, tmp_path):
