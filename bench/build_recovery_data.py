@@ -722,6 +722,47 @@ def tokenise_source(res: SourceResult, tok: Tok, batch_chars: int = 2_000_000) -
     res.seconds["tokenise"] = round(time.time() - t0, 1)
 
 
+def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, n: int, seed: int) -> np.ndarray:
+    """`n` recall documents of exactly one training block each, built from token ids (no text needed): what
+    bench/recover_scale.py --recall-share mixes into its blocks, so that every line and the questions about it
+    fall in the same block (a `recall_documents` document can straddle a block boundary of the packed stream).
+
+    haystack: [M, L] token blocks (the filler: each document takes one, cycled); encode: str -> token ids;
+    boundary: [V] bool, the tokens a sentence or line ends with (lines go in after one, or at the start);
+    eos: the id that closes each document. The kinds alternate as in `recall_documents`: 8 key-value lines
+    "The code for WORD is NNNN." at random boundaries, or one needle line at a random depth, then every
+    question with its answer in a random order and EOS, the filler cut so that the document is L tokens.
+    -> [n, L] int64."""
+    from eval_quality import KEY_VALUE, NEEDLE, WORDS
+
+    M, L = haystack.shape
+    rng = random.Random(f"recall-blocks:{seed}")
+    out = np.empty((n, L), dtype=np.int64)
+    for i in range(n):
+        needle = i % 2 == 1
+        probe = NEEDLE if needle else KEY_VALUE
+        keys = rng.sample(WORDS, 1 if needle else 8)
+        pairs = [(k, str(rng.randint(10 ** (probe.digits - 1), 10 ** probe.digits - 1))) for k in keys]
+        lines = [encode(" " + probe.line.format(key=k, value=v)) for k, v in pairs]
+        qa = [t for k, v in rng.sample(pairs, len(pairs)) for t in encode(probe.question.format(key=k)) + encode(f" {v}") + encode(".")]
+        room = L - len(qa) - 1 - sum(len(line) for line in lines)
+        if room < 1:
+            raise ValueError(f"a {L}-token block has no room for {len(lines)} recall lines and their questions")
+        filler = haystack[rng.randrange(M)][:room]
+        starts = [0] + [j + 1 for j in np.flatnonzero(boundary[filler[:-1]])]  # where a line may go in
+        if needle:
+            depth = rng.random() * room
+            slots = [min(starts, key=lambda j: abs(j - depth))]
+        else:
+            slots = sorted(rng.sample(starts, len(lines)) if len(starts) >= len(lines) else rng.choices(starts, k=len(lines)))
+        pieces, at = [], 0
+        for slot, line in zip(slots, lines):
+            pieces += [filler[at:slot], line]
+            at = slot
+        out[i] = np.concatenate([np.asarray(x, dtype=np.int64) for x in (*pieces, filler[at:], qa, [eos])])
+    return out
+
+
 def recall_documents(tok: Tok, split: str, prose: list[Doc], target_tokens: int, lengths: list[int],
                      seed: int) -> list[Doc]:
     """Key-value and needle documents (bench/eval_quality.py's formats) in runs of `prose`'s sentences, each

@@ -17,7 +17,10 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   number of pieces run so far, so pieces see different blocks; `--selfgen-tokens N` first has the source
   sample N tokens of its own text from prompts of the first folder (bench/sample_source.py, in this process;
   a `--selfgen-out` folder that already holds such shards is reused instead), and `--selfgen-share` of the
-  blocks are then drawn from that text (its blocks repeated as needed);
+  blocks are then drawn from that text (its blocks repeated as needed); `--recall-share S` makes S of the
+  blocks recall blocks (key-value and needle lines in the filler of other blocks, every question about them
+  in the same block, where the data's own recall documents can straddle a block boundary), so that stage 1's
+  targets see the lookups a retrieval head makes and stage 2 trains on them;
 - stage 1 (`NatslDistillTrainer`, stage 1: attention transfer to the source layer by layer + supervised
   routing): the new NAtS-L parameters train; on a fresh start the routers are first fitted to the source
   attention (`fit_routers`); at the end of the piece the router biases are calibrated to the budget;
@@ -218,6 +221,30 @@ def mix_blocks(blocks: torch.Tensor, extra: torch.Tensor, share: float, seed: in
     return both[torch.randperm(len(both), generator=g)]
 
 
+RECALL_BLOCKS_MAX = 4096  # distinct recall blocks made per piece (mix_blocks cycles them)
+
+
+def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int) -> tuple[torch.Tensor, int]:
+    """`blocks` with `share` of them replaced by recall blocks (build_recovery_data.recall_blocks: key-value and
+    needle lines in the filler of other training blocks, every question in the same block), in one shuffled
+    order; -> (blocks, distinct recall blocks made). tokenizer None (--quick: random ids): one id per word
+    (its crc32), so that 8 lines and their questions fit the quick run's 256-token blocks."""
+    import zlib
+
+    from build_recovery_data import recall_blocks
+
+    if tokenizer is None:
+        encode = lambda s: [zlib.crc32(w.encode()) % vocab for w in s.split()]  # noqa: E731
+        boundary, eos = np.arange(vocab) % 16 == 0, 2
+    else:
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+        boundary, eos = np.array([t.endswith((".", "!", "?", "\n")) for t in pieces]), tokenizer.eos_token_id
+    n = min(round(len(blocks) * share / (1 - share)), RECALL_BLOCKS_MAX)
+    recall = recall_blocks(blocks[:n].numpy(), encode, boundary, eos, n, seed)
+    return mix_blocks(blocks, torch.from_numpy(recall), share, seed), n
+
+
 def manifest_of(folder: Path) -> dict:
     """The manifest.json of a shard folder (bench/build_recovery_data.py's or bench/sample_source.py's)."""
     from natsl_hf.conversion.data import SHARD_MANIFEST
@@ -335,6 +362,10 @@ def run_piece(args) -> dict:
         own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick)
         blocks = mix_blocks(blocks, own_blocks, args.selfgen_share, seed)
         shards += own_shards
+    recall = None
+    if args.recall_share:
+        blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed)
+        recall = {"share": args.recall_share, "distinct_blocks": made}
     calibration_blocks = train_blocks(folders[:1], vocab, seed + 1, args.quick, args.calibration_seq_len)[0]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
     lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
@@ -378,7 +409,7 @@ def run_piece(args) -> dict:
         "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
         "lm_weight": args.lm_weight if lora else None, "kd_weight": args.kd_weight if lora else None,
-        "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen,
+        "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen, "recall": recall,
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
         "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
         "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "calibration": calibration,
@@ -522,6 +553,9 @@ def main(argv=None) -> int:
     p.add_argument("--selfgen-minutes", type=float, default=3.0, help="time cap of that sampling")
     p.add_argument("--selfgen-share", type=float, default=0.5, help="share of the training blocks drawn from that text")
     p.add_argument("--selfgen-out", help="folder of the sampled shards (default WORK/selfgen)")
+    p.add_argument("--recall-share", type=float, default=0.0,
+                   help="share of the training blocks that are recall blocks (key-value / needle lines and every "
+                        "question about them in one block: build_recovery_data.recall_blocks); default 0")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
     p.add_argument("--logging-steps", type=int, default=25)
@@ -559,6 +593,8 @@ def main(argv=None) -> int:
     if args.selfgen_tokens and (args.quick or DEV != "cuda"):
         p.error("--selfgen-tokens samples with the source on the GPU (bench/sample_source.py): not with --quick or "
                 "without CUDA")
+    if not 0 <= args.recall_share < 1:
+        p.error(f"--recall-share {args.recall_share}: give a share in [0, 1)")
     if not 0 < args.selfgen_share < 1:
         p.error(f"--selfgen-share {args.selfgen_share}: give a share in (0, 1)")
     run_piece(args)

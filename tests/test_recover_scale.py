@@ -90,3 +90,53 @@ def test_modes_refuse_bad_options_before_any_work(recover, argv, message, capsys
     with pytest.raises(SystemExit):
         recover.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_recall_blocks_keep_lines_and_questions_in_one_block():
+    """build_recovery_data.recall_blocks: each recall document is exactly one block (so the training stream
+    cannot cut a line from its question), its lines go in at sentence boundaries of the filler, every question is
+    answered with its line's value, and the filler is an unbroken prefix of one haystack block."""
+    import random
+    import re
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from build_recovery_data import recall_blocks
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "." for _ in range(400))
+    L, M = 2048, 3
+    haystack = np.stack([np.frombuffer(text[i * 40:][:L].encode(), dtype=np.uint8).astype(np.int64) for i in range(M)])
+    boundary = np.zeros(256, dtype=bool)
+    boundary[ord(".")] = True
+    blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=4, seed=3)
+    assert blocks.shape == (4, L) and (blocks[:, -1] == 0).all()
+    for i, row in enumerate(blocks):
+        doc = bytes(row[:-1].astype(np.uint8)).decode()
+        context = doc[: doc.index(" Question:")]
+        kv = re.findall(r" The code for (\w+) is (\d{4})\.", context)
+        needle = re.findall(r" The special magic number for (\w+) is (\d{7})\.", context)
+        lines = needle if i % 2 else kv
+        assert len(lines) == (1 if i % 2 else 8) and not (kv if i % 2 else needle)
+        answers = re.findall(r" Question: what is the (?:code|special magic number) for (\w+)\? Answer: The "
+                             r"(?:code|special magic number) for \w+ is (\d+)\.", doc)
+        assert sorted(answers) == sorted(lines)  # every line asked about once, answered with its value
+        for key, value in lines:  # inserted at the start or right after a sentence's end
+            at = context.index(f" The {'special magic number' if i % 2 else 'code'} for {key} is {value}.")
+            assert at == 0 or context[at - 1] == "."
+        filler = re.sub(r" The (?:code|special magic number) for \w+ is \d+\.", "", context)
+        assert any(text[j * 40:].startswith(filler) for j in range(M)) and len(filler) > L // 3
+
+
+def test_recall_share_mixes_recall_blocks_into_a_piece(recover, tmp_path):
+    w = tmp_path
+    assert recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), "--recall-share", "0.25",
+                         *PIECE]) == 0
+    piece = json.loads((w / "o" / recover.PROGRESS).read_text())["pieces"][0]
+    assert piece["recall"] == {"share": 0.25, "distinct_blocks": round(64 * 0.25 / 0.75)}
+    assert piece["blocks_available"] == 64 + piece["recall"]["distinct_blocks"]
+    with pytest.raises(SystemExit):
+        recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), "--recall-share", "1", *PIECE])
