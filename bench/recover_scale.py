@@ -114,9 +114,13 @@ def conversion_options(num_layers: int, budget: float, layer_hybrid: bool) -> di
     return {**base, "natsl_layers": list(range(num_layers))}
 
 
-def student_of(source, budget: float, layer_hybrid: bool = False):
+def student_of(source, budget: float, layer_hybrid: bool = False, layer_budget_scale: list[float] | None = None):
+    """The conversion of `source` (conversion_options), with the per-layer budget shares of an earlier piece
+    (`--layer-budgets`: progress.json's layer_budget_scale) if it had them."""
     torch.manual_seed(0)  # the NAtS-L parameters' init, as conversion/smollm2.py's convert_gguf
-    return convert_model(source, **conversion_options(source.config.num_hidden_layers, budget, layer_hybrid))
+    student = convert_model(source, **conversion_options(source.config.num_hidden_layers, budget, layer_hybrid))
+    student.config.layer_budget_scale = layer_budget_scale
+    return student
 
 
 def add_lora(model, r: int):
@@ -172,7 +176,7 @@ def read_resume(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         shipped, info = read_recovered(folder)
         state = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
                  t.float() for n, t in shipped.items()}
-        return state, {"pieces": info["pieces"]}
+        return state, {"pieces": info["pieces"], "layer_budget_scale": info.get("layer_budget_scale")}
     progress = folder / PROGRESS
     return read_checkpoint(folder), json.loads(progress.read_text()) if progress.is_file() else {"pieces": []}
 
@@ -333,7 +337,7 @@ def run_piece(args) -> dict:
     t_start = time.perf_counter()
 
     source, tokenizer = load_source(Path(args.gguf) if args.gguf else None, args.quick)
-    student = student_of(source, args.budget, args.layer_hybrid)
+    student = student_of(source, args.budget, args.layer_hybrid, progress.get("layer_budget_scale"))
     loaded = {}
     if args.resume:
         loaded = load_into(student, state, lora=False)
@@ -385,7 +389,11 @@ def run_piece(args) -> dict:
                                   lm_weight=args.lm_weight if args.stage == 2 else 1.0, train_dataset=Blocks(blocks),
                                   callbacks=[deadline])
     fit = None
+    budgets = None
     if args.stage == 1 and fresh and not args.layer_hybrid:
+        if args.layer_budgets:
+            budgets = trainer.allocate_layer_budgets(args.fit_blocks)
+            progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
         fit = trainer.fit_routers(args.fit_blocks)
     t_train = time.perf_counter()
     result = trainer.train()
@@ -412,7 +420,8 @@ def run_piece(args) -> dict:
         "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen, "recall": recall,
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
         "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
-        "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "calibration": calibration,
+        "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "layer_budgets": budgets,
+        "calibration": calibration,
         "evaluation": evaluation, "history": deadline.history, "checkpoint_files": files,
         "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
@@ -453,6 +462,8 @@ def export(ckpt: Path, dest: Path) -> list[str]:
                    for p in progress["pieces"]],
         "made_by": f"python bench/recover_scale.py --export {ckpt} --to {dest}",
     }
+    if progress.get("layer_budget_scale") is not None:  # --layer-budgets: applied with the parameters
+        info["layer_budget_scale"] = progress["layer_budget_scale"]
     return export_recovered(read_checkpoint(ckpt), dest, info)
 
 
@@ -463,7 +474,7 @@ def recalibrate(args) -> dict:
     state, progress = read_resume(Path(args.recalibrate))
     last = progress["pieces"][-1]
     source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
-    student = student_of(source, last["budget"], last.get("layer_hybrid", False))
+    student = student_of(source, last["budget"], last.get("layer_hybrid", False), progress.get("layer_budget_scale"))
     if last.get("lora_r"):
         student = add_lora(prepare_student(student, 2), last["lora_r"])
     load_into(student, state, lora=bool(last.get("lora_r")))
@@ -556,6 +567,9 @@ def main(argv=None) -> int:
     p.add_argument("--recall-share", type=float, default=0.0,
                    help="share of the training blocks that are recall blocks (key-value / needle lines and every "
                         "question about them in one block: build_recovery_data.recall_blocks); default 0")
+    p.add_argument("--layer-budgets", action="store_true",
+                   help="fresh stage 1: share the budget among the layers by their source attention before the "
+                        "router fit (router_fit.allocate_layer_budgets: config.layer_budget_scale)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
     p.add_argument("--logging-steps", type=int, default=25)

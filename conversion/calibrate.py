@@ -48,8 +48,8 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int, num_blocks: int, wha
 
 def calibrate_routers(model, input_ids, budget: float, progress: bool = False) -> None:
     """Shift each NAtS-L router's bias so that argmax routing keeps `budget` of the routable chunks of
-    `input_ids` ([B, T], unpadded blocks) per KV head, in one forward pass; `config.softmax_budget` becomes
-    `budget`.
+    `input_ids` ([B, T], unpadded blocks) per KV head (each layer its share of it, `config.layer_softmax_budget`),
+    in one forward pass; `config.softmax_budget` becomes `budget`.
 
     The same thresholds as `router_fit.calibrate_router_bias`, which runs one forward per layer: here a
     forward hook on each router shifts its bias and its scores as the pass reaches it, so every layer
@@ -65,14 +65,16 @@ def calibrate_routers(model, input_ids, budget: float, progress: bool = False) -
 
     config = model.config
     T = input_ids.shape[1]
-    routers = [layer.self_attn.router for layer in natsl_decoder_layers(model)]
+    attns = [layer.self_attn for layer in natsl_decoder_layers(model)]
+    routers = [attn.router for attn in attns]
+    budgets = {id(attn.router): config.layer_softmax_budget(attn.layer_idx, budget) for attn in attns}
     bar = tqdm(total=len(routers), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
 
     def calibrate(router, args, scores):  # scores [B, N, H, 2]: (softmax, linear) per chunk and KV head
         chunk = torch.arange(scores.shape[1], device=scores.device)
         routable = ((chunk + 1) * config.chunk_size <= T) & (chunk >= config.num_sink_chunks)
         margins = (scores[..., 0] - scores[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
-        shift = budget_thresholds(margins.flatten(0, 1), budget).to(scores)
+        shift = budget_thresholds(margins.flatten(0, 1), budgets[id(router)]).to(scores)
         delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
         router.proj.bias.add_(delta.flatten().to(router.proj.bias))
         bar.update()

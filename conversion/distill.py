@@ -143,6 +143,10 @@ class DistillArguments:
     router_fit_blocks: int = field(default=64, metadata={
         "help": "stage 1: blocks (of --calibration_seq_len tokens) the routers are first fitted on by logistic "
                 "regression to the source attention's targets (0: start from the converted routers)"})
+    layer_budgets: bool = field(default=False, metadata={
+        "help": "stage 1: before the router fit, share the softmax budget among the layers by what their source "
+                "attention looks up beyond its distance (router_fit.allocate_layer_budgets, on the router-fit "
+                "blocks), stored as config.layer_budget_scale; targets and calibration then use each layer's share"})
     router_fit_l2: float = field(default=0.1, metadata={
         "help": "L2 penalty of that fit, on standardised features (see bench/router_probe.py)"})
     calibration_blocks: int = field(default=32, metadata={
@@ -171,6 +175,10 @@ class DistillArguments:
                             kd_temperature=self.kd_temperature, budget_on=self.budget_on,
                             supervised_routing=self.supervised_routing, train_router=self.train_router, lora=self.lora,
                             lm_weight=self.lm_weight)
+        if self.layer_budgets and not (self.stage == 1 and self.supervised_routing and self.router_fit_blocks > 0):
+            raise ValueError("--layer_budgets shares the budget at the start of stage 1 with supervised routing, on "
+                             "the router-fit blocks: use it with --stage 1, without --no_supervised_routing, and "
+                             "with --router_fit_blocks > 0.")
         if self.packing == "documents" and self.stage == 1:
             raise ValueError("--packing documents applies to stage 2: stage 1 supervises and fits the routers on "
                              "whole unpadded blocks (each packed document becomes a padded row); use --packing blocks.")
@@ -537,6 +545,12 @@ def run(trainer, calibration, distill: DistillArguments, command: str | None = N
     seq_len = distill.calibration_seq_len or distill.seq_len
     fitted = calibrated = None
     if trainer.router_mode == "supervised" and distill.router_fit_blocks > 0 and resume is None:
+        if distill.layer_budgets:
+            budgets = trainer.allocate_layer_budgets(distill.router_fit_blocks, calibration)
+            natsl = unwrap(trainer.model).config.natsl_layers
+            if trainer.is_world_process_zero():
+                print(f"{PROG}: softmax budget shared among the layers by their source attention: "
+                      + ", ".join(f"{i}: {budgets[i]:.3f}" for i in natsl))
         result = trainer.fit_routers(distill.router_fit_blocks, calibration, l2=distill.router_fit_l2)
         fitted = (f"{min(distill.router_fit_blocks, len(calibration))} blocks of {seq_len} tokens "
                   f"(training AUC {_auc_text(result['router_fit_train_auc'])})")

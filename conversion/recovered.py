@@ -6,6 +6,7 @@ therefore fits in a few tens of MB beside a checkpoint anyone can convert again 
 
     <folder>/recovered.json                       what it is: base model, conversion settings, LoRA scale,
                                                   tokens / GPU time, the run's commands, its held-out numbers
+                                                  (and layer_budget_scale when trained with per-layer budgets)
     <folder>/model-0000k-of-0000n.safetensors     the tensors (plain NatslForCausalLM names; LoRA factors as
     <folder>/model.safetensors.index.json         `<proj>.lora_A.weight` [r, in] / `<proj>.lora_B.weight` [out, r])
 
@@ -116,6 +117,8 @@ def _apply(model, folder: Path, state: dict, info: dict) -> dict:
             target.add_(value.to(target.dtype))
         else:
             target.copy_(value)
+    if info.get("layer_budget_scale") is not None:  # trained with per-layer budgets: a recalibration keeps them
+        model.config.layer_budget_scale = info["layer_budget_scale"]
     return info
 
 

@@ -84,13 +84,12 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
 # trace the hooks and compile a graph for the override, all for one pass).
 @torch.compiler.set_stance("force_eager")
 @torch.no_grad()
-def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
-    chunk routed softmax, i.e. on the source model's activations: (chunk means [n, D], targets [n, H],
-    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`)."""
+def _on_source(model: nn.Module, batches, per_layer):
+    """Run `batches` (unpadded blocks) through `model` with every chunk routed softmax, i.e. as the source
+    model, and call `per_layer(i, attn, hidden_states, position_embeddings)` for each NAtS-L layer i (in
+    order) with that layer's inputs of each batch."""
     base = unwrap(model)
     attns = [d.self_attn for d in natsl_decoder_layers(base)]
-    samples: list[list] = [[] for _ in attns]
     inputs: dict[int, tuple] = {}
     hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:2]))
              for i, a in enumerate(attns)]
@@ -104,13 +103,70 @@ def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tenso
                 raise ValueError("Routing samples are taken from unpadded blocks (packed training blocks).")
             model(**batch, use_cache=False, logits_to_keep=1)
             for i, attn in enumerate(attns):
-                samples[i].append(tuple(t.flatten(0, 1).cpu() for t in attn.routing_samples(*inputs[i])))
+                per_layer(i, attn, *inputs[i])
     finally:
         for h in hooks:
             h.remove()
         base.config.route_override = override
         model.train(was_training)
-    return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in samples]
+    return attns
+
+
+def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
+    chunk routed softmax, i.e. on the source model's activations: (chunk means [n, D], targets [n, H],
+    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`)."""
+    samples: dict[int, list] = {}
+
+    def collect(i, attn, hidden_states, position_embeddings):
+        samples.setdefault(i, []).append(
+            tuple(t.flatten(0, 1).cpu() for t in attn.routing_samples(hidden_states, position_embeddings)))
+
+    _on_source(model, batches, collect)
+    return [tuple(torch.cat(parts) for parts in zip(*samples[i])) for i in sorted(samples)]
+
+
+def allocate_layer_budgets(model: nn.Module, batches, budget: float | None = None) -> list[float]:
+    """Share the softmax budget among the NAtS-L layers by what their source attention needs, and write it to
+    `config.layer_budget_scale` (returned: the budget of every decoder layer).
+
+    On the freshly converted model (every chunk softmax: the source's activations), each NAtS-L layer scores
+    its routable chunks of `batches` by `chunk_attention_mass` (what stage 1 labels by: attention from far
+    queries over what the chunk's distance predicts). One threshold over all layers and KV heads keeps
+    `budget` (default config.softmax_budget) of the chunks; a layer's share of it is the share of its own
+    chunks above that threshold. A layer whose attention only decays with distance (scores near 1: the GDN
+    state's decay serves it) gets little, one whose queries look far back at particular chunks gets more.
+    The multipliers are normalised to mean 1 over the NAtS-L layers, so the model keeps `budget` overall
+    (each layer at most 1). bench/budget_allocation_probe.py shows the allocation on the real SmolLM2."""
+    base = unwrap(model)
+    config = base.config
+    budget = config.softmax_budget if budget is None else budget
+    scores: dict[int, list] = {}
+
+    def score(i, attn, hidden_states, position_embeddings):
+        mass = attn.chunk_mass(hidden_states, position_embeddings)[:, config.num_sink_chunks:]  # [B, N, Hkv]
+        scores.setdefault(i, []).append(mass.flatten().float().cpu())
+
+    attns = _on_source(model, batches, score)
+    per_layer = [torch.cat(scores[i]) for i in range(len(attns))]
+    known = [s[~s.isnan()] for s in per_layer]
+    if any(k.numel() == 0 for k in known):
+        raise ValueError("allocate_layer_budgets needs blocks of at least num_sink_chunks + 3 chunks (a routable "
+                         "chunk with a query two chunks later); give longer blocks.")
+    threshold = torch.quantile(torch.cat(known), 1 - budget)
+    above = torch.tensor([float((k > threshold).sum()) for k in known])  # [NAtS-L layers]
+    at = torch.tensor([float((k == threshold).sum()) for k in known])
+    counts = torch.tensor([float(k.numel()) for k in known])
+    # the chunks at the threshold itself (ties: scores that distance alone explains are all exactly 1 when a
+    # block has one distance bin) share what the budget leaves, so that the layers keep `budget` in all
+    ties = ((budget * counts.sum() - above.sum()) / at.sum()).clamp(0, 1) if at.sum() > 0 else 0.0
+    share = (above + ties * at) / counts
+    scale = share / share.mean().clamp(min=1e-12)
+    layer_scale = [1.0] * config.num_hidden_layers
+    for attn, value in zip(attns, scale.tolist()):
+        layer_scale[attn.layer_idx] = value
+    config.layer_budget_scale = layer_scale
+    return [config.layer_softmax_budget(i, budget) for i in range(config.num_hidden_layers)]
 
 
 def fit_routers(model: nn.Module, batches, l2: float = 1e-2, apply_in=None) -> dict[str, float]:
@@ -137,7 +193,7 @@ class _StopForward(Exception):
     (later layers, the LM head) is not needed."""
 
 
-@torch.compiler.set_stance("force_eager")  # see collect_routing_samples
+@torch.compiler.set_stance("force_eager")  # see _on_source
 @torch.no_grad()
 def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: int | None = None
                     ) -> tuple[list[torch.Tensor], float]:
@@ -216,9 +272,9 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     Layer by layer, first to last (a layer's routing changes the inputs of the layers after it): the
     score margins s_softmax - s_linear of the routable chunks of `batches` (dicts with input_ids /
     attention_mask) are collected in eval mode with the earlier layers already shifted; per KV head,
-    with k = round(budget * n), the threshold midway between the k-th and (k+1)-th largest margin is
-    subtracted from the margin through the bias. Afterwards k of those n chunks route softmax in every
-    layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
+    with k = round(b * n) (b: the layer's share of `budget`, `config.layer_softmax_budget`), the threshold
+    midway between the k-th and (k+1)-th largest margin is subtracted from the margin through the bias.
+    Afterwards k of those n chunks route softmax in every layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
     to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
     forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only);
     with `stop_early` (unpadded blocks; not under FSDP) the passes for layers after the first stop
@@ -232,7 +288,7 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     for i, attn in enumerate(layers):
         if i > 0:  # the earlier layers' new routing changed what this router reads
             margins, _ = _router_margins(model, layers, batches, only=i if stop_early else None)
-        shift = budget_thresholds(margins[i], budget)
+        shift = budget_thresholds(margins[i], base.config.layer_softmax_budget(attn.layer_idx, budget))
         with torch.no_grad(), (apply_in(decoders[i]) if apply_in else contextlib.nullcontext()):
             bias = attn.router.proj.bias  # [H * 2]: (softmax, linear) score bias per head
             bias.add_(torch.stack([-shift / 2, shift / 2], -1).flatten().to(bias))
@@ -240,4 +296,4 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     return {"softmax_fraction_before": before, "softmax_fraction_after": after}
 
 
-__all__ = ["budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router", "fit_routers", "roc_auc"]
+__all__ = ["allocate_layer_budgets", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router", "fit_routers", "roc_auc"]

@@ -60,7 +60,7 @@ from transformers import Trainer
 
 from .families import is_new_parameter
 from .layers import decoder_layers, natsl_decoder_layers, natsl_layer_indices, unwrap
-from .router_fit import calibrate_router_bias, fit_routers
+from .router_fit import allocate_layer_budgets, calibrate_router_bias, fit_routers
 
 # LoRA targets in stage 2: the source attention projections and the new token-wise projections.
 # (The router reads `proj.weight` functionally, so it is not a LoRA target.)
@@ -237,16 +237,17 @@ class AttentionTransfer:
 
 
 def route_budget_loss(routes, config) -> torch.Tensor:
-    """Sum over NAtS-L layers of `router_loss_weight * (mean m - softmax_budget)_+^2` over routable chunks,
-    with m = h + p - stopgrad(p) the straight-through route weight (value: the hard route)."""
+    """Sum over NAtS-L layers of `router_loss_weight * (mean m - budget)_+^2` over routable chunks, with m = h + p -
+    stopgrad(p) the straight-through route weight (value: the hard route) and budget the layer's
+    (`config.layer_softmax_budget`). routes: one per NAtS-L layer, in `config.natsl_layers` order."""
     total = None
-    for r in routes:
+    for layer_idx, r in zip(config.natsl_layers, routes, strict=True):
         n = r.routable.sum()
         if n == 0:
             term = r.weight.sum() * 0.0
         else:
             frac = (r.weight * r.routable).sum() / n
-            term = config.router_loss_weight * torch.relu(frac - config.softmax_budget) ** 2
+            term = config.router_loss_weight * torch.relu(frac - config.layer_softmax_budget(layer_idx)) ** 2
         total = term if total is None else total + term
     return total
 
@@ -464,6 +465,17 @@ class NatslDistillTrainer(Trainer):
         result = fit_routers(model, self._blocks(num_blocks, dataset), l2=l2, apply_in=apply_in)
         self.log({f"router_fit/{k}": v for k, v in result.items()})
         return result
+
+    def allocate_layer_budgets(self, num_blocks: int = 64, dataset=None) -> list[float]:
+        """`allocate_layer_budgets` on the first `num_blocks` blocks of `dataset` (default: the training blocks):
+        each NAtS-L layer's share of the softmax budget from the source attention, in `config.layer_budget_scale`
+        (stage-1 targets and calibration then use it). Logs and returns every decoder layer's budget. Meant for
+        the start of stage 1, before `fit_routers`."""
+        model, _ = self._router_access()
+        budgets = allocate_layer_budgets(model, self._blocks(num_blocks, dataset))
+        config = unwrap(self.model).config
+        self.log({f"layer_budget/{i}": budgets[i] for i in config.natsl_layers})
+        return budgets
 
     def calibrate_routers(self, num_blocks: int = 32, dataset=None) -> dict[str, float]:
         """`calibrate_router_bias` on the first `num_blocks` blocks of `dataset` (default: the training

@@ -24,10 +24,12 @@ Decisions beyond SPEC.md (documented here, tested in tests/):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,31 @@ from .router import (
     routing_supervision_loss,
     routing_targets,
 )
-from .state import NatslLayerState, NatslStaticLayerState, gather_open, put_slot
+from .state import CacheUpdate, NatslLayerState, NatslStaticLayerState, gather_open, put_slot
 from .varlen import Documents
+
+
+@dataclass
+class LayerRouting:
+    """What one attention call reports of its routing, beside its output: the model sums the counts and losses
+    over its layers (NatslForCausalLM's outputs), and a cache layer takes `cache_update`.
+
+    backend:           "kernels", "sdpa" or "reference": which implementation ran the branches.
+    routes:            the chunks this call routed, [B, N, Hkv] (N = 0 for a decode step).
+    n_routable:        [B] routable chunks x KV heads of the call (zeros for a decode step).
+    n_softmax:         [B] of those, the ones routed softmax.
+    router_loss:       training: the supervised-routing loss (stage 1) or the budget hinge (a learned router).
+    router_agreement:  stage 1: share of the labelled chunks whose router argmax matches the target (NaN if none).
+    cache_update:      with `return_state`: the layer's next cache state (`CacheUpdate`).
+    """
+
+    backend: str
+    routes: Routes
+    n_routable: torch.Tensor
+    n_softmax: torch.Tensor
+    router_loss: torch.Tensor | None = None
+    router_agreement: torch.Tensor | None = None
+    cache_update: CacheUpdate | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +202,11 @@ class NatslAttention(nn.Module):
             raise ValueError(f"router_mode={mode!r} is invalid: expected one of {', '.join(self.ROUTER_MODES)}.")
         self._router_mode = mode
 
+    @property
+    def softmax_budget(self) -> float:
+        """This layer's softmax budget: config.softmax_budget, times its config.layer_budget_scale entry."""
+        return self.config.layer_softmax_budget(self.layer_idx)
+
     @staticmethod
     def initial_gates(num_heads: int) -> dict[str, torch.Tensor]:
         """Fresh GDN gate parameters as fla initialises them: A_log = log U(1, 16),
@@ -210,6 +240,15 @@ class NatslAttention(nn.Module):
         return self.config.use_kernels and kernels_for(x.device.type)
 
     @torch.no_grad()
+    def chunk_mass(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """`chunk_attention_mass` of this layer's own full attention on whole unpadded blocks: hidden_states
+        [B, T, D] (normed layer input), position_embeddings (cos, sin) [B, T, head_dim] -> [B, T // C, Hkv]."""
+        q, k, _ = self._project(hidden_states)
+        cos, sin = position_embeddings
+        return chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling,
+                                    self.config.num_sink_chunks)
+
+    @torch.no_grad()
     def routing_samples(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
         """Supervised-routing data of whole unpadded blocks (see router.py), for fitting the router.
 
@@ -218,13 +257,10 @@ class NatslAttention(nn.Module):
         bool (True = softmax) and labelled [B, N, Hkv] bool, from this layer's own full attention.
         """
         x = hidden_states
-        q, k, _ = self._project(x)
-        cos, sin = position_embeddings
-        mass = chunk_attention_mass(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.chunk_size, self.scaling,
-                                    self.config.num_sink_chunks)
+        mass = self.chunk_mass(x, position_embeddings)
         B, N, C = mass.shape[0], mass.shape[1], self.chunk_size
         routable = (torch.arange(N, device=x.device) >= self.config.num_sink_chunks)[None, :, None].expand_as(mass)
-        target, labelled = routing_targets(mass, routable, self.config.softmax_budget)
+        target, labelled = routing_targets(mass, routable, self.softmax_budget)
         means = x[:, : N * C].float().unflatten(1, (N, C)).mean(2)
         return means, target, labelled
 
@@ -237,17 +273,17 @@ class NatslAttention(nn.Module):
         state: NatslLayerState | NatslStaticLayerState | None = None,
         return_state: bool = False,
         documents: Documents | None = None,
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, LayerRouting]:
         """
         hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
         token_mask: [B, n] bool, False = padding (None = all real)
         state: the layer's state from earlier calls (None = start of the sequences): a NatslLayerState
             (NatslCache) or a NatslStaticLayerState (NatslStaticCache, updated in place)
-        return_state: also return the updated state (the cache's next state) in aux["state"]
+        return_state: also return the cache's next state (`LayerRouting.cache_update`)
         documents: packed documents (modeling/varlen.py; no state, no padding): each document runs as
             its own right-padded row, so no attention and no GDN state cross a boundary
-        -> (output [B, n, D], aux: router_loss, n_routable / n_softmax ([B] routable chunks x KV heads,
-            and those routed softmax), routes, state)
+        -> (output [B, n, D], LayerRouting: backend, routes, the counts n_routable / n_softmax ([B] routable
+            chunks x KV heads, and those routed softmax), the router loss of training, the cache update)
 
         Four paths, same maths (tests compare them): whole unpadded sequences without a cache
         (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
@@ -265,9 +301,10 @@ class NatslAttention(nn.Module):
         n = x.shape[1]
         if documents is not None:
             rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
-            out, aux = self._segment(*rows, documents.mask, None, False, right_padded=True)
-            aux["n_routable"], aux["n_softmax"] = (documents.per_row(aux[key]) for key in ("n_routable", "n_softmax"))
-            return documents.repack(out), aux
+            out, routing = self._segment(*rows, documents.mask, None, False, right_padded=True)
+            routing = dataclasses.replace(routing, n_routable=documents.per_row(routing.n_routable),
+                                          n_softmax=documents.per_row(routing.n_softmax))
+            return documents.repack(out), routing
         if isinstance(state, NatslStaticLayerState):
             if n == 1 and not torch.is_grad_enabled():
                 return self._decode_static(x, q, k, v, q_rot, k_rot, token_mask, state)
@@ -289,20 +326,23 @@ class NatslAttention(nn.Module):
     def _run_dense(self, x, cos, sin):
         """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'
         parameters are its inputs), fused glue around the two branch kernels, which torch.compile sees as
-        custom ops. NATSL_COMPILE=0 runs it eagerly."""
+        custom ops. NATSL_COMPILE=0 runs it eagerly. The layer's softmax budget goes in as a tensor, not a constant:
+        layers whose budgets differ (config.layer_budget_scale) share the graph."""
+        budget = torch.tensor(self.softmax_budget)
         if compiles(x):
             try:
-                return compiled_dense()(self, x, cos, sin)
+                return compiled_dense()(self, x, cos, sin, budget)
             except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
                 _compile_failed(err)
-        return self._dense(x, cos, sin)
+        return self._dense(x, cos, sin, budget)
 
-    def _dense(self, x, cos, sin):
+    def _dense(self, x, cos, sin, budget: torch.Tensor):
         """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row
         holds positions 0 .. n-1, so chunk c of every row is tokens [cC, (c+1)C) and none of the general
         path's position bookkeeping is needed. The branches are bound once (`_branch_ops`: the kernels on
         CUDA, the reference elsewhere, same signatures); a full-softmax layer is causal SDPA.
-        x [B, n, D]; cos, sin [B, n, head_dim] -> (out [B, n, D], aux as in `forward`)."""
+        x [B, n, D]; cos, sin [B, n, head_dim]; budget: 0-d, the layer's softmax budget (`softmax_budget`)
+        -> (out [B, n, D], LayerRouting as in `forward`)."""
         B, n, _ = x.shape
         C = self.chunk_size
         q, k, v = self._project(x)  # [B,n,Hq,Dh], [B,n,Hkv,Dh], [B,n,Hkv,Dh]
@@ -311,7 +351,7 @@ class NatslAttention(nn.Module):
             o = self._causal_sdpa(q_rot, k_rot, v)
             empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
             routes = decide_routes(None, empty, empty, 1.0, None, self.num_kv_heads)
-            return self.o_proj(o.flatten(2).to(x.dtype)), self._routing_aux("sdpa", routes, None)
+            return self.o_proj(o.flatten(2).to(x.dtype)), self._routing("sdpa", routes, None, budget)
         backend, ops = self._branch_ops(x)
         full, N = n // C, -(-n // C)  # complete chunks, all chunks (the last may be open)
         chunk = torch.arange(N, device=x.device)
@@ -321,14 +361,14 @@ class NatslAttention(nn.Module):
         scores = self._score(F.pad(means, (0, 0, 0, N - full)))  # [B, N, Hkv, 2] (the open chunk: not routed)
         routes = decide_routes(scores, complete, sink, self.config.router_temperature, self.config.route_override,
                                self.num_kv_heads)
-        routes, supervision = self._supervise(routes, scores, q_rot, k_rot)
+        routes, supervision = self._supervise(routes, scores, q_rot, k_rot, budget)
         o = ops.routed_softmax_attention(q_rot, k_rot, v, routes.weight, C, self.scaling)  # [B,n,Hq,Dv]
         q_g, k_g, beta, g, _ = self._gdn_inputs(x, q, k, None, None)
         # linear-routed complete chunks write with beta (1 - m); sinks and the open chunk have m = 1 (no write)
         key_weight = routes.weight[:, torch.arange(n, device=x.device) // C]  # [B,n,Hkv]
         o_gdn, _ = ops.routed_gdn_readout(q_g, k_g, v, g, beta * (1.0 - key_weight), C, self.scaling)
         o = self._combine(o, o_gdn, x)
-        return self.o_proj(o.flatten(2).to(x.dtype)), self._routing_aux(backend, routes, supervision)
+        return self.o_proj(o.flatten(2).to(x.dtype)), self._routing(backend, routes, supervision, budget)
 
     def _causal_sdpa(self, q, k, v) -> torch.Tensor:
         """A full-softmax layer's attention: q [B,n,Hq,D], k / v [B,n,Hkv,*] -> [B,n,Hq,Dv] (GQA without repeat)."""
@@ -343,21 +383,20 @@ class NatslAttention(nn.Module):
             return "kernels", kernels
         return "reference", reference
 
-    def _routing_aux(self, backend: str, routes: Routes, supervision: dict | None) -> dict:
-        """aux of a routed call: per-row counts, and the router loss of training (the supervised-routing loss
-        in stage 1, the budget hinge for a learned router)."""
-        aux = {
-            "backend": backend,
-            "routes": routes,
-            "n_routable": routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
-            "n_softmax": (routes.hard & routes.routable).flatten(1).sum(1),  # [B]
-        }
+    def _routing(self, backend: str, routes: Routes, supervision: dict | None, budget=None,
+                 cache_update: CacheUpdate | None = None) -> LayerRouting:
+        """The LayerRouting of a routed call: per-row counts, and the router loss of training (the
+        supervised-routing loss in stage 1, the budget hinge for a learned router; budget: as `_dense` takes
+        it, default `softmax_budget`)."""
+        routing = LayerRouting(backend, routes, n_routable=routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
+                               n_softmax=(routes.hard & routes.routable).flatten(1).sum(1), cache_update=cache_update)
         if supervision is not None:
-            aux["router_loss"] = self.config.router_loss_weight * supervision["loss"]
-            aux["router_agreement"] = supervision["agreement"]
+            routing.router_loss = self.config.router_loss_weight * supervision["loss"]
+            routing.router_agreement = supervision["agreement"]
         elif self.natsl and self.training and self.router_mode == "learned":
-            aux["router_loss"] = router_loss(routes, self.config.softmax_budget, self.config.router_loss_weight)
-        return aux
+            budget = self.softmax_budget if budget is None else budget
+            routing.router_loss = router_loss(routes, budget, self.config.router_loss_weight)
+        return routing
 
     def _score(self, chunk_mean: torch.Tensor) -> torch.Tensor:
         """Router scores [B, N, Hkv, 2] of chunk means [B, N, D] fp32; a frozen router in training gets no
@@ -367,19 +406,20 @@ class NatslAttention(nn.Module):
                 return self.router(chunk_mean)
         return self.router(chunk_mean)
 
-    def _supervise(self, routes: Routes, scores, q_rot, k_rot) -> tuple[Routes, dict | None]:
+    def _supervise(self, routes: Routes, scores, q_rot, k_rot, budget) -> tuple[Routes, dict | None]:
         """With `router_mode == "supervised"` (stage-1 training; whole unpadded sequences, no cache): the
         routable chunks are routed by `routing_targets` of this layer's own full-attention mass (its q/k are
         the source's) instead of by the router, which learns those targets through
         `routing_supervision_loss` (router.py explains why); a `config.route_override` wins over the targets.
         -> (routes, {"loss", "agreement": share of labelled chunks whose router argmax matches the target,
-        NaN if none}) or (routes, None) otherwise. routes [B, N, Hkv]; q_rot / k_rot [B, S, H, D]."""
+        NaN if none}) or (routes, None) otherwise. routes [B, N, Hkv]; q_rot / k_rot [B, S, H, D]; budget: the
+        layer's share of chunks labelled softmax (0-d, as `_dense` takes it)."""
         if not (self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None):
             return routes, None
         B, N = routes.hard.shape[:2]
         mass = chunk_attention_mass(q_rot, k_rot, self.chunk_size, self.scaling, self.config.num_sink_chunks)  # [B, S//C, Hkv]
         mass = torch.cat([mass, mass.new_full((B, N - mass.shape[1], self.num_kv_heads), float("nan"))], 1)
-        target, labelled = routing_targets(mass, routes.routable, self.config.softmax_budget)
+        target, labelled = routing_targets(mass, routes.routable, budget)
         argmax = scores[..., 0] >= scores[..., 1]  # what the router alone would route
         hard = torch.where(labelled, target, routes.hard)
         agreement = ((argmax == target) & labelled).sum() / labelled.sum()  # no host branch: NaN if none labelled
@@ -448,16 +488,15 @@ class NatslAttention(nn.Module):
             o = o * valid_new[..., None, None].to(o.dtype)
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
-        # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
-        aux = self._routing_aux(backend, Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob,
-                                                                       routes.routable))), None)
+        update = None
         if return_state:
             keep = key_hard & token_complete[..., None]
-            aux["state"] = NatslLayerState.after_segment(state, new_seen, k_pos, seg_k, seg_v, keep, open_chunk, C, gdn)
-            # what a static cache adds to its realised-fraction counters
-            aux["closed_chunks"] = routes.routable[..., 0].sum(1)
-            aux["kept_chunks"] = (routes.hard & routes.routable).sum(1)
-        return out, aux
+            update = CacheUpdate(
+                NatslLayerState.after_segment(state, new_seen, k_pos, seg_k, seg_v, keep, open_chunk, C, gdn),
+                closed_chunks=routes.routable[..., 0].sum(1), kept_chunks=(routes.hard & routes.routable).sum(1))
+        # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
+        reported = Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob, routes.routable)))
+        return out, self._routing(backend, reported, None, cache_update=update)
 
     def _route(self, x, k_pos, seen, state, dense: bool = False) -> tuple[Routes, torch.Tensor, torch.Tensor]:
         """Route the chunks of the segment.
@@ -539,10 +578,8 @@ class NatslAttention(nn.Module):
             gdn = {"gdn_k": put_slot(state.gdn_k, slot, k_g[:, 0]), "gdn_g": put_slot(state.gdn_g, slot, g[:, 0]),
                    "gdn_beta": put_slot(state.gdn_beta, slot, beta[:, 0]), "conv_state": conv_state,
                    "router_sum": state.router_sum + x[:, 0].float()}
-        aux = self._no_routes_aux(backend, x)
-        if return_state:
-            aux["state"] = state.after_token(open_k, open_v, gdn)
-        return self.o_proj(o.flatten(2).to(x.dtype)), aux
+        update = CacheUpdate(state.after_token(open_k, open_v, gdn)) if return_state else None
+        return self.o_proj(o.flatten(2).to(x.dtype)), self._step_routing(backend, x, update)
 
     def _decode_static(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslStaticLayerState):
         """One token per row against a NatslStaticCache layer, in place, with fixed shapes and no host
@@ -580,24 +617,21 @@ class NatslAttention(nn.Module):
             softmax = routes.hard[:, 0]
         ops.close_chunk(state, closing, softmax, routable if self.natsl else torch.zeros_like(routable))
         state.seen.add_(valid.long())
-        return out, self._no_routes_aux(backend, x, state)
+        return out, self._step_routing(backend, x, CacheUpdate(state))
 
     def _decode_ops(self, x: torch.Tensor):
         """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
         the decode entry points of both have the same signatures."""
         return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
 
-    def _no_routes_aux(self, backend: str, x: torch.Tensor, state=None) -> dict:
-        """aux of a decode step: it routes nothing in this call's outputs (a chunk closed by a static step
-        is counted in the cache's realised fraction)."""
+    def _step_routing(self, backend: str, x: torch.Tensor, cache_update: CacheUpdate | None) -> LayerRouting:
+        """The LayerRouting of a decode step: it routes nothing in this call's outputs (a chunk closed by a
+        static step is counted in the cache's realised fraction)."""
         B, H = x.shape[0], self.num_kv_heads
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
         none = routes.routable.flatten(1).sum(1)  # [B] zeros
-        aux = {"backend": backend, "routes": routes, "n_routable": none, "n_softmax": none}
-        if state is not None:
-            aux["state"] = state
-        return aux
+        return LayerRouting(backend, routes, n_routable=none, n_softmax=none, cache_update=cache_update)
 
     def _gdn_branch(
         self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,

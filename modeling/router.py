@@ -90,8 +90,9 @@ def decide_routes(
     return Routes(hard, weight, prob, routable)
 
 
-def router_loss(routes: Routes, budget: float, loss_weight: float) -> torch.Tensor:
-    """`loss_weight * (mean p_softmax over routable chunks - budget)_+^2` (0 if nothing routable)."""
+def router_loss(routes: Routes, budget, loss_weight: float) -> torch.Tensor:
+    """`loss_weight * (mean p_softmax over routable chunks - budget)_+^2` (0 if nothing routable); budget: a
+    float or a 0-d tensor."""
     n = routes.routable.sum()
     # no branch on n (a host sync per layer and step): with nothing routable mean_p = 0 and the hinge is 0
     mean_p = (routes.prob * routes.routable).sum() / n.clamp(min=1)
@@ -186,9 +187,9 @@ def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scal
     return mass.transpose(1, 2)
 
 
-def routing_targets(mass: torch.Tensor, routable: torch.Tensor, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_targets(mass: torch.Tensor, routable: torch.Tensor, budget) -> tuple[torch.Tensor, torch.Tensor]:
     """Supervised routes: per row and KV group, the `round(budget * n)` of its n labelled chunks with
-    the most attention mass are softmax.
+    the most attention mass are softmax (budget: a float or a 0-d tensor).
 
     mass: [B, N, H] (NaN = unknown), routable: [B, N, H] bool
     -> target [B, N, H] bool (True = softmax), labelled [B, N, H] bool (routable with a known mass).

@@ -40,6 +40,18 @@ def tracing() -> bool:
 
 
 @dataclass
+class CacheUpdate:
+    """What a multi-token or decode call hands its cache layer: the layer's next state (a NatslLayerState, or
+    the NatslStaticLayerState it updated in place) and, from a segment, the counts a static cache adds to its
+    realised-fraction counters: closed_chunks [B] (the call's routable chunks) and kept_chunks [B, Hkv] (those
+    kept softmax)."""
+
+    state: "NatslLayerState | NatslStaticLayerState"
+    closed_chunks: torch.Tensor | None = None
+    kept_chunks: torch.Tensor | None = None
+
+
+@dataclass
 class NatslLayerState:
     seen: torch.Tensor  # [B] long
     kept_k: torch.Tensor  # [B, Hkv, L, D]   RoPE'd keys of complete softmax chunks

@@ -26,7 +26,7 @@ import numbers
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
-from .modeling.state import NatslLayerState, NatslStaticLayerState
+from .modeling.state import CacheUpdate, NatslLayerState, NatslStaticLayerState
 
 # What a cache's layers are shaped by: a cache built from one config cannot serve a model of another
 # (`check_model`, run before the first layer reads the cache).
@@ -78,12 +78,13 @@ class NatslCacheLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
-            "NatslCache layers are updated by NatslAttention through `set_state`, not with dense key/value "
+            "NatslCache layers are updated by NatslAttention through `update_state`, not with dense key/value "
             "states; use this cache only with NAtS-L models."
         )
 
-    def set_state(self, state: NatslLayerState, columns: int, aux: dict | None = None) -> None:
-        self.state = state
+    def update_state(self, update: CacheUpdate, columns: int) -> None:
+        """Take the layer's next state from an attention call over `columns` new columns (padding included)."""
+        self.state = update.state
         self.processed += columns
         self.is_initialized = True
 
@@ -166,8 +167,8 @@ class NatslCache(DynamicCache):
     def layer_state(self, layer_idx: int) -> NatslLayerState | None:
         return self.layers[layer_idx].state
 
-    def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
-        self.layers[layer_idx].set_state(state, columns, aux)
+    def update_layer(self, layer_idx: int, update: CacheUpdate, columns: int) -> None:
+        self.layers[layer_idx].update_state(update, columns)
 
     def memory_report(self) -> dict:
         """Kept softmax KV per layer and bytes, against what a full KV cache of the same tokens holds.
@@ -227,7 +228,7 @@ def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=
 
 class NatslStaticCacheLayer(NatslCacheLayer):
     """One layer's NAtS-L state in preallocated buffers (NatslStaticLayerState), updated in place by a
-    decode step; a multi-token call loads its result into the buffers (`set_state`)."""
+    decode step; a multi-token call loads its result into the buffers (`update_state`)."""
 
     is_compileable = True
 
@@ -243,9 +244,11 @@ class NatslStaticCacheLayer(NatslCacheLayer):
     def buffers(self) -> list[torch.Tensor]:
         return [*self.state.buffers(), self.columns]
 
-    def set_state(self, state, columns: int, aux: dict | None = None) -> None:
-        if state is not self.state:  # a multi-token call: copy its NatslLayerState in
-            self.state.load_(state, closed=aux["closed_chunks"], kept_chunks=aux["kept_chunks"],
+    def update_state(self, update: CacheUpdate, columns: int) -> None:
+        """A decode step updated the buffers in place (update.state is them); a multi-token call's
+        NatslLayerState is copied in, its chunk counts added to the realised-fraction counters."""
+        if update.state is not self.state:
+            self.state.load_(update.state, closed=update.closed_chunks, kept_chunks=update.kept_chunks,
                              setting=self.setting)
         self.columns.add_(columns)
 
@@ -395,8 +398,8 @@ class NatslStaticCache(StaticCache):
         """Before a forward reads the cache (eager, no host sync): its buffers are shaped for this model."""
         _check_layout(self, self._layout, config, "NatslStaticCache(model.config, max_batch_size, max_cache_len)")
 
-    def set_layer_state(self, layer_idx: int, state, columns: int, aux: dict | None = None) -> None:
-        self.layers[layer_idx].set_state(state, columns, aux)
+    def update_layer(self, layer_idx: int, update: CacheUpdate, columns: int) -> None:
+        self.layers[layer_idx].update_state(update, columns)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.cache_len

@@ -93,6 +93,10 @@ FIELD_RULES = {
     "gdn_conv_size": FieldRule(lambda v: _is_int(v) and v >= 1, "expected an integer >= 1 (4 is standard)"),
     "route_override": FieldRule(lambda v: v in ROUTE_OVERRIDES, "expected None, 'softmax' or 'linear'"),
     "use_kernels": FieldRule(lambda v: isinstance(v, bool), "expected True or False"),
+    "layer_budget_scale": FieldRule(
+        lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_number(x) and x >= 0 for x in v)),
+        "expected None or one number >= 0 per decoder layer (multipliers of softmax_budget)",
+        normalise=lambda v: None if v is None else [float(x) for x in v]),
     "natsl_layers": FieldRule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v),
                               "expected a list of layer indices (integers >= 0)", normalise=lambda v: sorted(set(v))),
 }
@@ -125,6 +129,12 @@ class NatslConfig(PreTrainedConfig):
         router_init_bias (`float`, 2.0): initial score margin in favour of softmax (router weight starts
             N(0, initializer_range)), so a freshly converted model routes (nearly) every chunk to softmax
             and starts (nearly) equal to its source. 0 starts from an even mix.
+        layer_budget_scale (`list[float]` or None): one multiplier of softmax_budget per decoder layer: layer i
+            labels and is calibrated to `min(1, softmax_budget * layer_budget_scale[i])` of its chunks (the
+            entries of full-softmax layers are not read). `conversion.router_fit.allocate_layer_budgets` sets it
+            from the source attention, with mean 1 over the NAtS-L layers, so that the model keeps
+            softmax_budget overall while layers whose attention only decays with distance keep less. None = the
+            same budget in every layer.
         gdn_conv_size (`int`, 4): kernel of the causal depthwise conv on the GDN q/k.
         natsl_layers (`list[int]` or None): layers that are NAtS-L; the others stay full softmax
             attention. None = all layers.
@@ -175,6 +185,7 @@ class NatslConfig(PreTrainedConfig):
     router_temperature: float = 1.0
     router_loss_weight: float = 1.0
     router_init_bias: float = 2.0
+    layer_budget_scale: list[float] | None = None
     gdn_conv_size: int = 4
     natsl_layers: list[int] | None = None
     route_override: str | None = None
@@ -272,6 +283,9 @@ class NatslConfig(PreTrainedConfig):
         wrong = [i for i in self.natsl_layers if i >= self.num_hidden_layers]
         if wrong:
             _invalid("natsl_layers", wrong, f"layer indices must lie in [0, {self.num_hidden_layers - 1}]")
+        if self.layer_budget_scale is not None and len(self.layer_budget_scale) != self.num_hidden_layers:
+            _invalid("layer_budget_scale", self.layer_budget_scale,
+                     f"expected one multiplier per decoder layer ({self.num_hidden_layers})")
         first_routable_end = (self.num_sink_chunks + 1) * self.chunk_size
         if self.natsl_layers and first_routable_end > self.max_position_embeddings:
             _invalid("chunk_size", self.chunk_size,
@@ -298,6 +312,14 @@ class NatslConfig(PreTrainedConfig):
             self.validate_rope()
         except KeyError as err:
             _invalid("rope_parameters", rope, f"rope_type {rope['rope_type']!r} must have the keys it needs ({err})")
+
+    def layer_softmax_budget(self, layer_idx: int, budget: float | None = None) -> float:
+        """The softmax budget of layer `layer_idx`: `budget` (default softmax_budget, the model-wide target) times
+        the layer's layer_budget_scale entry, at most 1."""
+        budget = self.softmax_budget if budget is None else budget
+        if self.layer_budget_scale is None:
+            return budget
+        return min(1.0, budget * self.layer_budget_scale[layer_idx])
 
     def is_natsl_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` is token-routed NAtS-L (else it keeps full softmax attention)."""

@@ -101,6 +101,14 @@ def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
         out.append((prefix, _fmt(value) if not isinstance(value, (list, tuple)) else ", ".join(map(_fmt, value))))
 
 
+def _layer_budgets_text(config) -> str:
+    """What the budget row adds for per-layer budgets (config.layer_budget_scale): each NAtS-L layer's share."""
+    if config.layer_budget_scale is None:
+        return ""
+    shares = ", ".join(f"{i}: {_fmt(round(config.layer_softmax_budget(i), 3))}" for i in config.natsl_layers)
+    return f" overall; per layer (from the source attention): {shares}"
+
+
 def _card_metadata(config, base_model, license, tags, conversion_command) -> str:
     from huggingface_hub import ModelCardData
 
@@ -200,7 +208,7 @@ def render_model_card(
         natsl_layers=_layers_text(list(config.natsl_layers), config.num_hidden_layers),
         chunk_size=config.chunk_size,
         num_sink_chunks=config.num_sink_chunks,
-        softmax_budget=_fmt(float(config.softmax_budget)),
+        softmax_budget=_fmt(float(config.softmax_budget)) + _layer_budgets_text(config),
         router_temperature=_fmt(float(config.router_temperature)),
         router_init_bias=_fmt(float(config.router_init_bias)),
         gdn_conv_size=config.gdn_conv_size,

@@ -28,7 +28,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import NatslCache, NatslStaticCache, check_kept_fraction
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
-from .modeling.layer import NatslAttention, RMSNorm
+from .modeling.layer import LayerRouting, NatslAttention, RMSNorm
 from .modeling.varlen import Documents, document_starts
 from .remote_code import write_remote_code
 
@@ -185,20 +185,20 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
         cache: NatslCache | None = None,
         documents: Documents | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, LayerRouting]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         state = None if cache is None else cache.layer_state(self.layer_idx)
-        hidden_states, aux = self.self_attn(
+        hidden_states, routing = self.self_attn(
             hidden_states, position_embeddings, token_mask, state, return_state=cache is not None, documents=documents
         )
         if cache is not None:
-            cache.set_layer_state(self.layer_idx, aux.pop("state"), hidden_states.shape[1], aux)
+            cache.update_layer(self.layer_idx, routing.cache_update, hidden_states.shape[1])
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = residual + self.mlp(hidden_states)
-        return hidden_states, aux
+        return hidden_states, routing
 
 
 class NatslPreTrainedModel(PreTrainedModel):
@@ -392,17 +392,17 @@ class NatslModel(NatslPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, aux = layer(hidden_states, position_embeddings, token_mask, past_key_values, documents)
+            hidden_states, routing = layer(hidden_states, position_embeddings, token_mask, past_key_values, documents)
             if not layer.self_attn.natsl:
                 continue
-            if "router_loss" in aux:
-                router_loss = aux["router_loss"] if router_loss is None else router_loss + aux["router_loss"]
-            if aux.get("router_agreement") is not None:
-                agreements.append(aux["router_agreement"].detach())
-            n_routable.append(aux["n_routable"])
-            n_softmax.append(aux["n_softmax"])
+            if routing.router_loss is not None:
+                router_loss = routing.router_loss if router_loss is None else router_loss + routing.router_loss
+            if routing.router_agreement is not None:
+                agreements.append(routing.router_agreement.detach())
+            n_routable.append(routing.n_routable)
+            n_softmax.append(routing.n_softmax)
             if output_routes:
-                routes.append(aux["routes"])
+                routes.append(routing.routes)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)

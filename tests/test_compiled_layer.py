@@ -5,7 +5,7 @@ is compiled with the `aot_eager` backend (dynamo + AOTAutograd, no inductor code
 path under triton's interpreter, which must be switched on before triton is imported: a subprocess. Checked:
 fullgraph (no graph break: the branch kernels are custom ops to dynamo), values and gradients equal to the
 eager path in each router mode (learned, stage-1 supervised, stage-2 frozen), and one graph per mode serving
-every layer of the model (no recompile per layer or per step).
+every layer of the model (no recompile per layer, whose budgets differ here, or per step).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def test_dense_path_compiles_whole_once_for_all_layers():
         from natsl_hf.modeling.layer import NatslAttention
 
         torch.manual_seed(0)
-        model = tiny_model(seed=4, chunk_size=16, num_hidden_layers=3, natsl_layers=[0, 1, 2]).train()
+        model = tiny_model(seed=4, chunk_size=16, num_hidden_layers=3, natsl_layers=[0, 1, 2],
+                           layer_budget_scale=[0.5, 1.0, 1.5]).train()  # budgets differ, the graph is shared
         layers = [layer.self_attn for layer in model.model.layers]
         for layer in layers:
             with torch.no_grad():
@@ -38,26 +39,26 @@ def test_dense_path_compiles_whole_once_for_all_layers():
         def run(fn, layer):
             x.grad = None
             layer.zero_grad()
-            out, aux = fn(layer, x, cos, sin)
-            (out.square().sum() + aux.get("router_loss", 0.0)).backward()
+            out, routing = fn(layer, x, cos, sin, torch.tensor(layer.softmax_budget))
+            (out.square().sum() + (routing.router_loss if routing.router_loss is not None else 0.0)).backward()
             grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-            return out.detach(), aux, x.grad.clone(), grads
+            return out.detach(), routing, x.grad.clone(), grads
 
         for mode in ("learned", "learned", "supervised", "frozen"):  # two steps, then stage 1 / stage 2 routing
             for layer in layers:
                 layer.router_mode = mode
             for layer in layers:
-                out_e, aux_e, dx_e, g_e = run(NatslAttention._dense, layer)
-                out_c, aux_c, dx_c, g_c = run(compiled, layer)
-                assert aux_c["backend"] == "kernels", aux_c["backend"]
+                out_e, routing_e, dx_e, g_e = run(NatslAttention._dense, layer)
+                out_c, routing_c, dx_c, g_c = run(compiled, layer)
+                assert routing_c.backend == "kernels", routing_c.backend
                 torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(dx_c, dx_e, rtol=1e-4, atol=1e-6)
                 assert set(g_c) == set(g_e) and "A_log" in g_c, sorted(g_c)
                 assert ("router.proj.weight" in g_c) == (mode != "frozen"), (mode, sorted(g_c))
                 for name in g_e:
                     torch.testing.assert_close(g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
-                assert torch.equal(aux_c["n_softmax"], aux_e["n_softmax"])
-                assert torch.equal(aux_c["routes"].hard, aux_e["routes"].hard)
+                assert torch.equal(routing_c.n_softmax, routing_e.n_softmax)
+                assert torch.equal(routing_c.routes.hard, routing_e.routes.hard)
         assert counters["stats"]["unique_graphs"] == 3, "expected one graph per router mode for all layers"
         for layer in layers:
             layer.router_mode = "learned"

@@ -24,8 +24,8 @@ def test_cpu_takes_the_reference_and_says_so():
     layer = model.model.layers[0].self_attn
     x = torch.randn(1, 9, 64)
     cos, sin = model.model.rotary_emb(x, torch.arange(9)[None])
-    _, aux = layer(x, (cos, sin))
-    assert aux["backend"] == "reference"
+    _, routing = layer(x, (cos, sin))
+    assert routing.backend == "reference"
     assert model(ids).logits.isfinite().all()
 
 
@@ -37,8 +37,8 @@ def test_full_softmax_layers_take_sdpa_and_match_the_reference(monkeypatch):
     layer = model.model.layers[0].self_attn
     x = torch.randn(2, 23, 64)
     cos, sin = model.model.rotary_emb(x, torch.arange(23).expand(2, 23))
-    assert layer(x, (cos, sin))[1]["backend"] == "sdpa"
-    assert layer(x, (cos, sin), token_mask=torch.ones(2, 23, dtype=torch.bool).tril(22))[1]["backend"] == "reference"
+    assert layer(x, (cos, sin))[1].backend == "sdpa"
+    assert layer(x, (cos, sin), token_mask=torch.ones(2, 23, dtype=torch.bool).tril(22))[1].backend == "reference"
 
     def run(force_reference):
         monkeypatch.setenv("NATSL_FORCE_REFERENCE", "1" if force_reference else "0")
@@ -68,11 +68,11 @@ def test_kernel_path_matches_reference_in_the_model():
             layer = model.model.layers[1].self_attn
             x = torch.randn(2, 45, 64, generator=torch.Generator().manual_seed(1))
             cos, sin = model.model.rotary_emb(x, torch.arange(45).expand(2, 45))
-            _, aux = layer(x, (cos, sin))
+            _, routing = layer(x, (cos, sin))
             out = model(ids, labels=ids, use_cache=False)
             out.loss.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            return aux["backend"], out.logits.detach(), grads
+            return routing.backend, out.logits.detach(), grads
         b_ref, logits_ref, g_ref = run(True)
         b_ker, logits_ker, g_ker = run(False)
         assert (b_ref, b_ker) == ("reference", "kernels"), (b_ref, b_ker)

@@ -423,7 +423,10 @@ def test_cli_stages_carry_the_model_card(tmp_path):
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     common = ["--data", str(data), "--seq_len", "32", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "100",
               "--report_to", "none", "--source", str(src)]
-    assert main(["--stage", "1", "--model", str(init), "--output_dir", str(tmp_path / "s1"), *common]) == 0
+    assert main(["--stage", "1", "--model", str(init), "--output_dir", str(tmp_path / "s1"), "--layer_budgets",
+                 *common]) == 0
+    scale = NatslForCausalLM.from_pretrained(tmp_path / "s1").config.layer_budget_scale
+    assert len(scale) == 2 and sum(scale) / 2 == pytest.approx(1.0)  # --layer_budgets: stored with the model
     assert main(["--stage", "2", "--model", str(tmp_path / "s1"), "--output_dir", str(tmp_path / "s2"),
                  "--kd_weight", "0.5", "--calibration_seq_len", "64", "--packing", "documents", *common]) == 0
     card = ModelCard.load(tmp_path / "s2" / "README.md")
@@ -436,6 +439,8 @@ def test_cli_stages_carry_the_model_card(tmp_path):
             "router bias calibrated to the budget on 28 blocks of 64 tokens" in card.text)
     assert "3 steps x 1 blocks x 32 tokens = 96 tokens" in card.text and "`natsl-distill --stage 2" in card.text
     assert NatslForCausalLM.from_pretrained(tmp_path / "s2").config.softmax_budget == 0.3
+    assert NatslForCausalLM.from_pretrained(tmp_path / "s2").config.layer_budget_scale == scale
+    assert "overall; per layer (from the source attention)" in card.text
 
 
 @pytest.mark.parametrize("stage", [1, 2])

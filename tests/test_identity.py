@@ -63,9 +63,9 @@ def test_all_softmax_equals_source_attention(family, T, kv_heads):
     causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
         expected, _ = src(x, (cos, sin), causal)
-        got, aux = layer(x, (ours_cos, ours_sin))
+        got, routing = layer(x, (ours_cos, ours_sin))
     assert (got - expected).abs().max() <= 1e-5
-    assert aux["routes"].hard.all()
+    assert routing.routes.hard.all()
 
 
 def test_head_dim_differs_from_hidden_over_heads():

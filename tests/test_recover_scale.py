@@ -140,3 +140,20 @@ def test_recall_share_mixes_recall_blocks_into_a_piece(recover, tmp_path):
     assert piece["blocks_available"] == 64 + piece["recall"]["distinct_blocks"]
     with pytest.raises(SystemExit):
         recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), "--recall-share", "1", *PIECE])
+
+
+def test_layer_budgets_carry_from_stage_1_through_stage_2_to_the_shipped_layout(recover, tmp_path):
+    w = tmp_path
+    assert recover.main(["--stage", "1", "--work", str(w / "w1"), "--out", str(w / "o1"), "--layer-budgets", *PIECE]) == 0
+    _, progress1 = recover.read_resume(w / "o1")
+    scale = progress1["layer_budget_scale"]
+    assert len(scale) == 2 and sum(scale) / 2 == pytest.approx(1.0)
+    assert progress1["pieces"][0]["layer_budgets"] == [min(1.0, 0.25 * s) for s in scale]
+    assert recover.main(["--stage", "2", "--work", str(w / "w2"), "--out", str(w / "o2"), "--resume", str(w / "o1"),
+                         *PIECE]) == 0
+    _, progress2 = recover.read_resume(w / "o2")
+    assert progress2["layer_budget_scale"] == scale  # the resumed piece calibrated with the same shares
+    recover.export(w / "o2", w / "shipped")
+    _, info = read_recovered(w / "shipped")
+    assert info["layer_budget_scale"] == scale
+    assert recover.read_resume(w / "shipped")[1]["layer_budget_scale"] == scale

@@ -93,8 +93,8 @@ def test_layer_matches_slow_loop(T, kv_heads):
     pos = torch.arange(T).expand(2, T)
     cos, sin = NatslRotaryEmbedding(config)(x, pos)
     with torch.no_grad():
-        out, aux = layer(x, (cos, sin))
-        hard = aux["routes"].hard  # [B, N, Hkv]
+        out, routing = layer(x, (cos, sin))
+        hard = routing.routes.hard  # [B, N, Hkv]
         expected = slow_layer(layer, x, cos, sin, hard)
     n_complete = T // config.chunk_size
     if n_complete > 1:  # the test must see both routes among routable chunks
@@ -110,13 +110,13 @@ def test_sink_chunks_always_softmax():
     x = torch.randn(3, 21, config.hidden_size)
     cos, sin = NatslRotaryEmbedding(config)(x, torch.arange(21).expand(3, 21))
     with torch.no_grad():
-        _, aux = layer(x, (cos, sin))
-    routes = aux["routes"]
+        _, routing = layer(x, (cos, sin))
+    routes = routing.routes
     assert routes.hard[:, :2].all() and not routes.routable[:, :2].any()
     # complete non-sink chunks 2, 3, 4 go to GDN; incomplete chunk 5 counts as softmax, not routable
     assert not routes.hard[:, 2:5].any() and routes.routable[:, 2:5].all()
     assert not routes.routable[:, 5].any()
-    assert aux["n_softmax"].tolist() == [0] * 3 and aux["n_routable"].tolist() == [3 * config.num_key_value_heads] * 3
+    assert routing.n_softmax.tolist() == [0] * 3 and routing.n_routable.tolist() == [3 * config.num_key_value_heads] * 3
 
 
 def test_route_override_is_honoured():
@@ -127,9 +127,9 @@ def test_route_override_is_honoured():
             layer.router.proj.weight.normal_(0, 1.0)
         x = torch.randn(2, 17, config.hidden_size)
         cos, sin = NatslRotaryEmbedding(config)(x, torch.arange(17).expand(2, 17))
-        _, aux = layer(x, (cos, sin))
-        routable = aux["routes"].routable
-        assert (aux["routes"].hard[routable] == expect).all()
+        _, routing = layer(x, (cos, sin))
+        routable = routing.routes.routable
+        assert (routing.routes.hard[routable] == expect).all()
 
 
 def test_each_past_token_reaches_later_queries_by_exactly_one_path():
@@ -157,10 +157,10 @@ def test_each_past_token_reaches_later_queries_by_exactly_one_path():
             return output
 
         handle = layer.v_proj.register_forward_hook(hook)
-        out, aux = layer(x, (cos, sin))
+        out, routing = layer(x, (cos, sin))
         handle.remove()
         out[0, 13].sum().backward()  # a query in chunk 3
-        return holder["v"].grad[0], aux["routes"].hard[0, :, 0]  # [T, D]
+        return holder["v"].grad[0], routing.routes.hard[0, :, 0]  # [T, D]
 
     grad_soft, hard = grad_wrt_v(0.0)
     grad_both, _ = grad_wrt_v(1.0)
@@ -181,7 +181,7 @@ def test_mixed_routes_mix_rows_and_groups():
     mix_routes(torch.nn.ModuleList([layer]), seed=3, router_std=1.0)
     x = torch.randn(4, 40, model_config.hidden_size)
     cos, sin = NatslRotaryEmbedding(model_config)(x, torch.arange(40).expand(4, 40))
-    _, aux = layer(x, (cos, sin))
-    hard = aux["routes"].hard[:, 1:10]  # routable chunks
+    _, routing = layer(x, (cos, sin))
+    hard = routing.routes.hard[:, 1:10]  # routable chunks
     assert (hard.flatten(1).float().mean(1) > 0).any() and not hard.all()
     assert not torch.equal(hard[0], hard[1]) or not torch.equal(hard[..., 0], hard[..., 1])

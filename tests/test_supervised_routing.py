@@ -149,21 +149,21 @@ def test_supervised_routing_routes_by_targets_and_router_learns_heavy_hitters():
     layer.train()
     layer.router_mode = "supervised"
     x, important = heavy_hitter_batch(B, N, C, g)
-    _, aux = layer(x, rope)
+    _, routing = layer(x, rope)
     # chunks 1..7 are labelled (8 and 9 have no query two chunks later): round(0.25 * 7) = the 2 important ones
-    assert torch.equal(aux["routes"].hard[:, 1 : N - 2, 0], important[:, 1 : N - 2])
-    assert aux["router_loss"] > 0.5  # the softmax-biased router disagrees with the targets
+    assert torch.equal(routing.routes.hard[:, 1 : N - 2, 0], important[:, 1 : N - 2])
+    assert routing.router_loss > 0.5  # the softmax-biased router disagrees with the targets
 
     opt = torch.optim.Adam(layer.router.parameters(), lr=0.1)
     for _ in range(60):
         x, important = heavy_hitter_batch(B, N, C, g)
         opt.zero_grad()
-        layer(x, rope)[1]["router_loss"].backward()
+        layer(x, rope)[1].router_loss.backward()
         opt.step()
     layer.eval()
     x, important = heavy_hitter_batch(B, N, C, g)
     with torch.no_grad():
-        routes = layer(x, rope)[1]["routes"]
+        routes = layer(x, rope)[1].routes
     # inference (argmax, no targets): the router alone keeps exactly the heavy-hitter chunks
     assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
 
@@ -180,7 +180,7 @@ def test_supervised_routing_refuses_padding_and_cache_and_bad_modes():
         layer(x, (ones, torch.zeros_like(ones)), token_mask=mask)
     layer.router_mode = "learned"
     with torch.no_grad():
-        state = layer(x, (ones, torch.zeros_like(ones)), return_state=True)[1]["state"]
+        state = layer(x, (ones, torch.zeros_like(ones)), return_state=True)[1].cache_update.state
     layer.router_mode = "supervised"
     with pytest.raises(ValueError, match="without a cache"):
         layer(x, (ones, torch.zeros_like(ones)), state=state)
@@ -279,5 +279,5 @@ def test_fit_router_learns_heavy_hitters_outright():
     layer.eval()
     x, important = heavy_hitter_batch(B, N, C, g)
     with torch.no_grad():
-        routes = layer(x, rope)[1]["routes"]
+        routes = layer(x, rope)[1].routes
     assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
