@@ -727,7 +727,7 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
     bench/recover_scale.py --recall-share mixes into its blocks, so that every line and the questions about it
     fall in the same block (a `recall_documents` document can straddle a block boundary of the packed stream).
 
-    haystack: [M, L] token blocks (the filler: each document takes one, cycled); encode: str -> token ids;
+    haystack: [M, L] token blocks (the filler: each document takes one at random); encode: str -> token ids;
     boundary: [V] bool, the tokens a sentence or line ends with (lines go in after one, or at the start);
     eos: the id that closes each document. The kinds alternate as in `recall_documents`: 8 key-value lines
     "The code for WORD is NNNN." at random boundaries, or one needle line at a random depth, then every
@@ -744,7 +744,8 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
         keys = rng.sample(WORDS, 1 if needle else 8)
         pairs = [(k, str(rng.randint(10 ** (probe.digits - 1), 10 ** probe.digits - 1))) for k in keys]
         lines = [encode(" " + probe.line.format(key=k, value=v)) for k, v in pairs]
-        qa = [t for k, v in rng.sample(pairs, len(pairs)) for t in encode(probe.question.format(key=k)) + encode(f" {v}") + encode(".")]
+        qa = [t for k, v in rng.sample(pairs, len(pairs))
+              for t in encode(probe.question.format(key=k)) + encode(f" {v}") + encode(".")]
         room = L - len(qa) - 1 - sum(len(line) for line in lines)
         if room < 1:
             raise ValueError(f"a {L}-token block has no room for {len(lines)} recall lines and their questions")
@@ -754,7 +755,8 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
             depth = rng.random() * room
             slots = [min(starts, key=lambda j: abs(j - depth))]
         else:
-            slots = sorted(rng.sample(starts, len(lines)) if len(starts) >= len(lines) else rng.choices(starts, k=len(lines)))
+            few = len(starts) < len(lines)  # a filler with fewer boundaries than lines: some share one
+            slots = sorted(rng.choices(starts, k=len(lines)) if few else rng.sample(starts, len(lines)))
         pieces, at = [], 0
         for slot, line in zip(slots, lines):
             pieces += [filler[at:slot], line]

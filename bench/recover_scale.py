@@ -229,9 +229,9 @@ RECALL_BLOCKS_MAX = 4096  # distinct recall blocks made per piece (mix_blocks cy
 
 
 def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int) -> tuple[torch.Tensor, int]:
-    """`blocks` with `share` of them replaced by recall blocks (build_recovery_data.recall_blocks: key-value and
-    needle lines in the filler of other training blocks, every question in the same block), in one shuffled
-    order; -> (blocks, distinct recall blocks made). tokenizer None (--quick: random ids): one id per word
+    """`blocks` and recall blocks in one shuffled order in which `share` of the blocks are recall blocks
+    (build_recovery_data.recall_blocks: key-value and needle lines in the filler of other training blocks, every
+    question in the same block; mix_blocks cycles them); -> (blocks, distinct recall blocks made). tokenizer None (--quick: random ids): one id per word
     (its crc32), so that 8 lines and their questions fit the quick run's 256-token blocks."""
     import zlib
 
@@ -607,6 +607,9 @@ def main(argv=None) -> int:
     if args.selfgen_tokens and (args.quick or DEV != "cuda"):
         p.error("--selfgen-tokens samples with the source on the GPU (bench/sample_source.py): not with --quick or "
                 "without CUDA")
+    if args.layer_budgets and (args.stage != 1 or args.resume or args.layer_hybrid):
+        p.error("--layer-budgets shares the budget at a fresh NAtS-L stage 1 (before the router fit): not with "
+                "--stage 2, --resume or --layer-hybrid (later pieces keep the shares of progress.json)")
     if not 0 <= args.recall_share < 1:
         p.error(f"--recall-share {args.recall_share}: give a share in [0, 1)")
     if not 0 < args.selfgen_share < 1:

@@ -24,12 +24,11 @@ Decisions beyond SPEC.md (documented here, tested in tests/):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -302,8 +301,8 @@ class NatslAttention(nn.Module):
         if documents is not None:
             rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
             out, routing = self._segment(*rows, documents.mask, None, False, right_padded=True)
-            routing = dataclasses.replace(routing, n_routable=documents.per_row(routing.n_routable),
-                                          n_softmax=documents.per_row(routing.n_softmax))
+            routing = replace(routing, n_routable=documents.per_row(routing.n_routable),
+                              n_softmax=documents.per_row(routing.n_softmax))
             return documents.repack(out), routing
         if isinstance(state, NatslStaticLayerState):
             if n == 1 and not torch.is_grad_enabled():

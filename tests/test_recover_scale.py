@@ -157,3 +157,6 @@ def test_layer_budgets_carry_from_stage_1_through_stage_2_to_the_shipped_layout(
     _, info = read_recovered(w / "shipped")
     assert info["layer_budget_scale"] == scale
     assert recover.read_resume(w / "shipped")[1]["layer_budget_scale"] == scale
+    with pytest.raises(SystemExit):  # the shares are made once, at a fresh stage 1
+        recover.main(["--stage", "2", "--work", str(w / "w3"), "--out", str(w / "o3"), "--resume", str(w / "o2"),
+                      "--layer-budgets", *PIECE])
