@@ -57,6 +57,8 @@ def calibrate_routers(model, input_ids, budget: float, progress: bool = False) -
     hooks change the routers' outputs, which a compiled layer would have to trace. progress: a bar that
     advances as the pass reaches each layer.
     """
+    from functools import partial
+
     import torch
     from tqdm.auto import tqdm
 
@@ -66,21 +68,21 @@ def calibrate_routers(model, input_ids, budget: float, progress: bool = False) -
     config = model.config
     T = input_ids.shape[1]
     attns = [layer.self_attn for layer in natsl_decoder_layers(model)]
-    routers = [attn.router for attn in attns]
-    budgets = {id(attn.router): config.layer_softmax_budget(attn.layer_idx, budget) for attn in attns}
-    bar = tqdm(total=len(routers), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
+    bar = tqdm(total=len(attns), desc="calibrating router biases (one pass)", unit="layer", disable=not progress)
 
-    def calibrate(router, args, scores):  # scores [B, N, H, 2]: (softmax, linear) per chunk and KV head
+    def calibrate(router, args, scores, layer_budget: float):  # scores [B, N, H, 2]: (softmax, linear) scores
         chunk = torch.arange(scores.shape[1], device=scores.device)
         routable = ((chunk + 1) * config.chunk_size <= T) & (chunk >= config.num_sink_chunks)
         margins = (scores[..., 0] - scores[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
-        shift = budget_thresholds(margins.flatten(0, 1), budgets[id(router)]).to(scores)
+        shift = budget_thresholds(margins.flatten(0, 1), layer_budget).to(scores)
         delta = torch.stack([-shift / 2, shift / 2], -1)  # [H, 2]
         router.proj.bias.add_(delta.flatten().to(router.proj.bias))
         bar.update()
         return scores + delta
 
-    hooks = [router.register_forward_hook(calibrate) for router in routers]
+    layer_budgets = [config.layer_softmax_budget(attn.layer_idx, budget) for attn in attns]  # each layer's share
+    hooks = [attn.router.register_forward_hook(partial(calibrate, layer_budget=b))
+             for attn, b in zip(attns, layer_budgets)]
     was_training, override = model.training, config.route_override
     model.eval()
     config.route_override = None

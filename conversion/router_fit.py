@@ -84,7 +84,7 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
 # trace the hooks and compile a graph for the override, all for one pass).
 @torch.compiler.set_stance("force_eager")
 @torch.no_grad()
-def _on_source(model: nn.Module, batches, per_layer):
+def _on_source(model: nn.Module, batches, per_layer) -> None:
     """Run `batches` (unpadded blocks) through `model` with every chunk routed softmax, i.e. as the source
     model, and call `per_layer(i, attn, hidden_states, position_embeddings)` for each NAtS-L layer i (in
     order) with that layer's inputs of each batch."""
@@ -109,7 +109,6 @@ def _on_source(model: nn.Module, batches, per_layer):
             h.remove()
         base.config.route_override = override
         model.train(was_training)
-    return attns
 
 
 def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -126,45 +125,56 @@ def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tenso
     return [tuple(torch.cat(parts) for parts in zip(*samples[i])) for i in sorted(samples)]
 
 
+def source_chunk_scores(model: nn.Module, batches) -> list[torch.Tensor]:
+    """Per NAtS-L layer (in order), the stage-1 score of every routable chunk of `batches` on the source's
+    activations (`NatslAttention.chunk_mass`: attention from far queries over what the chunk's distance predicts;
+    NaN where no query lies two chunks later): [B_total, N - num_sink_chunks, Hkv] fp32 on the CPU."""
+    sinks = unwrap(model).config.num_sink_chunks
+    scores: dict[int, list] = {}
+
+    def score(i, attn, hidden_states, position_embeddings):
+        scores.setdefault(i, []).append(attn.chunk_mass(hidden_states, position_embeddings)[:, sinks:].float().cpu())
+
+    _on_source(model, batches, score)
+    return [torch.cat(scores[i]) for i in sorted(scores)]
+
+
+def budget_shares(scores: list[torch.Tensor], budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One threshold over every layer's scores (`source_chunk_scores`, NaN = unknown) that keeps `budget` of
+    them, and each layer's share of its own scores above it -> (threshold, shares [layers]). Scores exactly at
+    the threshold (ties: those that distance alone explains are all exactly 1 when a block has one distance bin)
+    share what the budget leaves, so that the layers keep `budget` in all."""
+    known = [s[~s.isnan()] for s in scores]
+    if any(k.numel() == 0 for k in known):
+        raise ValueError("allocate_layer_budgets needs blocks of at least num_sink_chunks + 3 chunks (a routable "
+                         "chunk with a query two chunks later); give longer blocks.")
+    threshold = torch.quantile(torch.cat(known), 1 - budget)
+    above = torch.tensor([float((k > threshold).sum()) for k in known])  # [layers]
+    at = torch.tensor([float((k == threshold).sum()) for k in known])
+    counts = torch.tensor([float(k.numel()) for k in known])
+    ties = ((budget * counts.sum() - above.sum()) / at.sum()).clamp(0, 1) if at.sum() > 0 else 0.0
+    return threshold, (above + ties * at) / counts
+
+
 def allocate_layer_budgets(model: nn.Module, batches, budget: float | None = None) -> list[float]:
     """Share the softmax budget among the NAtS-L layers by what their source attention needs, and write it to
     `config.layer_budget_scale` (returned: the budget of every decoder layer).
 
     On the freshly converted model (every chunk softmax: the source's activations), each NAtS-L layer scores
-    its routable chunks of `batches` by `chunk_attention_mass` (what stage 1 labels by: attention from far
-    queries over what the chunk's distance predicts). One threshold over all layers and KV heads keeps
-    `budget` (default config.softmax_budget) of the chunks; a layer's share of it is the share of its own
-    chunks above that threshold. A layer whose attention only decays with distance (scores near 1: the GDN
-    state's decay serves it) gets little, one whose queries look far back at particular chunks gets more.
-    The multipliers are normalised to mean 1 over the NAtS-L layers, so the model keeps `budget` overall
-    (each layer at most 1). bench/budget_allocation_probe.py shows the allocation on the real SmolLM2."""
-    base = unwrap(model)
-    config = base.config
+    its routable chunks of `batches` by `chunk_attention_mass` (`source_chunk_scores`: what stage 1 labels by).
+    One threshold over all layers and KV heads keeps `budget` (default config.softmax_budget) of the chunks; a
+    layer's share of it is the share of its own chunks above that threshold (`budget_shares`). A layer whose
+    attention only decays with distance (scores near 1: the GDN state's decay serves it) gets little, one whose
+    queries look far back at particular chunks gets more. The multipliers are normalised to mean 1 over the
+    NAtS-L layers, so the model keeps `budget` overall (each layer at most 1). bench/budget_allocation_probe.py
+    shows the allocation on the real SmolLM2."""
+    config = unwrap(model).config
     budget = config.softmax_budget if budget is None else budget
-    scores: dict[int, list] = {}
-
-    def score(i, attn, hidden_states, position_embeddings):
-        mass = attn.chunk_mass(hidden_states, position_embeddings)[:, config.num_sink_chunks:]  # [B, N, Hkv]
-        scores.setdefault(i, []).append(mass.flatten().float().cpu())
-
-    attns = _on_source(model, batches, score)
-    per_layer = [torch.cat(scores[i]) for i in range(len(attns))]
-    known = [s[~s.isnan()] for s in per_layer]
-    if any(k.numel() == 0 for k in known):
-        raise ValueError("allocate_layer_budgets needs blocks of at least num_sink_chunks + 3 chunks (a routable "
-                         "chunk with a query two chunks later); give longer blocks.")
-    threshold = torch.quantile(torch.cat(known), 1 - budget)
-    above = torch.tensor([float((k > threshold).sum()) for k in known])  # [NAtS-L layers]
-    at = torch.tensor([float((k == threshold).sum()) for k in known])
-    counts = torch.tensor([float(k.numel()) for k in known])
-    # the chunks at the threshold itself (ties: scores that distance alone explains are all exactly 1 when a
-    # block has one distance bin) share what the budget leaves, so that the layers keep `budget` in all
-    ties = ((budget * counts.sum() - above.sum()) / at.sum()).clamp(0, 1) if at.sum() > 0 else 0.0
-    share = (above + ties * at) / counts
+    _, share = budget_shares(source_chunk_scores(model, batches), budget)
     scale = share / share.mean().clamp(min=1e-12)
     layer_scale = [1.0] * config.num_hidden_layers
-    for attn, value in zip(attns, scale.tolist()):
-        layer_scale[attn.layer_idx] = value
+    for layer_idx, value in zip(config.natsl_layers, scale.tolist()):
+        layer_scale[layer_idx] = value
     config.layer_budget_scale = layer_scale
     return [config.layer_softmax_budget(i, budget) for i in range(config.num_hidden_layers)]
 
@@ -274,8 +284,8 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     attention_mask) are collected in eval mode with the earlier layers already shifted; per KV head,
     with k = round(b * n) (b: the layer's share of `budget`, `config.layer_softmax_budget`), the threshold
     midway between the k-th and (k+1)-th largest margin is subtracted from the margin through the bias.
-    Afterwards k of those n chunks route softmax in every layer and head, and each router keeps its ranking. `apply_in(decoder_layer)`: the context manager
-    to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
+    Afterwards k of those n chunks route softmax in every layer and head, and each router keeps its ranking.
+    `apply_in(decoder_layer)`: the context manager to shift that layer's router bias in (FSDP: summon_full_params of that layer's unit only). One
     forward pass over `batches` per NAtS-L layer, plus one after (logits of the last position only);
     with `stop_early` (unpadded blocks; not under FSDP) the passes for layers after the first stop
     at the router being calibrated.
@@ -296,4 +306,5 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     return {"softmax_fraction_before": before, "softmax_fraction_after": after}
 
 
-__all__ = ["allocate_layer_budgets", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router", "fit_routers", "roc_auc"]
+__all__ = ["allocate_layer_budgets", "budget_shares", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router",
+           "fit_routers", "roc_auc", "source_chunk_scores"]
