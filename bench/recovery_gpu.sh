@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The device calls of one recovery session (issue 22), one step per call, run from the repo root on the
+# GPU machine while it stays warm (it keeps /tmp for ~30 s of idleness between calls):
+#
+#   bash bench/recovery_gpu.sh install   # carry [.whl, runs/carry-a]: wheels + this tree into /tmp/site, GGUF part 1
+#   bash bench/recovery_gpu.sh gguf      # carry [runs/carry-b]: GGUF part 2, joined and checked
+#   bash bench/recovery_gpu.sh stage1    # carry [runs/recovery-data]: stage 1 piece -> $OUT/ckpt1, $OUT/stage1.log
+#   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
+#   bash bench/recovery_gpu.sh eval      # export the shipped layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
+#
+# Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
+# two (`split -n 2 -d GGUF runs/carry-x.` -> runs/carry-a/gguf.00, runs/carry-b/gguf.01), the wheels the GPU image
+# lacks in .whl/ (flash-linear-attention, fla-core 0.6.0, peft, gguf), and the tracked safetensors moved out of the
+# tree (a call carries <= 64 MiB). STAGE1_ARGS / STAGE2_ARGS / EVAL_ARGS override the recipe below.
+set -euo pipefail
+G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH=/tmp/site:/tmp/shim
+STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
+STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2}
+case "$1" in
+  install)
+    mkdir -p /tmp/g /tmp/shim && cp runs/carry-a/gguf.00 /tmp/g/
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl . 2>&1 | tail -3
+    # the GPU image has no `datasets`; bench/eval_quality.py only needs Dataset.from_dict to hand its dict on
+    printf 'class Dataset:\n    from_dict = staticmethod(lambda d: d)\n' > /tmp/shim/datasets.py
+    (cd /tmp && python3 -c "import natsl_hf, fla, peft, gguf, torch, transformers, triton; print('ok', torch.__version__, transformers.__version__, triton.__version__, fla.__version__, torch.cuda.get_device_name())")
+    ;;
+  gguf)
+    cat /tmp/g/gguf.00 runs/carry-b/gguf.01 > "$G" && rm /tmp/g/gguf.00
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c
+    ;;
+  stage1)
+    rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd
+    # shellcheck disable=SC2086
+    TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 1 $STAGE1_ARGS --gguf "$G" --data /tmp/rd \
+      --work /tmp/rw1 --out "$OUT/ckpt1" 2>&1 | tee "$OUT/stage1.log" | grep -v "it/s\]" | tail -40
+    ;;
+  stage2)
+    # shellcheck disable=SC2086
+    TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 2 $STAGE2_ARGS --gguf "$G" --data /tmp/rd \
+      --work /tmp/rw2 --resume /tmp/rw1/ckpt --out "$OUT/ckpt2" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
+    ;;
+  eval)
+    python3 bench/recover_scale.py --export /tmp/rw2/ckpt --to "$OUT/ship"
+    python3 bench/recover_scale.py --materialize natsl="$OUT/ship" --gguf "$G" --to /tmp/mat
+    # shellcheck disable=SC2086
+    python3 bench/eval_quality.py --source /tmp/mat/source --model natsl=/tmp/mat/natsl --text /tmp/rd/heldout.txt \
+      ${EVAL_ARGS:---seq-len 2048 --ppl-blocks 16 --gen-prompts 32 --gen-tokens 32 --retrieval-lengths 2048 4096 \
+      --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --dtype bfloat16} \
+      --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
+    ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|stage1|stage2|eval" >&2; exit 2 ;;
+esac
