@@ -10,6 +10,11 @@ Metrics schema (all optional; several JSON files are merged left to right by `lo
     training                str, the recovery training done (stage, tokens, ...)
     quality                 {name: number or str}, e.g. {"wikitext2 ppl": 12.3}
     quality_command         str, the command that measured `quality` (shown under its table)
+    quality_measured_on     str, what `quality` was measured on (text, blocks, device; shown under its table)
+    evaluations             list of {"quality": {...}, "quality_command": str, "quality_measured_on": str}:
+                            further evaluations, each its own table (load_metrics puts a second file's
+                            `quality` here when it was measured by another command, instead of mixing
+                            two evaluations' rows, e.g. two perplexity gaps on different texts, in one table)
     speed                   {name: number or str}, e.g. {"decode tok/s (H100, bs 1)": 151.0}
     speed_measured_on       str, device / dtype / setup of the `speed` numbers (shown under its table)
     speed_command           str, the command that measured `speed` (shown under its table)
@@ -44,6 +49,8 @@ KNOWN_METRICS = (
     "quality",
     "speed",
     "quality_command",
+    "quality_measured_on",
+    "evaluations",
     "speed_measured_on",
     "speed_command",
 )
@@ -62,9 +69,10 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     """Card metrics from a bench/eval_quality.py report, for the model evaluated under `label`.
 
     The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
-    gap), top-1 agreement with the source, greedy prefix match, retrieval accuracy per context
-    length (model and source), the realised softmax fraction on the perplexity blocks (overall and
-    per NAtS-L layer), and the kept / full KV bytes after prefilling the longest retrieval context.
+    gap), top-1 agreement with the source, greedy prefix match, key-value and needle retrieval accuracy
+    per context length and short-answer accuracy (model and source, and the share of the source's
+    correct answers the model keeps), the realised softmax fraction on the perplexity blocks (overall
+    and per NAtS-L layer), and the kept / full KV bytes after prefilling the longest retrieval context.
     `label` may be omitted when the report evaluated exactly one model besides the source.
     """
     summary = report["summary"]
@@ -87,12 +95,19 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         quality["top-1 agreement with source"] = row["top1_agreement"]
     if "gen_prefix_match" in row:
         quality["greedy prefix match with source"] = row["gen_prefix_match"]
-    for key, value in row.items():
-        if key.startswith("retrieval_") and not key.startswith(("softmax_fraction_", "kv_fraction_")):
-            length = key[len("retrieval_"):]
-            quality[f"key-value retrieval accuracy @{length} tokens"] = value
-            if key in src:
-                quality[f"source key-value retrieval accuracy @{length} tokens"] = src[key]
+    for prefix, name in (("retrieval_", "key-value retrieval"), ("needle_", "needle retrieval")):
+        for key, value in row.items():
+            if key.startswith(prefix):  # retrieval_2048, needle_4096 (not softmax_fraction_retrieval_2048)
+                length = key[len(prefix):]
+                quality[f"{name} accuracy @{length} tokens"] = value
+                if key in src:
+                    quality[f"source {name} accuracy @{length} tokens"] = src[key]
+    if "short_qa_accuracy" in row:
+        quality["short-answer accuracy"] = row["short_qa_accuracy"]
+        if "short_qa_accuracy" in src:
+            quality["source short-answer accuracy"] = src["short_qa_accuracy"]
+    if "short_qa_source_correct_kept" in row:
+        quality["share of the source's correct short answers kept"] = row["short_qa_source_correct_kept"]
     settings = report.get("settings") or {}
     where = []
     if "seq_len" in settings and "ppl_blocks" in settings:
@@ -102,6 +117,8 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     metrics = {"quality": quality}
     if report.get("command"):
         metrics["quality_command"] = report["command"]
+    if where:
+        metrics["quality_measured_on"] = "bench/eval_quality.py: perplexity on " + ", ".join(where)
     if row.get("softmax_fraction") is not None:
         metrics["softmax_fraction"] = row["softmax_fraction"]
         metrics["measured_on"] = "held-out perplexity blocks (bench/eval_quality.py): " + ", ".join(where)
@@ -197,8 +214,9 @@ def metrics_from_decode_report(report: dict, config, source: str = "the decode r
 
 
 def load_metrics(paths, label: str | None = None, config=None, model_dir: str | None = None) -> dict:
-    """Merge metrics JSON files (later files win on equal top-level keys; quality/speed merge, and
-    the speed provenance of several speed reports is joined).
+    """Merge metrics JSON files (later files win on equal top-level keys; speed tables merge, and the
+    speed provenance of several speed reports is joined; a `quality` table measured by another command
+    than the one merged so far becomes an entry of `evaluations`, its own table on the card).
 
     A file written by bench/eval_quality.py is recognised and mapped with
     `metrics_from_quality_report(report, label)`; one written by bench/decode_bench.py with
@@ -222,6 +240,15 @@ def load_metrics(paths, label: str | None = None, config=None, model_dir: str | 
                 raise ValueError(f"{path} is a bench/decode_bench.py report; pass the checkpoint's config "
                                  "(load_metrics(..., config=...)) so its model shape can be checked.")
             data = metrics_from_decode_report(data, config, source=str(path), model_dir=model_dir)
+        data = dict(data)
+        evaluations = [*merged.get("evaluations", []), *data.pop("evaluations", [])]
+        if isinstance(data.get("quality"), dict) and merged.get("quality") and (
+                data.get("quality_command") != merged.get("quality_command")):
+            # another evaluation (other text, blocks or device): its rows stay together under its own command
+            evaluations.append({k: data.pop(k) for k in ("quality", "quality_command", "quality_measured_on")
+                                if k in data})
+        if evaluations:  # an evaluation read twice (a card's own metrics file and its report again) is shown once
+            merged["evaluations"] = [e for i, e in enumerate(evaluations) if e not in evaluations[:i]]
         for key, value in data.items():
             if key in ("quality", "speed") and isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}

@@ -101,6 +101,29 @@ def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
         out.append((prefix, _fmt(value) if not isinstance(value, (list, tuple)) else ", ".join(map(_fmt, value))))
 
 
+def _evaluation_text(evaluation: dict) -> str:
+    """One evaluation's table, then what it was measured on and the command that measured it."""
+    rows: list[tuple[str, str]] = []
+    _flatten("", evaluation["quality"], rows)
+    text = _table(rows, ("metric", "value"))
+    if evaluation.get("quality_measured_on"):
+        text += f"\n\nMeasured on: {_fmt(evaluation['quality_measured_on'])}"
+    if evaluation.get("quality_command"):
+        text += f"\n\nEvaluated with:\n\n```bash\n{evaluation['quality_command']}\n```"
+    return text
+
+
+def _quality_text(metrics: dict) -> str:
+    """The card's quality section: the main evaluation, then each further one (metrics["evaluations"])
+    under its own heading, so that rows of different texts or devices are never read as one table."""
+    if not metrics.get("quality"):
+        return NOT_MEASURED
+    text = _evaluation_text(metrics)
+    for i, evaluation in enumerate(metrics.get("evaluations") or [], start=2):
+        text += f"\n\n### Evaluation {i}\n\n" + _evaluation_text(evaluation)
+    return text
+
+
 def _layer_budgets_text(config) -> str:
     """What the budget row adds for per-layer budgets (config.layer_budget_scale): each NAtS-L layer's share."""
     if config.layer_budget_scale is None:
@@ -219,9 +242,7 @@ def render_model_card(
         kv_saving=kv_saving,
         measured_on=_fmt(metrics["measured_on"]) if metrics.get("measured_on") else NOT_MEASURED,
         layer_table=_table(layer_rows, ("layer", "softmax fraction")),
-        quality_table=named_table("quality") + (
-            f"\n\nEvaluated with:\n\n```bash\n{metrics['quality_command']}\n```" if metrics.get("quality_command") else ""
-        ),
+        quality_table=_quality_text(metrics),
         speed_table=named_table("speed") + speed_notes,
         other_section=other_section,
         repo_id=repo_id or "path/to/this-checkpoint",

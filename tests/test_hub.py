@@ -177,22 +177,32 @@ def test_cli_keeps_conversion_command_from_existing_card(tmp_path):
     assert f"natsl-convert {src} {tmp_path / 'natsl'} --chunk-size 4" in card.text
 
 
-def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
-    report = {
-        "command": "python bench/eval_quality.py --source S --model init=A --model stage2=B --text held.txt",
-        "device": "NVIDIA H100", "dtype": "bfloat16",
-        "settings": {"seq_len": 512, "ppl_blocks": 16, "text": "held.txt"},
-        "summary": {
-            "source": {"perplexity": 10.0, "ppl_gap_vs_source": 0.0, "retrieval_2048": 0.875},
-            "init": {"perplexity": 10.01, "ppl_gap_vs_source": 0.001, "softmax_fraction": 1.0},
-            "stage2": {"perplexity": 10.5, "ppl_gap_vs_source": 0.05, "softmax_fraction": 0.3,
-                       "top1_agreement": 0.91, "gen_prefix_match": 0.6, "retrieval_2048": 0.75,
-                       "softmax_fraction_retrieval_2048": 0.28, "kv_fraction_retrieval_2048": 0.3125},
-        },
-        "results": {"stage2": {"perplexity": {"layer_softmax_fraction": [0.25, 0.35, 0.3]}}},
-    }
+QUALITY_REPORT = {
+    "command": "python bench/eval_quality.py --source S --model init=A --model stage2=B --text held.txt",
+    "device": "NVIDIA H100", "dtype": "bfloat16",
+    "settings": {"seq_len": 512, "ppl_blocks": 16, "text": "held.txt"},
+    "summary": {
+        "source": {"perplexity": 10.0, "ppl_gap_vs_source": 0.0, "retrieval_2048": 0.875, "needle_2048": 1.0,
+                   "short_qa_accuracy": 0.4375},
+        "init": {"perplexity": 10.01, "ppl_gap_vs_source": 0.001, "softmax_fraction": 1.0},
+        "stage2": {"perplexity": 10.5, "ppl_gap_vs_source": 0.05, "softmax_fraction": 0.3,
+                   "top1_agreement": 0.91, "gen_prefix_match": 0.6, "retrieval_2048": 0.75,
+                   "softmax_fraction_retrieval_2048": 0.28, "kv_fraction_retrieval_2048": 0.3125,
+                   "needle_2048": 0.5, "softmax_fraction_needle_2048": 0.21, "short_qa_accuracy": 0.5,
+                   "short_qa_source_correct_kept": 0.9},
+    },
+    "results": {"stage2": {"perplexity": {"layer_softmax_fraction": [0.25, 0.35, 0.3]}}},
+}
+
+
+def quality_report(tmp_path):
     path = tmp_path / "quality.json"
-    path.write_text(json.dumps(report))
+    path.write_text(json.dumps(QUALITY_REPORT))
+    return path
+
+
+def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
+    report, path = QUALITY_REPORT, quality_report(tmp_path)
     with pytest.raises(ValueError, match="--label"):
         load_metrics([path])
     metrics = load_metrics([path], label="stage2")
@@ -207,6 +217,35 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
     assert metrics["kv_fraction"] == 0.3125 and "68.8%" in text  # KV-cache saving 1 - 0.3125
     assert "2048-token retrieval contexts (softmax fraction there 0.28)" in text
     assert "retrieval accuracy @2048 tokens | 0.28" not in text  # the fraction is not read as an accuracy
+    assert "| needle retrieval accuracy @2048 tokens | 0.5 |" in text and "retrieval accuracy @2048 tokens | 0.21" not in text
+    assert "| source needle retrieval accuracy @2048 tokens | 1 |" in text
+    assert "| short-answer accuracy | 0.5 |" in text and "| source short-answer accuracy | 0.4375 |" in text
+    assert "| share of the source's correct short answers kept | 0.9 |" in text
+    assert "Measured on: bench/eval_quality.py: perplexity on 16 blocks of 512 tokens of held.txt" in text
+
+
+def test_a_second_evaluation_keeps_its_own_table(tmp_path):
+    """The main job's metrics, then a GPU quality report: two perplexity gaps on two texts, never one table."""
+    quality = quality_report(tmp_path)
+    main_job = tmp_path / "natsl_metrics.json"
+    main_job.write_text(json.dumps({
+        "softmax_fraction": 0.31, "measured_on": "2 blocks of wiki, CPU", "quality_measured_on": "2 blocks of wiki, CPU",
+        "quality": {"held-out perplexity": 12.2, "perplexity gap vs source": "-5.00%"},
+        "quality_command": "python -m natsl_hf.conversion.smollm2 out"}))
+    metrics = load_metrics([main_job, quality], label="stage2")
+    assert metrics["quality"] == {"held-out perplexity": 12.2, "perplexity gap vs source": "-5.00%"}
+    (second,) = metrics["evaluations"]
+    assert second["quality"]["perplexity gap vs source"] == "+5.00%" and second["quality_command"].startswith("python bench")
+    main, other = parse(render_model_card(tiny_config(), metrics=metrics)).text.split("### Evaluation 2", 1)
+    assert "| perplexity gap vs source | -5.00% |" in main and "Measured on: 2 blocks of wiki, CPU" in main
+    assert "python -m natsl_hf.conversion.smollm2 out" in main and "+5.00%" not in main
+    assert "| perplexity gap vs source | +5.00% |" in other and "python bench/eval_quality.py" in other.split("## Speed")[0]
+    # the card's own metrics file read again with the same report: the second evaluation is shown once
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(metrics))
+    assert load_metrics([saved, quality], label="stage2")["evaluations"] == [second]
+    # the same command twice is one evaluation: its rows merge as before
+    assert "evaluations" not in load_metrics([quality, quality], label="stage2")
 
 
 def kv_rows(text: str) -> tuple[str, str]:
