@@ -6,6 +6,8 @@
 #   bash bench/recovery_gpu.sh gguf      # carry [runs/carry-b]: GGUF part 2, joined and checked
 #   bash bench/recovery_gpu.sh stage1    # carry [runs/recovery-data]: stage 1 piece -> $OUT/ckpt1, $OUT/stage1.log
 #   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
+#                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
+#                                        # shipped parameters, carried in the tree of that call)
 #   bash bench/recovery_gpu.sh eval      # export the shipped layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
@@ -17,6 +19,7 @@ G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2}
+RESUME=${RESUME:-/tmp/rw1/ckpt}
 case "$1" in
   install)
     mkdir -p /tmp/g /tmp/shim && cp runs/carry-a/gguf.00 /tmp/g/
@@ -38,7 +41,7 @@ case "$1" in
   stage2)
     # shellcheck disable=SC2086
     TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 2 $STAGE2_ARGS --gguf "$G" --data /tmp/rd \
-      --work /tmp/rw2 --resume /tmp/rw1/ckpt --out "$OUT/ckpt2" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
+      --work /tmp/rw2 --resume "$RESUME" --out "$OUT/ckpt2" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
     ;;
   eval)
     python3 bench/recover_scale.py --export /tmp/rw2/ckpt --to "$OUT/ship"
