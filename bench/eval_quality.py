@@ -235,6 +235,25 @@ def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Ra
 
 
 @torch.no_grad()
+def answer_logits(model, cache, context_len: int, queries: list[tuple[list[int], list[int]]], device) -> list:
+    """The logits that predict each answer after its question, teacher-forced, for (question ids, answer ids)
+    pairs that follow the same prefilled context (`cache`, left unchanged): one forward for all of them, a
+    right-padded row each against copies of the cache. Causal attention and the chunk positions counted over
+    real tokens only mean that a row's padding changes nothing before it, so each row scores as if alone
+    (tests/test_eval_quality.py compares it with one forward per query). -> [len(answer), vocab] per query."""
+    from natsl_hf.modeling_natsl import CACHE_FIELD
+
+    width = max(len(q) + len(a) for q, a in queries)
+    y = torch.tensor([q + a + [0] * (width - len(q) - len(a)) for q, a in queries], device=device)  # [Q, width]
+    mask = torch.tensor([[1] * (context_len + len(q) + len(a)) + [0] * (width - len(q) - len(a)) for q, a in queries],
+                        device=device)  # [Q, context + width]
+    rows = copy.deepcopy(cache)
+    rows.batch_repeat_interleave(len(queries))
+    logits = model(input_ids=y, **{CACHE_FIELD: rows}, attention_mask=mask, use_cache=True).logits
+    return [row[len(q) - 1:len(q) - 1 + len(a)] for row, (q, a) in zip(logits, queries)]
+
+
+@torch.no_grad()
 def retrieval(model, tokenizer, contexts, n_queries: int, device, probe: Probe = KEY_VALUE) -> dict:
     from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
 
@@ -252,15 +271,10 @@ def retrieval(model, tokenizer, contexts, n_queries: int, device, probe: Probe =
             kept = torch.cat(kept) if kept else torch.zeros(0)
             if kept.numel():
                 pair_kept.append(float(kept.mean()))
-        for key, value in pairs[:n_queries]:
-            q = tokenizer(probe.question.format(key=key), add_special_tokens=False)["input_ids"]
-            a = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
-            cache = copy.deepcopy(getattr(out, CACHE_FIELD))
-            y = torch.tensor([q + a], device=device)
-            mask = torch.ones(1, len(ids) + len(q) + len(a), dtype=torch.long, device=device)
-            logits = model(input_ids=y, **{CACHE_FIELD: cache}, attention_mask=mask, use_cache=True).logits[0]
-            pred = logits[len(q) - 1:len(q) - 1 + len(a)].argmax(-1).tolist()
-            correct += int(pred == a)
+        queries = [(tokenizer(probe.question.format(key=key), add_special_tokens=False)["input_ids"],
+                    tokenizer(f" {value}", add_special_tokens=False)["input_ids"]) for key, value in pairs[:n_queries]]
+        for logits, (_, a) in zip(answer_logits(model, getattr(out, CACHE_FIELD), len(ids), queries, device), queries):
+            correct += int(logits.argmax(-1).tolist() == a)
             total += 1
     res = {"accuracy": correct / total, "queries": total}
     if fractions:

@@ -79,3 +79,37 @@ def test_needle_depth():
     last = module.build_retrieval_context(tok, 400, 1, random.Random(0), None, module.NEEDLE, 1.0)
     assert first[2][0] == 0 and last[2][0] > 300  # the needle's tokens: at the start, at the end
     assert len(first[1][0][1]) == 7  # a 7-digit number
+
+
+def test_batched_answer_logits_equal_one_forward_per_query():
+    """eval_quality scores every query of a context in one right-padded forward against copies of the prefilled
+    cache: each row's answer logits equal those of the query run alone (NAtS-L with mixed routes, chunks closing
+    inside the queries, and a Llama with its DynamicCache)."""
+    import copy
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from natsl_testing import tiny_model
+
+    from natsl_hf.modeling_natsl import CACHE_FIELD
+
+    module = load_eval()
+    g = torch.Generator().manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for model in (tiny_model(num_hidden_layers=3), llama):
+        context = torch.randint(1, 97, (1, 29), generator=g)  # 29 tokens: an open chunk of 1 (chunk 4)
+        queries = [(torch.randint(1, 97, (nq,), generator=g).tolist(), torch.randint(1, 97, (na,), generator=g).tolist())
+                   for nq, na in ((5, 2), (2, 1), (9, 4), (3, 3))]
+        with torch.no_grad():
+            cache = getattr(model(input_ids=context, use_cache=True), CACHE_FIELD)
+        before = copy.deepcopy(cache)
+        batched = module.answer_logits(model, cache, context.shape[1], queries, "cpu")
+        for (q, a), got in zip(queries, batched):
+            alone = copy.deepcopy(before)
+            y = torch.tensor([q + a])
+            with torch.no_grad():
+                logits = model(input_ids=y, **{CACHE_FIELD: alone}, attention_mask=torch.ones(1, 29 + len(y[0]),
+                               dtype=torch.long), use_cache=True).logits[0, len(q) - 1:len(q) - 1 + len(a)]
+            torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == before.get_seq_length()  # the context's cache is left as it was
