@@ -218,6 +218,15 @@ class NatslCache(DynamicCache):
         return {"layers": layers, **totals}
 
 
+def _config_dtype(config) -> torch.dtype:
+    """The model's dtype from its config: a torch.dtype, or its name once the config was saved (save_pretrained
+    writes config.dtype as "float32"); float32 when unset."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=...)") -> None:
     """max_kept_fraction: None (the default) or a number in [0, 1]; raises naming `where` it was given."""
     ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0)
@@ -343,7 +352,8 @@ class NatslStaticCache(StaticCache):
         self._layout = _layout(config)
         self._capacities = [natsl_capacity if config.is_natsl_layer(i) else chunks * C
                             for i in range(config.num_hidden_layers)]
-        Cache.__init__(self, layers=[self._layer(i, max_batch_size, device, dtype or config.dtype or torch.float32)
+        dtype = dtype or _config_dtype(config)
+        Cache.__init__(self, layers=[self._layer(i, max_batch_size, device, dtype)
                                      for i in range(config.num_hidden_layers)])  # not StaticCache's dense layers
         self.chunk_size = C
         # not `max_cache_len` / `max_batch_size`: transformers 5.17's Cache has read-only properties of those names

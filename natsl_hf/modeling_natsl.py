@@ -319,10 +319,11 @@ class NatslModel(NatslPreTrainedModel):
         **kwargs,
     ) -> NatslModelOutputWithPast:
         """
-        attention_mask: 2D [B, past + n] or [B, n] with 1 (True) for real tokens and 0 for padding (left,
-            right or inside a row), any dtype; other values (an additive 0 / -inf mask) are refused. 4D masks
-            are refused: NAtS-L builds its routed mask itself. A row (or a batch) of padding only runs: its
-            outputs are meaningless, as Llama's are, and its cache state stays empty.
+        attention_mask: 2D [B, past + n] or [B, n] (with a NatslStaticCache also [B, its max_cache_len], what
+            generate() passes: the new tokens at columns past .. past + n - 1) with 1 (True) for real tokens and 0
+            for padding (left, right or inside a row), any dtype; other values (an additive 0 / -inf mask) are
+            refused. 4D masks are refused: NAtS-L builds its routed mask itself. A row (or a batch) of padding
+            only runs: its outputs are meaningless, as Llama's are, and its cache state stays empty.
         position_ids: [B, n] or [1, n] integers (RoPE positions; chunks are counted over real tokens); default:
             real-token positions from the mask and the cache, so a left-padded row gets the positions it would
             have alone. Over the real tokens they must be >= 0 and not decrease, except that a position 0 after the
@@ -459,11 +460,12 @@ class NatslModel(NatslPreTrainedModel):
 
     @staticmethod
     def _token_mask(attention_mask, B: int, n: int, cache, dense_ok: bool) -> torch.Tensor | None:
-        """[B, n] bool (False = padding) from a 2D mask of the new tokens or of past + new, or None when
-        every token is real. The mask holds 1 (or True) for tokens and 0 for padding, in any dtype; other
-        values (an additive 0 / -inf mask, weights in between) are refused, in the same host sync that finds
-        "every token real". `dense_ok=False` (a compiled decode step), like a traced call, keeps the mask as it is
-        instead of checking it on the host."""
+        """[B, n] bool (False = padding) from a 2D mask of the new tokens, of past + new, or (a NatslStaticCache)
+        of the cache's length, as generate() gives it (`create_masks_for_generate`); None when every token is
+        real. The mask holds 1 (or True) for tokens and 0 for padding, in any dtype; other values (an additive
+        0 / -inf mask, weights in between) are refused, in the same host sync that finds "every token real".
+        `dense_ok=False` (a compiled decode step), like a traced call, keeps the mask as it is instead of checking
+        it on the host."""
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):
@@ -476,12 +478,21 @@ class NatslModel(NatslPreTrainedModel):
             )
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must hold 1 (token) / 0 (padding), got dtype {attention_mask.dtype}.")
+        cache_len = cache.cache_len if isinstance(cache, NatslStaticCache) else None
         if not torch.compiler.is_compiling():
             past = 0 if cache is None else int(cache.get_seq_length())
-            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (n, past + n):
+            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (n, past + n, cache_len):
                 expected = f"[{B}, {n}]" if past == 0 else f"[{B}, {n}] (the new tokens) or [{B}, {past + n}] (cached + new tokens)"
+                if cache_len is not None:
+                    expected += f" or [{B}, {cache_len}] (the NatslStaticCache's length)"
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected}.")
-        token_mask = attention_mask[:, -n:].bool()
+        if attention_mask.shape[1] == cache_len:
+            # as long as the static cache (generate's mask): the new tokens are columns past .. past + n - 1, past the
+            # cache's column count, a device tensor: gathered, not sliced, so one compiled step serves every past
+            columns = cache.get_seq_length() + torch.arange(n, device=attention_mask.device)
+            token_mask = attention_mask.gather(1, columns.expand(B, n)).bool()
+        else:
+            token_mask = attention_mask[:, -n:].bool()
         # Traced (torch.compile / torch.export: no host branch on the mask's values), the mask is kept as it is
         # and not checked: every call then takes the padded path, which computes the same as the all-real one for
         # a mask of ones (tests/test_export.py). Eager calls read the mask once, to refuse non-0/1 values and to
@@ -671,12 +682,17 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         return out
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
-        """generate() asks compileable caches for a mask of fixed size; NAtS-L reads only the new tokens'
-        columns of the 2D mask (the cache holds the rest), so that is what it gets."""
-        # a copy: a view of the growing mask changes its strides at every step (transformers 5.17 passes the
-        # whole mask), and the compiled step would then be recompiled for each new stride
+        """generate() asks compileable caches for a mask of fixed size, which NAtS-L takes as the 2D mask padded
+        to the NatslStaticCache's length (`NatslModel._token_mask` reads the new tokens' columns): the same shape
+        and strides at every step, so the compiled step is not recompiled (a view of the growing mask changes both
+        at every step), and what transformers' export of a multi-token decode keeps of a 2D mask, the last step's
+        (`decompose_for_generation`), still covers every token it merges. Without a static cache: the new
+        tokens' columns."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 / < 5.24
         if attention_mask is None:
             return None
+        if isinstance(cache, NatslStaticCache):
+            return F.pad(attention_mask, (0, cache.cache_len - attention_mask.shape[1]))
         return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
 
     @can_return_tuple

@@ -7,7 +7,8 @@
   `use_cache=True`: the NatslCache the forward returns is exported too, every leaf shaped and valued as eager's;
   and a decode step that takes such a cache.
 - The static cache: `decompose_for_generation` (transformers' prefill / decode capture of a `generate` with
-  `cache_implementation="static"`) exports both components, and the one-token decode step exports as
+  `cache_implementation="static"`) exports both components, also with the decode captured as two steps merged into
+  one two-token call (`multi_token_decode`, its dynamic-shape tests' capture), and the one-token decode step exports as
   transformers' ExecuTorch recipe (`TorchExportableModuleWithStaticCache`) does it, the cache's buffers registered
   on a wrapper (strict export), then decodes a left-padded batch token by token as eager does. The recipe's class
   itself cannot take a NAtS-L model: it builds a dense `StaticCache` and rewinds it from `cache_position` at every
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -100,21 +102,40 @@ def test_transformers_exporter_with_the_default_cache():
     _export_and_compare(model, {"input_ids": token_ids(4, length=1), CACHE_FIELD: cache})
 
 
-def test_transformers_generation_components_with_the_static_cache():
-    """transformers' decomposition of a static-cache generate: the prompt (a multi-token call into the
-    NatslStaticCache, whose capacity check becomes a runtime check of the program) and a decode step."""
+@pytest.mark.parametrize("multi_token_decode", [False, True], ids=["one_token_step", "multi_token_decode"])
+def test_transformers_generation_components_with_the_static_cache(multi_token_decode):
+    """transformers' decomposition of a static-cache generate (its test_torch_export_generate_*_static_cache): the
+    prompt (a multi-token call into the NatslStaticCache, whose capacity check becomes a runtime check of the
+    program) and a decode step; or, as its dynamic-shape variant captures it, two decode steps merged into one
+    two-token call, which keeps the last step's 2D mask: generate's mask is as long as the cache
+    (`create_masks_for_generate`), so that mask still covers both tokens."""
     pytest.importorskip("transformers.exporters.exporter_dynamo")
     from transformers import GenerationConfig
     from transformers.exporters.utils import decompose_for_generation
 
+    if multi_token_decode and "multi_token_decode" not in inspect.signature(decompose_for_generation).parameters:
+        pytest.skip("this transformers' decompose_for_generation captures one-token decode steps only")
     model = tiny_model(seed=1)
     config = GenerationConfig(do_sample=False, cache_implementation="static", max_cache_len=24)
     inputs = {"input_ids": token_ids(0), "attention_mask": left_padded([0, 3])}
-    components = decompose_for_generation(model, inputs, generation_config=config)
+    extra = {"multi_token_decode": True} if multi_token_decode else {}
+    components = decompose_for_generation(model, inputs, generation_config=config, **extra)
     assert components.keys() == {"prefill", "decode"}
-    for module, component_inputs in components.values():
+    module, step = components["decode"]
+    assert step["input_ids"].shape[1] == (2 if multi_token_decode else 1)
+    assert step["attention_mask"].shape == (ROWS, 24)
+    if multi_token_decode:  # the merged call computes the two steps it merges
+        with torch.no_grad():
+            merged = module(**copy.deepcopy(step)).logits
+            one = copy.deepcopy(step)
+            steps = [module(**{**one, "input_ids": one["input_ids"][:, t:t + 1],
+                               "position_ids": one["position_ids"][:, t:t + 1]}).logits for t in range(2)]
+        torch.testing.assert_close(torch.cat(steps, 1), merged, atol=1e-5, rtol=1e-5)
+    # the merged decode exported with static shapes (Dim.AUTO adds a minute here and nothing this checks)
+    for name, (module, component_inputs) in components.items():
         assert isinstance(component_inputs[CACHE_FIELD], NatslStaticCache)
-        _export_and_compare(module, component_inputs)
+        if name == "decode" or not multi_token_decode:
+            _export_and_compare(module, component_inputs)
 
 
 class StaticCacheDecoder(torch.nn.Module):

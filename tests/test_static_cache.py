@@ -214,3 +214,37 @@ def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls(
     assert torch.equal(out, model.generate(longer, max_new_tokens=28, do_sample=False, cache_implementation="dynamic"))
     model.generate(longer, max_new_tokens=30, do_sample=False)  # 13 + 30 - 1 = 42 > 40: sized to the call
     assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 42
+
+
+def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_max_cache_len_or_a_shorter_one():
+    """transformers' test_static_cache_no_recompile_with_smaller_length, on the CPU: generate() compiles its decode
+    step (CompileConfig._compile_all_devices: on any device, as that test forces it); later calls must run that
+    compiled step without a recompile (torch._dynamo's error_on_recompile; what recompiled was the size of
+    `layers[0].state.kept_k`, the kept KV, whose capacity grows with the cache length). The first call is sized by
+    max_cache_len (transformers 5.2x's worst case across calls), so a longer second call up to it, and then a shorter
+    one, reuse its cache; each gives the dynamic cache's tokens. The "eager" backend: the guards are dynamo's
+    whatever compiles the graph, and it compiles in seconds."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model = tiny_model(seed=3).eval()
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    kwargs = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
+    short, longer = (torch.randint(3, 97, (2, n), generator=torch.Generator().manual_seed(n)) for n in (7, 12))
+    torch.compiler.reset()
+    model.generate(short, max_new_tokens=2, max_cache_len=12 + 9 - 1, **kwargs)  # sized 20, not 7 + 2 - 1
+    assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
+    for ids, new in ((longer, 9), (short, 2)):  # 12 + 9 - 1 = 20: the same cache; then 8 < 20: the same cache
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = model.generate(ids, max_new_tokens=new, **kwargs)
+        assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
+
+
+def test_the_config_of_a_saved_model_sizes_a_cache_in_the_models_dtype(tmp_path):
+    """save_pretrained writes config.dtype as its name ("float32"): a cache built from that config still takes it."""
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path)
+    assert isinstance(model.config.dtype, str)
+    cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=8)
+    assert cache.layers[0].state.kept_k.dtype == torch.float32

@@ -197,10 +197,19 @@ def test_generate_returns_transformers_cache_types(model, ids):
             list(cache)
 
 
-def test_generate_masks_keep_their_strides(model):
-    """A compiled decode step gets the new token's mask column with the same strides at every step: a view of the
-    growing mask (transformers 5.17 passes all of it) changed them each step and recompiled the step."""
+def test_generate_masks_keep_their_shape_and_strides(model):
+    """A compiled decode step gets a mask of the same shape and strides at every step: with a NatslStaticCache (what
+    generate() asks compileable caches for a mask of) the 2D mask padded to the cache's length, so that it also
+    covers every token of transformers' merged multi-token decode export; without one, the new token's column (a
+    view of the growing mask, which transformers 5.17 passes whole, changed its strides each step and recompiled)."""
+    from natsl_hf import NatslStaticCache
+
     embeds = torch.empty(BATCH, 1, 0)
-    masks = [model.create_masks_for_generate(model.config, embeds, torch.ones(BATCH, n, dtype=torch.long))
-             for n in (PROMPT, PROMPT + 1, PROMPT + 2)]
+    growing = [torch.ones(BATCH, n, dtype=torch.long) for n in (PROMPT, PROMPT + 1, PROMPT + 2)]
+    masks = [model.create_masks_for_generate(model.config, embeds, mask) for mask in growing]
     assert {mask.stride() for mask in masks} == {(1, 1)} and all(mask.shape == (BATCH, 1) for mask in masks)
+    cache = NatslStaticCache(model.config, max_batch_size=BATCH, max_cache_len=PROMPT + NEW)
+    for name in ("cache", "past_key_values"):  # transformers >= 5.24 / < 5.24
+        masks = [model.create_masks_for_generate(model.config, embeds, mask, **{name: cache}) for mask in growing]
+        assert {(mask.shape, mask.stride()) for mask in masks} == {((BATCH, PROMPT + NEW), (PROMPT + NEW, 1))}
+        assert all(mask[:, :n.shape[1]].all() and not mask[:, n.shape[1]:].any() for mask, n in zip(masks, growing))
