@@ -60,7 +60,9 @@ setup(
         "inspect": ["matplotlib>=3.7"],
         # lm-evaluation-harness: bench/lm_eval_tasks (a local task) and its CI test on a converted checkpoint
         "eval": ["lm-eval>=0.4.8,<0.5"],
-        "test": ["pytest>=8", "peft>=0.13", "matplotlib>=3.7", "datasets>=3.0", "gguf>=0.10", "lm-eval>=0.4.8,<0.5"],
+        # pytest-xdist: the README test command runs the suite on 2 workers (`-n 2`, tests/conftest.py)
+        "test": ["pytest>=8", "pytest-xdist>=3.0", "peft>=0.13", "matplotlib>=3.7", "datasets>=3.0", "gguf>=0.10",
+                 "lm-eval>=0.4.8,<0.5"],
     },
     entry_points={
         "console_scripts": [
