@@ -116,10 +116,15 @@ def _evaluation_text(evaluation: dict) -> str:
 def _quality_text(metrics: dict) -> str:
     """The card's quality section: the main evaluation, then each further one (metrics["evaluations"])
     under its own heading, so that rows of different texts or devices are never read as one table."""
-    if not metrics.get("quality"):
+    evaluations = ([metrics] if metrics.get("quality") else []) + list(metrics.get("evaluations") or [])
+    for evaluation in evaluations:
+        if not (isinstance(evaluation, dict) and isinstance(evaluation.get("quality"), dict)):
+            raise ValueError(f"metrics['evaluations'] entries are {{'quality': {{name: value}}, 'quality_command': ..., "
+                             f"'quality_measured_on': ...}}; got {evaluation!r}.")
+    if not evaluations:
         return NOT_MEASURED
-    text = _evaluation_text(metrics)
-    for i, evaluation in enumerate(metrics.get("evaluations") or [], start=2):
+    text = _evaluation_text(evaluations[0])
+    for i, evaluation in enumerate(evaluations[1:], start=2):
         text += f"\n\n### Evaluation {i}\n\n" + _evaluation_text(evaluation)
     return text
 

@@ -244,6 +244,11 @@ def test_a_second_evaluation_keeps_its_own_table(tmp_path):
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(metrics))
     assert load_metrics([saved, quality], label="stage2")["evaluations"] == [second]
+    # evaluations alone render too; a malformed entry is refused, naming the schema
+    text = parse(render_model_card(tiny_config(), metrics={"evaluations": [second]})).text
+    assert "| perplexity gap vs source | +5.00% |" in text and "### Evaluation" not in text
+    with pytest.raises(ValueError, match="'quality'"):
+        render_model_card(tiny_config(), metrics={"evaluations": [{"ppl": 3.0}]})
     # the same command twice is one evaluation: its rows merge as before
     assert "evaluations" not in load_metrics([quality, quality], label="stage2")
 
