@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from natsl_hf.conversion import convert_checkpoint
+from natsl_hf.modeling_natsl import CACHE_FIELD
+from natsl_testing import tiny_model
 from test_ddp_cpu import char_tokenizer
 
 EVAL = Path(__file__).resolve().parents[1] / "bench" / "eval_quality.py"
@@ -85,14 +88,6 @@ def test_batched_answer_logits_equal_one_forward_per_query():
     """eval_quality scores every query of a context in one right-padded forward against copies of the prefilled
     cache: each row's answer logits equal those of the query run alone (NAtS-L with mixed routes, chunks closing
     inside the queries, and a Llama with its DynamicCache)."""
-    import copy
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from natsl_testing import tiny_model
-
-    from natsl_hf.modeling_natsl import CACHE_FIELD
-
     module = load_eval()
     g = torch.Generator().manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
