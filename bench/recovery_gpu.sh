@@ -4,10 +4,12 @@
 #
 #   bash bench/recovery_gpu.sh install   # carry [.whl, runs/carry-a]: wheels + this tree into /tmp/site, GGUF part 1
 #   bash bench/recovery_gpu.sh gguf      # carry [runs/carry-b]: GGUF part 2, joined and checked
-#   bash bench/recovery_gpu.sh stage1    # carry [runs/recovery-data]: stage 1 piece -> $OUT/ckpt1, $OUT/stage1.log
+#   bash bench/recovery_gpu.sh data      # carry [runs/recovery-data]: the shards to /tmp/rd (a stage 2 without stage 1)
+#   bash bench/recovery_gpu.sh stage1    # carry [runs/recovery-data]: the shards to /tmp/rd, stage 1 piece -> $OUT/ckpt1
 #   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
 #                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
-#                                        # shipped parameters, carried in the tree of that call)
+#                                        # shipped parameters, carried in the tree of that call; a later piece of the
+#                                        # same session goes on from /tmp/rw2/ckpt, the default)
 #   bash bench/recovery_gpu.sh eval      # export the shipped layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
@@ -32,6 +34,9 @@ case "$1" in
     cat /tmp/g/gguf.00 runs/carry-b/gguf.01 > "$G" && rm /tmp/g/gguf.00
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c
     ;;
+  data)
+    rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd && du -sh /tmp/rd
+    ;;
   stage1)
     rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd
     # shellcheck disable=SC2086
@@ -52,5 +57,5 @@ case "$1" in
       --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
-  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|stage1|stage2|eval" >&2; exit 2 ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|eval" >&2; exit 2 ;;
 esac
