@@ -9,7 +9,7 @@
 #   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
 #                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
 #                                        # shipped parameters, carried in the tree of that call; a later piece of the
-#                                        # same session goes on from /tmp/rw2/ckpt, the default)
+#                                        # same session goes on with RESUME=/tmp/rw2/ckpt, the last piece's)
 #   bash bench/recovery_gpu.sh eval      # export the shipped layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
