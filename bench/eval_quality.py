@@ -27,12 +27,13 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
   contexts` contexts with `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through
   each and `--retrieval-queries` queries per context; and needle in a haystack, `--needle-contexts`
   contexts with one line "The special magic number for WORD is NUMBER." (7 digits) at depths spread
-  evenly from the start to the end. Each context is prefilled once (cache), then for each query
-  "... Question: what is the code for WORD? Answer: The code for WORD is" the answer counts if greedy
-  decoding reproduces NUMBER exactly (scored in one teacher-forced call from a copy of the cache);
+  evenly from the start to the end. A query "... Question: what is the code for WORD? Answer: The code
+  for WORD is" counts if greedy decoding reproduces NUMBER exactly, scored teacher-forced: a key-value
+  context is prefilled once (cache) and its queries run together against copies of that cache; a needle
+  context, its question and its answer are one row, `--probe-batch-size` right-padded rows a forward;
 - the realised softmax fraction (NAtS-L models, inference routing) on the perplexity blocks (also per
   NAtS-L layer) and on the retrieval contexts, and the kept / full KV-cache bytes after prefilling a
-  retrieval context (`NatslCache.memory_report()["kv_fraction"]`); `pair_chunk_softmax_fraction` =
+  key-value context, or after a needle row (`NatslCache.memory_report()["kv_fraction"]`); `pair_chunk_softmax_fraction` =
   the share of the routable chunks holding a pair line that the routers keep softmax (over NAtS-L
   layers and KV heads): what recall from the softmax branch can reach, against the context's
   overall fraction.
@@ -154,12 +155,15 @@ def source_continuations(source, prompts: torch.Tensor, n_new: int) -> torch.Ten
 
 
 @torch.no_grad()
-def greedy_agreement(model, prompts: torch.Tensor, conts: torch.Tensor) -> dict:
+def greedy_agreement(model, prompts: torch.Tensor, conts: torch.Tensor, batch_size: int = 16) -> dict:
+    """prompts [P, L] and the source's greedy continuations conts [P, K], teacher-forced `batch_size` rows a
+    forward (all rows L + K long: no padding)."""
     L, K = prompts.shape[1], conts.shape[1]
+    x = torch.cat([prompts, conts], 1)  # [P, L + K]
+    preds = torch.cat([forward(model, x[i:i + batch_size]).logits[:, L - 1:L - 1 + K].argmax(-1)
+                       for i in range(0, len(x), batch_size)])  # [P, K]
     prefix, token = [], []
-    for p, c in zip(prompts, conts):
-        x = torch.cat([p, c])[None]
-        pred = forward(model, x).logits[0, L - 1:L - 1 + K].argmax(-1)
+    for pred, c in zip(preds, conts):
         ok = pred == c
         token.append(ok.float().mean().item())
         first_bad = (~ok).nonzero()
@@ -253,36 +257,97 @@ def answer_logits(model, cache, context_len: int, queries: list[tuple[list[int],
     return [row[len(q) - 1:len(q) - 1 + len(a)] for row, (q, a) in zip(logits, queries)]
 
 
+def routing_stats(model, out, pair_tokens: list[list[int]], context_lens: list[int]) -> dict:
+    """What a NAtS-L forward of probe rows routed (`output_routes=True`, with a cache): the softmax fraction and
+    the kept / full KV of the call (over all its rows), and per row the share of the routable chunks holding a
+    probe line's token that stayed softmax (over NAtS-L layers and KV heads; None when none is routable).
+    pair_tokens: per row, the token positions of its probe lines; context_lens: per row, the context's length:
+    only chunks complete within it count, as after a prefill of the context alone (a chunk that a question
+    completes is routed with the question's tokens in its mean)."""
+    from natsl_hf.modeling_natsl import CACHE_FIELD
+
+    C = model.config.chunk_size
+    kept_rows = []
+    for row, (tokens, n) in enumerate(zip(pair_tokens, context_lens)):
+        chunks = torch.tensor(sorted({t // C for t in tokens if t // C < n // C}), device=out.logits.device,
+                              dtype=torch.long)
+        kept = [r.hard[row, chunks][r.routable[row, chunks]].float() for r in out.routes if r.hard.shape[1] > 0]
+        kept = torch.cat(kept) if kept else torch.zeros(0)
+        kept_rows.append(float(kept.mean()) if kept.numel() else None)
+    return {"softmax_fraction": float(out.softmax_fraction),
+            "kv_fraction": getattr(out, CACHE_FIELD).memory_report()["kv_fraction"], "pair_kept": kept_rows}
+
+
+def probe_result(correct: int, total: int, stats: list[dict]) -> dict:
+    """Accuracy, and the mean routing statistics of the forwards (`routing_stats`; none for a softmax model)."""
+    res = {"accuracy": correct / total, "queries": total}
+    if stats:
+        res["softmax_fraction"] = sum(s["softmax_fraction"] for s in stats) / len(stats)
+        res["kv_fraction"] = sum(s["kv_fraction"] for s in stats) / len(stats)
+        kept = [k for s in stats for k in s["pair_kept"] if k is not None]
+        if kept:
+            res["pair_chunk_softmax_fraction"] = sum(kept) / len(kept)
+    return res
+
+
+def probe_query(tokenizer, probe: Probe, key: str, value: str) -> tuple[list[int], list[int]]:
+    """(question ids, answer ids) of one query: the answer is the value after a space."""
+    return (tokenizer(probe.question.format(key=key), add_special_tokens=False)["input_ids"],
+            tokenizer(f" {value}", add_special_tokens=False)["input_ids"])
+
+
 @torch.no_grad()
 def retrieval(model, tokenizer, contexts, n_queries: int, device, probe: Probe = KEY_VALUE) -> dict:
+    """Several queries per context: each context prefilled once (cache), its queries scored together against
+    copies of that cache (`answer_logits`). Routing statistics per context, after its prefill."""
     from natsl_hf.modeling_natsl import CACHE_FIELD  # this transformers' name of the cache argument / field
 
-    correct, total, fractions, kv, pair_kept = 0, 0, [], [], []
+    correct, total, stats = 0, 0, []
     natsl = is_natsl(model)
     for ids, pairs, pair_tokens in contexts:
         x = torch.tensor([ids], device=device)
         out = model(input_ids=x, use_cache=True, **({"output_routes": True} if natsl else {}))
         if getattr(out, "softmax_fraction", None) is not None:
-            fractions.append(float(out.softmax_fraction))
-            kv.append(getattr(out, CACHE_FIELD).memory_report()["kv_fraction"])  # kept / full KV after the prefill
-            # routable chunks that hold a pair line's token: the share of them kept softmax (layers, KV heads)
-            chunks = torch.tensor(sorted({t // model.config.chunk_size for t in pair_tokens}), device=device)
-            kept = [r.hard[0, chunks][r.routable[0, chunks]].float() for r in out.routes if r.hard.shape[1] > 0]
-            kept = torch.cat(kept) if kept else torch.zeros(0)
-            if kept.numel():
-                pair_kept.append(float(kept.mean()))
-        queries = [(tokenizer(probe.question.format(key=key), add_special_tokens=False)["input_ids"],
-                    tokenizer(f" {value}", add_special_tokens=False)["input_ids"]) for key, value in pairs[:n_queries]]
+            stats.append(routing_stats(model, out, [pair_tokens], [len(ids)]))
+        queries = [probe_query(tokenizer, probe, key, value) for key, value in pairs[:n_queries]]
         for logits, (_, a) in zip(answer_logits(model, getattr(out, CACHE_FIELD), len(ids), queries, device), queries):
             correct += int(logits.argmax(-1).tolist() == a)
             total += 1
-    res = {"accuracy": correct / total, "queries": total}
-    if fractions:
-        res["softmax_fraction"] = sum(fractions) / len(fractions)
-        res["kv_fraction"] = sum(kv) / len(kv)
-    if pair_kept:
-        res["pair_chunk_softmax_fraction"] = sum(pair_kept) / len(pair_kept)
-    return res
+    return probe_result(correct, total, stats)
+
+
+@torch.no_grad()
+def needle_retrieval(model, tokenizer, contexts, device, batch_size: int, probe: Probe = NEEDLE) -> dict:
+    """One query per context: each context with its question and answer is one teacher-forced row (a forward of
+    the whole row computes what prefill + query computes: tests/test_eval_quality.py), `batch_size` right-padded
+    rows a forward, no copy of a cache. Routing statistics per forward, over its rows; the softmax fraction and the
+    KV count the whole rows (context, question and answer: ~20 tokens more than the context's prefill, and a chunk
+    the question completes), the probe line's chunks only those complete within the context."""
+    correct, total, stats = 0, 0, []
+    for start in range(0, len(contexts), batch_size):
+        batch = contexts[start:start + batch_size]
+        rows = [(ids, *probe_query(tokenizer, probe, *pairs[0])) for ids, pairs, _ in batch]
+        out, answers = row_answer_logits(model, rows, device)
+        if getattr(out, "softmax_fraction", None) is not None:
+            stats.append(routing_stats(model, out, [tokens for _, _, tokens in batch], [len(ids) for ids, _, _ in batch]))
+        for logits, (_, _, a) in zip(answers, rows):
+            correct += int(logits.argmax(-1).tolist() == a)
+            total += 1
+    return probe_result(correct, total, stats)
+
+
+@torch.no_grad()
+def row_answer_logits(model, rows: list[tuple[list[int], list[int], list[int]]], device):
+    """(context, question, answer) ids per row -> (the output of one forward of the right-padded rows, with a cache
+    and routes for a NAtS-L model; per row the logits [len(answer), vocab] that predict its answer)."""
+    natsl = is_natsl(model)
+    lengths = [len(c) + len(q) + len(a) for c, q, a in rows]
+    width = max(lengths)
+    x = torch.tensor([c + q + a + [0] * (width - n) for (c, q, a), n in zip(rows, lengths)], device=device)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)  # [rows, width]
+    out = model(input_ids=x, attention_mask=mask, use_cache=natsl, **({"output_routes": True} if natsl else {}))
+    at = [len(c) + len(q) - 1 for c, q, _ in rows]  # the position that predicts the answer's first token
+    return out, [logits[i:i + len(a)] for logits, i, (_, _, a) in zip(out.logits, at, rows)]
 
 
 def load_short_qa(path) -> list[dict]:
@@ -369,6 +434,9 @@ def build_parser():
     p.add_argument("--retrieval-queries", type=int, default=8, help="queries per context (<= pairs)")
     p.add_argument("--needle-contexts", type=int, default=128,
                    help="needle-in-a-haystack contexts per length (one needle each, depths evenly spread over 0..1)")
+    p.add_argument("--probe-batch-size", type=int, default=16,
+                   help="rows per teacher-forced forward of the needle task (right-padded) and of the greedy-"
+                   "agreement scoring")
     p.add_argument("--retrieval-haystack", choices=("text", "words"), default="text",
                    help="what surrounds the key-value lines: consecutive sentences of the held-out --text (default; "
                    "the routers see in-distribution text) or random sentences of common words")
@@ -407,11 +475,11 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
     if reference is None:
         entry["argmax"] = argmax  # the source's next-token choices, for top1_agreement (not written out)
     elif data["continuations"] is not None:
-        entry["generation"] = greedy_agreement(model, data["prompts"], data["continuations"])
+        entry["generation"] = greedy_agreement(model, data["prompts"], data["continuations"], args.probe_batch_size)
     entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
                           for L, c in data["kv_contexts"].items()}
     if args.needle_contexts:
-        entry["needle"] = {str(L): retrieval(model, tokenizer, c, 1, device, NEEDLE)
+        entry["needle"] = {str(L): needle_retrieval(model, tokenizer, c, device, args.probe_batch_size)
                            for L, c in data["needle_contexts"].items()}
     if data["qa_prompts"]:
         entry["short_qa"] = short_qa(model, tokenizer, data["qa_prompts"], data["qa_items"], args.qa_tokens,

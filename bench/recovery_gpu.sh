@@ -54,7 +54,7 @@ case "$1" in
     # shellcheck disable=SC2086
     python3 bench/eval_quality.py --source /tmp/mat/source --model natsl=/tmp/mat/natsl --text /tmp/rd/heldout.txt \
       ${EVAL_ARGS:---seq-len 2048 --ppl-blocks 16 --gen-prompts 32 --gen-tokens 32 --retrieval-lengths 2048 4096 \
-      --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --dtype bfloat16} \
+      --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --batch-size 8 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
   *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|eval" >&2; exit 2 ;;

@@ -108,3 +108,32 @@ def test_batched_answer_logits_equal_one_forward_per_query():
                                dtype=torch.long), use_cache=True).logits[0, len(q) - 1:len(q) - 1 + len(a)]
             torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
         assert cache.get_seq_length() == before.get_seq_length()  # the context's cache is left as it was
+
+
+def test_needle_rows_score_as_prefill_then_query():
+    """eval_quality scores a needle context, its question and its answer as one row of a right-padded batch: each
+    row's answer logits equal those of the context prefilled alone into a cache and the question + answer run
+    after it (NAtS-L with mixed routes and rows of different lengths, chunks closing inside the questions; a
+    Llama)."""
+    module = load_eval()
+    g = torch.Generator().manual_seed(1)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rand = lambda n: torch.randint(1, 97, (n,), generator=g).tolist()  # noqa: E731
+    for model in (tiny_model(num_hidden_layers=3), llama):
+        rows = [(rand(nc), rand(nq), rand(na)) for nc, nq, na in ((29, 5, 2), (41, 2, 1), (16, 9, 4), (33, 3, 3))]
+        out, batched = module.row_answer_logits(model, rows, "cpu")
+        for (c, q, a), got in zip(rows, batched):
+            with torch.no_grad():
+                cache = getattr(model(input_ids=torch.tensor([c]), use_cache=True), CACHE_FIELD)
+                n = len(c) + len(q) + len(a)
+                logits = model(input_ids=torch.tensor([q + a]), **{CACHE_FIELD: cache}, use_cache=True,
+                               attention_mask=torch.ones(1, n, dtype=torch.long)).logits[0, len(q) - 1:len(q) - 1 + len(a)]
+            torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
+        if module.is_natsl(model):  # the routing statistics of the batch: per row, over real tokens only
+            stats = module.routing_stats(model, out, [[3, 20], [0], [5], [32]], [len(c) for c, _, _ in rows])
+            assert 0 < stats["softmax_fraction"] <= 1 and 0 < stats["kv_fraction"] <= 1
+            assert stats["pair_kept"][0] is not None
+            assert stats["pair_kept"][1] is None  # token 0: the sink chunk, never routable
+            assert stats["pair_kept"][3] is None  # token 32 of a 33-token context: its open chunk, routed only
+            # because the question completes it
