@@ -85,25 +85,19 @@ def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, g
     routable = n_chunks - cfg.num_sink_chunks
     keep = cfg.num_sink_chunks + round(p * routable) if natsl else n_chunks  # chunks kept per (row, group)
     L = keep * C
-    rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dtype)  # noqa: E731
-    width = (cfg.num_attention_heads + H) * D
-    kv = dict(
-        seen=torch.full((B,), T, dtype=torch.long, device=device),
-        kept_k=rnd(B, H, L, D), kept_v=rnd(B, H, L, D),
-        kept_valid=torch.ones(B, H, L, dtype=torch.bool, device=device),
-        open_k=torch.zeros(B, C, H, D, device=device, dtype=dtype),
-        open_v=torch.zeros(B, C, H, D, device=device, dtype=dtype),
-    )
-    if not natsl:
-        return NatslLayerState(**kv)
-    return NatslLayerState(
-        **kv,
-        gdn_k=torch.zeros(B, C, H, D, device=device, dtype=torch.float32),
-        gdn_g=torch.zeros(B, C, H, device=device), gdn_beta=torch.zeros(B, C, H, device=device),
-        gdn_state=torch.randn(B, H, D, D, device=device, generator=gen) * 0.1,
-        conv_state=torch.zeros(B, cfg.gdn_conv_size - 1, width, device=device, dtype=dtype),
-        router_sum=torch.zeros(B, cfg.hidden_size, device=device),
-    )
+    state = NatslLayerState.allocate(
+        batch_size=B, capacity=L, chunk_size=C, num_kv_heads=H, head_dim=D, dtype=dtype, device=device, natsl=natsl,
+        hidden_size=cfg.hidden_size, conv_size=cfg.gdn_conv_size, conv_channels=(cfg.num_attention_heads + H) * D,
+        growable=True,
+    )  # a NatslCache's layout (decode steps grow it and write it in place: later iterations go on from T)
+    state.seen.fill_(T)
+    state.kept_k[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
+    state.kept_v[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
+    state.kept_len.fill_(L)
+    if natsl:
+        state.gdn_state.copy_(torch.randn(B, H, D, D, device=device, generator=gen) * 0.1)
+        state.gdn_run.copy_(state.gdn_state)
+    return state
 
 
 def time_steps(step, n_warmup: int, n_iter: int, device) -> float:

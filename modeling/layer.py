@@ -44,7 +44,7 @@ from .router import (
     routing_supervision_loss,
     routing_targets,
 )
-from .state import CacheUpdate, NatslLayerState, NatslStaticLayerState, gather_open, put_slot
+from .state import CacheUpdate, NatslLayerState, gather_open
 from .varlen import Documents
 
 
@@ -59,7 +59,7 @@ class LayerRouting:
     n_softmax:         [B] of those, the ones routed softmax.
     router_loss:       training: the supervised-routing loss (stage 1) or the budget hinge (a learned router).
     router_agreement:  stage 1: share of the labelled chunks whose router argmax matches the target (NaN if none).
-    cache_update:      with `return_state`: the layer's next cache state (`CacheUpdate`).
+    cache_update:      with a cache: the layer's cache state, updated in place (`CacheUpdate`).
     """
 
     backend: str
@@ -220,7 +220,7 @@ class NatslAttention(nn.Module):
         Whole, unpadded sequences with no cache prefix (training and a first prefill): a layer kept
         full softmax (`natsl=False`) is plain causal attention and runs torch's SDPA on any device; a
         NAtS-L layer takes the Triton/fla kernels on CUDA, chunk sizes 16/32/64. A single-token decode
-        step (`_decode_step`) takes the decode kernel on CUDA, in every layer. Everything else (CPU,
+        step (`_decode`) takes the decode kernels on CUDA, in every layer. Everything else (CPU,
         padding, a multi-token call against a cache) runs the reference, which defines the same maths.
         `config.use_kernels=False` or NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1
         takes the kernels on CPU too when triton runs in interpreter mode (tests).
@@ -269,27 +269,26 @@ class NatslAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
-        state: NatslLayerState | NatslStaticLayerState | None = None,
+        state: NatslLayerState | None = None,
         return_state: bool = False,
         documents: Documents | None = None,
     ) -> tuple[torch.Tensor, LayerRouting]:
         """
         hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
         token_mask: [B, n] bool, False = padding (None = all real)
-        state: the layer's state from earlier calls (None = start of the sequences): a NatslLayerState
-            (NatslCache) or a NatslStaticLayerState (NatslStaticCache, updated in place)
-        return_state: also return the cache's next state (`LayerRouting.cache_update`)
+        state: the layer's state from earlier calls (None = start of the sequences), updated in place: a
+            NatslCache's (growable) or a NatslStaticCache's (preallocated)
+        return_state: also return the cache's state (`LayerRouting.cache_update`; without `state`, a new one)
         documents: packed documents (modeling/varlen.py; no state, no padding): each document runs as
             its own right-padded row, so no attention and no GDN state cross a boundary
         -> (output [B, n, D], LayerRouting: backend, routes, the counts n_routable / n_softmax ([B] routable
             chunks x KV heads, and those routed softmax), the router loss of training, the cache update)
 
-        Four paths, same maths (tests compare them): whole unpadded sequences without a cache
+        Three paths, same maths (tests compare them): whole unpadded sequences without a cache
         (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
-        static state (`_decode_static`: fixed shapes, no host sync, capturable); a one-token step against a
-        NatslLayerState that closes no chunk (`_decode_step`); and everything else, a segment of any
-        length with padding and routing (`_segment`: prefill into a cache, multi-token cache calls, padding,
-        packed documents).
+        state (`_decode`: fixed shapes, no host sync against a preallocated state, capturable; both caches); and
+        everything else, a segment of any length with padding and routing (`_segment`: prefill into a cache,
+        multi-token cache calls, padding, packed documents).
         """
         x = hidden_states
         cos, sin = position_embeddings
@@ -297,30 +296,34 @@ class NatslAttention(nn.Module):
             return self._run_dense(x, cos, sin)
         q, k, v = self._project(x)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        n = x.shape[1]
         if documents is not None:
             rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
-            out, routing = self._segment(*rows, documents.mask, None, False, right_padded=True)
+            out, routing = self._segment(*rows, documents.mask, None, None, right_padded=True)
             routing = replace(routing, n_routable=documents.per_row(routing.n_routable),
                               n_softmax=documents.per_row(routing.n_softmax))
             return documents.repack(out), routing
-        if isinstance(state, NatslStaticLayerState):
-            if n == 1 and not torch.is_grad_enabled():
-                return self._decode_static(x, q, k, v, q_rot, k_rot, token_mask, state)
-            # a multi-token call (the prompt) runs through a NatslLayerState. Eager, an empty cache gives none, so
-            # that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch), the
-            # state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
-            # kept or open key)
-            if reference.tracing() or bool((state.seen > 0).any()):
-                state = state.to_dynamic()
-            else:
-                state = None
-        elif (state is not None and n == 1 and token_mask is None and not torch.is_grad_enabled()
-              and not reference.tracing()):
-            # the shortcut of a step that closes no chunk (eager: one sync to know); traced, `_segment`, same maths
-            if bool(((state.seen + 1) % self.chunk_size != 0).all()):
-                return self._decode_step(x, q, k, v, q_rot, k_rot, state, return_state)
-        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, state, return_state)
+        if state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self._decode(x, q, k, v, q_rot, k_rot, token_mask, state)
+        # a multi-token call reads what the state holds (`prefix`) and writes into it. Eager, an empty state is read
+        # as none, so that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch),
+        # the state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
+        # kept or open key)
+        if state is None and return_state:
+            state = self._new_state(x, v.dtype)
+        prefix = state if state is not None and (reference.tracing() or bool((state.seen > 0).any())) else None
+        if prefix is not None and torch.is_grad_enabled():  # what the graph saves must outlive the in-place writes
+            prefix = prefix.map(torch.clone)
+        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, prefix, state)
+
+    def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
+        """An empty growable state for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first call)."""
+        config = self.config
+        return NatslLayerState.allocate(
+            batch_size=x.shape[0], capacity=0, chunk_size=self.chunk_size, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, dtype=dtype, device=x.device, natsl=self.natsl,
+            hidden_size=self.hidden_size, conv_size=config.gdn_conv_size,
+            conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim, growable=True,
+        )
 
     def _run_dense(self, x, cos, sin):
         """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'
@@ -436,11 +439,13 @@ class NatslAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, return_state: bool,
-                 right_padded: bool = False):
+    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None,
+                 into: NatslLayerState | None, right_padded: bool = False):
         """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens.
-        `right_padded`: padding only after each row's tokens (packed documents), which the kernels and
-        SDPA serve exactly (causal: no real query sees a padding key)."""
+        state: what earlier calls left (None: the sequences start here); into: the state the call's result is
+        written to (`NatslLayerState.write_segment_`; None: no cache), `state` itself or, when that is empty or
+        None, the cache's fresh one. `right_padded`: padding only after each row's tokens (packed documents),
+        which the kernels and SDPA serve exactly (causal: no real query sees a padding key)."""
         B, n, _ = x.shape
         C, dev = self.chunk_size, x.device
         valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
@@ -469,7 +474,7 @@ class NatslAttention(nn.Module):
         elif backend == "sdpa":  # a full-softmax layer: every chunk is softmax, i.e. causal attention
             o = self._causal_sdpa(q_rot, seg_k, seg_v)
         else:
-            prefix = None if state is None else (state.kept_k, state.kept_v, state.kept_valid)
+            prefix = None if state is None else state.kept()
             o = reference.softmax_branch(
                 q_rot, seg_k, seg_v, q_pos, k_pos, key_hard, key_weight, C, self.scaling, prefix
             )
@@ -480,7 +485,7 @@ class NatslAttention(nn.Module):
         if self.natsl:
             o_gdn, gdn = self._gdn_branch(
                 x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
-                open_chunk, return_state, backend,
+                open_chunk, into is not None, backend,
             )
             o = self._combine(o, o_gdn, x)
         if token_mask is not None:  # padding outputs are zeros
@@ -488,11 +493,11 @@ class NatslAttention(nn.Module):
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
         update = None
-        if return_state:
-            keep = key_hard & token_complete[..., None]
-            update = CacheUpdate(
-                NatslLayerState.after_segment(state, new_seen, k_pos, seg_k, seg_v, keep, open_chunk, C, gdn),
-                closed_chunks=routes.routable[..., 0].sum(1), kept_chunks=(routes.hard & routes.routable).sum(1))
+        if into is not None:
+            into.write_segment_(seen=new_seen, k_pos=k_pos, k=seg_k, v=seg_v, keep=key_hard & token_complete[..., None],
+                                open_chunk=open_chunk, closed_chunks=routes.routable[..., 0].sum(1),
+                                kept_chunks=(routes.hard & routes.routable).sum(1), gdn=gdn)
+            update = CacheUpdate(into)
         # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
         reported = Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob, routes.routable)))
         return out, self._routing(backend, reported, None, cache_update=update)
@@ -556,39 +561,18 @@ class NatslAttention(nn.Module):
         gated = self.gdn_norm(o_gdn.to(x.dtype)) * F.silu(z)
         return o + gated * self.gdn_alpha.to(x.dtype)[:, None]
 
-    def _decode_step(self, x, q, k, v, q_rot, k_rot, state: NatslLayerState, return_state: bool):
-        """One new token per row that does not close its row's open chunk (NatslCache): no chunk is
-        routed and the GDN state does not change, so the GDN readout is exp(sum of g since the chunk
-        start) times q~ S_start. The new token is written into the open chunk first; the softmax part
-        (kept KV + open chunk up to the new token) is `routed_decode_attention`."""
-        B, C = x.shape[0], self.chunk_size
-        slot = state.seen % C  # [B] the new token's slot in the open chunk
-        open_k, open_v = put_slot(state.open_k, slot, k_rot[:, 0]), put_slot(state.open_v, slot, v[:, 0])
-        backend, ops = self._decode_ops(x)
-        o = ops.routed_decode_attention(
-            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, open_k, open_v, state.seen, self.scaling
-        )[:, None]  # [B, 1, Hq, Dv]
-        gdn = None
-        if self.natsl:
-            q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, None, state.conv_state)
-            slots = torch.arange(C, device=x.device)
-            decay = (state.gdn_g * (slots[None, :, None] < slot[:, None, None])).sum(1) + g[:, 0]  # [B,Hkv]
-            o = self._combine(o, reference.gdn_readout(q_g[:, 0], state.gdn_state, decay, self.scaling)[:, None], x)
-            gdn = {"gdn_k": put_slot(state.gdn_k, slot, k_g[:, 0]), "gdn_g": put_slot(state.gdn_g, slot, g[:, 0]),
-                   "gdn_beta": put_slot(state.gdn_beta, slot, beta[:, 0]), "conv_state": conv_state,
-                   "router_sum": state.router_sum + x[:, 0].float()}
-        update = CacheUpdate(state.after_token(open_k, open_v, gdn)) if return_state else None
-        return self.o_proj(o.flatten(2).to(x.dtype)), self._step_routing(backend, x, update)
-
-    def _decode_static(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslStaticLayerState):
-        """One token per row against a NatslStaticCache layer, in place, with fixed shapes and no host
-        sync (a row whose token is padding, token_mask False, leaves its state unchanged). The token
-        is written into the open chunk and into `gdn_run`; the output reads the kept KV + the open
-        chunk (softmax) and the chunk-start GDN state; then every row whose chunk the token completes
+    def _decode(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState):
+        """One token per row against the layer's state, in place (a row whose token is padding, token_mask
+        False, leaves its state unchanged); against a preallocated state with fixed shapes and no host sync.
+        The token is written into the open chunk and into `gdn_run`; the output reads the kept KV + the
+        open chunk (softmax) and the chunk-start GDN state; then every row whose chunk the token completes
         closes it: routed by the router (sinks and overrides as in `_route`), appended to the kept KV
-        (softmax, if it fits) or committed to the GDN state (linear)."""
+        (softmax, if it fits) or committed to the GDN state (linear). A growable state (NatslCache) first
+        makes room for one more chunk in every (row, group), so it always fits there."""
         B, C = x.shape[0], self.chunk_size
         valid = torch.ones(B, dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
+        if state.growable:
+            state.make_room_(state.kept_len + C)
         backend, ops = self._decode_ops(x)
         if self.natsl:  # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
             o_gdn = ops.gdn_decode_step(
@@ -666,11 +650,14 @@ class NatslAttention(nn.Module):
         if state is not None:
             same_chunk = (open_chunk == torch.div(state.seen, C, rounding_mode="floor"))[:, None]
             new_router = new_router + state.router_sum * same_chunk
+        open_k, open_g, open_beta = (gather_open(t.detach(), k_pos, open_chunk, C) for t in (k_g, g, beta))
+        gdn_state = gdn_state.detach()
         return o_gdn, {
-            "gdn_k": gather_open(k_g.detach(), k_pos, open_chunk, C),
-            "gdn_g": gather_open(g.detach(), k_pos, open_chunk, C),
-            "gdn_beta": gather_open(beta.detach(), k_pos, open_chunk, C),
-            "gdn_state": gdn_state.detach(),
+            "gdn_k": open_k, "gdn_g": open_g, "gdn_beta": open_beta, "gdn_state": gdn_state,
+            # the open chunk written as if it closes linear, and its decay so far: what a decode step goes on from
+            "gdn_run": reference.gdn_chunk_write(gdn_state, open_k, gather_open(v_seg.detach(), k_pos, open_chunk, C),
+                                                 open_g, open_beta),
+            "gdn_decay": open_g.sum(1),
             "conv_state": conv_state.detach(),
             "router_sum": new_router.detach(),
         }

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .state import gdn_token_write, put_slot, tracing
+from .state import append_kept_, gdn_token_write, put_slot, tracing
 
 QUERY_BLOCK = 256  # softmax-branch queries per block (whole chunks, at least one)
 
@@ -232,6 +232,25 @@ def _chunk_ut(k, v, g, beta):
     return sol[..., v.shape[-1]:], sol[..., : v.shape[-1]], G
 
 
+def _chunk_step(state, w, u, k_out, decay):
+    """One chunk's writes into the GDN state (fla's inter-chunk step): state [B,H,K,V] fp32 at the chunk's start,
+    w [B,H,C,K], u [B,H,C,V] (`_chunk_ut`), k_out [B,H,C,K] keys decayed to the chunk's end, decay [B,H] the chunk's
+    total log decay -> the state at the chunk's end."""
+    v_new = u - w @ state  # [B,H,C,V]
+    return state * decay.exp()[..., None, None] + k_out.transpose(-1, -2) @ v_new
+
+
+def gdn_chunk_write(state, k, v, g, beta):
+    """The writes of one chunk's tokens into a GDN state in chunk form: what C `gdn_token_write`s give. A multi-token
+    call writes its open chunk so (`gdn_run`, which a decode step goes on writing token by token).
+    state [B,Hkv,K,V] fp32, k [B,C,Hkv,K] L2-normalised, v [B,C,Hkv,V], g / beta [B,C,Hkv] (0 on empty slots)
+    -> state [B,Hkv,K,V] fp32."""
+    kc, vc, gc, bc = (t.float().movedim(1, 2)[:, :, None] for t in (k, v, g, beta))  # [B,H,1,C,*]
+    w, u, G = _chunk_ut(kc, vc, gc, bc)
+    k_out = kc * (G[..., -1:] - G).exp()[..., None]
+    return _chunk_step(state.float(), w[:, :, 0], u[:, :, 0], k_out[:, :, 0], G[:, :, 0, -1])
+
+
 def gdn_branch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -276,8 +295,7 @@ def gdn_branch(
     state = initial_state.float() if initial_state is not None else kc.new_zeros(B, Hkv, K, V)
     states = [state]  # state at the start of chunk n, n = 0 .. N
     for n in range(N):
-        v_new = u[:, :, n] - w[:, :, n] @ state  # [B,H,C,V]
-        state = state * Gc[:, :, n, -1, None, None].exp() + k_out[:, :, n].transpose(-1, -2) @ v_new
+        state = _chunk_step(state, w[:, :, n], u[:, :, n], k_out[:, :, n], Gc[:, :, n, -1])
         states.append(state)
     # [B,H,N,K,V]; N = 0 when no row has a real token (an all-padding batch): nothing to read out
     starts = torch.stack(states[:-1], 2) if N else state.new_zeros(B, Hkv, 0, K, V)
@@ -435,7 +453,7 @@ def gdn_readout(q_g: torch.Tensor, gdn_state: torch.Tensor, decay: torch.Tensor,
 
 
 def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float) -> torch.Tensor:
-    """The GDN branch of one decode token against a NatslStaticLayerState, updated in place.
+    """The GDN branch of one decode token against a NatslLayerState, updated in place.
 
     q [B, Hq*D], k [B, Hkv*D]: the token's q / k projections before RoPE (the short conv's inputs);
     v [B, Hkv, V]; a, b [B, Hkv]: the a_proj / b_proj outputs; valid [B] bool (False: a padding token,
@@ -464,21 +482,18 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
 
 
 def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
-    """Close the open chunk of a NatslStaticLayerState's rows in `closing` [B] bool, in place, routed
+    """Close the open chunk of a NatslLayerState's rows in `closing` [B] bool, in place, routed
     `softmax` [B, Hkv] bool (`routable` [B] bool: counted in the realised fraction). A softmax chunk is
     appended to the kept KV if it fits; one that does not fit is written to the GDN state instead and
     counted in `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context).
     A linear chunk's writes (`gdn_run`) become the state; a softmax chunk only decays it. Fixed shapes,
     no host sync: every row runs the same ops (a row that closes nothing writes the kept KV's scratch
-    slots). `modeling.kernels.close_chunk` is this in one Triton launch."""
-    C, cap = state.chunk_size, state.capacity
-    fits = state.kept_len + C <= cap
+    slots; the KV append is `append_kept_`, a multi-token call's too). `modeling.kernels.close_chunk` is this in
+    one Triton launch."""
+    C = state.chunk_size
+    fits = state.kept_len + C <= state.capacity
     append = closing[:, None] & softmax & fits  # [B,Hkv]
-    dest = torch.where(append, state.kept_len, torch.full_like(state.kept_len, cap))
-    index = (dest[..., None] + torch.arange(C, device=dest.device))[..., None]  # [B,Hkv,C,1]
-    state.kept_k.scatter_(2, index.expand(-1, -1, -1, state.kept_k.shape[-1]), state.open_k.transpose(1, 2))
-    state.kept_v.scatter_(2, index.expand(-1, -1, -1, state.kept_v.shape[-1]), state.open_v.transpose(1, 2))
-    state.kept_len.add_(append.long() * C)
+    append_kept_(state, state.open_k, state.open_v, append[:, None].expand(-1, C, -1))
     counted = (closing & routable)[:, None]
     state.kept_chunks.add_((counted & append).long())
     state.closed_chunks.add_(counted[:, 0].long())

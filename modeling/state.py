@@ -1,29 +1,31 @@
-"""Per-layer decode state of a NAtS-L layer (SPEC.md section 4), plain tensors, no transformers.
+"""The decode state of a NAtS-L layer (SPEC.md section 4) and its transitions, plain tensors, no transformers.
 
 What a layer keeps between calls, per batch row:
-- the KV of complete softmax chunks, compacted per KV group (`kept_*`);
+- the KV of complete softmax chunks, compacted to the front per KV group (`kept_*`, `kept_len` of them valid);
 - the still-open chunk's tokens: RoPE'd k, v (softmax branch) and GDN key, gate g, raw beta
   (written into the GDN state only if the chunk closes as linear);
-- the GDN state at the open chunk's start, the GDN short-conv state and the router's running
-  sum of the open chunk's hidden states;
-- `seen`: real (non-padding) tokens seen, which fixes positions and chunk boundaries per row.
-Full-softmax layers keep only the KV fields (every chunk is softmax there).
+- the GDN state at the open chunk's start (`gdn_state`), the same state with the open chunk's tokens already
+  written as if it closes linear (`gdn_run`) and the log decay since the chunk's start (`gdn_decay`), the GDN
+  short-conv state and the router's running sum of the open chunk's hidden states;
+- `seen`: real (non-padding) tokens seen, which fixes positions and chunk boundaries per row;
+- counters of the routable chunks closed, kept softmax, and sent to GDN for want of room (realised fraction).
+Full-softmax layers keep only the KV fields and counters (every chunk is softmax there).
 
-Two containers hold it:
-- `NatslLayerState` (NatslCache): tensors sized to what is kept, replaced after every call. Any
-  call shape (multi-token segments against the cache, padding anywhere) goes through it.
-- `NatslStaticLayerState` (NatslStaticCache): the same fields in buffers preallocated once, so a
-  one-token decode step has fixed shapes, no host sync and can be captured (torch.compile / CUDA
-  graphs). It also keeps `gdn_run`, the GDN state with the open chunk's tokens already written as
-  if it closes linear (one recurrent delta-rule step per token), so that closing a chunk is a
-  masked select instead of a chunked solve. Multi-token calls against it convert to and from a
-  `NatslLayerState` (`to_dynamic` / `load_`), outside the captured step.
+One layout, two allocations: NatslStaticCache allocates it once (`capacity` kept tokens per (row, KV group), fixed
+shapes, so a decode step has no host sync and can be captured); NatslCache grows the same buffers as the kept KV
+does (`growable`). The transitions are the same for both and update the buffers in place:
+- write a token: `write_token_` (its softmax KV at the open-chunk slot) and `gdn_decode_step` (its GDN inputs and its
+  write into `gdn_run`, modeling.reference / modeling.kernels);
+- close a chunk: `close_chunk` (one decode token closes its row's chunk: appended to the kept KV, or `gdn_run` becomes
+  the state; modeling.reference / modeling.kernels) or `write_segment_` (a multi-token call closes every chunk it
+  completes, its branches having computed the routes and the GDN state);
+- read out: `routed_decode_attention` (kept + open KV) and `gdn_readout` of `gdn_state` (modeling.reference / kernels).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -41,68 +43,153 @@ def tracing() -> bool:
 
 @dataclass
 class CacheUpdate:
-    """What a multi-token or decode call hands its cache layer: the layer's next state (a NatslLayerState, or
-    the NatslStaticLayerState it updated in place) and, from a segment, the counts a static cache adds to its
-    realised-fraction counters: closed_chunks [B] (the call's routable chunks) and kept_chunks [B, Hkv] (those
-    kept softmax)."""
+    """What a multi-token or decode call hands its cache layer: the layer's state, updated in place (or, for a
+    NatslCache's first call, allocated)."""
 
-    state: "NatslLayerState | NatslStaticLayerState"
-    closed_chunks: torch.Tensor | None = None
-    kept_chunks: torch.Tensor | None = None
+    state: "NatslLayerState"
 
 
 @dataclass
 class NatslLayerState:
+    """A layer's decode state (module docstring). `kept_k` / `kept_v` hold capacity + C slots: the last C are scratch
+    that a closing chunk which is not appended writes into (so every row of `close_chunk` runs the same scatter);
+    they are never counted in `kept_len`. `growable` (NatslCache): the kept KV grows to what the rows keep instead of
+    being fixed at allocation (NatslStaticCache)."""
+
     seen: torch.Tensor  # [B] long
-    kept_k: torch.Tensor  # [B, Hkv, L, D]   RoPE'd keys of complete softmax chunks
-    kept_v: torch.Tensor  # [B, Hkv, L, Dv]
-    kept_valid: torch.Tensor  # [B, Hkv, L] bool, compacted to the front per (row, group)
+    kept_k: torch.Tensor  # [B, Hkv, capacity + C, D]   RoPE'd keys of complete softmax chunks
+    kept_v: torch.Tensor  # [B, Hkv, capacity + C, Dv]
+    kept_len: torch.Tensor  # [B, Hkv] long, the valid prefix of kept_k / kept_v
     open_k: torch.Tensor  # [B, C, Hkv, D]  open chunk, slot s = position open_start + s
     open_v: torch.Tensor  # [B, C, Hkv, Dv]
+    kept_chunks: torch.Tensor  # [B, Hkv] long, routable chunks closed softmax (the realised fraction)
+    closed_chunks: torch.Tensor  # [B] long, routable chunks closed
+    overflow_chunks: torch.Tensor  # [B, Hkv] long, softmax chunks sent to GDN because the kept KV was full
     gdn_k: torch.Tensor | None = None  # [B, C, Hkv, K]  L2-normalised GDN keys of the open chunk
     gdn_g: torch.Tensor | None = None  # [B, C, Hkv] fp32 log decay
-    gdn_beta: torch.Tensor | None = None  # [B, C, Hkv] raw write strength
+    gdn_beta: torch.Tensor | None = None  # [B, C, Hkv] fp32 raw write strength
     gdn_state: torch.Tensor | None = None  # [B, Hkv, K, V] fp32, state at the open chunk's start
+    gdn_run: torch.Tensor | None = None  # [B, Hkv, K, V] fp32, with the open chunk written as linear
+    gdn_decay: torch.Tensor | None = None  # [B, Hkv] fp32, sum of g since the open chunk's start
     conv_state: torch.Tensor | None = None  # [B, W-1, channels] short-conv inputs
     router_sum: torch.Tensor | None = None  # [B, hidden] fp32 sum of the open chunk's hidden states
-
-    def tensors(self):
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    def map(self, fn) -> "NatslLayerState":
-        """A new state with `fn` applied to every tensor (batch reorder, device moves...)."""
-        return NatslLayerState(**{name: fn(t) for name, t in self.tensors().items()})
-
-    @property
-    def kept_len(self) -> torch.Tensor:
-        """[B, Hkv] number of kept softmax KV tokens per row and group (open chunk excluded)."""
-        return self.kept_valid.sum(-1)
+    growable: bool = False
 
     @classmethod
-    def after_segment(cls, state: "NatslLayerState | None", seen, k_pos, seg_k, seg_v, keep, open_chunk,
-                      chunk_size: int, gdn: dict | None) -> "NatslLayerState":
-        """The state after a segment (cached open chunk + new tokens) was processed.
-
-        seen: [B] real tokens seen after the call; k_pos: [B, S] segment positions (-1 padding);
-        seg_k, seg_v: [B, S, Hkv, *] the segment's RoPE'd keys and values; keep: [B, S, Hkv] bool,
-        keys of chunks that closed softmax in this call; open_chunk: [B] the chunk left open;
-        gdn: the GDN fields of the next state (NAtS-L layers) or None.
-        """
-        kept_k, kept_v, kept_valid = append_kept(state, seg_k.detach(), seg_v.detach(), keep)
+    def allocate(cls, *, batch_size: int, capacity: int, chunk_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, natsl: bool, hidden_size: int = 0, conv_size: int = 0,
+                 conv_channels: int = 0, growable: bool = False) -> "NatslLayerState":
+        """An empty state with room for `capacity` kept tokens per (row, KV group), rounded up to whole chunks."""
+        B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
+        capacity = math.ceil(capacity / C) * C
+        zeros = lambda *shape, dtype=dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        long, f32 = torch.long, torch.float32
+        gdn = {}
+        if natsl:
+            gdn = dict(gdn_k=zeros(B, C, H, D, dtype=f32), gdn_g=zeros(B, C, H, dtype=f32), gdn_beta=zeros(B, C, H, dtype=f32),
+                       gdn_state=zeros(B, H, D, D, dtype=f32), gdn_run=zeros(B, H, D, D, dtype=f32),
+                       gdn_decay=zeros(B, H, dtype=f32), conv_state=zeros(B, conv_size - 1, conv_channels),
+                       router_sum=zeros(B, hidden_size, dtype=f32))
         return cls(
-            seen=seen, kept_k=kept_k, kept_v=kept_v, kept_valid=kept_valid,
-            open_k=gather_open(seg_k.detach(), k_pos, open_chunk, chunk_size),
-            open_v=gather_open(seg_v.detach(), k_pos, open_chunk, chunk_size),
-            **(gdn or {}),
+            seen=zeros(B, dtype=long), kept_k=zeros(B, H, capacity + C, D), kept_v=zeros(B, H, capacity + C, D),
+            kept_len=zeros(B, H, dtype=long), open_k=zeros(B, C, H, D), open_v=zeros(B, C, H, D),
+            kept_chunks=zeros(B, H, dtype=long), closed_chunks=zeros(B, dtype=long),
+            overflow_chunks=zeros(B, H, dtype=long), growable=growable, **gdn,
         )
 
-    def after_token(self, open_k, open_v, gdn: dict | None) -> "NatslLayerState":
-        """The state after one real token per row that closed no chunk: the open chunk's buffers
-        (the token written at its slot) and, for NAtS-L layers, the GDN fields (`gdn`)."""
-        return NatslLayerState(
-            seen=self.seen + 1, kept_k=self.kept_k, kept_v=self.kept_v, kept_valid=self.kept_valid,
-            open_k=open_k, open_v=open_v, gdn_state=self.gdn_state, **(gdn or {}),
-        )
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.tensors().values())
+
+    def map(self, fn) -> "NatslLayerState":
+        """A new state with `fn` applied to every tensor (batch reorder / select / repeat, device moves)."""
+        return replace(self, **{name: fn(t) for name, t in self.tensors().items()})
+
+    @property
+    def chunk_size(self) -> int:
+        return self.open_k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Kept tokens each (row, KV group) has room for (the scratch slots excluded)."""
+        return self.kept_k.shape[2] - self.chunk_size
+
+    @property
+    def kept_valid(self) -> torch.Tensor:
+        """[B, Hkv, capacity + C] bool, the kept slots that hold a key."""
+        slots = torch.arange(self.kept_k.shape[2], device=self.kept_k.device)
+        return slots < self.kept_len[..., None]
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept KV as a multi-token call reads it: (kept_k, kept_v, kept_valid) [B, Hkv, L, *] trimmed to the
+        longest (row, group) (eager: one host sync); traced, where that length cannot be read, every slot."""
+        L = self.kept_k.shape[2] if tracing() else int(self.kept_len.max())
+        return self.kept_k[:, :, :L], self.kept_v[:, :, :L], self.kept_valid[:, :, :L]
+
+    def make_room_(self, kept_len: torch.Tensor) -> None:
+        """Before the kept KV reaches `kept_len` [B, Hkv] tokens per (row, group): a growable state grows its buffers to
+        the longest (eager: one host sync, and only when it does not fit; traced: an unbacked size, the same as eager's);
+        a fixed one raises when it does not fit (traced: a runtime check of the program), naming the setting that
+        sizes it."""
+        if self.growable:
+            capacity = torch.sym_max(kept_len.max().item(), self.capacity) if kept_len.numel() else self.capacity
+            if not tracing() and capacity == self.capacity:
+                return
+            for name in ("kept_k", "kept_v"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], capacity + self.chunk_size, old.shape[-1])
+                new[:, :, : old.shape[2]] = old
+                setattr(self, name, new)
+        elif tracing():
+            torch._check(kept_len.max().item() <= self.capacity)
+        else:
+            longest = int(kept_len.max()) if kept_len.numel() else 0
+            if longest > self.capacity:
+                raise ValueError(
+                    f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this "
+                    f"NatslStaticCache holds ({self.capacity}); raise `max_kept_fraction` when you create the cache."
+                )
+
+    # --- transitions --------------------------------------------------------------------------------
+    def write_token_(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new token's softmax KV (k, v [B, Hkv, *]) at its open-chunk slot. Its GDN inputs go in
+        with `gdn_decode_step` (modeling.reference / modeling.kernels)."""
+        slot = self.seen % self.chunk_size
+        self.open_k.copy_(put_slot(self.open_k, slot, k))
+        self.open_v.copy_(put_slot(self.open_v, slot, v))
+
+    def write_segment_(self, *, seen, k_pos, k, v, keep, open_chunk, closed_chunks, kept_chunks,
+                       gdn: dict | None) -> None:
+        """The state after a multi-token call (modeling.layer `_segment`: the cached open chunk + the new tokens), in
+        place: the chunks it closed softmax join the kept KV, the chunk it leaves open replaces the open chunk.
+        seen: [B] real tokens seen after the call; k_pos: [B, S] segment positions (-1 padding); k, v: [B, S, Hkv, *]
+        the segment's RoPE'd keys and values; keep: [B, S, Hkv] bool, keys of chunks that closed softmax;
+        open_chunk: [B] the chunk left open; closed_chunks [B] / kept_chunks [B, Hkv]: the call's routable chunks and
+        those kept softmax (the counters); gdn: the GDN fields after the call (NAtS-L layers: every one of them)."""
+        k, v = k.detach(), v.detach()
+        self.make_room_(self.kept_len + keep.sum(1))
+        append_kept_(self, k, v, keep)
+        self.open_k.copy_(gather_open(k, k_pos, open_chunk, self.chunk_size))
+        self.open_v.copy_(gather_open(v, k_pos, open_chunk, self.chunk_size))
+        self.seen.copy_(seen)
+        self.closed_chunks.add_(closed_chunks)
+        self.kept_chunks.add_(kept_chunks)
+        for name, value in (gdn or {}).items():
+            getattr(self, name).copy_(value.detach())
+
+
+def append_kept_(state: NatslLayerState, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> None:
+    """Append the keys marked in `keep` behind each (row, group)'s kept KV, in order, in place: the one KV append of
+    both chunk closes. k: [B, S, Hkv, D], v: [B, S, Hkv, Dv], keep: [B, S, Hkv] bool; the caller made room
+    (kept_len + keep.sum(1) <= capacity). Keys not kept go to the first scratch slot."""
+    keep = keep.transpose(1, 2)  # [B,Hkv,S]
+    dest = state.kept_len[..., None] + keep.long().cumsum(-1) - 1
+    dest = torch.where(keep, dest, torch.full_like(dest, state.capacity))
+    for buf, x in ((state.kept_k, k), (state.kept_v, v)):
+        buf.scatter_(2, dest[..., None].expand(-1, -1, -1, x.shape[-1]), x.transpose(1, 2).to(buf.dtype))
+    state.kept_len.add_(keep.sum(-1))
 
 
 def put_slot(buf: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -110,41 +197,6 @@ def put_slot(buf: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> torc
     B = buf.shape[0]
     index = slot.view(B, 1, *([1] * (buf.dim() - 2))).expand(B, 1, *buf.shape[2:])
     return buf.scatter(1, index, value[:, None].to(buf.dtype))
-
-
-def append_kept(state: NatslLayerState | None, k, v, keep):
-    """Append the keys marked in `keep` to the compacted kept KV.
-
-    k: [B, S, Hkv, D], v: [B, S, Hkv, Dv], keep: [B, S, Hkv] bool
-    -> (kept_k [B,Hkv,L',D], kept_v, kept_valid [B,Hkv,L'])
-    """
-    B, S, Hkv, D = k.shape
-    keep = keep.transpose(1, 2)  # [B,Hkv,S]
-    if state is None:
-        old_len = torch.zeros(B, Hkv, dtype=torch.long, device=k.device)
-        old_k = k.new_zeros(B, Hkv, 0, D)
-        old_v = v.new_zeros(B, Hkv, 0, v.shape[-1])
-    else:
-        old_len, old_k, old_v = state.kept_len, state.kept_k, state.kept_v
-    add = keep.sum(-1)
-    if state is not None and not tracing() and int(add.max()) == 0:  # nothing kept: the same tensors (eager only)
-        return state.kept_k, state.kept_v, state.kept_valid
-    new_len = old_len + add
-    # as long as the longest (row, group) after the call: data-dependent. Eager, one host sync; under torch.export an
-    # unbacked size (the exported cache is shaped as the eager one); under torch.compile a graph break
-    cap = torch.sym_max(new_len.max().item(), old_k.shape[2])
-    kept_k = old_k.new_zeros(B, Hkv, cap, D)
-    kept_v = old_v.new_zeros(B, Hkv, cap, v.shape[-1])
-    kept_k[:, :, : old_k.shape[2]] = old_k
-    kept_v[:, :, : old_v.shape[2]] = old_v
-    dest = old_len[..., None] + keep.long().cumsum(-1) - 1  # [B,Hkv,S]
-    dest = torch.where(keep, dest, torch.full_like(dest, cap))  # dropped via an extra slot
-    pad_k = torch.cat([kept_k, kept_k.new_zeros(B, Hkv, 1, D)], 2)
-    pad_v = torch.cat([kept_v, kept_v.new_zeros(B, Hkv, 1, v.shape[-1])], 2)
-    pad_k.scatter_(2, dest[..., None].expand(-1, -1, -1, D), k.transpose(1, 2).to(pad_k.dtype))
-    pad_v.scatter_(2, dest[..., None].expand(-1, -1, -1, v.shape[-1]), v.transpose(1, 2).to(pad_v.dtype))
-    valid = torch.arange(cap, device=k.device)[None, None, :] < new_len[..., None]
-    return pad_k[:, :, :cap], pad_v[:, :, :cap], valid
 
 
 def gather_open(values: torch.Tensor, pos: torch.Tensor, open_chunk: torch.Tensor, chunk_size: int):
@@ -162,8 +214,6 @@ def gather_open(values: torch.Tensor, pos: torch.Tensor, open_chunk: torch.Tenso
     return out[:, :chunk_size]
 
 
-# ------------------------------------------------------------------------------- static state
-
 def gdn_token_write(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                     g: torch.Tensor) -> torch.Tensor:
     """One gated delta-rule write (SPEC.md section 3, token form): S' = e^g S, S' += beta k (v - S'^T k)^T.
@@ -175,131 +225,3 @@ def gdn_token_write(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta:
     k, v = k.float(), v.float()
     delta = v - (k[..., None, :] @ state)[..., 0, :]  # [B,Hkv,V]
     return state + (beta[..., None] * k)[..., :, None] * delta[..., None, :]
-
-
-@dataclass
-class NatslStaticLayerState:
-    """A layer's decode state in buffers allocated once (NatslStaticCache); updated in place.
-
-    `capacity` kept softmax tokens per (row, KV group). `kept_k` / `kept_v` hold capacity + C slots:
-    the last C are scratch that a closing chunk which is not appended writes into (so every step of
-    `reference.close_chunk` runs the same scatter); they are never counted in `kept_len`.
-    """
-
-    capacity: int  # kept tokens per (row, KV group), a multiple of C
-    seen: torch.Tensor  # [B] long
-    kept_k: torch.Tensor  # [B, Hkv, capacity + C, D]
-    kept_v: torch.Tensor  # [B, Hkv, capacity + C, Dv]
-    kept_len: torch.Tensor  # [B, Hkv] long, the valid prefix of kept_k / kept_v
-    open_k: torch.Tensor  # [B, C, Hkv, D]
-    open_v: torch.Tensor  # [B, C, Hkv, Dv]
-    kept_chunks: torch.Tensor  # [B, Hkv] long, routable chunks closed softmax (the realised fraction)
-    closed_chunks: torch.Tensor  # [B] long, routable chunks closed
-    overflow_chunks: torch.Tensor  # [B, Hkv] long, softmax chunks sent to GDN because the kept KV was full
-    gdn_k: torch.Tensor | None = None  # [B, C, Hkv, K]   as in NatslLayerState
-    gdn_g: torch.Tensor | None = None  # [B, C, Hkv]
-    gdn_beta: torch.Tensor | None = None  # [B, C, Hkv]
-    gdn_state: torch.Tensor | None = None  # [B, Hkv, K, V] fp32 at the open chunk's start
-    gdn_run: torch.Tensor | None = None  # [B, Hkv, K, V] fp32 with the open chunk written as linear
-    gdn_decay: torch.Tensor | None = None  # [B, Hkv] fp32, sum of g since the open chunk's start
-    conv_state: torch.Tensor | None = None  # [B, W-1, channels]
-    router_sum: torch.Tensor | None = None  # [B, hidden] fp32
-
-    @classmethod
-    def allocate(cls, *, batch_size: int, capacity: int, chunk_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, natsl: bool, hidden_size: int = 0, conv_size: int = 0,
-                 conv_channels: int = 0) -> "NatslStaticLayerState":
-        B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
-        capacity = math.ceil(capacity / C) * C
-        zeros = lambda *shape, dtype=dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        long = torch.long
-        state = cls(
-            capacity=capacity, seen=zeros(B, dtype=long),
-            kept_k=zeros(B, H, capacity + C, D), kept_v=zeros(B, H, capacity + C, D), kept_len=zeros(B, H, dtype=long),
-            open_k=zeros(B, C, H, D), open_v=zeros(B, C, H, D),
-            kept_chunks=zeros(B, H, dtype=long), closed_chunks=zeros(B, dtype=long),
-            overflow_chunks=zeros(B, H, dtype=long),
-        )
-        if natsl:
-            f32 = torch.float32
-            state.gdn_k, state.gdn_g, state.gdn_beta = zeros(B, C, H, D, dtype=f32), zeros(B, C, H, dtype=f32), zeros(B, C, H, dtype=f32)
-            state.gdn_state, state.gdn_run = zeros(B, H, D, D, dtype=f32), zeros(B, H, D, D, dtype=f32)
-            state.gdn_decay = zeros(B, H, dtype=f32)
-            state.conv_state = zeros(B, conv_size - 1, conv_channels)
-            state.router_sum = zeros(B, hidden_size, dtype=f32)
-        return state
-
-    def buffers(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
-
-    @property
-    def chunk_size(self) -> int:
-        return self.open_k.shape[1]
-
-    @property
-    def kept_valid(self) -> torch.Tensor:
-        """[B, Hkv, capacity + C] bool, as NatslLayerState.kept_valid."""
-        slots = torch.arange(self.kept_k.shape[2], device=self.kept_k.device)
-        return slots < self.kept_len[..., None]
-
-    # --- one decode token (in place, no host sync) ---------------------------------------------
-    def write_token_(self, k, v) -> None:
-        """Write the new token's softmax KV (k, v [B, Hkv, *]) at its open-chunk slot. Its GDN inputs go in
-        with `gdn_decode_step` (modeling.reference / modeling.kernels)."""
-        slot = self.seen % self.chunk_size
-        self.open_k.copy_(put_slot(self.open_k, slot, k))
-        self.open_v.copy_(put_slot(self.open_v, slot, v))
-
-    # --- multi-token calls: through a NatslLayerState (eager: may sync; traced: none) ----------
-    def to_dynamic(self) -> NatslLayerState:
-        """The same state as a `NatslLayerState` (kept KV trimmed to the longest (row, group); traced, where that
-        length cannot be read, every slot, `kept_valid` marking the kept ones)."""
-        L = self.kept_k.shape[2] if tracing() else int(self.kept_len.max())
-        gdn = {}
-        if self.gdn_state is not None:
-            gdn = dict(gdn_k=self.gdn_k.clone(), gdn_g=self.gdn_g.clone(), gdn_beta=self.gdn_beta.clone(),
-                       gdn_state=self.gdn_state.clone(), conv_state=self.conv_state.clone(),
-                       router_sum=self.router_sum.clone())
-        return NatslLayerState(
-            seen=self.seen.clone(), kept_k=self.kept_k[:, :, :L].clone(), kept_v=self.kept_v[:, :, :L].clone(),
-            kept_valid=self.kept_valid[:, :, :L], open_k=self.open_k.clone(), open_v=self.open_v.clone(), **gdn,
-        )
-
-    def load_(self, state: NatslLayerState, *, closed: torch.Tensor, kept_chunks: torch.Tensor,
-              setting: str) -> None:
-        """Copy a `NatslLayerState` into the buffers (after a multi-token call). `closed` [B] and
-        `kept_chunks` [B, Hkv] add the call's routable and kept-softmax chunk counts. Raises when a
-        row's kept KV is beyond the capacity, naming `setting`, the knob that sizes it."""
-        kept_len = state.kept_len
-        if tracing():  # no host branch: a runtime check of the exported program (torch.export), the same bound
-            torch._check(kept_len.max().item() <= self.capacity)
-        else:
-            longest = int(kept_len.max()) if kept_len.numel() else 0
-            if longest > self.capacity:
-                raise ValueError(
-                    f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this "
-                    f"NatslStaticCache holds ({self.capacity}); raise `{setting}` when you create the cache."
-                )
-        L = state.kept_k.shape[2]
-        keep = torch.sym_min(L, self.capacity)
-        self.kept_k[:, :, :keep].copy_(state.kept_k[:, :, :keep])
-        self.kept_v[:, :, :keep].copy_(state.kept_v[:, :, :keep])
-        self.kept_len.copy_(kept_len)
-        for name in ("seen", "open_k", "open_v"):
-            getattr(self, name).copy_(getattr(state, name))
-        self.kept_chunks.add_(kept_chunks)
-        self.closed_chunks.add_(closed)
-        if self.gdn_state is None:
-            return
-        for name in ("gdn_k", "gdn_g", "gdn_beta", "gdn_state", "conv_state", "router_sum"):
-            getattr(self, name).copy_(getattr(state, name))
-        # gdn_run / gdn_decay: the open chunk's tokens written one by one (padding slots: beta = g = 0)
-        open_len = state.seen % self.chunk_size
-        run, decay = state.gdn_state.float(), torch.zeros_like(self.gdn_decay)
-        for s in range(self.chunk_size if tracing() else int(open_len.max())):  # traced: every slot (`live` masks)
-            live = (s < open_len)[:, None].float()  # [B,1]
-            g, beta = state.gdn_g[:, s] * live, state.gdn_beta[:, s] * live
-            run = gdn_token_write(run, state.gdn_k[:, s], state.open_v[:, s], beta, g)
-            decay = decay + g
-        self.gdn_run.copy_(run)
-        self.gdn_decay.copy_(decay)

@@ -10,10 +10,10 @@ Lengths: `get_seq_length()` counts the *columns* processed (padding included), w
 real tokens kept inside each layer state (`state.seen`), never from the number of kept keys.
 
 In transformers' terms NatslCache is a DynamicCache (it grows; generate's default) and NatslStaticCache a
-StaticCache (fixed shapes, compileable), each built from NAtS-L layers instead of dense key/value ones.
-
-`NatslStaticCache` holds the same state in buffers allocated once (NatslStaticLayerState), sized by
-`max_cache_len` and `max_kept_fraction`, so that a decode step has fixed shapes and no host sync:
+StaticCache (fixed shapes, compileable), each built from NAtS-L layers instead of dense key/value ones. Both hold
+the same state, updated by the same transitions: NatslCache's layers grow its kept KV as the rows keep tokens
+(allocated by the layer's first call), NatslStaticCache allocates it once, sized by `max_cache_len` and
+`max_kept_fraction`, so that a decode step has fixed shapes and no host sync:
 `generate(..., cache_implementation="static")` builds one and lets transformers compile the step
 (torch.compile, CUDA graphs), as it does for a Llama's StaticCache.
 """
@@ -26,7 +26,7 @@ import numbers
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
-from .modeling.state import CacheUpdate, NatslLayerState, NatslStaticLayerState
+from .modeling.state import CacheUpdate, NatslLayerState
 
 # What a cache's layers are shaped by: a cache built from one config cannot serve a model of another
 # (`check_model`, run before the first layer reads the cache).
@@ -83,7 +83,8 @@ class NatslCacheLayer(CacheLayerMixin):
         )
 
     def update_state(self, update: CacheUpdate, columns: int) -> None:
-        """Take the layer's next state from an attention call over `columns` new columns (padding included)."""
+        """After an attention call over `columns` new columns (padding included), which updated the state in place
+        (or allocated it, in the first call)."""
         self.state = update.state
         self.processed += columns
         self.is_initialized = True
@@ -175,13 +176,15 @@ class NatslCache(DynamicCache):
 
         Per layer: `kept_tokens` (mean over rows and KV groups of kept softmax tokens, the open chunk
         excluded), `open_tokens`, `kv_bytes` (kept + open KV held as valid entries: what the routing
-        keeps), `kv_allocated_bytes` (the KV tensors as allocated: the compacted kept KV is padded to the
-        longest (row, KV group), and the open chunk is a full chunk-sized buffer), `state_bytes` (GDN state,
-        the open chunk's GDN inputs, conv state, router sum), `full_kv_bytes` (a dense cache of every real
-        token, what a softmax model holds). Totals at the end; `kv_fraction` = kv_bytes / full_kv_bytes.
+        keeps), `kv_allocated_bytes` (the KV tensors as allocated: the kept KV as long as its capacity plus
+        C scratch slots (NatslCache: grown to the longest (row, KV group) and one chunk more), the open chunk
+        a full chunk-sized buffer), `state_bytes` (GDN state twice, the open chunk's GDN inputs, conv state,
+        router sum), `full_kv_bytes` (a dense cache of every real token, what a softmax model holds). Totals at
+        the end; `kv_fraction` = kv_bytes / full_kv_bytes.
         """
         layers = []
         totals = {"kv_bytes": 0, "kv_allocated_bytes": 0, "state_bytes": 0, "full_kv_bytes": 0}
+        kv_names = ("kept_k", "kept_v", "open_k", "open_v")
         for idx, layer in enumerate(self.layers):
             s = layer.state
             if s is None:
@@ -189,15 +192,11 @@ class NatslCache(DynamicCache):
             B, Hkv = s.kept_len.shape
             per_token = (s.kept_k.shape[-1] + s.kept_v.shape[-1]) * s.kept_k.element_size()  # one group
             kept = s.kept_len.sum().item()  # over rows and groups
-            open_tokens = (s.seen % s.open_k.shape[1]).sum().item() * Hkv
+            open_tokens = (s.seen % s.chunk_size).sum().item() * Hkv
             kv_bytes = int((kept + open_tokens) * per_token)
-            allocated = sum(t.numel() * t.element_size() for t in (s.kept_k, s.kept_v, s.open_k, s.open_v))
-            state_bytes = sum(
-                t.numel() * t.element_size()
-                for t in (s.gdn_state, s.conv_state, s.router_sum, s.gdn_k, s.gdn_g, s.gdn_beta,
-                          getattr(s, "gdn_run", None))
-                if t is not None
-            )
+            allocated = sum(t.numel() * t.element_size() for t in (getattr(s, name) for name in kv_names))
+            state_bytes = sum(t.numel() * t.element_size() for name, t in s.tensors().items()
+                              if name.startswith("gdn_") or name in ("conv_state", "router_sum"))
             full = int(s.seen.sum().item() * Hkv * per_token)
             layers.append(
                 {
@@ -236,15 +235,14 @@ def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=
 
 
 class NatslStaticCacheLayer(NatslCacheLayer):
-    """One layer's NAtS-L state in preallocated buffers (NatslStaticLayerState), updated in place by a
-    decode step; a multi-token call loads its result into the buffers (`update_state`)."""
+    """One layer's NAtS-L state in buffers allocated once (the addresses a compiled step captures), updated in
+    place by every call."""
 
     is_compileable = True
 
-    def __init__(self, state: NatslStaticLayerState, setting: str):
+    def __init__(self, state: NatslLayerState):
         super().__init__()
         self.state = state
-        self.setting = setting  # the cache argument that sizes the kept KV, named in capacity errors
         # columns processed, a device tensor (as transformers' StaticLayer): a Python int changed inside a
         # compiled step would be burnt into the graph and recompile it at every step
         self.columns = torch.zeros((), dtype=torch.long, device=state.seen.device)
@@ -254,11 +252,7 @@ class NatslStaticCacheLayer(NatslCacheLayer):
         return [*self.state.buffers(), self.columns]
 
     def update_state(self, update: CacheUpdate, columns: int) -> None:
-        """A decode step updated the buffers in place (update.state is them); a multi-token call's
-        NatslLayerState is copied in, its chunk counts added to the realised-fraction counters."""
-        if update.state is not self.state:
-            self.state.load_(update.state, closed=update.closed_chunks, kept_chunks=update.kept_chunks,
-                             setting=self.setting)
+        """After an attention call over `columns` new columns, which updated the buffers in place."""
         self.columns.add_(columns)
 
     def get_seq_length(self) -> torch.Tensor:
@@ -275,9 +269,8 @@ class NatslStaticCacheLayer(NatslCacheLayer):
             t.zero_()
 
     def _map(self, fn) -> None:
-        for name, t in vars(self.state).items():
-            if isinstance(t, torch.Tensor):
-                t.copy_(fn(t))
+        for t in self.state.buffers():
+            t.copy_(fn(t))
 
     def _fixed_batch(self, *args) -> None:
         raise NotImplementedError(
@@ -364,13 +357,13 @@ class NatslStaticCache(StaticCache):
     def _layer(self, i: int, rows: int, device, dtype) -> NatslStaticCacheLayer:
         config = self._config
         qd, kd = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        state = NatslStaticLayerState.allocate(
+        state = NatslLayerState.allocate(
             batch_size=rows, capacity=self._capacities[i], chunk_size=config.chunk_size,
             num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, dtype=dtype, device=device,
             natsl=config.is_natsl_layer(i), hidden_size=config.hidden_size, conv_size=config.gdn_conv_size,
             conv_channels=qd + kd,
         )
-        layer = NatslStaticCacheLayer(state, "max_kept_fraction")
+        layer = NatslStaticCacheLayer(state)
         if not torch.compiler.is_compiling():
             for t in layer.buffers():  # fixed addresses: in-place updates keep CUDA graphs valid
                 torch._dynamo.mark_static_address(t)
@@ -389,7 +382,7 @@ class NatslStaticCache(StaticCache):
             self.layers[i] = self._layer(i, self.rows, device, dtype)
             self.layers[i].cache_len = self.cache_len
 
-    def layer_state(self, layer_idx: int) -> NatslStaticLayerState:
+    def layer_state(self, layer_idx: int) -> NatslLayerState:
         return self.layers[layer_idx].state
 
     def fits(self, batch_size: int, max_cache_len: int, config, device, dtype,

@@ -151,10 +151,11 @@ def test_memory_report_kept_kv_within_budget():
         assert 0 < frac < 1
         assert layer["full_kv_bytes"] == B * T * token_bytes
         assert layer["kv_bytes"] == pytest.approx(B * token_bytes * (always_kept + frac * routable_tokens))
-        # allocation: kept KV padded to the longest (row, group), the open chunk a full C-slot buffer
+        # allocation: kept KV grown to the longest (row, group), plus C scratch slots; the open chunk a C-slot buffer
         state = cache.layer_state(layer["layer"])
-        longest = int(state.kept_valid.sum(-1).max())
-        assert layer["kv_allocated_bytes"] == B * token_bytes * (longest + C)
+        longest = int(state.kept_len.max())
+        assert state.capacity == longest
+        assert layer["kv_allocated_bytes"] == B * token_bytes * (longest + 2 * C)
         assert layer["kv_allocated_bytes"] >= layer["kv_bytes"]
     # whole cache: kept KV <= (realised fraction + the sink and open chunks) of a full cache
     fraction = out.softmax_fraction.item()
@@ -194,20 +195,20 @@ def test_generate_on_converted_checkpoint(tmp_path):
     assert torch.equal(batch[1, 9:], alone[0, 6:])
 
 
-def test_single_token_decode_takes_the_fast_path(monkeypatch):
-    """Decode steps that close no chunk skip routing and the GDN solve (`_decode_step`); the steps
-    that close one take the general path. Both are checked against the full forward above; here
-    we make sure both really ran."""
+def test_every_single_token_step_takes_the_decode_path(monkeypatch):
+    """Every one-token step against a NatslCache is `_decode`, the static cache's step, the steps that close a chunk
+    included (checked against the full forward above; here we make sure it ran), and the kept KV grows to what the
+    rows keep: one chunk of room past the longest (row, group), plus the scratch slots."""
     from natsl_hf.modeling.layer import NatslAttention
 
-    calls = {"fast": 0}
-    original = NatslAttention._decode_step
+    calls = {"decode": 0}
+    original = NatslAttention._decode
 
     def counted(self, *args, **kwargs):
-        calls["fast"] += 1
+        calls["decode"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(NatslAttention, "_decode_step", counted)
+    monkeypatch.setattr(NatslAttention, "_decode", counted)
     model = tiny_model(seed=12)
     ids = torch.randint(1, 97, (2, 15))
     expected = full_logits(model, ids)
@@ -215,9 +216,10 @@ def test_single_token_decode_takes_the_fast_path(monkeypatch):
     with torch.no_grad():
         logits = [model(ids[:, :5], past_key_values=cache).logits]
         logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 15)]
-    # 10 decode steps x 2 layers; positions 7 and 11 close a chunk (general path)
-    assert calls["fast"] == (10 - 2) * 2
+    assert calls["decode"] == 10 * 2  # 10 decode steps x 2 layers; positions 7 and 11 close a chunk
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+    for layer in cache.layers:
+        assert layer.state.growable and layer.state.capacity == int(layer.state.kept_len.max()) + C
 
 
 def test_cache_argument_under_either_name():

@@ -92,11 +92,10 @@ def test_kernel_path_matches_reference_in_the_model():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_decode_kernel_matches_reference_in_the_model(static):
-    """Decode steps against a NatslCache take the decode kernel (modeling/kernels/decode.py) in every layer,
+    """Decode steps against either cache take the decode kernel (modeling/kernels/decode.py) in every layer,
     NAtS-L or full softmax, and give the reference's logits; a left-padded row has its own chunk phase.
-    Against a NatslStaticCache every step takes it, the chunk-closing ones included, the NAtS-L layer's
-    GDN branch takes the fused step (modeling/kernels/gdn_decode.py) and every layer the fused chunk close
-    (modeling/kernels/chunk_close.py)."""
+    Every step takes it, the chunk-closing ones included, the NAtS-L layer's GDN branch takes the fused
+    step (modeling/kernels/gdn_decode.py) and every layer the fused chunk close (modeling/kernels/chunk_close.py)."""
     script = "STATIC = %r\n" % static + textwrap.dedent(
         """
         import os, sys, torch
@@ -129,11 +128,11 @@ def test_decode_kernel_matches_reference_in_the_model(static):
         ref = run(True)
         assert calls["decode"] == 0
         ker = run(False)
-        # 20 steps x 2 layers, minus the steps that close a chunk in some row (general path): row 0 closes
-        # one at position 31 (step t=31), row 1 (13-token prompt, position t-7) at 15 and 31 (t=22, 38)
-        assert calls["decode"] == (20 - (0 if STATIC else 3)) * 2, calls
-        assert calls["gdn_decode"] == (20 if STATIC else 0), calls  # the NAtS-L layer's fused GDN step
-        assert calls["close"] == (40 if STATIC else 0), calls  # the fused chunk close, every layer and step
+        # every step takes them, against either cache, the chunk-closing ones included: row 0 closes one at
+        # position 31 (step t=31), row 1 (13-token prompt, position t-7) at 15 and 31 (t=22, 38)
+        assert calls["decode"] == 20 * 2, calls  # 20 steps x 2 layers
+        assert calls["gdn_decode"] == 20, calls  # the NAtS-L layer's fused GDN step
+        assert calls["close"] == 40, calls  # the fused chunk close, every layer and step
         err = (ker - ref).abs().max().item()
         assert err < 1e-4, err
         print("DECODE_OK", err)

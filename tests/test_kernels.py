@@ -175,7 +175,7 @@ def _gdn_decode_case(B, Hq, Hkv, D, C, W, seen, valid, dtype=torch.float32):
     from importlib import import_module
 
     K, R = _mods()
-    State = import_module(R.__name__.rsplit(".", 1)[0] + ".state").NatslStaticLayerState
+    State = import_module(R.__name__.rsplit(".", 1)[0] + ".state").NatslLayerState
     g = torch.Generator().manual_seed(B * 7 + D)
     ch = (Hq + Hkv) * D
     state = State.allocate(batch_size=B, capacity=2 * C, chunk_size=C, num_kv_heads=Hkv, head_dim=D,
@@ -214,7 +214,7 @@ def _chunk_close_case(B, Hkv, D, Dv, C, capacity, kept, closing, softmax, natsl)
     from importlib import import_module
 
     K, R = _mods()
-    State = import_module(R.__name__.rsplit(".", 1)[0] + ".state").NatslStaticLayerState
+    State = import_module(R.__name__.rsplit(".", 1)[0] + ".state").NatslLayerState
     g = torch.Generator().manual_seed(B * 5 + C)
     state = State.allocate(batch_size=B, capacity=capacity, chunk_size=C, num_kv_heads=Hkv, head_dim=D,
                            dtype=torch.float32, device="cpu", natsl=natsl, hidden_size=40, conv_size=4,

@@ -248,3 +248,47 @@ def test_the_config_of_a_saved_model_sizes_a_cache_in_the_models_dtype(tmp_path)
     assert isinstance(model.config.dtype, str)
     cache = NatslStaticCache(model.config, max_batch_size=1, max_cache_len=8)
     assert cache.layers[0].state.kept_k.dtype == torch.float32
+
+
+def test_both_caches_hold_the_same_state_after_every_call():
+    """One layout and one set of transitions: a left-padded prompt in two pieces, then decode steps across chunk
+    boundaries with mixed routes, into a NatslCache (grown) and a NatslStaticCache (preallocated) give the same logits
+    and, after every call, the same state: kept KV (its valid part), open chunk, GDN state and run, decay, conv window,
+    router sum, counters."""
+    from natsl_hf.modeling import reference
+
+    model = tiny_model(seed=21)
+    ids, mask = left_padded([torch.randint(1, 97, (L,)) for L in (14, 9, 4)])
+    steps = torch.randint(1, 97, (3, 3 * C + 1))
+    T, N = ids.shape[1], steps.shape[1]
+    dynamic = NatslCache(model.config)
+    static = NatslStaticCache(model.config, max_batch_size=3, max_cache_len=T + N, max_kept_fraction=1.0)
+
+    def same_state():
+        for a, b in zip(dynamic.layers, static.layers):
+            a, b = a.state, b.state
+            assert a.growable and not b.growable
+            assert torch.equal(a.kept_len, b.kept_len) and torch.equal(a.seen, b.seen)
+            torch.testing.assert_close(a.kept_k * a.kept_valid[..., None], b.kept_k[:, :, : a.kept_k.shape[2]]
+                                       * b.kept_valid[:, :, : a.kept_k.shape[2], None], atol=1e-6, rtol=0)
+            for name, t in a.tensors().items():
+                if name not in ("kept_k", "kept_v"):
+                    torch.testing.assert_close(t, getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+    with torch.no_grad():
+        calls = [(ids[:, :7], mask[:, :7]), (ids[:, 7:], mask)]
+        calls += [(steps[:, t : t + 1], torch.cat([mask, torch.ones(3, t + 1, dtype=torch.long)], 1)) for t in range(N)]
+        for x, m in calls:
+            a = model(x, attention_mask=m, past_key_values=dynamic).logits
+            b = model(x, attention_mask=m, past_key_values=static).logits
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            same_state()
+    assert int(dynamic.layers[1].state.kept_len.max()) > C, "test needs kept chunks past the sink"
+
+    # the open chunk written in chunk form (after a multi-token call) is its C token writes (a decode step's)
+    state, k, v = torch.randn(2, 3, 8, 8), torch.nn.functional.normalize(torch.randn(2, C, 3, 8), dim=-1), torch.randn(2, C, 3, 8)
+    g, beta = -torch.rand(2, C, 3), torch.rand(2, C, 3)
+    tokens = state
+    for s in range(C):
+        tokens = reference.gdn_token_write(tokens, k[:, s], v[:, s], beta[:, s], g[:, s])
+    torch.testing.assert_close(reference.gdn_chunk_write(state, k, v, g, beta), tokens, atol=1e-5, rtol=1e-5)

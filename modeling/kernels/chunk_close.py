@@ -76,8 +76,8 @@ def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: t
     if natsl:
         tensors += [state.gdn_state, state.gdn_run, state.gdn_decay, state.router_sum]
     if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("close_chunk updates the NatslStaticLayerState buffers in place: they must be contiguous "
-                         "(as NatslStaticLayerState.allocate makes them).")
+        raise ValueError("close_chunk updates the NatslLayerState buffers in place: they must be contiguous "
+                         "(as NatslLayerState.allocate makes them).")
     _chunk_close_kernel[(B, HKV)](
         closing.contiguous(), softmax.contiguous(), routable.contiguous(), *tensors[:8],
         *(tensors[8:] if natsl else (None,) * 4),  # a full-softmax layer has no GDN state (NATSL=False)

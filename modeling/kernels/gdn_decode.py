@@ -1,4 +1,4 @@
-"""One decode step of the GDN branch against a NatslStaticLayerState, in one launch.
+"""One decode step of the GDN branch against a NatslLayerState, in one launch.
 
 Semantics: `reference.gdn_decode_step` (the same signature). Per row b and KV head h, one program:
   1. the short causal conv of the token's channels in this group (the G query heads of h and key
@@ -101,8 +101,8 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
     buffers = (state.conv_state, state.gdn_k, state.gdn_g, state.gdn_beta, state.gdn_run, state.gdn_state,
                state.gdn_decay, state.seen)
     if not all(t.is_contiguous() for t in buffers):
-        raise ValueError("gdn_decode_step updates the NatslStaticLayerState buffers in place: they must be contiguous "
-                         "(as NatslStaticLayerState.allocate makes them).")
+        raise ValueError("gdn_decode_step updates the NatslLayerState buffers in place: they must be contiguous "
+                         "(as NatslLayerState.allocate makes them).")
     assert CH == (HQ + HKV) * D and state.gdn_run.shape == (B, HKV, D, DV) and HQ % HKV == 0
     o = torch.empty(B, HQ, DV, device=q.device, dtype=torch.float32)
     _gdn_decode_kernel[(B, HKV)](
