@@ -216,6 +216,24 @@ class NatslCache(DynamicCache):
         totals["kv_fraction"] = totals["kv_bytes"] / max(totals["full_kv_bytes"], 1)
         return {"layers": layers, **totals}
 
+    def realised_fraction(self) -> float | None:
+        """Share of the routable chunks closed so far that NAtS-L layers kept as softmax (None if none closed)."""
+        kept = closed = 0
+        for layer in self.layers:
+            s = layer.state
+            if s is None or s.gdn_state is None:
+                continue
+            kept += s.kept_chunks.sum().item()
+            closed += s.closed_chunks.sum().item() * s.kept_chunks.shape[1]
+        return kept / closed if closed else None
+
+    def overflow_report(self) -> dict:
+        """Softmax-routed chunks that went to the GDN state because a row's kept KV was full, per layer (a
+        NatslStaticCache's; a NatslCache grows instead: none)."""
+        counts = {i: int(layer.state.overflow_chunks.sum()) for i, layer in enumerate(self.layers)
+                  if layer.state is not None}
+        return {"total": sum(counts.values()), "per_layer": {i: c for i, c in counts.items() if c}}
+
 
 def _config_dtype(config) -> torch.dtype:
     """The model's dtype from its config: a torch.dtype, or its name once the config was saved (save_pretrained
@@ -418,22 +436,8 @@ class NatslStaticCache(StaticCache):
                              f"{columns} more given; create it with a larger max_cache_len (generate() sizes it to "
                              "the prompt + max_new_tokens).")
 
-    def realised_fraction(self) -> float | None:
-        """Share of the routable chunks closed so far that NAtS-L layers kept as softmax (None if none closed)."""
-        kept = closed = 0
-        for layer in self.layers:
-            s = layer.state
-            if s.gdn_state is None:
-                continue
-            kept += s.kept_chunks.sum().item()
-            closed += s.closed_chunks.sum().item() * s.kept_chunks.shape[1]
-        return kept / closed if closed else None
-
-    def overflow_report(self) -> dict:
-        """Softmax-routed chunks that went to the GDN state because a row's kept KV was full, per layer."""
-        counts = {i: int(layer.state.overflow_chunks.sum()) for i, layer in enumerate(self.layers)}
-        return {"total": sum(counts.values()), "per_layer": {i: c for i, c in counts.items() if c}}
-
+    realised_fraction = NatslCache.realised_fraction
+    overflow_report = NatslCache.overflow_report
     memory_report = NatslCache.memory_report
     __iter__ = _no_dense_kv
 

@@ -284,6 +284,7 @@ def test_both_caches_hold_the_same_state_after_every_call():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             same_state()
     assert int(dynamic.layers[1].state.kept_len.max()) > C, "test needs kept chunks past the sink"
+    assert dynamic.realised_fraction() == static.realised_fraction() and 0 < static.realised_fraction() < 1
 
     # the open chunk written in chunk form (after a multi-token call) is its C token writes (a decode step's)
     state, k, v = torch.randn(2, 3, 8, 8), torch.nn.functional.normalize(torch.randn(2, C, 3, 8), dim=-1), torch.randn(2, C, 3, 8)
