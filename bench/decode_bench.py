@@ -88,8 +88,7 @@ def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, g
     state = NatslLayerState.allocate(
         batch_size=B, capacity=L, chunk_size=C, num_kv_heads=H, head_dim=D, dtype=dtype, device=device, natsl=natsl,
         hidden_size=cfg.hidden_size, conv_size=cfg.gdn_conv_size, conv_channels=(cfg.num_attention_heads + H) * D,
-        growable=True,
-    )  # a NatslCache's layout (decode steps grow it and write it in place: later iterations go on from T)
+    )  # what a NatslCache holds (decode steps grow it and write it in place: later iterations go on from T)
     state.seen.fill_(T)
     state.kept_k[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
     state.kept_v[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)

@@ -3,7 +3,6 @@ the layer and its decode state. Imports torch (and, lazily, triton / fla) only."
 
 from .layer import LayerRouting, NatslAttention
 from .router import NatslRouter, Routes, decide_routes, router_loss
-from .state import CacheUpdate, NatslLayerState
+from .state import NatslLayerState
 
-__all__ = ["CacheUpdate", "LayerRouting", "NatslAttention", "NatslLayerState", "NatslRouter", "Routes", "decide_routes",
-           "router_loss"]
+__all__ = ["LayerRouting", "NatslAttention", "NatslLayerState", "NatslRouter", "Routes", "decide_routes", "router_loss"]

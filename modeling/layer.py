@@ -44,14 +44,14 @@ from .router import (
     routing_supervision_loss,
     routing_targets,
 )
-from .state import CacheUpdate, NatslLayerState, gather_open
+from .state import NatslLayerState, gather_open
 from .varlen import Documents
 
 
 @dataclass
 class LayerRouting:
     """What one attention call reports of its routing, beside its output: the model sums the counts and losses
-    over its layers (NatslForCausalLM's outputs), and a cache layer takes `cache_update`.
+    over its layers (NatslForCausalLM's outputs).
 
     backend:           "kernels", "sdpa" or "reference": which implementation ran the branches.
     routes:            the chunks this call routed, [B, N, Hkv] (N = 0 for a decode step).
@@ -59,7 +59,6 @@ class LayerRouting:
     n_softmax:         [B] of those, the ones routed softmax.
     router_loss:       training: the supervised-routing loss (stage 1) or the budget hinge (a learned router).
     router_agreement:  stage 1: share of the labelled chunks whose router argmax matches the target (NaN if none).
-    cache_update:      with a cache: the layer's cache state, updated in place (`CacheUpdate`).
     """
 
     backend: str
@@ -68,7 +67,6 @@ class LayerRouting:
     n_softmax: torch.Tensor
     router_loss: torch.Tensor | None = None
     router_agreement: torch.Tensor | None = None
-    cache_update: CacheUpdate | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -269,30 +267,29 @@ class NatslAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
-        state: NatslLayerState | None = None,
-        return_state: bool = False,
+        cache=None,
         documents: Documents | None = None,
     ) -> tuple[torch.Tensor, LayerRouting]:
         """
         hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
         token_mask: [B, n] bool, False = padding (None = all real)
-        state: the layer's state from earlier calls (None = start of the sequences), updated in place: a
-            NatslCache's (growable) or a NatslStaticCache's (preallocated)
-        return_state: also return the cache's state (`LayerRouting.cache_update`; without `state`, a new one)
-        documents: packed documents (modeling/varlen.py; no state, no padding): each document runs as
+        cache: this layer's cache layer (natsl_hf.cache: a NatslCacheLayer, whose state grows, or a
+            NatslStaticCacheLayer, preallocated), which holds the state of earlier calls and takes this call's;
+            None = no cache, the sequences start here
+        documents: packed documents (modeling/varlen.py; no cache, no padding): each document runs as
             its own right-padded row, so no attention and no GDN state cross a boundary
         -> (output [B, n, D], LayerRouting: backend, routes, the counts n_routable / n_softmax ([B] routable
-            chunks x KV heads, and those routed softmax), the router loss of training, the cache update)
+            chunks x KV heads, and those routed softmax), the router loss of training)
 
         Three paths, same maths (tests compare them): whole unpadded sequences without a cache
         (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
-        state (`_decode`: fixed shapes, no host sync against a preallocated state, capturable; both caches); and
-        everything else, a segment of any length with padding and routing (`_segment`: prefill into a cache,
-        multi-token cache calls, padding, packed documents).
+        cache (`_decode`, both caches: fixed shapes and no host sync against a preallocated state, capturable);
+        and everything else, a segment of any length with padding and routing (`_segment`: prefill into a
+        cache, multi-token cache calls, padding, packed documents).
         """
         x = hidden_states
         cos, sin = position_embeddings
-        if state is None and token_mask is None and documents is None and not return_state:
+        if cache is None and token_mask is None and documents is None:
             return self._run_dense(x, cos, sin)
         q, k, v = self._project(x)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -302,27 +299,29 @@ class NatslAttention(nn.Module):
             routing = replace(routing, n_routable=documents.per_row(routing.n_routable),
                               n_softmax=documents.per_row(routing.n_softmax))
             return documents.repack(out), routing
-        if state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
-            return self._decode(x, q, k, v, q_rot, k_rot, token_mask, state)
+        if cache is not None and cache.state is None:  # a NatslCache's first call
+            cache.take_state(self._new_state(x, v.dtype))
+        if cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self._decode(x, q, k, v, q_rot, k_rot, token_mask, cache)
         # a multi-token call reads what the state holds (`prefix`) and writes into it. Eager, an empty state is read
         # as none, so that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch),
         # the state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
         # kept or open key)
-        if state is None and return_state:
-            state = self._new_state(x, v.dtype)
+        state = None if cache is None else cache.state
         prefix = state if state is not None and (reference.tracing() or bool((state.seen > 0).any())) else None
         if prefix is not None and torch.is_grad_enabled():  # what the graph saves must outlive the in-place writes
             prefix = prefix.map(torch.clone)
-        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, prefix, state)
+        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, prefix, cache)
 
     def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
-        """An empty growable state for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first call)."""
+        """An empty state of this layer's shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
+        call; its kept KV grows from there)."""
         config = self.config
         return NatslLayerState.allocate(
             batch_size=x.shape[0], capacity=0, chunk_size=self.chunk_size, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, dtype=dtype, device=x.device, natsl=self.natsl,
             hidden_size=self.hidden_size, conv_size=config.gdn_conv_size,
-            conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim, growable=True,
+            conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim,
         )
 
     def _run_dense(self, x, cos, sin):
@@ -385,13 +384,12 @@ class NatslAttention(nn.Module):
             return "kernels", kernels
         return "reference", reference
 
-    def _routing(self, backend: str, routes: Routes, supervision: dict | None, budget=None,
-                 cache_update: CacheUpdate | None = None) -> LayerRouting:
+    def _routing(self, backend: str, routes: Routes, supervision: dict | None, budget=None) -> LayerRouting:
         """The LayerRouting of a routed call: per-row counts, and the router loss of training (the
         supervised-routing loss in stage 1, the budget hinge for a learned router; budget: as `_dense` takes
         it, default `softmax_budget`)."""
         routing = LayerRouting(backend, routes, n_routable=routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
-                               n_softmax=(routes.hard & routes.routable).flatten(1).sum(1), cache_update=cache_update)
+                               n_softmax=(routes.hard & routes.routable).flatten(1).sum(1))
         if supervision is not None:
             routing.router_loss = self.config.router_loss_weight * supervision["loss"]
             routing.router_agreement = supervision["agreement"]
@@ -439,13 +437,12 @@ class NatslAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None,
-                 into: NatslLayerState | None, right_padded: bool = False):
+    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, cache,
+                 right_padded: bool = False):
         """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens.
-        state: what earlier calls left (None: the sequences start here); into: the state the call's result is
-        written to (`NatslLayerState.write_segment_`; None: no cache), `state` itself or, when that is empty or
-        None, the cache's fresh one. `right_padded`: padding only after each row's tokens (packed documents),
-        which the kernels and SDPA serve exactly (causal: no real query sees a padding key)."""
+        state: what earlier calls left (None: the sequences start here); cache: the cache layer the call's result
+        goes to (its `write_segment`; None: no cache). `right_padded`: padding only after each row's tokens
+        (packed documents), which the kernels and SDPA serve exactly (causal: no real query sees a padding key)."""
         B, n, _ = x.shape
         C, dev = self.chunk_size, x.device
         valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
@@ -485,22 +482,20 @@ class NatslAttention(nn.Module):
         if self.natsl:
             o_gdn, gdn = self._gdn_branch(
                 x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
-                open_chunk, into is not None, backend,
+                open_chunk, cache is not None, backend,
             )
             o = self._combine(o, o_gdn, x)
         if token_mask is not None:  # padding outputs are zeros
             o = o * valid_new[..., None, None].to(o.dtype)
         out = self.o_proj(o.flatten(2).to(x.dtype))
 
-        update = None
-        if into is not None:
-            into.write_segment_(seen=new_seen, k_pos=k_pos, k=seg_k, v=seg_v, keep=key_hard & token_complete[..., None],
+        if cache is not None:
+            cache.write_segment(n, seen=new_seen, k_pos=k_pos, k=seg_k, v=seg_v, keep=key_hard & token_complete[..., None],
                                 open_chunk=open_chunk, closed_chunks=routes.routable[..., 0].sum(1),
                                 kept_chunks=(routes.hard & routes.routable).sum(1), gdn=gdn)
-            update = CacheUpdate(into)
         # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
         reported = Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob, routes.routable)))
-        return out, self._routing(backend, reported, None, cache_update=update)
+        return out, self._routing(backend, reported, None)
 
     def _route(self, x, k_pos, seen, state, dense: bool = False) -> tuple[Routes, torch.Tensor, torch.Tensor]:
         """Route the chunks of the segment.
@@ -561,26 +556,25 @@ class NatslAttention(nn.Module):
         gated = self.gdn_norm(o_gdn.to(x.dtype)) * F.silu(z)
         return o + gated * self.gdn_alpha.to(x.dtype)[:, None]
 
-    def _decode(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState):
-        """One token per row against the layer's state, in place (a row whose token is padding, token_mask
+    def _decode(self, x, q, k, v, q_rot, k_rot, token_mask, cache):
+        """One token per row against the cache layer's state, in place (a row whose token is padding, token_mask
         False, leaves its state unchanged); against a preallocated state with fixed shapes and no host sync.
         The token is written into the open chunk and into `gdn_run`; the output reads the kept KV + the
         open chunk (softmax) and the chunk-start GDN state; then every row whose chunk the token completes
         closes it: routed by the router (sinks and overrides as in `_route`), appended to the kept KV
-        (softmax, if it fits) or committed to the GDN state (linear). A growable state (NatslCache) first
-        makes room for one more chunk in every (row, group), so it always fits there."""
+        (softmax, if it fits) or committed to the GDN state (linear). A NatslCache first makes room for one more
+        chunk in every (row, group) (`reserve_chunk`), so it always fits there."""
         B, C = x.shape[0], self.chunk_size
         valid = torch.ones(B, dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
-        if state.growable:
-            state.make_room_(state.kept_len + C)
+        cache.reserve_chunk()
+        state = cache.state
         backend, ops = self._decode_ops(x)
         if self.natsl:  # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
             o_gdn = ops.gdn_decode_step(
                 q[:, 0].flatten(1), k[:, 0].flatten(1), v[:, 0], self.a_proj(x[:, 0]), self.b_proj(x[:, 0]), valid,
                 self.gdn_conv.weight, self.A_log, self.dt_bias, state, self.scaling,
             )  # [B, Hq, V] fp32
-            state.router_sum.add_(x[:, 0].float() * valid[:, None])
-        state.write_token_(k_rot[:, 0], v[:, 0])
+        cache.write_token(k_rot[:, 0], v[:, 0], x[:, 0], valid)  # its softmax KV and the router's sum
         o = ops.routed_decode_attention(
             q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, state.open_k, state.open_v, state.seen,
             self.scaling,
@@ -600,24 +594,24 @@ class NatslAttention(nn.Module):
             softmax = routes.hard[:, 0]
         ops.close_chunk(state, closing, softmax, routable if self.natsl else torch.zeros_like(routable))
         state.seen.add_(valid.long())
-        return out, self._step_routing(backend, x, CacheUpdate(state))
+        return out, self._step_routing(backend, x)
 
     def _decode_ops(self, x: torch.Tensor):
         """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
         the decode entry points of both have the same signatures."""
         return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
 
-    def _step_routing(self, backend: str, x: torch.Tensor, cache_update: CacheUpdate | None) -> LayerRouting:
+    def _step_routing(self, backend: str, x: torch.Tensor) -> LayerRouting:
         """The LayerRouting of a decode step: it routes nothing in this call's outputs (a chunk closed by a
         static step is counted in the cache's realised fraction)."""
         B, H = x.shape[0], self.num_kv_heads
         empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         routes = decide_routes(None, empty, empty, 1.0, None, H)
         none = routes.routable.flatten(1).sum(1)  # [B] zeros
-        return LayerRouting(backend, routes, n_routable=none, n_softmax=none, cache_update=cache_update)
+        return LayerRouting(backend, routes, n_routable=none, n_softmax=none)
 
     def _gdn_branch(
-        self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, return_state,
+        self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, to_cache,
         backend,
     ):
         """key_weight [B,S,Hkv]: route weight m of each segment token's chunk; token_complete [B,S].
@@ -640,11 +634,11 @@ class NatslAttention(nn.Module):
             o_gdn, gdn_state = kernels.routed_gdn_readout(q_g, k_g, v_seg, g, beta_eff, C, self.scaling)
         else:
             init = None if state is None else state.gdn_state
-            until = open_chunk if return_state else None
+            until = open_chunk if to_cache else None
             o_gdn, gdn_state = reference.gdn_branch(
                 q_g, k_g, v_seg, g, beta_eff, q_pos, k_pos, C, self.scaling, init, until
             )
-        if not return_state:
+        if not to_cache:
             return o_gdn, None
         new_router = gather_open(x.float(), q_pos, open_chunk, C).sum(1)
         if state is not None:

@@ -13,7 +13,8 @@ Full-softmax layers keep only the KV fields and counters (every chunk is softmax
 
 One layout, two allocations: NatslStaticCache allocates it once (`capacity` kept tokens per (row, KV group), fixed
 shapes, so a decode step has no host sync and can be captured); NatslCache grows the same buffers as the kept KV
-does (`growable`). The transitions are the same for both and update the buffers in place:
+does (`grow_`; its cache layers decide when, natsl_hf/cache.py). The transitions are the same for both and update
+the buffers in place:
 - write a token: `write_token_` (its softmax KV at the open-chunk slot) and `gdn_decode_step` (its GDN inputs and its
   write into `gdn_run`, modeling.reference / modeling.kernels);
 - close a chunk: `close_chunk` (one decode token closes its row's chunk: appended to the kept KV, or `gdn_run` becomes
@@ -42,19 +43,11 @@ def tracing() -> bool:
 
 
 @dataclass
-class CacheUpdate:
-    """What a multi-token or decode call hands its cache layer: the layer's state, updated in place (or, for a
-    NatslCache's first call, allocated)."""
-
-    state: "NatslLayerState"
-
-
-@dataclass
 class NatslLayerState:
     """A layer's decode state (module docstring). `kept_k` / `kept_v` hold capacity + C slots: the last C are scratch
     that a closing chunk which is not appended writes into (so every row of `close_chunk` runs the same scatter);
-    they are never counted in `kept_len`. `growable` (NatslCache): the kept KV grows to what the rows keep instead of
-    being fixed at allocation (NatslStaticCache)."""
+    they are never counted in `kept_len`. NatslCache's layers grow the kept KV to what the rows keep (`grow_`),
+    NatslStaticCache's keep it as allocated (`check_fits`)."""
 
     seen: torch.Tensor  # [B] long
     kept_k: torch.Tensor  # [B, Hkv, capacity + C, D]   RoPE'd keys of complete softmax chunks
@@ -73,12 +66,11 @@ class NatslLayerState:
     gdn_decay: torch.Tensor | None = None  # [B, Hkv] fp32, sum of g since the open chunk's start
     conv_state: torch.Tensor | None = None  # [B, W-1, channels] short-conv inputs
     router_sum: torch.Tensor | None = None  # [B, hidden] fp32 sum of the open chunk's hidden states
-    growable: bool = False
 
     @classmethod
     def allocate(cls, *, batch_size: int, capacity: int, chunk_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, natsl: bool, hidden_size: int = 0, conv_size: int = 0,
-                 conv_channels: int = 0, growable: bool = False) -> "NatslLayerState":
+                 conv_channels: int = 0) -> "NatslLayerState":
         """An empty state with room for `capacity` kept tokens per (row, KV group), rounded up to whole chunks."""
         B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
         capacity = math.ceil(capacity / C) * C
@@ -94,7 +86,7 @@ class NatslLayerState:
             seen=zeros(B, dtype=long), kept_k=zeros(B, H, capacity + C, D), kept_v=zeros(B, H, capacity + C, D),
             kept_len=zeros(B, H, dtype=long), open_k=zeros(B, C, H, D), open_v=zeros(B, C, H, D),
             kept_chunks=zeros(B, H, dtype=long), closed_chunks=zeros(B, dtype=long),
-            overflow_chunks=zeros(B, H, dtype=long), growable=growable, **gdn,
+            overflow_chunks=zeros(B, H, dtype=long), **gdn,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -128,37 +120,42 @@ class NatslLayerState:
         L = self.kept_k.shape[2] if tracing() else int(self.kept_len.max())
         return self.kept_k[:, :, :L], self.kept_v[:, :, :L], self.kept_valid[:, :, :L]
 
-    def make_room_(self, kept_len: torch.Tensor) -> None:
-        """Before the kept KV reaches `kept_len` [B, Hkv] tokens per (row, group): a growable state grows its buffers to
-        the longest (eager: one host sync, and only when it does not fit; traced: an unbacked size, the same as eager's);
-        a fixed one raises when it does not fit (traced: a runtime check of the program), naming the setting that
-        sizes it."""
-        if self.growable:
-            capacity = torch.sym_max(kept_len.max().item(), self.capacity) if kept_len.numel() else self.capacity
-            if not tracing() and capacity == self.capacity:
-                return
-            for name in ("kept_k", "kept_v"):
-                old = getattr(self, name)
-                new = old.new_zeros(*old.shape[:2], capacity + self.chunk_size, old.shape[-1])
-                new[:, :, : old.shape[2]] = old
-                setattr(self, name, new)
-        elif tracing():
+    def grow_(self, kept_len: torch.Tensor) -> None:
+        """Reallocate the kept KV so that every (row, group) has room for `kept_len` [B, Hkv] tokens (NatslCache: the
+        layout grown as needed). Eager: one host sync, and a new buffer only when they do not fit; traced: an unbacked
+        size, the same as eager's."""
+        capacity = torch.sym_max(kept_len.max().item(), self.capacity) if kept_len.numel() else self.capacity
+        if not tracing() and capacity == self.capacity:
+            return
+        for name in ("kept_k", "kept_v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity + self.chunk_size, old.shape[-1])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+    def check_fits(self, kept_len: torch.Tensor) -> None:
+        """Raise when a (row, group) would keep more than the capacity (NatslStaticCache: fixed buffers), naming the
+        setting that sizes it; traced, a runtime check of the program."""
+        if tracing():
             torch._check(kept_len.max().item() <= self.capacity)
-        else:
-            longest = int(kept_len.max()) if kept_len.numel() else 0
-            if longest > self.capacity:
-                raise ValueError(
-                    f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this "
-                    f"NatslStaticCache holds ({self.capacity}); raise `max_kept_fraction` when you create the cache."
-                )
+            return
+        longest = int(kept_len.max()) if kept_len.numel() else 0
+        if longest > self.capacity:
+            raise ValueError(
+                f"The prompt keeps {longest} softmax tokens in one (row, KV group), more than this "
+                f"NatslStaticCache holds ({self.capacity}); raise `max_kept_fraction` when you create the cache."
+            )
 
     # --- transitions --------------------------------------------------------------------------------
-    def write_token_(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the new token's softmax KV (k, v [B, Hkv, *]) at its open-chunk slot. Its GDN inputs go in
-        with `gdn_decode_step` (modeling.reference / modeling.kernels)."""
+    def write_token_(self, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write the new token's softmax KV (k, v [B, Hkv, *]) at its open-chunk slot and, in a NAtS-L layer, its
+        hidden state (hidden [B, D], the layer's normed input) into the router's sum, where it is real (valid [B]
+        bool). Its GDN inputs go in with `gdn_decode_step` (modeling.reference / modeling.kernels)."""
         slot = self.seen % self.chunk_size
         self.open_k.copy_(put_slot(self.open_k, slot, k))
         self.open_v.copy_(put_slot(self.open_v, slot, v))
+        if self.router_sum is not None:
+            self.router_sum.add_(hidden.float() * valid[:, None])
 
     def write_segment_(self, *, seen, k_pos, k, v, keep, open_chunk, closed_chunks, kept_chunks,
                        gdn: dict | None) -> None:
@@ -167,9 +164,9 @@ class NatslLayerState:
         seen: [B] real tokens seen after the call; k_pos: [B, S] segment positions (-1 padding); k, v: [B, S, Hkv, *]
         the segment's RoPE'd keys and values; keep: [B, S, Hkv] bool, keys of chunks that closed softmax;
         open_chunk: [B] the chunk left open; closed_chunks [B] / kept_chunks [B, Hkv]: the call's routable chunks and
-        those kept softmax (the counters); gdn: the GDN fields after the call (NAtS-L layers: every one of them)."""
+        those kept softmax (the counters); gdn: the GDN fields after the call (NAtS-L layers: every one of them).
+        The kept KV must have room (the cache layer's `reserve`)."""
         k, v = k.detach(), v.detach()
-        self.make_room_(self.kept_len + keep.sum(1))
         append_kept_(self, k, v, keep)
         self.open_k.copy_(gather_open(k, k_pos, open_chunk, self.chunk_size))
         self.open_v.copy_(gather_open(v, k_pos, open_chunk, self.chunk_size))

@@ -26,7 +26,7 @@ import numbers
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
-from .modeling.state import CacheUpdate, NatslLayerState
+from .modeling.state import NatslLayerState
 
 # What a cache's layers are shaped by: a cache built from one config cannot serve a model of another
 # (`check_model`, run before the first layer reads the cache).
@@ -62,7 +62,10 @@ def _check_layout(cache, layout: dict, config, fix: str) -> None:
 
 
 class NatslCacheLayer(CacheLayerMixin):
-    """One layer's NAtS-L state. Not croppable (a GDN state cannot be rolled back)."""
+    """One layer's NAtS-L state, grown as its rows keep softmax KV. As transformers' DynamicLayer owns `update()`, it
+    owns the state's writes (`write_segment`, `write_token`: the state's transitions, NatslAttention computing what
+    goes in) and when the kept KV grows (`reserve`, `reserve_chunk`); NatslStaticCacheLayer is the same over buffers
+    allocated once. Not croppable (a GDN state cannot be rolled back)."""
 
     is_compileable = False
     is_croppable = False
@@ -78,16 +81,37 @@ class NatslCacheLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
-            "NatslCache layers are updated by NatslAttention through `update_state`, not with dense key/value "
-            "states; use this cache only with NAtS-L models."
+            "NatslCache layers hold routed chunks and a GDN state, not dense key/value states: NatslAttention writes "
+            "them (`write_segment`, `write_token`); use this cache only with NAtS-L models."
         )
 
-    def update_state(self, update: CacheUpdate, columns: int) -> None:
-        """After an attention call over `columns` new columns (padding included), which updated the state in place
-        (or allocated it, in the first call)."""
-        self.state = update.state
-        self.processed += columns
+    def take_state(self, state: NatslLayerState) -> None:
+        """The state of the layer's first call, empty, allocated by NatslAttention (which knows its shapes)."""
+        self.state = state
         self.is_initialized = True
+
+    def reserve(self, kept_len: torch.Tensor) -> None:
+        """Before the kept KV reaches kept_len [B, Hkv] tokens per (row, group): grow it to fit (eager: a host sync)."""
+        self.state.grow_(kept_len)
+
+    def reserve_chunk(self) -> None:
+        """Before a decode step: room for the chunk its token may close, in every (row, group)."""
+        self.reserve(self.state.kept_len + self.state.chunk_size)
+
+    def write_segment(self, columns: int, *, keep: torch.Tensor, **result) -> None:
+        """The result of a multi-token call over `columns` new columns (padding included) into the state, room
+        first (`NatslLayerState.write_segment_` takes `keep` and `result`)."""
+        self.reserve(self.state.kept_len + keep.sum(1))
+        self.state.write_segment_(keep=keep, **result)
+        self._count(columns)
+
+    def write_token(self, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> None:
+        """A decode token's softmax KV and router input into the state (`NatslLayerState.write_token_`): one column."""
+        self.state.write_token_(k, v, hidden, valid)
+        self._count(1)
+
+    def _count(self, columns: int) -> None:
+        self.processed += columns
 
     def get_seq_length(self) -> int:
         return self.processed
@@ -167,9 +191,6 @@ class NatslCache(DynamicCache):
 
     def layer_state(self, layer_idx: int) -> NatslLayerState | None:
         return self.layers[layer_idx].state
-
-    def update_layer(self, layer_idx: int, update: CacheUpdate, columns: int) -> None:
-        self.layers[layer_idx].update_state(update, columns)
 
     def memory_report(self) -> dict:
         """Kept softmax KV per layer and bytes, against what a full KV cache of the same tokens holds.
@@ -253,8 +274,8 @@ def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=
 
 
 class NatslStaticCacheLayer(NatslCacheLayer):
-    """One layer's NAtS-L state in buffers allocated once (the addresses a compiled step captures), updated in
-    place by every call."""
+    """One layer's NAtS-L state in buffers allocated once (the addresses a compiled step captures): the writes are
+    NatslCacheLayer's, the kept KV never grows."""
 
     is_compileable = True
 
@@ -269,8 +290,14 @@ class NatslStaticCacheLayer(NatslCacheLayer):
     def buffers(self) -> list[torch.Tensor]:
         return [*self.state.buffers(), self.columns]
 
-    def update_state(self, update: CacheUpdate, columns: int) -> None:
-        """After an attention call over `columns` new columns, which updated the buffers in place."""
+    def reserve(self, kept_len: torch.Tensor) -> None:
+        """A multi-token call that keeps more than the capacity raises, naming `max_kept_fraction`."""
+        self.state.check_fits(kept_len)
+
+    def reserve_chunk(self) -> None:
+        """Nothing: a decode step whose chunk finds the kept KV full writes it to the GDN state (`close_chunk`)."""
+
+    def _count(self, columns: int) -> None:
         self.columns.add_(columns)
 
     def get_seq_length(self) -> torch.Tensor:
@@ -418,9 +445,6 @@ class NatslStaticCache(StaticCache):
     def check_model(self, config) -> None:
         """Before a forward reads the cache (eager, no host sync): its buffers are shaped for this model."""
         _check_layout(self, self._layout, config, "NatslStaticCache(model.config, max_batch_size, max_cache_len)")
-
-    def update_layer(self, layer_idx: int, update: CacheUpdate, columns: int) -> None:
-        self.layers[layer_idx].update_state(update, columns)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.cache_len

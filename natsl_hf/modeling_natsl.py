@@ -188,12 +188,10 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, LayerRouting]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        state = None if cache is None else cache.layer_state(self.layer_idx)
         hidden_states, routing = self.self_attn(
-            hidden_states, position_embeddings, token_mask, state, return_state=cache is not None, documents=documents
+            hidden_states, position_embeddings, token_mask, None if cache is None else cache.layers[self.layer_idx],
+            documents=documents,
         )
-        if cache is not None:
-            cache.update_layer(self.layer_idx, routing.cache_update, hidden_states.shape[1])
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)

@@ -240,7 +240,7 @@ def test_every_single_token_step_takes_the_decode_path(monkeypatch):
     assert calls["decode"] == 10 * 2  # 10 decode steps x 2 layers; positions 7 and 11 close a chunk
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
     for layer in cache.layers:
-        assert layer.state.growable and layer.state.capacity == int(layer.state.kept_len.max()) + C
+        assert layer.state.capacity == int(layer.state.kept_len.max()) + C
 
 
 def test_cache_argument_under_either_name():

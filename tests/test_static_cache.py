@@ -267,7 +267,6 @@ def test_both_caches_hold_the_same_state_after_every_call():
     def same_state():
         for a, b in zip(dynamic.layers, static.layers):
             a, b = a.state, b.state
-            assert a.growable and not b.growable
             assert torch.equal(a.kept_len, b.kept_len) and torch.equal(a.seen, b.seen)
             torch.testing.assert_close(a.kept_k * a.kept_valid[..., None], b.kept_k[:, :, : a.kept_k.shape[2]]
                                        * b.kept_valid[:, :, : a.kept_k.shape[2], None], atol=1e-6, rtol=0)

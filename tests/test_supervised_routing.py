@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from natsl_hf.cache import NatslCacheLayer
 from natsl_hf.conversion.trainer import NatslDistillTrainer, prepare_student
 from natsl_hf.modeling import NatslAttention
 from natsl_hf.modeling.router import chunk_attention_mass, routing_supervision_loss, routing_targets
@@ -179,11 +180,12 @@ def test_supervised_routing_refuses_padding_and_cache_and_bad_modes():
     with pytest.raises(ValueError, match="unpadded"):
         layer(x, (ones, torch.zeros_like(ones)), token_mask=mask)
     layer.router_mode = "learned"
+    cache = NatslCacheLayer()
     with torch.no_grad():
-        state = layer(x, (ones, torch.zeros_like(ones)), return_state=True)[1].cache_update.state
+        layer(x, (ones, torch.zeros_like(ones)), cache=cache)
     layer.router_mode = "supervised"
     with pytest.raises(ValueError, match="without a cache"):
-        layer(x, (ones, torch.zeros_like(ones)), state=state)
+        layer(x, (ones, torch.zeros_like(ones)), cache=cache)
     with pytest.raises(ValueError, match="router_mode='freeze' is invalid"):
         layer.router_mode = "freeze"
 
