@@ -71,10 +71,15 @@ class NatslCacheLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
+    # a decode step that finds too little room grows the kept KV to this many chunks past the longest (row, group):
+    # a row closes at most one chunk in C steps, so the next (ROOM_CHUNKS - 1) x C steps fit without a host sync
+    ROOM_CHUNKS = 4
+
     def __init__(self, **kwargs):
         super().__init__()
         self.state: NatslLayerState | None = None
         self.processed = 0  # columns seen, padding included
+        self.steps_with_room = 0  # decode steps known to fit without reading kept_len (`reserve_chunk`)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.is_initialized = True
@@ -95,14 +100,21 @@ class NatslCacheLayer(CacheLayerMixin):
         self.state.grow_(kept_len)
 
     def reserve_chunk(self) -> None:
-        """Before a decode step: room for the chunk its token may close, in every (row, group)."""
-        self.reserve(self.state.kept_len + self.state.chunk_size)
+        """Before a decode step: room for the chunk its token may close, in every (row, group). Eager, the kept lengths
+        are read (a host sync) once in (ROOM_CHUNKS - 1) x C steps: the room then grown to lasts that long."""
+        if self.steps_with_room > 0 and not torch.compiler.is_compiling():
+            self.steps_with_room -= 1
+            return
+        C = self.state.chunk_size
+        self.reserve(self.state.kept_len + self.ROOM_CHUNKS * C)
+        self.steps_with_room = (self.ROOM_CHUNKS - 1) * C
 
     def write_segment(self, columns: int, *, keep: torch.Tensor, **result) -> None:
         """The result of a multi-token call over `columns` new columns (padding included) into the state, room
         first (`NatslLayerState.write_segment_` takes `keep` and `result`)."""
         self.reserve(self.state.kept_len + keep.sum(1))
         self.state.write_segment_(keep=keep, **result)
+        self.steps_with_room = 0
         self._count(columns)
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> None:
@@ -123,7 +135,7 @@ class NatslCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.state, self.processed, self.is_initialized = None, 0, False
+        self.state, self.processed, self.is_initialized, self.steps_with_room = None, 0, False, 0
 
     def _map(self, fn) -> None:
         if self.state is not None:

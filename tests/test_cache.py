@@ -219,7 +219,8 @@ def test_generate_on_converted_checkpoint(tmp_path):
 def test_every_single_token_step_takes_the_decode_path(monkeypatch):
     """Every one-token step against a NatslCache is `_decode`, the static cache's step, the steps that close a chunk
     included (checked against the full forward above; here we make sure it ran), and the kept KV grows to what the
-    rows keep: one chunk of room past the longest (row, group), plus the scratch slots."""
+    rows keep: room for one chunk past the longest (row, group) at least, ROOM_CHUNKS at most, read from the device
+    once in (ROOM_CHUNKS - 1) x C steps."""
     from natsl_hf.modeling.layer import NatslAttention
 
     calls = {"decode": 0}
@@ -240,7 +241,9 @@ def test_every_single_token_step_takes_the_decode_path(monkeypatch):
     assert calls["decode"] == 10 * 2  # 10 decode steps x 2 layers; positions 7 and 11 close a chunk
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
     for layer in cache.layers:
-        assert layer.state.capacity == int(layer.state.kept_len.max()) + C
+        longest = int(layer.state.kept_len.max())
+        assert longest + C <= layer.state.capacity <= longest + layer.ROOM_CHUNKS * C
+        assert layer.steps_with_room == (layer.ROOM_CHUNKS - 1) * C - 9  # read at the first of the 10 steps
 
 
 def test_cache_argument_under_either_name():
