@@ -88,7 +88,7 @@ def synthetic_state(cfg: NatslConfig, B: int, T: int, p: float, device, dtype, g
     state = NatslLayerState.allocate(
         batch_size=B, capacity=L, chunk_size=C, num_kv_heads=H, head_dim=D, dtype=dtype, device=device, natsl=natsl,
         hidden_size=cfg.hidden_size, conv_size=cfg.gdn_conv_size, conv_channels=(cfg.num_attention_heads + H) * D,
-    )  # what a NatslCache holds (decode steps grow it and write it in place: later iterations go on from T)
+    )  # what a NatslCache holds
     state.seen.fill_(T)
     state.kept_k[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
     state.kept_v[:, :, :L] = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
@@ -175,8 +175,9 @@ def main(argv=None):
             ncache = NatslCache(cfg)
 
             def natsl_step():
-                for i, s in enumerate(states):
-                    ncache.layers[i].state, ncache.layers[i].processed = s, T
+                for i, s in enumerate(states):  # every repeat from the state after T tokens (steps write in place)
+                    layer = ncache.layers[i]
+                    layer.state, layer.processed, layer.steps_with_room = s.map(torch.clone), T, 0
                 for _ in range(C):
                     natsl(token, **{CACHE_FIELD: ncache}, use_cache=True)
 
