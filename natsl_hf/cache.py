@@ -71,8 +71,8 @@ class NatslCacheLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    # a decode step that finds too little room grows the kept KV to this many chunks past the longest (row, group):
-    # a row closes at most one chunk in C steps, so the next (ROOM_CHUNKS - 1) x C steps fit without a host sync
+    # the kept KV grows to this many chunks past the longest (row, group): a row closes at most one chunk in C decode
+    # steps, so the (ROOM_CHUNKS - 1) x C steps after a growth fit without reading the kept lengths (a host sync)
     ROOM_CHUNKS = 4
 
     def __init__(self, **kwargs):
@@ -96,25 +96,24 @@ class NatslCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def reserve(self, kept_len: torch.Tensor) -> None:
-        """Before the kept KV reaches kept_len [B, Hkv] tokens per (row, group): grow it to fit (eager: a host sync)."""
-        self.state.grow_(kept_len)
+        """Before the kept KV reaches kept_len [B, Hkv] tokens per (row, group): grow it to fit, with room for
+        ROOM_CHUNKS chunks more (eager: a host sync, and a new buffer only when that room is not there)."""
+        self.state.grow_(kept_len + self.ROOM_CHUNKS * self.state.chunk_size)
+        self.steps_with_room = (self.ROOM_CHUNKS - 1) * self.state.chunk_size
 
     def reserve_chunk(self) -> None:
         """Before a decode step: room for the chunk its token may close, in every (row, group). Eager, the kept lengths
-        are read (a host sync) once in (ROOM_CHUNKS - 1) x C steps: the room then grown to lasts that long."""
+        are read once in (ROOM_CHUNKS - 1) x C steps: the room `reserve` leaves lasts that long."""
         if self.steps_with_room > 0 and not torch.compiler.is_compiling():
             self.steps_with_room -= 1
             return
-        C = self.state.chunk_size
-        self.reserve(self.state.kept_len + self.ROOM_CHUNKS * C)
-        self.steps_with_room = (self.ROOM_CHUNKS - 1) * C
+        self.reserve(self.state.kept_len)
 
     def write_segment(self, columns: int, *, keep: torch.Tensor, **result) -> None:
         """The result of a multi-token call over `columns` new columns (padding included) into the state, room
         first (`NatslLayerState.write_segment_` takes `keep` and `result`)."""
         self.reserve(self.state.kept_len + keep.sum(1))
         self.state.write_segment_(keep=keep, **result)
-        self.steps_with_room = 0
         self._count(columns)
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> None:
