@@ -15,8 +15,8 @@ One layout, two allocations: NatslStaticCache allocates it once (`capacity` kept
 shapes, so a decode step has no host sync and can be captured); NatslCache grows the same buffers as the kept KV
 does (`grow_`; its cache layers decide when, natsl_hf/cache.py). The transitions are the same for both and update
 the buffers in place:
-- write a token: `write_token_` (its softmax KV at the open-chunk slot) and `gdn_decode_step` (its GDN inputs and its
-  write into `gdn_run`, modeling.reference / modeling.kernels);
+- write a token: `write_token_` (its softmax KV at the open-chunk slot, its hidden state into the router's sum) and
+  `gdn_decode_step` (its GDN inputs and its write into `gdn_run`, modeling.reference / modeling.kernels);
 - close a chunk: `close_chunk` (one decode token closes its row's chunk: appended to the kept KV, or `gdn_run` becomes
   the state; modeling.reference / modeling.kernels) or `write_segment_` (a multi-token call closes every chunk it
   completes, its branches having computed the routes and the GDN state);

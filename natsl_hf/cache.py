@@ -209,7 +209,7 @@ class NatslCache(DynamicCache):
         Per layer: `kept_tokens` (mean over rows and KV groups of kept softmax tokens, the open chunk
         excluded), `open_tokens`, `kv_bytes` (kept + open KV held as valid entries: what the routing
         keeps), `kv_allocated_bytes` (the KV tensors as allocated: the kept KV as long as its capacity plus
-        C scratch slots (NatslCache: grown to the longest (row, KV group) and one chunk more), the open chunk
+        C scratch slots (NatslCache: grown to the longest (row, KV group) and ROOM_CHUNKS chunks more), the open chunk
         a full chunk-sized buffer), `state_bytes` (GDN state twice, the open chunk's GDN inputs, conv state,
         router sum), `full_kv_bytes` (a dense cache of every real token, what a softmax model holds). Totals at
         the end; `kv_fraction` = kv_bytes / full_kv_bytes.

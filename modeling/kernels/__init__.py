@@ -7,7 +7,7 @@ routed_gdn_readout(q, k, v, g, beta, chunk_size, scale, initial_state=None) -> (
 routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale) -> o   (one decode step)
 gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale) -> o_gdn   (one decode step,
     the NatslLayerState updated in place)
-close_chunk(state, closing, softmax, routable)   (the chunk close of a static decode step, in place)
+close_chunk(state, closing, softmax, routable)   (the chunk close of a decode step, in place)
 kernels_available(tensor) -> bool
 """
 
