@@ -13,7 +13,7 @@ Sections:
           FLOPs (matmul FLOPs actually needed) and minimal HBM bytes per call beside each time.
   decode  one new token against the compacted cache (modeling/kernels/decode.py): bf16 kernel vs
           the fp32 reference (`softmax_branch` with a cache prefix), then per T and p in {0.125, 0.25,
-          1}: the decode kernel plus the GDN readout q~ S (what `_decode_step` runs for attention)
+          1}: the decode kernel plus the GDN readout q~ S (what `_decode` runs for attention)
           vs SDPA decode (one query, enable_gqa) over the full cache of T tokens; each time both
           with the host's launches (back-to-back calls) and as GPU time (CUDA-graph replay).
           `--only-decode` runs just this section.
