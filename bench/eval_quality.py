@@ -323,7 +323,7 @@ def needle_retrieval(model, tokenizer, contexts, device, batch_size: int, probe:
     rows a forward, no copy of a cache. Routing statistics per forward, over its rows; the softmax fraction and the
     KV count the whole rows (context, question and answer: ~20 tokens more than the context's prefill, and a chunk
     the question completes), the probe line's chunks only those complete within the context."""
-    correct, total, stats = 0, 0, []
+    correct, total, stats, right = 0, 0, [], []
     for start in range(0, len(contexts), batch_size):
         batch = contexts[start:start + batch_size]
         rows = [(ids, *probe_query(tokenizer, probe, *pairs[0])) for ids, pairs, _ in batch]
@@ -331,9 +331,13 @@ def needle_retrieval(model, tokenizer, contexts, device, batch_size: int, probe:
         if getattr(out, "softmax_fraction", None) is not None:
             stats.append(routing_stats(model, out, [tokens for _, _, tokens in batch], [len(ids) for ids, _, _ in batch]))
         for logits, (_, _, a) in zip(answers, rows):
-            correct += int(logits.argmax(-1).tolist() == a)
+            right.append(logits.argmax(-1).tolist() == a)
+            correct += int(right[-1])
             total += 1
-    return probe_result(correct, total, stats)
+    res = probe_result(correct, total, stats)
+    # per context, in the order of the depths: right or not, and the share of its needle's chunk kept softmax
+    res["rows"] = {"correct": right, "pair_kept": [k for s in stats for k in s["pair_kept"]] if stats else None}
+    return res
 
 
 @torch.no_grad()

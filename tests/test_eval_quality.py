@@ -56,6 +56,8 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     assert row["kv_fraction_retrieval_300"] == 1.0 and row["pair_chunk_softmax_fraction_retrieval_300"] == 1.0
     assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
     assert report["results"]["init"]["needle"]["300"]["queries"] == 2
+    needle_rows = report["results"]["init"]["needle"]["300"]["rows"]
+    assert len(needle_rows["correct"]) == 2 and len(needle_rows["pair_kept"]) == 2
     qa_src, qa_init = report["results"]["source"]["short_qa"], report["results"]["init"]["short_qa"]
     assert qa_init["replies"] == qa_src["replies"] and len(qa_init["replies"]) == 3  # greedy answers, batched
     assert row["short_qa_accuracy"] == src_row["short_qa_accuracy"]
