@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from natsl_hf.modeling import NatslAttention
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The NatslForCausalLM / source *ForCausalLM behind DDP / FSDP / PEFT wrappers."""
@@ -35,7 +37,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def natsl_layer_indices(model: nn.Module) -> list[int]:
     """Indices of the decoder layers whose attention is NAtS-L (config.natsl_layers)."""
-    return [i for i, layer in enumerate(decoder_layers(model)) if getattr(layer.self_attn, "natsl", False)]
+    return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, NatslAttention)]
 
 
 def natsl_decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -10,8 +10,9 @@ hidden x [B, T, D]
   -> o = o_softmax + alpha_h * RMSNormGated(o_gdn, gate_proj x)   (alpha starts at 0)
   -> o_proj
 
-A layer built with `natsl=False` is the source's plain softmax attention (no router, no GDN):
-every chunk counts as softmax, so the same code, cache and tests serve both.
+A layer outside config.natsl_layers is the source's plain softmax attention, `NatslSoftmaxAttention`
+(modeling/softmax_attention.py). Both derive from `SourceAttention`, what they keep of the source's attention
+(projections, q/k norm, RoPE, the softmax KV of the cache layer) and the dispatch to their three paths.
 
 Decisions beyond SPEC.md (documented here, tested in tests/):
 - Chunks are counted per row over real (non-padding) tokens, so a left-padded prompt is
@@ -29,6 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,12 @@ class LayerRouting:
     n_softmax: torch.Tensor
     router_loss: torch.Tensor | None = None
     router_agreement: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, backend: str, routes: Routes) -> "LayerRouting":
+        """The counts of `routes` (no router loss); `Routes.none` gives zeros."""
+        return cls(backend, routes, n_routable=routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
+                   n_softmax=(routes.hard & routes.routable).flatten(1).sum(1))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +123,7 @@ def kernels_for(device_type: str) -> bool:
 
 
 def compile_enabled() -> bool:
-    """Whether `NatslAttention._dense` runs compiled on CUDA (NATSL_COMPILE=0: eagerly, e.g. to debug)."""
+    """Whether the layers' dense paths (`_dense`) run compiled on CUDA (NATSL_COMPILE=0: eagerly, e.g. to debug)."""
     return os.environ.get("NATSL_COMPILE", "1") not in ("", "0")
 
 
@@ -146,19 +154,38 @@ def compiled_dense():
     return torch.compile(NatslAttention._dense)
 
 
-class NatslAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, natsl: bool = True):
+class Projected(NamedTuple):
+    """A call's inputs as the attention paths take them: x [B, n, D] the normed layer input; q [B, n, Hq, Dh],
+    k, v [B, n, Hkv, Dh] the source's projections (+ its q/k norm); q_rot, k_rot: q, k with RoPE."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_rot: torch.Tensor
+    k_rot: torch.Tensor
+
+
+class SourceAttention(nn.Module):
+    """What both attention layers of a NAtS-L model keep of their source's attention, and how a call reaches them.
+
+    q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm where config.qk_norm), named as the source's: a converted
+    checkpoint, its LoRA targets and the tensor-parallel plan are the same for either layer. `forward` sends a call
+    to one of the subclass's three paths (`_dense`, `_segment`, `_decode`: same maths, tests compare them); the
+    helpers below are the softmax side they share. Subclasses: `NatslAttention` (routed softmax + GDN) and
+    `NatslSoftmaxAttention` (a layer kept full softmax, modeling/softmax_attention.py).
+    """
+
+    def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.natsl = natsl
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.chunk_size = config.chunk_size
         self.scaling = self.head_dim**-0.5
-        self.router_mode = "learned"
         qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, qd, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kd, bias=config.attention_bias)
@@ -167,9 +194,159 @@ class NatslAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        if not natsl:
-            return
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_mask: torch.Tensor | None = None,
+        cache=None,
+        documents: Documents | None = None,
+    ) -> tuple[torch.Tensor, LayerRouting]:
+        """
+        hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
+        token_mask: [B, n] bool, False = padding (None = all real)
+        cache: this layer's cache layer (natsl_hf.cache: a NatslCacheLayer, whose state grows, or a
+            NatslStaticCacheLayer, preallocated), which holds the state of earlier calls and takes this call's;
+            None = no cache, the sequences start here
+        documents: packed documents (modeling/varlen.py; no cache, no padding): each document runs as
+            its own right-padded row, so no attention and no GDN state cross a boundary
+        -> (output [B, n, D], LayerRouting: backend, routes, the counts n_routable / n_softmax ([B] routable
+            chunks x KV heads, and those routed softmax: zeros in a full-softmax layer), the router loss of training)
+
+        Three paths, same maths (tests compare them): whole unpadded sequences without a cache
+        (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
+        cache (`_decode`, both caches: fixed shapes and no host sync against a preallocated state, capturable);
+        and everything else, a segment of any length with padding and routing (`_segment`: prefill into a
+        cache, multi-token cache calls, padding, packed documents).
+        """
+        x = hidden_states
+        cos, sin = position_embeddings
+        if cache is None and token_mask is None and documents is None:
+            return self._run_dense(x, cos, sin)
+        q, k, v = self._project(x)
+        p = Projected(x, q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+        if documents is not None:
+            rows = Projected(*(documents.unpack(t) for t in p))  # [N, Lmax, ...]
+            out, routing = self._segment(rows, documents.mask, None, None, right_padded=True)
+            routing = replace(routing, n_routable=documents.per_row(routing.n_routable),
+                              n_softmax=documents.per_row(routing.n_softmax))
+            return documents.repack(out), routing
+        if cache is not None and cache.state is None:  # a NatslCache's first call
+            cache.take_state(self._new_state(x, v.dtype))
+        if cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self._decode(p, token_mask, cache)
+        # a multi-token call reads what the state holds (`prefix`) and writes into it. Eager, an empty state is read
+        # as none, so that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch),
+        # the state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
+        # kept or open key)
+        state = None if cache is None else cache.state
+        prefix = state if state is not None and (reference.tracing() or bool((state.seen > 0).any())) else None
+        if prefix is not None and torch.is_grad_enabled():  # what the graph saves must outlive the in-place writes
+            prefix = prefix.map(torch.clone)
+        return self._segment(p, token_mask, prefix, cache)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,n,D] -> q [B,n,Hq,Dh], k, v [B,n,Hkv,Dh]: the source projections (+ its q/k norm)."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """o [B,n,Hq,Dv] -> o_proj [B,n,D] in x's dtype; valid [B,n] bool: padding outputs are zeros."""
+        if valid is not None:
+            o = o * valid[..., None, None].to(o.dtype)
+        return self.o_proj(o.flatten(2).to(x.dtype))
+
+    def _whole_sequences(self, state, token_mask) -> bool:
+        """Whether a segment can take the fused paths (the branch kernels, SDPA): whole unpadded sequences with no
+        cache prefix, and the reference not forced (`config.use_kernels=False` or NATSL_FORCE_REFERENCE=1)."""
+        return not use_reference() and self.config.use_kernels and state is None and token_mask is None
+
+    def _kernels_here(self, x: torch.Tensor) -> bool:
+        return self.config.use_kernels and kernels_for(x.device.type)
+
+    def _decode_ops(self, x: torch.Tensor):
+        """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
+        the decode entry points of both have the same signatures."""
+        return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
+
+    def _run_compiled(self, dense, compiled, *args):
+        """`dense(self, *args)` (a `_dense`; args[0]: x), through `compiled()`, its torch.compile made once per process,
+        on CUDA: every layer of a kind calls the same compiled function with itself as the first argument, so the
+        layers share their graphs (dynamo lifts the parameters to graph inputs). NATSL_COMPILE=0 runs it eagerly,
+        and so does every call after a failed compile (`_compile_failed`)."""
+        if compiles(args[0]):
+            try:
+                return compiled()(self, *args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
+                _compile_failed(err)
+        return dense(self, *args)
+
+    def _allocate(self, x: torch.Tensor, dtype: torch.dtype, **gdn) -> NatslLayerState:
+        """An empty state of this layer's KV shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
+        call; its kept KV grows from there); gdn: `NatslLayerState.allocate`'s `natsl` and GDN sizes."""
+        return NatslLayerState.allocate(batch_size=x.shape[0], capacity=0, chunk_size=self.chunk_size,
+                                        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=dtype,
+                                        device=x.device, **gdn)
+
+    def _segment_keys(self, p: Projected, token_mask, state: NatslLayerState | None):
+        """The keys a segment attends over: the cached open chunk's slots, then the n new tokens.
+        -> valid [B,n] bool (real new tokens), seen [B] (real tokens before the call), q_pos [B,n] and
+        k_pos [B,S] positions (-1: padding, or an empty open slot), k [B,S,Hkv,D] RoPE'd keys, v [B,S,Hkv,Dv]."""
+        B, n, _ = p.x.shape
+        C, dev = self.chunk_size, p.x.device
+        valid = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
+        seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
+        if token_mask is None and state is None:  # a whole sequence from its start: positions 0 .. n-1
+            q_pos = torch.arange(n, device=dev).repeat(B, 1)  # [B,n]
+        else:
+            q_pos = reference.segment_positions(valid, seen)  # [B,n]
+        if state is None:
+            return valid, seen, q_pos, q_pos, p.k_rot, p.v
+        open_len, open_start = seen % C, seen - seen % C
+        slots = torch.arange(C, device=dev)
+        open_pos = torch.where(slots[None] < open_len[:, None], open_start[:, None] + slots[None], -1)
+        k_pos = torch.cat([open_pos, q_pos], 1)
+        return valid, seen, q_pos, k_pos, torch.cat([state.open_k, p.k_rot], 1), torch.cat([state.open_v, p.v], 1)
+
+    def _write_segment(self, cache, n: int, new_seen, k_pos, k, v, keep, routes: Routes, gdn: dict | None = None):
+        """A multi-token call's result into its cache layer (`write_segment`): the keys in `keep` [B,S,Hkv] (of
+        chunks the call closed softmax) join the kept KV, the chunk left open (new_seen [B] // C) the open slots;
+        the counters count the call's routable chunks in `routes` (none with `Routes.none`); gdn: the GDN fields."""
+        cache.write_segment(n, seen=new_seen, k_pos=k_pos, k=k, v=v, keep=keep,
+                            open_chunk=torch.div(new_seen, self.chunk_size, rounding_mode="floor"),
+                            closed_chunks=routes.routable[..., 0].sum(1),
+                            kept_chunks=(routes.hard & routes.routable).sum(1), gdn=gdn)
+
+    def _decode_softmax(self, ops, p: Projected, valid: torch.Tensor, cache) -> torch.Tensor:
+        """A decode token's softmax side: its KV and router input into the open chunk (the cache layer's
+        `write_token`), then its attention over the kept KV and the open chunk up to itself. -> o [B,1,Hq,Dv]."""
+        cache.write_token(p.k_rot[:, 0], p.v[:, 0], p.x[:, 0], valid)
+        s = cache.state
+        return ops.routed_decode_attention(p.q_rot[:, 0], s.kept_k, s.kept_v, s.kept_len, s.open_k, s.open_v, s.seen,
+                                           self.scaling)[:, None]
+
+    def _real_token(self, x: torch.Tensor, token_mask) -> torch.Tensor:
+        """[B] bool: whether each row's decode token (x [B, 1, D]) is real, not padding (token_mask [B, 1] or None)."""
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
+
+    def _closing(self, state: NatslLayerState, valid: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the rows whose decode token (real: valid [B]) completes its chunk."""
+        return valid & ((state.seen + 1) % self.chunk_size == 0)
+
+
+class NatslAttention(SourceAttention):
+    """The NAtS-L layer (module docstring): the source's attention (`SourceAttention`) with a router and a GDN branch."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.router_mode = "learned"
         H = self.num_kv_heads
+        qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.router = NatslRouter(config.hidden_size, H)
         self.gdn_conv = nn.Conv1d(qd + kd, qd + kd, config.gdn_conv_size, groups=qd + kd, bias=False)
         self.a_proj = nn.Linear(config.hidden_size, H, bias=False)
@@ -213,28 +390,17 @@ class NatslAttention(nn.Module):
         return {"A_log": A_log, "dt_bias": dt + torch.log(-torch.expm1(-dt))}
 
     def branch_backend(self, x: torch.Tensor, state, token_mask) -> str:
-        """"kernels", "sdpa" or "reference" for this call (see modeling/kernels/README.md).
+        """"kernels" or "reference" for this call (see modeling/kernels/README.md).
 
-        Whole, unpadded sequences with no cache prefix (training and a first prefill): a layer kept
-        full softmax (`natsl=False`) is plain causal attention and runs torch's SDPA on any device; a
-        NAtS-L layer takes the Triton/fla kernels on CUDA, chunk sizes 16/32/64. A single-token decode
-        step (`_decode`) takes the decode kernels on CUDA, in every layer. Everything else (CPU,
-        padding, a multi-token call against a cache) runs the reference, which defines the same maths.
-        `config.use_kernels=False` or NATSL_FORCE_REFERENCE=1 forces the reference; NATSL_FORCE_KERNELS=1
-        takes the kernels on CPU too when triton runs in interpreter mode (tests).
+        Whole, unpadded sequences with no cache prefix (training and a first prefill) take the Triton/fla
+        kernels on CUDA, chunk sizes 16/32/64 (a full-softmax layer: torch's SDPA on any device). A
+        single-token decode step (`_decode`) takes the decode kernels on CUDA, in every layer. Everything
+        else (CPU, padding, a multi-token call against a cache) runs the reference, which defines the same
+        maths. `config.use_kernels=False` or NATSL_FORCE_REFERENCE=1 forces the reference;
+        NATSL_FORCE_KERNELS=1 takes the kernels on CPU too when triton runs in interpreter mode (tests).
         """
-        if use_reference() or not self.config.use_kernels:
-            return "reference"
-        if state is not None or token_mask is not None:
-            return "reference"
-        if not self.natsl:
-            return "sdpa"
-        if self.chunk_size not in KERNEL_CHUNK_SIZES:
-            return "reference"
-        return "kernels" if self._kernels_here(x) else "reference"
-
-    def _kernels_here(self, x: torch.Tensor) -> bool:
-        return self.config.use_kernels and kernels_for(x.device.type)
+        whole = self._whole_sequences(state, token_mask) and self.chunk_size in KERNEL_CHUNK_SIZES
+        return "kernels" if whole and self._kernels_here(x) else "reference"
 
     @torch.no_grad()
     def chunk_mass(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -261,98 +427,29 @@ class NatslAttention(nn.Module):
         means = x[:, : N * C].float().unflatten(1, (N, C)).mean(2)
         return means, target, labelled
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        token_mask: torch.Tensor | None = None,
-        cache=None,
-        documents: Documents | None = None,
-    ) -> tuple[torch.Tensor, LayerRouting]:
-        """
-        hidden_states: [B, n, D] normed layer input; position_embeddings: (cos, sin) [B, n, head_dim]
-        token_mask: [B, n] bool, False = padding (None = all real)
-        cache: this layer's cache layer (natsl_hf.cache: a NatslCacheLayer, whose state grows, or a
-            NatslStaticCacheLayer, preallocated), which holds the state of earlier calls and takes this call's;
-            None = no cache, the sequences start here
-        documents: packed documents (modeling/varlen.py; no cache, no padding): each document runs as
-            its own right-padded row, so no attention and no GDN state cross a boundary
-        -> (output [B, n, D], LayerRouting: backend, routes, the counts n_routable / n_softmax ([B] routable
-            chunks x KV heads, and those routed softmax), the router loss of training)
-
-        Three paths, same maths (tests compare them): whole unpadded sequences without a cache
-        (`_dense`: training and a forward without cache; compiled on CUDA); a one-token step against a
-        cache (`_decode`, both caches: fixed shapes and no host sync against a preallocated state, capturable);
-        and everything else, a segment of any length with padding and routing (`_segment`: prefill into a
-        cache, multi-token cache calls, padding, packed documents).
-        """
-        x = hidden_states
-        cos, sin = position_embeddings
-        if cache is None and token_mask is None and documents is None:
-            return self._run_dense(x, cos, sin)
-        q, k, v = self._project(x)
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if documents is not None:
-            rows = [documents.unpack(t) for t in (x, q, k, v, q_rot, k_rot)]  # [N, Lmax, ...]
-            out, routing = self._segment(*rows, documents.mask, None, None, right_padded=True)
-            routing = replace(routing, n_routable=documents.per_row(routing.n_routable),
-                              n_softmax=documents.per_row(routing.n_softmax))
-            return documents.repack(out), routing
-        if cache is not None and cache.state is None:  # a NatslCache's first call
-            cache.take_state(self._new_state(x, v.dtype))
-        if cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
-            return self._decode(x, q, k, v, q_rot, k_rot, token_mask, cache)
-        # a multi-token call reads what the state holds (`prefix`) and writes into it. Eager, an empty state is read
-        # as none, so that a first prefill takes the dense / kernel paths (one sync to know). Traced (no host branch),
-        # the state always, empty or not: an empty state computes the same as none (zero GDN and conv states, no
-        # kept or open key)
-        state = None if cache is None else cache.state
-        prefix = state if state is not None and (reference.tracing() or bool((state.seen > 0).any())) else None
-        if prefix is not None and torch.is_grad_enabled():  # what the graph saves must outlive the in-place writes
-            prefix = prefix.map(torch.clone)
-        return self._segment(x, q, k, v, q_rot, k_rot, token_mask, prefix, cache)
-
     def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
-        """An empty state of this layer's shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
-        call; its kept KV grows from there)."""
-        config = self.config
-        return NatslLayerState.allocate(
-            batch_size=x.shape[0], capacity=0, chunk_size=self.chunk_size, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, dtype=dtype, device=x.device, natsl=self.natsl,
-            hidden_size=self.hidden_size, conv_size=config.gdn_conv_size,
-            conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim,
-        )
+        """An empty state with the GDN fields (`SourceAttention._allocate`)."""
+        return self._allocate(x, dtype, natsl=True, hidden_size=self.hidden_size, conv_size=self.config.gdn_conv_size,
+                              conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim)
 
     def _run_dense(self, x, cos, sin):
         """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'
         parameters are its inputs), fused glue around the two branch kernels, which torch.compile sees as
         custom ops. NATSL_COMPILE=0 runs it eagerly. The layer's softmax budget goes in as a tensor, not a constant:
         layers whose budgets differ (config.layer_budget_scale) share the graph."""
-        budget = torch.tensor(self.softmax_budget)
-        if compiles(x):
-            try:
-                return compiled_dense()(self, x, cos, sin, budget)
-            except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
-                _compile_failed(err)
-        return self._dense(x, cos, sin, budget)
+        return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, torch.tensor(self.softmax_budget))
 
     def _dense(self, x, cos, sin, budget: torch.Tensor):
         """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row
         holds positions 0 .. n-1, so chunk c of every row is tokens [cC, (c+1)C) and none of the general
         path's position bookkeeping is needed. The branches are bound once (`_branch_ops`: the kernels on
-        CUDA, the reference elsewhere, same signatures); a full-softmax layer is causal SDPA.
+        CUDA, the reference elsewhere, same signatures).
         x [B, n, D]; cos, sin [B, n, head_dim]; budget: 0-d, the layer's softmax budget (`softmax_budget`)
         -> (out [B, n, D], LayerRouting as in `forward`)."""
         B, n, _ = x.shape
         C = self.chunk_size
         q, k, v = self._project(x)  # [B,n,Hq,Dh], [B,n,Hkv,Dh], [B,n,Hkv,Dh]
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if not self.natsl:  # every chunk softmax: causal attention
-            o = self._causal_sdpa(q_rot, k_rot, v)
-            empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
-            routes = decide_routes(None, empty, empty, 1.0, None, self.num_kv_heads)
-            return self.o_proj(o.flatten(2).to(x.dtype)), self._routing("sdpa", routes, None, budget)
         backend, ops = self._branch_ops(x)
         full, N = n // C, -(-n // C)  # complete chunks, all chunks (the last may be open)
         chunk = torch.arange(N, device=x.device)
@@ -369,13 +466,7 @@ class NatslAttention(nn.Module):
         key_weight = routes.weight[:, torch.arange(n, device=x.device) // C]  # [B,n,Hkv]
         o_gdn, _ = ops.routed_gdn_readout(q_g, k_g, v, g, beta * (1.0 - key_weight), C, self.scaling)
         o = self._combine(o, o_gdn, x)
-        return self.o_proj(o.flatten(2).to(x.dtype)), self._routing(backend, routes, supervision, budget)
-
-    def _causal_sdpa(self, q, k, v) -> torch.Tensor:
-        """A full-softmax layer's attention: q [B,n,Hq,D], k / v [B,n,Hkv,*] -> [B,n,Hq,Dv] (GQA without repeat)."""
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling, enable_gqa=True,
-        ).transpose(1, 2)
+        return self._output(o, x), self._routing(backend, routes, supervision, budget)
 
     def _branch_ops(self, x: torch.Tensor):
         """("kernels", modeling.kernels) on CUDA with chunk sizes the kernels take, else ("reference",
@@ -388,12 +479,11 @@ class NatslAttention(nn.Module):
         """The LayerRouting of a routed call: per-row counts, and the router loss of training (the
         supervised-routing loss in stage 1, the budget hinge for a learned router; budget: as `_dense` takes
         it, default `softmax_budget`)."""
-        routing = LayerRouting(backend, routes, n_routable=routes.routable.flatten(1).sum(1),  # [B] chunks x KV heads
-                               n_softmax=(routes.hard & routes.routable).flatten(1).sum(1))
+        routing = LayerRouting.of(backend, routes)
         if supervision is not None:
             routing.router_loss = self.config.router_loss_weight * supervision["loss"]
             routing.router_agreement = supervision["agreement"]
-        elif self.natsl and self.training and self.router_mode == "learned":
+        elif self.training and self.router_mode == "learned":
             budget = self.softmax_budget if budget is None else budget
             routing.router_loss = router_loss(routes, budget, self.config.router_loss_weight)
         return routing
@@ -414,7 +504,7 @@ class NatslAttention(nn.Module):
         -> (routes, {"loss", "agreement": share of labelled chunks whose router argmax matches the target,
         NaN if none}) or (routes, None) otherwise. routes [B, N, Hkv]; q_rot / k_rot [B, S, H, D]; budget: the
         layer's share of chunks labelled softmax (0-d, as `_dense` takes it)."""
-        if not (self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None):
+        if not (self.router_mode == "supervised" and self.training and self.config.route_override is None):
             return routes, None
         B, N = routes.hard.shape[:2]
         mass = chunk_attention_mass(q_rot, k_rot, self.chunk_size, self.scaling, self.config.num_sink_chunks)  # [B, S//C, Hkv]
@@ -428,38 +518,14 @@ class NatslAttention(nn.Module):
             "agreement": agreement,
         }
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,n,D] -> q [B,n,Hq,Dh], k, v [B,n,Hkv,Dh]: the source projections (+ its q/k norm)."""
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
-
-    def _segment(self, x, q, k, v, q_rot, k_rot, token_mask, state: NatslLayerState | None, cache,
-                 right_padded: bool = False):
+    def _segment(self, p: Projected, token_mask, state: NatslLayerState | None, cache, right_padded: bool = False):
         """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens.
         state: what earlier calls left (None: the sequences start here); cache: the cache layer the call's result
         goes to (its `write_segment`; None: no cache). `right_padded`: padding only after each row's tokens
-        (packed documents), which the kernels and SDPA serve exactly (causal: no real query sees a padding key)."""
-        B, n, _ = x.shape
-        C, dev = self.chunk_size, x.device
-        valid_new = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
-        seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
-        if token_mask is None and state is None:  # a whole sequence from its start: positions 0 .. n-1
-            q_pos = torch.arange(n, device=dev).repeat(B, 1)  # [B,n]
-        else:
-            q_pos = reference.segment_positions(valid_new, seen)  # [B,n]
-        if state is not None:
-            open_len, open_start = seen % C, seen - seen % C
-            slots = torch.arange(C, device=dev)
-            open_pos = torch.where(slots[None] < open_len[:, None], open_start[:, None] + slots[None], -1)
-            k_pos = torch.cat([open_pos, q_pos], 1)
-            seg_k, seg_v = torch.cat([state.open_k, k_rot], 1), torch.cat([state.open_v, v], 1)
-        else:
-            k_pos, seg_k, seg_v = q_pos, k_rot, v
-
+        (packed documents), which the kernels serve exactly (causal: no real query sees a padding key)."""
+        x, q, k, v, q_rot, k_rot = p
+        n, C = x.shape[1], self.chunk_size
+        valid_new, seen, q_pos, k_pos, seg_k, seg_v = self._segment_keys(p, token_mask, state)
         routes, rel, complete = self._route(x, k_pos, seen, state, dense=token_mask is None)
         token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
         key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
@@ -468,8 +534,6 @@ class NatslAttention(nn.Module):
         if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
             route_weight = routes.weight[:, : math.ceil(n / C)]
             o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)
-        elif backend == "sdpa":  # a full-softmax layer: every chunk is softmax, i.e. causal attention
-            o = self._causal_sdpa(q_rot, seg_k, seg_v)
         else:
             prefix = None if state is None else state.kept()
             o = reference.softmax_branch(
@@ -478,21 +542,14 @@ class NatslAttention(nn.Module):
 
         new_seen = seen + valid_new.sum(1)
         open_chunk = torch.div(new_seen, C, rounding_mode="floor")  # [B] chunk left open after the call
-        gdn = None
-        if self.natsl:
-            o_gdn, gdn = self._gdn_branch(
-                x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
-                open_chunk, cache is not None, backend,
-            )
-            o = self._combine(o, o_gdn, x)
-        if token_mask is not None:  # padding outputs are zeros
-            o = o * valid_new[..., None, None].to(o.dtype)
-        out = self.o_proj(o.flatten(2).to(x.dtype))
-
+        o_gdn, gdn = self._gdn_branch(
+            x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
+            open_chunk, cache is not None, backend,
+        )
+        out = self._output(self._combine(o, o_gdn, x), x, None if token_mask is None else valid_new)
         if cache is not None:
-            cache.write_segment(n, seen=new_seen, k_pos=k_pos, k=seg_k, v=seg_v, keep=key_hard & token_complete[..., None],
-                                open_chunk=open_chunk, closed_chunks=routes.routable[..., 0].sum(1),
-                                kept_chunks=(routes.hard & routes.routable).sum(1), gdn=gdn)
+            self._write_segment(cache, n, new_seen, k_pos, seg_k, seg_v, key_hard & token_complete[..., None], routes,
+                                gdn)
         # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
         reported = Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob, routes.routable)))
         return out, self._routing(backend, reported, None)
@@ -526,19 +583,16 @@ class NatslAttention(nn.Module):
         counts.scatter_add_(1, rel, torch.ones_like(rel))
         complete = (counts == C) & (chunks < N)  # [B, N+1]
         sink = (base[:, None] + chunks) < self.config.num_sink_chunks
-        scores = None
-        if self.natsl:
-            n_new = x.shape[1]
-            rel_new = rel[:, S - n_new:]
-            sums = x.new_zeros(B, N + 1, x.shape[-1], dtype=torch.float32)
-            sums = sums.scatter_add(1, rel_new[..., None].expand(-1, -1, x.shape[-1]), x.float())
-            if state is not None:
-                sums[:, 0] = sums[:, 0] + state.router_sum
-            scores = self._score(sums / C)
+        rel_new = rel[:, S - x.shape[1]:]  # the new tokens' chunks: their hidden states join the router's sums
+        sums = x.new_zeros(B, N + 1, x.shape[-1], dtype=torch.float32)
+        sums = sums.scatter_add(1, rel_new[..., None].expand(-1, -1, x.shape[-1]), x.float())
+        if state is not None:
+            sums[:, 0] = sums[:, 0] + state.router_sum
+        scores = self._score(sums / C)
         routes = decide_routes(
             scores, complete, sink, self.config.router_temperature, self.config.route_override, self.num_kv_heads
         )
-        if self.natsl and self.router_mode == "supervised" and self.training and self.config.route_override is None:
+        if self.router_mode == "supervised" and self.training and self.config.route_override is None:
             raise ValueError(
                 "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
                 "pass packed blocks with use_cache=False and no padding."
@@ -556,7 +610,7 @@ class NatslAttention(nn.Module):
         gated = self.gdn_norm(o_gdn.to(x.dtype)) * F.silu(z)
         return o + gated * self.gdn_alpha.to(x.dtype)[:, None]
 
-    def _decode(self, x, q, k, v, q_rot, k_rot, token_mask, cache):
+    def _decode(self, p: Projected, token_mask, cache):
         """One token per row against the cache layer's state, in place (a row whose token is padding, token_mask
         False, leaves its state unchanged); against a preallocated state with fixed shapes and no host sync.
         The token is written into the open chunk and into `gdn_run`; the output reads the kept KV + the
@@ -564,51 +618,30 @@ class NatslAttention(nn.Module):
         closes it: routed by the router (sinks and overrides as in `_route`), appended to the kept KV
         (softmax, if it fits) or committed to the GDN state (linear). A NatslCache first makes room for one more
         chunk in every (row, group) (`reserve_chunk`), so it always fits there."""
+        x, q, k, v = p.x, p.q, p.k, p.v
         B, C = x.shape[0], self.chunk_size
-        valid = torch.ones(B, dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
+        valid = self._real_token(x, token_mask)  # [B]
         cache.reserve_chunk()
         state = cache.state
         backend, ops = self._decode_ops(x)
-        if self.natsl:  # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
-            o_gdn = ops.gdn_decode_step(
-                q[:, 0].flatten(1), k[:, 0].flatten(1), v[:, 0], self.a_proj(x[:, 0]), self.b_proj(x[:, 0]), valid,
-                self.gdn_conv.weight, self.A_log, self.dt_bias, state, self.scaling,
-            )  # [B, Hq, V] fp32
-        cache.write_token(k_rot[:, 0], v[:, 0], x[:, 0], valid)  # its softmax KV and the router's sum
-        o = ops.routed_decode_attention(
-            q_rot[:, 0], state.kept_k, state.kept_v, state.kept_len, state.open_k, state.open_v, state.seen,
-            self.scaling,
-        )[:, None]  # [B, 1, Hq, Dv]
-        if self.natsl:
-            o = self._combine(o, o_gdn[:, None], x)
-        out = self.o_proj(o.flatten(2).to(x.dtype))
+        # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
+        o_gdn = ops.gdn_decode_step(
+            q[:, 0].flatten(1), k[:, 0].flatten(1), v[:, 0], self.a_proj(x[:, 0]), self.b_proj(x[:, 0]), valid,
+            self.gdn_conv.weight, self.A_log, self.dt_bias, state, self.scaling,
+        )  # [B, Hq, V] fp32
+        o = self._decode_softmax(ops, p, valid, cache)  # [B, 1, Hq, Dv]
+        out = self._output(self._combine(o, o_gdn[:, None], x), x)
 
-        closing = valid & ((state.seen + 1) % C == 0)  # [B]
+        closing = self._closing(state, valid)  # [B]
         chunk = torch.div(state.seen, C, rounding_mode="floor")  # [B] the chunk the token belongs to
         routable = chunk >= self.config.num_sink_chunks
-        softmax = torch.ones(B, self.num_kv_heads, dtype=torch.bool, device=x.device)
-        if self.natsl:
-            scores = self.router(state.router_sum / C)  # [B, Hkv, 2]
-            routes = decide_routes(scores[:, None], closing[:, None], ~routable[:, None],
-                                   self.config.router_temperature, self.config.route_override, self.num_kv_heads)
-            softmax = routes.hard[:, 0]
-        ops.close_chunk(state, closing, softmax, routable if self.natsl else torch.zeros_like(routable))
+        scores = self.router(state.router_sum / C)  # [B, Hkv, 2]
+        routes = decide_routes(scores[:, None], closing[:, None], ~routable[:, None],
+                               self.config.router_temperature, self.config.route_override, self.num_kv_heads)
+        ops.close_chunk(state, closing, routes.hard[:, 0], routable)
         state.seen.add_(valid.long())
-        return out, self._step_routing(backend, x)
-
-    def _decode_ops(self, x: torch.Tensor):
-        """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
-        the decode entry points of both have the same signatures."""
-        return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
-
-    def _step_routing(self, backend: str, x: torch.Tensor) -> LayerRouting:
-        """The LayerRouting of a decode step: it routes nothing in this call's outputs (a chunk closed by a
-        static step is counted in the cache's realised fraction)."""
-        B, H = x.shape[0], self.num_kv_heads
-        empty = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
-        routes = decide_routes(None, empty, empty, 1.0, None, H)
-        none = routes.routable.flatten(1).sum(1)  # [B] zeros
-        return LayerRouting(backend, routes, n_routable=none, n_softmax=none)
+        # a step routes nothing in its outputs: a chunk it closes is counted in the cache (its realised fraction)
+        return out, LayerRouting.of(backend, Routes.none(B, self.num_kv_heads, x.device))
 
     def _gdn_branch(
         self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, to_cache,

@@ -57,9 +57,15 @@ class Routes:
     prob: torch.Tensor
     routable: torch.Tensor
 
+    @classmethod
+    def none(cls, batch_size: int, num_heads: int, device) -> "Routes":
+        """The routes of a call that routes no chunk, [B, 0, H]: a decode step, a full-softmax layer."""
+        empty = torch.zeros(batch_size, 0, num_heads, device=device)
+        return cls(empty.bool(), empty, empty.clone(), empty.bool())
+
 
 def decide_routes(
-    scores: torch.Tensor | None,
+    scores: torch.Tensor,
     complete: torch.Tensor,
     sink: torch.Tensor,
     temperature: float,
@@ -68,16 +74,12 @@ def decide_routes(
 ) -> Routes:
     """Turn chunk scores into routes.
 
-    scores: [B, N, H, 2] fp32, or None for a layer without router (full softmax layer).
+    scores: [B, N, H, 2] fp32.
     complete, sink: [B, N] bool. Incomplete chunks get route softmax (their tokens are served
     by softmax inside the chunk until it closes; nothing later reads their route).
     """
     B, N = complete.shape
-    device = complete.device
     routable = (complete & ~sink)[..., None].expand(B, N, num_heads)
-    if scores is None:
-        ones = torch.ones(B, N, num_heads, device=device)
-        return Routes(ones.bool(), ones, torch.zeros_like(ones), torch.zeros_like(routable))
     prob = torch.softmax(scores / temperature, dim=-1)[..., 0]
     hard = scores[..., 0] >= scores[..., 1]
     if override is not None:

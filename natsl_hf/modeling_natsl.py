@@ -2,9 +2,9 @@
 
 The decoder is the Llama / Qwen2 / Qwen3 block (pre-norm attention + SwiGLU MLP) with each
 attention replaced by `NatslAttention` (natsl_hf.modeling.layer): token-routed softmax / Gated
-DeltaNet attention. Layers outside `config.natsl_layers` keep plain softmax attention through the
-same module. Caching goes through `NatslCache` (natsl_hf.cache), which keeps only softmax
-chunks' KV plus the GDN state.
+DeltaNet attention. Layers outside `config.natsl_layers` keep the source's plain softmax attention,
+`NatslSoftmaxAttention` (natsl_hf.modeling.softmax_attention). Caching goes through `NatslCache`
+(natsl_hf.cache), which keeps only softmax chunks' KV plus the GDN state.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache import NatslCache, NatslStaticCache, check_kept_fraction
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
 from .modeling.layer import LayerRouting, NatslAttention, RMSNorm
+from .modeling.softmax_attention import NatslSoftmaxAttention
 from .modeling.varlen import Documents, document_starts
 from .remote_code import write_remote_code
 
@@ -172,7 +173,8 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: NatslConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = NatslAttention(config, layer_idx, natsl=config.is_natsl_layer(layer_idx))
+        attention = NatslAttention if config.is_natsl_layer(layer_idx) else NatslSoftmaxAttention
+        self.self_attn = attention(config, layer_idx)
         self.mlp = NatslMLP(config)
         self.input_layernorm = NatslRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = NatslRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -260,7 +262,7 @@ class NatslPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, NatslAttention) and module.natsl:
+        if isinstance(module, NatslAttention):
             std = self.config.initializer_range
             init.normal_(module.router.proj.weight, mean=0.0, std=std)
             bias = torch.zeros(module.num_kv_heads, 2)
@@ -392,7 +394,7 @@ class NatslModel(NatslPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             hidden_states, routing = layer(hidden_states, position_embeddings, token_mask, past_key_values, documents)
-            if not layer.self_attn.natsl:
+            if not isinstance(layer.self_attn, NatslAttention):  # a full-softmax layer routes nothing
                 continue
             if routing.router_loss is not None:
                 router_loss = routing.router_loss if router_loss is None else router_loss + routing.router_loss

@@ -42,7 +42,7 @@ def mix_routes(model: torch.nn.Module, seed: int = 0, router_std: float = 0.5, a
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if type(module).__name__ == "NatslAttention" and module.natsl:
+            if type(module).__name__ == "NatslAttention":
                 module.router.proj.weight.copy_(torch.randn(module.router.proj.weight.shape, generator=g) * router_std)
                 module.router.proj.bias.zero_()
                 module.gdn_alpha.copy_(torch.randn(module.gdn_alpha.shape, generator=g) * alpha_std)

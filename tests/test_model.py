@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from natsl_hf import NatslConfig, NatslForCausalLM, NatslModel
+from natsl_hf.modeling import NatslAttention
 from natsl_testing import tiny_config, tiny_model
 
 
@@ -53,7 +54,7 @@ def test_config_defaults_and_layers():
     assert cfg.natsl_layers == [1, 3]
     assert [cfg.is_natsl_layer(i) for i in range(4)] == [False, True, False, True]
     model = NatslForCausalLM(cfg)
-    assert [layer.self_attn.natsl for layer in model.model.layers] == [False, True, False, True]
+    assert [isinstance(layer.self_attn, NatslAttention) for layer in model.model.layers] == [False, True, False, True]
     assert not hasattr(model.model.layers[0].self_attn, "router")
     out = model(torch.randint(1, 97, (1, 13)), use_cache=False)
     assert out.layer_softmax_fraction.shape == (2,)
