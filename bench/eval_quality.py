@@ -323,18 +323,15 @@ def needle_retrieval(model, tokenizer, contexts, device, batch_size: int, probe:
     rows a forward, no copy of a cache. Routing statistics per forward, over its rows; the softmax fraction and the
     KV count the whole rows (context, question and answer: ~20 tokens more than the context's prefill, and a chunk
     the question completes), the probe line's chunks only those complete within the context."""
-    correct, total, stats, right = 0, 0, [], []
+    stats, right = [], []
     for start in range(0, len(contexts), batch_size):
         batch = contexts[start:start + batch_size]
         rows = [(ids, *probe_query(tokenizer, probe, *pairs[0])) for ids, pairs, _ in batch]
         out, answers = row_answer_logits(model, rows, device)
         if getattr(out, "softmax_fraction", None) is not None:
             stats.append(routing_stats(model, out, [tokens for _, _, tokens in batch], [len(ids) for ids, _, _ in batch]))
-        for logits, (_, _, a) in zip(answers, rows):
-            right.append(logits.argmax(-1).tolist() == a)
-            correct += int(right[-1])
-            total += 1
-    res = probe_result(correct, total, stats)
+        right += [logits.argmax(-1).tolist() == a for logits, (_, _, a) in zip(answers, rows)]
+    res = probe_result(sum(right), len(right), stats)
     # per context, in the order of the depths: right or not, and the share of its needle's chunk kept softmax
     res["rows"] = {"correct": right, "pair_kept": [k for s in stats for k in s["pair_kept"]] if stats else None}
     return res

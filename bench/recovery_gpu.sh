@@ -22,6 +22,7 @@ export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
+copy_data() { rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd; }  # the carried shards, where the pieces read them
 case "$1" in
   install)
     mkdir -p /tmp/g /tmp/shim && cp runs/carry-a/gguf.00 /tmp/g/
@@ -35,10 +36,10 @@ case "$1" in
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c
     ;;
   data)
-    rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd && du -sh /tmp/rd
+    copy_data && du -sh /tmp/rd
     ;;
   stage1)
-    rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd
+    copy_data
     # shellcheck disable=SC2086
     TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 1 $STAGE1_ARGS --gguf "$G" --data /tmp/rd \
       --work /tmp/rw1 --out "$OUT/ckpt1" 2>&1 | tee "$OUT/stage1.log" | grep -v "it/s\]" | tail -40

@@ -19,9 +19,11 @@ SECTIONS=${SECTIONS:-trainer}
 [ -d /tmp/site ] || { echo "no /tmp/site: run bash bench/recovery_gpu.sh install in this warm machine first" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site-base "./$BASE" 2>&1 | tail -3
 echo "base: $(cat "$BASE/BASE_COMMIT") in $BASE; head: this tree" | tee "$OUT/speed_ab.txt"
-# shellcheck disable=SC2086
-(cd "$BASE/bench" && PYTHONPATH=/tmp/site-base:/tmp/site python3 train_bench.py --sections "$SECTIONS" ${ARGS:-} \
-  --out "$OUT/speed_base.json" 2>&1 | tee "$OUT/speed_base.log" | grep '"kind"' | tail -20)
-# shellcheck disable=SC2086
-(cd bench && PYTHONPATH=/tmp/site python3 train_bench.py --sections "$SECTIONS" ${ARGS:-} \
-  --out "$OUT/speed_head.json" 2>&1 | tee "$OUT/speed_head.log" | grep '"kind"' | tail -20)
+
+bench_at() {  # TREE PYTHONPATH NAME: TREE's bench/train_bench.py with that natsl_hf -> $OUT/speed_NAME.json + .log
+  # shellcheck disable=SC2086
+  (cd "$1/bench" && PYTHONPATH=$2 python3 train_bench.py --sections "$SECTIONS" ${ARGS:-} \
+    --out "$OUT/speed_$3.json" 2>&1 | tee "$OUT/speed_$3.log" | grep '"kind"' | tail -20)
+}
+bench_at "$BASE" /tmp/site-base:/tmp/site base
+bench_at . /tmp/site head
