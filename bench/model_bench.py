@@ -447,7 +447,7 @@ def print_table(report) -> None:
     rows = report["rows"]
     for r in rows:
         metric = r.get("tok_s") or r.get("ms") or r.get("batch")
-        print(f"{r['kind']:>10} {r['model']:>15} T={r.get('T')} B={r.get('batch')} p={r.get('p')} "
+        print(f"{r['kind']:>10} {r.get('model', ''):>15} T={r.get('T')} B={r.get('batch')} p={r.get('p')} "
               f"-> {metric if not isinstance(metric, float) else round(metric, 2)} peak={round(r.get('peak_gb', 0), 2)}")
     print(f"{len(report['errors'])} errors")
 
