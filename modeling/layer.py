@@ -436,8 +436,11 @@ class NatslAttention(SourceAttention):
         """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'
         parameters are its inputs), fused glue around the two branch kernels, which torch.compile sees as
         custom ops. NATSL_COMPILE=0 runs it eagerly. The layer's softmax budget goes in as a tensor, not a constant:
-        layers whose budgets differ (config.layer_budget_scale) share the graph."""
-        return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, torch.tensor(self.softmax_budget))
+        layers whose budgets differ (config.layer_budget_scale) share the graph. It is made on x's device by a fill,
+        not copied there: a CPU tensor would make the compiled graph copy it to the GPU first (inductor's blocking
+        DeviceCopy of a CPU scalar), a host sync in every layer's forward and checkpoint recompute."""
+        budget = torch.full((), self.softmax_budget, device=x.device)
+        return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, budget)
 
     def _dense(self, x, cos, sin, budget: torch.Tensor):
         """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row
