@@ -42,6 +42,7 @@ again in the backward instead of saving them); its readout uses the real gates. 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -228,7 +229,9 @@ def _chunk_bwd(
 
 # ------------------------------------------------------------------------- chunk machinery
 
+@functools.cache
 def _fla_available() -> bool:
+    """Whether fla's chunk machinery imports (checked once per process, not in every op call)."""
     try:
         import fla.ops.gated_delta_rule.chunk  # noqa: F401
         return True
@@ -521,14 +524,14 @@ def gdn_branch_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, ini
     dh, du, dh0 = _launch_dh_bwd(q, dodt, gcr, k, w, gch, dht, h0 is not None, h.shape[1], TF, C, scale, h.dtype)
     dk_s, dw, dg_s = _launch_chunk_bwd(k, v_new, du, h, dh, gch, C)
     dk2, dv, db, dg2 = _wu_bwd(k, v, beta_eff, gch, A, dw, du, C)
-    dgsum = dg_s + dg2.float() + dgr.view(B, T, HKV, HQ // HKV).sum(-1)
+    dgsum = dg_s + dg2 + dgr.view(B, T, HKV, HQ // HKV).sum(-1)  # fp32 (dg_s): dg2 promoted in the add
     dg = _local_cumsum_log2(dgsum, C, reverse=True)
-    dk = (dk_s + dk2.float()).to(k.dtype)
-    db = db.float()
+    dk = (dk_s + dk2).to(k.dtype)
+    db = db.to(beta.dtype)  # fresh from _wu_bwd (or a copy): zeroed in place
     if TF < T:
         db[:, TF:] = 0
     dh0 = dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv.to(v.dtype).contiguous(), dg.to(g.dtype), db.to(beta.dtype), dh0
+    return dq, dk, dv.to(v.dtype).contiguous(), dg.to(g.dtype), db, dh0
 
 
 def _gdn_branch_bwd_fake(q, k, v, g, beta, initial_state, gcr, A, do, dht, chunk_size, scale):

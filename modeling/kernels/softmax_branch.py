@@ -246,13 +246,10 @@ KPB = 2  # chunks per key block in the dQ loop (BLOCK_N = 2 C): pointer gathers;
 def _route_lists(route_weight: Tensor) -> tuple[Tensor, Tensor]:
     """route_weight [B, NC, Hkv] -> LIST [B, Hkv, NC] int32 (softmax chunk ids ascending first),
     CNT [B, Hkv, NC] int32 (number of softmax chunks strictly before each chunk)."""
-    B, NC, H = route_weight.shape
-    hard = (route_weight.detach() > 0.5).transpose(1, 2)  # [B,H,NC]
-    idx = torch.arange(NC, device=route_weight.device, dtype=torch.int32)
-    key = torch.where(hard, idx, idx + NC)
-    lst = torch.sort(key, dim=-1).values
-    lst = torch.where(lst >= NC, lst - NC, lst).to(torch.int32).contiguous()
-    cnt = (torch.cumsum(hard.to(torch.int32), -1) - hard.to(torch.int32)).to(torch.int32).contiguous()
+    hard = (route_weight.detach() > 0.5).transpose(1, 2).to(torch.int32, memory_format=torch.contiguous_format)
+    # a stable sort keeps the chunk order among equals: softmax chunks (1) ascending, then linear ones ascending
+    lst = torch.argsort(hard, dim=-1, descending=True, stable=True).to(torch.int32)
+    cnt = torch.cumsum(hard, -1, dtype=torch.int32) - hard
     return lst, cnt
 
 
@@ -340,7 +337,7 @@ def _launch_dkv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta:
     dw = torch.empty(B, NC, HKV, device=q.device, dtype=torch.float32)
     rw = route_weight.detach()
     hard = (rw > 0.5).transpose(1, 2)  # [B,HKV,NC]
-    work = torch.where(hard, NC - torch.arange(NC, device=q.device), 0) + 1
+    work = torch.where(hard, NC + 1 - torch.arange(NC, device=q.device), 1)  # key chunks' query chunks to visit
     order = torch.argsort(work.reshape(-1), descending=True, stable=True).to(torch.int32)
     _bwd_dkv_kernel[(B * HKV * NC,)](
         q, k, v, do, dk, dv, dw, rw, lse, delta,
@@ -351,7 +348,7 @@ def _launch_dkv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta:
         GROUP=HQ // HKV, HPP=hpp, C=C, D=D, DV=DV, BD=_pow2(D), BDV=_pow2(DV),
         num_warps=cfg[0], num_stages=cfg[1],
     )
-    return dk, dv, dw * (rw > 0.5)
+    return dk, dv, dw  # 0 on linear chunks: their programs visit only their own (diagonal) query chunk
 
 
 # ------------------------------------------------------------------------------------- ops
