@@ -27,6 +27,9 @@ and the model is evaluated; the next call resumes from them. What a piece does:
 - stage 2 (`--lm-weight` x LM loss + `--kd-weight` x logit KD from the source; `--lm-weight 0`: KD only): PEFT
   LoRA adapters on the attention projections q/k/v/o and the new NAtS-L parameters train, the router stays
   frozen (the stage-1 routes, recalibrated at the end);
+- `--refit-routers` (a resumed piece, after the routing targets changed): before training, the routers are fitted
+  again to today's targets on the piece's first `--fit-blocks` training blocks (`fit_routers`, on the model as it
+  is, every chunk softmax) and calibrated, so that the piece trains on the routes it will serve;
 - calibration (end of each piece): the router biases are set so that the realised fraction is the budget on
   `--calibration-blocks` blocks of `--calibration-seq-len` tokens of the first `--data` folder (the routes of a
   fixed router grow with the context: calibrate at the length the model serves);
@@ -50,7 +53,8 @@ recovered.json with the conversion settings, the LoRA scale, tokens, GPU seconds
 
 sets the router biases of a piece's checkpoint for another serving length (no training: the routes' ranking
 stays, only the threshold moves), re-evaluates, and writes the checkpoint to OUT (the last piece's record
-keeps the earlier calibration and evaluation beside the new ones).
+keeps the earlier calibration and evaluation beside the new ones); with `--refit-routers [--recall-share S]` the
+routers are first fitted again to today's targets on `--fit-blocks` blocks of the training mix (no training).
 
     python bench/recover_scale.py --materialize old=conversion/recovered/smollm2-135m-instruct-b0.25 new=SHIPPED \
         --gguf G --to DIR
@@ -176,7 +180,10 @@ def read_resume(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         shipped, info = read_recovered(folder)
         state = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
                  t.float() for n, t in shipped.items()}
-        return state, {"pieces": info["pieces"], "layer_budget_scale": info.get("layer_budget_scale")}
+        conversion = info["conversion"]  # the budget and the kind of model, which the shipped pieces do not repeat
+        kind = {"budget": conversion["softmax_budget"], "layer_hybrid": conversion.get("route_override") == "linear"}
+        pieces = [{**kind, **piece} for piece in info["pieces"]]
+        return state, {"pieces": pieces, "layer_budget_scale": info.get("layer_budget_scale")}
     progress = folder / PROGRESS
     return read_checkpoint(folder), json.loads(progress.read_text()) if progress.is_file() else {"pieces": []}
 
@@ -395,6 +402,10 @@ def run_piece(args) -> dict:
             budgets = trainer.allocate_layer_budgets(args.fit_blocks)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
         fit = trainer.fit_routers(args.fit_blocks)
+    elif args.refit_routers:
+        fit = trainer.fit_routers(args.fit_blocks)
+        fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
+                                                       Blocks(calibration_blocks[: args.calibration_blocks]))
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
@@ -470,10 +481,11 @@ def export(ckpt: Path, dest: Path) -> list[str]:
 def recalibrate(args) -> dict:
     """The --recalibrate mode (module docstring); -> the updated progress."""
     from natsl_hf.conversion.calibrate import calibrate_routers
+    from natsl_hf.conversion.router_fit import fit_routers
 
     state, progress = read_resume(Path(args.recalibrate))
     last = progress["pieces"][-1]
-    source, _ = load_source(Path(args.gguf) if args.gguf else None, args.quick)
+    source, tokenizer = load_source(Path(args.gguf) if args.gguf else None, args.quick)
     student = student_of(source, last["budget"], last.get("layer_hybrid", False), progress.get("layer_budget_scale"))
     if last.get("lora_r"):
         student = add_lora(prepare_student(student, 2), last["lora_r"])
@@ -484,7 +496,14 @@ def recalibrate(args) -> dict:
     blocks = train_blocks(folders[:1], vocab, 1000 * last["stage"] + len(progress["pieces"]), args.quick,
                           args.calibration_seq_len)[0][: args.calibration_blocks]
     before = perplexity(student, blocks, args.batch)["softmax_fraction"]
+    fit = None
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
+        if args.refit_routers:  # on the training mix (recall blocks included), as a piece's --refit-routers
+            seed = 1000 * last["stage"] + len(progress["pieces"])
+            mix = train_blocks(folders, vocab, seed, args.quick)[0]
+            if args.recall_share:
+                mix = recall_mix(mix, tokenizer, vocab, args.recall_share, seed)[0]
+            fit = fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in mix[: args.fit_blocks]])
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
@@ -495,7 +514,7 @@ def recalibrate(args) -> dict:
     evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
     last.setdefault("earlier", []).append({k: last.get(k) for k in ("calibration", "calibration_seq_len", "evaluation")})
     last.update(calibration={"softmax_fraction_before": before, "softmax_fraction_after": after,
-                             "command": shlex.join([sys.executable, *sys.argv])},
+                             "command": shlex.join([sys.executable, *sys.argv]), "router_refit": fit},
                 calibration_seq_len=args.calibration_seq_len, evaluation=evaluation)
     out = Path(args.out)
     last["checkpoint_files"] = save_checkpoint(student, out)
@@ -537,7 +556,8 @@ def main(argv=None) -> int:
     p.add_argument("--export", type=Path, help="write this checkpoint as the shipped layout to --to, and stop")
     p.add_argument("--to", type=Path, help="destination of --export / --materialize")
     p.add_argument("--recalibrate", metavar="CKPT",
-                   help="set the router biases of CKPT at --calibration-seq-len, evaluate, write it to --out")
+                   help="set the router biases of CKPT at --calibration-seq-len, evaluate, write it to --out "
+                        "(--refit-routers: fit the routers first, on --fit-blocks blocks of the training mix)")
     p.add_argument("--materialize", nargs="+", metavar="LABEL=FOLDER",
                    help="write --to/source and --to/LABEL (shipped layout FOLDER applied) for bench/eval_quality.py")
     p.add_argument("--stage", type=int, choices=(1, 2))
@@ -573,7 +593,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
     p.add_argument("--logging-steps", type=int, default=25)
-    p.add_argument("--fit-blocks", type=int, default=32, help="blocks the routers are fitted on (fresh stage 1)")
+    p.add_argument("--fit-blocks", type=int, default=32,
+                   help="blocks the routers are fitted on (fresh stage 1, --refit-routers)")
+    p.add_argument("--refit-routers", action="store_true",
+                   help="resumed piece (or --recalibrate): fit the routers again to today's targets, then calibrate")
     p.add_argument("--calibration-blocks", type=int, default=16)
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
@@ -610,6 +633,9 @@ def main(argv=None) -> int:
     if args.layer_budgets and (args.stage != 1 or args.resume or args.layer_hybrid):
         p.error("--layer-budgets shares the budget at a fresh NAtS-L stage 1 (before the router fit): not with "
                 "--stage 2, --resume or --layer-hybrid (later pieces keep the shares of progress.json)")
+    if args.refit_routers and (not args.resume or args.layer_hybrid):
+        p.error("--refit-routers refits the routers of a resumed NAtS-L piece (a fresh stage 1 fits them anyway): "
+                "give --resume, not --layer-hybrid")
     if not 0 <= args.recall_share < 1:
         p.error(f"--recall-share {args.recall_share}: give a share in [0, 1)")
     if not 0 < args.selfgen_share < 1:

@@ -14,7 +14,6 @@ always softmax and carry no router gradient; `route_override` forces every routa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +110,8 @@ def router_loss(routes: Routes, budget, loss_weight: float) -> torch.Tensor:
 # margin. During supervised training the layer routes by these targets, so the GDN branch learns
 # exactly the chunks it will be given.
 #
-# A chunk's importance is how much more attention the queries at least two chunks later put on it than
-# their position and their distance to it alone predict. "At least two chunks later", because the next
+# A chunk's importance is how much more attention the later query chunk that looks at it most (at least two
+# chunks later) puts on it than its position and its distance to it alone predict. "At least two chunks later", because the next
 # chunk's queries attend to their neighbour for local reasons the GDN state already serves (it holds chunk
 # t-1's writes, barely decayed, when chunk t reads it). "Than position and distance predict", because both
 # bias raw attention: a query that sees few keys gives each a large share, and attention decays with
@@ -123,35 +122,24 @@ def router_loss(routes: Routes, budget, loss_weight: float) -> torch.Tensor:
 # of a chunk at its distance from a query at that position, so a chunk is kept for what it holds.
 
 
-def _distance_bins(distance: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Chunk distance (>= 2) -> bin of the distance profile: one bin per distance below 8, then quarter
-    octaves (few query-key pairs lie far apart; a bin pools them). num_bins from `_num_distance_bins`."""
-    octaves = torch.log2(distance.clamp(min=8).float() / 8)
-    return torch.where(distance < 8, distance, 8 + (4 * octaves).floor().long()).clamp(max=num_bins - 1)
-
-
-def _num_distance_bins(max_distance: int) -> int:
-    d = max(max_distance, 2)
-    return (d if d < 8 else 8 + math.floor(4 * math.log2(d / 8))) + 1
-
-
 @torch.no_grad()
-def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
-                         num_sink_chunks: int = 0, iterations: int = 8) -> torch.Tensor:
-    """Long-range attention each complete chunk receives, over what a chunk at its distance would get.
+def attention_profile(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float, num_sink_chunks: int = 0,
+                      iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention each query chunk puts on each earlier chunk, and what position and distance predict of it.
 
-    q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded
-    sequences. Attention is full causal softmax (every earlier token visible), as in the source.
-    -> mass [B, T // C, Hkv] fp32 (1 = what position and distance predict; NaN for a chunk with no query
-    two chunks later).
+    q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded sequences.
+    Attention is full causal softmax (every earlier token visible), as in the source.
+    -> (share [B, Hkv, Nq * C, N]: the attention each query (summed over the group's q heads) puts on chunk c,
+        A [B, Hkv, Nq, N]: the attention the queries of chunk j (and the group's q heads) put on chunk c in total,
+        expected [B, Hkv, Nq, N]: the fitted a[j] * b[j - c] (0 where j < c + 2, and where the fit has no pair of
+        that query chunk or distance: pairs of a sink only),
+        far [Nq, N] bool: j >= c + 2), Nq = query chunks (a tail chunk included), N = complete chunks; fp32.
 
-    With A[j, c] the attention the queries of chunk j (and the group's q heads) put on chunk c in total,
-    the model A[j, c] ~ a[j] * b[bin(j - c)] over the pairs j >= c + 2 (a: per row, group and query chunk,
-    the queries' count and spread; b: per group, the distance profile, pooled over the rows) is fitted by
-    alternating the two factors' maximum-likelihood updates (Poisson, i.e. iterative proportional fitting;
-    `iterations` fixed, no host sync), on the non-sink chunks (the sinks are softmax anyway and would
-    dominate the profile). mass[c] = sum_j A[j, c] / sum_j a[j] b[bin(j - c)] over c's far queries j.
-    Uniform attention and attention that only decays with distance both give every chunk 1.
+    The model A[j, c] ~ a[j] * b[j - c] over the pairs j >= c + 2 (a: per row, group and query chunk, the
+    queries' count and spread; b: per group and chunk distance, the distance profile, pooled over the rows; one
+    value per distance, so that attention which only decays with distance fits it exactly) is fitted by alternating
+    the two factors' maximum-likelihood updates (Poisson, i.e. iterative proportional fitting; `iterations` fixed,
+    no host sync), on the non-sink chunks (the sinks are softmax anyway and would dominate the profile).
 
     A[j, c] for every query and chunk comes from one attention call whose values are the chunks' indicator
     columns (`F.scaled_dot_product_attention` with v [T, N] one-hot: a fused kernel, the [T, T] probabilities
@@ -170,22 +158,44 @@ def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scal
         indicator = (pos[:, None] // C == torch.arange(N, device=device)).to(dtype)  # [T, N]; a tail chunk: no column
         values = indicator.expand(B, Hq, T, N).contiguous()
         share = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), keys, values, is_causal=True, scale=scale)
-        share = F.pad(share.float(), (0, 0, 0, Nq * C - T))  # [B, Hq, Nq * C, N]
-        A = share.unflatten(2, (Nq, C)).sum(3).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, Nq, N]
+        share = F.pad(share.float(), (0, 0, 0, Nq * C - T)).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, Nq * C, N]
+        A = share.unflatten(2, (Nq, C)).sum(3)  # [B, Hkv, Nq, N]
         distance = torch.arange(Nq, device=device)[:, None] - torch.arange(N, device=device)  # [Nq, N]
         far = distance >= 2
         fit = far & (torch.arange(N, device=device) >= num_sink_chunks)
-        num_bins = _num_distance_bins(Nq - 1)
-        bins = _distance_bins(distance.clamp(min=2), num_bins)
-        onehot = (bins[..., None] == torch.arange(num_bins, device=device)).float()  # [Nq, N, bins]
+        onehot = (distance[..., None] == torch.arange(Nq, device=device)).float()  # [Nq, N, distance]
         fit_bins, far_bins = onehot * fit[..., None], onehot * far[..., None]
-        b = torch.ones(Hkv, num_bins, device=device)  # distance profile
+        b = torch.ones(Hkv, Nq, device=device)  # distance profile
         for _ in range(iterations):
             a = (A * fit).sum(3) / torch.einsum("gk,jck->gj", b, fit_bins).clamp(min=1e-30)  # [B, Hkv, Nq]
             b = torch.einsum("bgjc,jck->gk", A, fit_bins) / torch.einsum("bgj,jck->gk", a, fit_bins).clamp(min=1e-30)
-        expected = a[..., None] * torch.einsum("gk,jck->gjc", b, far_bins)  # [B, Hkv, Nq, N], 0 where not far
-        mass = (A * far).sum(2) / expected.sum(2).clamp(min=1e-30)  # [B, Hkv, N]
-        mass = torch.where(far.any(0), mass, torch.full_like(mass, float("nan")))
+        expected = a[..., None] * torch.einsum("gk,jck->gjc", b, far_bins)  # [B, Hkv, Nq, N]
+    return share, A, expected, far
+
+
+@torch.no_grad()
+def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float,
+                         num_sink_chunks: int = 0, iterations: int = 8) -> torch.Tensor:
+    """Long-range attention each complete chunk receives from the later query chunk that looks at it most, over
+    what a chunk at its distance would get from that query chunk.
+
+    q, k as `attention_profile` -> mass [B, T // C, Hkv] fp32 (1 = what position and distance predict; NaN for a
+    chunk with no query two chunks later): mass[c] = max over c's far query chunks j of A[j, c] / (a[j] b[j - c]).
+    Uniform attention and attention that only decays with distance give every chunk ~1.
+
+    [ours] The maximum, not the ratio of the sums over j (the target until 2026-12-04): what a later query looks up
+    must stay softmax, and a line that one question retrieves (a needle: one query chunk of ~30 in a 2k block) was
+    diluted by the ~30 query chunks that do not look at it. bench/needle_target_probe.py on the recovered SmolLM2
+    (bench/results/needle_target_probe_smollm2_80m.json, 16 needles at 2k at depths 0..1): the needle's chunk is
+    among a layer's targets in 0.55 of the (layer, KV head) pairs by the maximum against 0.40 by the sums (the
+    budget: 0.25; the 14 needles neither in the sink chunk nor next to their question; over all 16, 0.48 against
+    0.35, and 0.75 against 0.50 in layers 14-24). The distance profile has one value per chunk distance (it had
+    quarter-octave bins past 8 chunks): within a wide bin the nearer pairs beat the bin's mean, which the sums
+    averaged out but a maximum would pick up as a bias towards chunks with far queries.
+    """
+    _, A, expected, far = attention_profile(q, k, chunk_size, scale, num_sink_chunks, iterations)
+    ratio = torch.where(expected > 0, A / expected.clamp(min=1e-30), torch.zeros_like(A))  # [B, Hkv, Nq, N]; 0 near
+    mass = torch.where(far.any(0), ratio.amax(2), torch.full_like(ratio[:, :, 0], float("nan")))  # [B, Hkv, N]
     return mass.transpose(1, 2)
 
 

@@ -50,6 +50,8 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
     assert info["lora_scale"] == 2.0 and info["tokens_seen"] == progress2["tokens_seen"]
     assert (info["conversion"].get("route_override") == "linear") == bool(hybrid)
     assert set(tensors) == {n.replace(".default.", ".") for n in stage2}
+    resumed = recover.read_resume(shipped)[1]["pieces"]  # what --recalibrate reads of the last piece
+    assert all(p["budget"] == 0.25 and p["layer_hybrid"] == bool(hybrid) for p in resumed)
     assert recover.main(["--stage", "2", "--work", str(w / "w3"), "--out", str(w / "o3"), "--resume", str(shipped),
                          *PIECE, *hybrid]) == 0
     progress3 = json.loads((w / "o3" / recover.PROGRESS).read_text())
@@ -80,11 +82,31 @@ def test_recalibrate_moves_only_router_biases(recover, tmp_path):
     assert last["earlier"][0]["calibration_seq_len"] == 2048 and last["earlier"][0]["evaluation"]["student"]["ppl"] > 0
 
 
+def test_refit_routers_moves_only_routers(recover, tmp_path, monkeypatch):
+    """--refit-routers (a resumed piece before it trains, or --recalibrate) fits the routers again to today's targets
+    and calibrates them: with --recalibrate only router tensors change, their weights too; a piece records the fit."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the recall blocks come from bench/build_recovery_data.py
+    w = tmp_path
+    assert recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), *PIECE]) == 0
+    before, _ = recover.read_resume(w / "o")
+    assert recover.main(["--recalibrate", str(w / "o"), "--quick", "--refit-routers", "--recall-share", "0.5",
+                         "--fit-blocks", "4", "--calibration-blocks", "4", "--batch", "2", "--out", str(w / "r")]) == 0
+    after, progress = recover.read_resume(w / "r")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n for n in changed if n.endswith(".router.proj.weight")} and all(".router.proj." in n for n in changed)
+    assert progress["pieces"][-1]["calibration"]["router_refit"]["router_fit_chunks_per_head"] > 0
+    assert recover.main(["--stage", "2", "--work", str(w / "w2"), "--out", str(w / "o2"), "--resume", str(w / "o"),
+                         "--refit-routers", *PIECE]) == 0
+    piece = json.loads((w / "o2" / recover.PROGRESS).read_text())["pieces"][-1]
+    assert piece["router_fit"]["router_fit_chunks_per_head"] > 0 and "softmax_fraction_after" in piece["router_fit"]["calibration"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recalibrate", "CKPT", "--quick", "--out", "O", "--calibration-seq-len", "1000"],
      "--calibration-seq-len 1000: give a multiple of 64"),
     (["--materialize", "source=F", "--gguf", "G", "--to", "D"], "a label other than 'source'"),
     (["--materialize", "old", "--gguf", "G", "--to", "D"], "expected LABEL=FOLDER"),
+    (["--stage", "2", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--refit-routers"], "give --resume"),
 ])
 def test_modes_refuse_bad_options_before_any_work(recover, argv, message, capsys):
     with pytest.raises(SystemExit):
