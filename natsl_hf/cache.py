@@ -276,6 +276,16 @@ def _config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def static_cache_length(length: int, limit: int) -> int:
+    """The length generate() sizes a NatslStaticCache to for a call of `length` tokens (prompt + new tokens - 1) when
+    no max_cache_len is given: `length` rounded up to one of four steps per doubling (..., 16, 20, 24, 28, 32, 40,
+    ...: at most 25 % more), but not past `limit` (config.max_position_embeddings) unless `length` is. Later calls up
+    to that length reuse the cache (`NatslStaticCache.fits`), so a compiled decode step whose cache shapes would
+    otherwise follow every new length is compiled once per step of the scale."""
+    step = 2 ** max(0, (length - 1).bit_length() - 3)
+    return min(-(-length // step) * step, max(length, limit))
+
+
 def check_kept_fraction(value, where: str = "NatslStaticCache(max_kept_fraction=...)") -> None:
     """max_kept_fraction: None (the default) or a number in [0, 1]; raises naming `where` it was given."""
     ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0)
@@ -477,4 +487,5 @@ class NatslStaticCache(StaticCache):
     __iter__ = _no_dense_kv
 
 
-__all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer", "check_kept_fraction"]
+__all__ = ["NatslCache", "NatslCacheLayer", "NatslStaticCache", "NatslStaticCacheLayer", "check_kept_fraction",
+           "static_cache_length"]

@@ -26,7 +26,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .cache import NatslCache, NatslStaticCache, check_kept_fraction
+from .cache import NatslCache, NatslStaticCache, check_kept_fraction, static_cache_length
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
 from .modeling.layer import LayerRouting, NatslAttention, RMSNorm
 from .modeling.softmax_attention import NatslSoftmaxAttention
@@ -600,10 +600,12 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
         """`generate(..., cache_implementation="static")` decodes with a NatslStaticCache sized to the call
-        (rows x beams, prompt + max_new_tokens), which transformers then compiles as it does a StaticCache;
-        `cache_config={"max_kept_fraction": f}` sets its kept-KV share (`max_cache_len`: a larger size, as
-        generation_config.max_cache_len). Without it (or with "dynamic"), the model creates a NatslCache in its
-        first forward. Other cache implementations (offloaded, quantized, sliding-window...) hold dense KV and are
+        (rows x beams; prompt + max_new_tokens, rounded up by `static_cache_length`), which transformers then
+        compiles as it does a StaticCache; the cache is kept for later calls that fit it (`NatslStaticCache.fits`: a
+        shorter call, or a longer one up to the rounded length, reuses its buffers and compiled step).
+        `cache_config={"max_kept_fraction": f}` sets its kept-KV share (`max_cache_len`: a larger size, taken as
+        given, as generation_config.max_cache_len). Without it (or with "dynamic"), the model creates a NatslCache
+        in its first forward. Other cache implementations (offloaded, quantized, sliding-window...) hold dense KV and are
         refused, as are cache_config keys NatslStaticCache does not take, before anything runs."""
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         self._generate_cache = user_cache  # generate() reports a NatslStaticCache's overflow afterwards
@@ -634,12 +636,16 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
             )
         fraction = cache_config.get("max_kept_fraction")
         check_kept_fraction(fraction, "generate(cache_config=...)")
-        for extra in (cache_config.get("max_cache_len"), getattr(generation_config, "max_cache_len", None)):
-            if extra is not None:
-                if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
-                    raise ValueError(f"max_cache_len={extra!r} for generate() is invalid: expected an integer >= 1 "
-                                     "(the cache is sized to at least prompt + max_new_tokens).")
-                max_cache_length = max(max_cache_length, extra)
+        given = [n for n in (cache_config.get("max_cache_len"), getattr(generation_config, "max_cache_len", None))
+                 if n is not None]
+        for extra in given:
+            if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
+                raise ValueError(f"max_cache_len={extra!r} for generate() is invalid: expected an integer >= 1 "
+                                 "(the cache is sized to at least prompt + max_new_tokens).")
+        if max_cache_length > max(given, default=0):  # sized by the call: to its step of the scale, so that later
+            # calls up to that length reuse the cache and its compiled step (a given max_cache_len is taken as given)
+            max_cache_length = static_cache_length(max_cache_length, self.config.max_position_embeddings)
+        max_cache_length = max([max_cache_length, *given])
         if max_cache_length > self.config.max_position_embeddings:  # decode steps skip the check (no host sync)
             self.model._warn_past_context(None, None, max_cache_length, explicit_max=max_cache_length - 1)
         rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size

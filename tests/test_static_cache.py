@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from natsl_hf import NatslCache, NatslStaticCache
+from natsl_hf.cache import static_cache_length
 from natsl_hf.modeling_natsl import CACHE_FIELD
 from natsl_testing import tiny_model
 
@@ -182,20 +183,29 @@ def test_memory_follows_what_is_kept():
     assert full == 40 * C and natsl == (1 + 10) * C  # 1 sink + ceil(0.25 x 39) chunks
 
 
-def test_a_shorter_second_generate_reuses_the_static_cache():
+def test_a_shorter_or_slightly_longer_second_generate_reuses_the_static_cache():
     """A second, shorter generate() keeps the first call's NatslStaticCache (same buffers, so a compiled step keeps
     its shapes and does not recompile: transformers' test_static_cache_no_recompile_with_smaller_length), and its
-    tokens are those of a fresh dynamic-cache generate; a longer call gets a new, larger cache."""
+    tokens are those of a fresh dynamic-cache generate. generate() rounds the call's length up (`static_cache_length`:
+    11 + 9 - 1 = 19 -> 20), so a longer call up to that keeps it too; a call past it gets a new, larger cache."""
     model = tiny_model(seed=3).eval()
     ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
     kwargs = dict(do_sample=False, cache_implementation="static")
     model.generate(ids, max_new_tokens=9, **kwargs)
     first = model._natsl_static_cache
-    shorter = model.generate(ids, max_new_tokens=5, **kwargs)
-    assert model._natsl_static_cache is first
-    assert torch.equal(shorter, model.generate(ids, max_new_tokens=5, do_sample=False))
-    model.generate(ids, max_new_tokens=12, **kwargs)
-    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len > first.cache_len
+    assert first.cache_len == 20
+    for new in (5, 10):  # 15 and 20 cached tokens
+        out = model.generate(ids, max_new_tokens=new, **kwargs)
+        assert model._natsl_static_cache is first
+        assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
+    model.generate(ids, max_new_tokens=12, **kwargs)  # 22 -> 24
+    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 24
+
+
+def test_static_cache_length_rounds_up_to_four_steps_per_doubling():
+    rounded = {n: static_cache_length(n, limit=4096) for n in (1, 8, 9, 17, 20, 21, 1024, 1025, 4000, 5000)}
+    assert rounded == {1: 1, 8: 8, 9: 10, 17: 20, 20: 20, 21: 24, 1024: 1024, 1025: 1280, 4000: 4096, 5000: 5000}
+    assert all(n <= static_cache_length(n, 4096) <= 1.25 * n for n in range(1, 9000))
 
 
 def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls():
@@ -212,18 +222,21 @@ def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls(
     out = model.generate(longer, max_new_tokens=28, do_sample=False)  # 13 + 28 - 1 = 40: the same cache
     assert model._natsl_static_cache is first
     assert torch.equal(out, model.generate(longer, max_new_tokens=28, do_sample=False, cache_implementation="dynamic"))
-    model.generate(longer, max_new_tokens=30, do_sample=False)  # 13 + 30 - 1 = 42 > 40: sized to the call
-    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 42
+    model.generate(longer, max_new_tokens=30, do_sample=False)  # 13 + 30 - 1 = 42 > 40: sized to the call, rounded
+    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 48
 
 
-def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_max_cache_len_or_a_shorter_one():
+@pytest.mark.parametrize("first_call", [dict(max_new_tokens=2, max_cache_len=12 + 9 - 1), dict(max_new_tokens=11)],
+                         ids=["sized_by_max_cache_len", "sized_by_the_call_rounded_up"])
+def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_the_cache_length_or_a_shorter_one(first_call):
     """transformers' test_static_cache_no_recompile_with_smaller_length, on the CPU: generate() compiles its decode
     step (CompileConfig._compile_all_devices: on any device, as that test forces it); later calls must run that
     compiled step without a recompile (torch._dynamo's error_on_recompile; what recompiled was the size of
-    `layers[0].state.kept_k`, the kept KV, whose capacity grows with the cache length). The first call is sized by
-    max_cache_len (transformers 5.2x's worst case across calls), so a longer second call up to it, and then a shorter
-    one, reuse its cache; each gives the dynamic cache's tokens. The "eager" backend: the guards are dynamo's
-    whatever compiles the graph, and it compiles in seconds."""
+    `layers[0].state.kept_k`, the kept KV, whose capacity grows with the cache length). The first call's cache is 20
+    long: by max_cache_len (transformers 5.2x's worst case across calls), or by its own 7 + 11 - 1 = 17 tokens rounded
+    up (`static_cache_length`). So a longer second call up to 20, and then a shorter one, reuse it; each gives the
+    dynamic cache's tokens. The "eager" backend: the guards are dynamo's whatever compiles the graph, and it compiles
+    in seconds."""
     import torch._dynamo
     from transformers import CompileConfig
 
@@ -233,8 +246,9 @@ def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_max_cache_
     kwargs = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
     short, longer = (torch.randint(3, 97, (2, n), generator=torch.Generator().manual_seed(n)) for n in (7, 12))
     torch.compiler.reset()
-    model.generate(short, max_new_tokens=2, max_cache_len=12 + 9 - 1, **kwargs)  # sized 20, not 7 + 2 - 1
+    model.generate(short, **first_call, **kwargs)
     assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
+    assert model._natsl_static_cache.cache_len == 20
     for ids, new in ((longer, 9), (short, 2)):  # 12 + 9 - 1 = 20: the same cache; then 8 < 20: the same cache
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = model.generate(ids, max_new_tokens=new, **kwargs)
