@@ -357,18 +357,21 @@ class NatslModel(NatslPreTrainedModel):
             )
         if past_key_values is not None and not torch.compiler.is_compiling():
             past_key_values.check_model(self.config)  # shapes only, no host sync
-        # a one-token step against a static cache is the compiled decode step: no data-dependent branch here
-        static_step = isinstance(past_key_values, NatslStaticCache) and n == 1 and not torch.is_grad_enabled()
+        # a one-token step against a cache (the layers' `_decode`) reads no mask or position value on the host: it
+        # takes the mask as it is (a mask of ones computes what none does), and one token can neither restart a
+        # packed document nor go backwards. Against a static cache it is the compiled step: no host read at all
+        decode_step = past_key_values is not None and n == 1 and not torch.is_grad_enabled()
+        static_step = decode_step and isinstance(past_key_values, NatslStaticCache)
         if isinstance(past_key_values, NatslStaticCache) and not torch.compiler.is_compiling():
             past_key_values.place_(inputs_embeds.device, self.dtype)
             past_key_values.check_room(B, n)
-        token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not static_step)
+        token_mask = self._token_mask(attention_mask, B, n, past_key_values, dense_ok=not decode_step)
         # packed documents (position_ids restarting at 0, as DataCollatorWithFlattening gives; with or without
         # padding): each runs as if alone, and no cache is built for them
         documents, explicit_max = None, None
         if position_ids is not None:
             position_ids = self._check_position_ids(position_ids, B, n)
-            if not static_step and not torch.compiler.is_compiling():
+            if not decode_step and not torch.compiler.is_compiling():
                 documents, explicit_max = self._documents(position_ids, token_mask, B, past_key_values)
         if self.training and torch.is_grad_enabled() and past_key_values is None:
             # a training step gets no cache unless it passes one: building a NatslCache would send every layer
@@ -464,8 +467,8 @@ class NatslModel(NatslPreTrainedModel):
         of the cache's length, as generate() gives it (`create_masks_for_generate`); None when every token is
         real. The mask holds 1 (or True) for tokens and 0 for padding, in any dtype; other values (an additive
         0 / -inf mask, weights in between) are refused, in the same host sync that finds "every token real".
-        `dense_ok=False` (a compiled decode step), like a traced call, keeps the mask as it is instead of checking
-        it on the host."""
+        `dense_ok=False` (a decode step, which has no dense path), like a traced call, keeps the mask as it is instead
+        of checking it on the host."""
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import unittest.mock
+
 import pytest
 import torch
 
@@ -262,3 +265,30 @@ def test_cache_argument_under_either_name():
         assert torch.equal(a, b) and new.get_seq_length() == 11
         with pytest.raises(ValueError, match="once"):
             model(ids, cache=NatslCache(model.config), past_key_values=NatslCache(model.config))
+
+
+def test_a_natsl_cache_decode_step_reads_no_value_on_the_host():
+    """generate()'s decode step against a NatslCache passes a mask and position ids: the model checks neither on the
+    host (a one-token step has no dense path to choose and cannot restart a document), so the step runs without a
+    host sync (its kept KV has room: `reserve_chunk`), and with its mask of ones as it does without one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.nonzero.default)
+
+    class NoValueRead(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in reads, f"host read: {func}"
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(seed=4)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        cache = getattr(model(ids, attention_mask=mask[:, :9]), CACHE_FIELD)
+        bare = copy.deepcopy(cache)
+        position = cache.layer_state(0).seen[:, None].clone()
+        with NoValueRead(), unittest.mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("tolist")):
+            step = model(ids[:, :1], attention_mask=mask, position_ids=position, cache=cache).logits
+        torch.testing.assert_close(step, model(ids[:, :1], cache=bare).logits, rtol=0, atol=0)
