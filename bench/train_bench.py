@@ -21,7 +21,11 @@ bench/model_bench.py does). Rows (`bench/results/model_bench_*.json` format, `{"
                   ms, and the same profile fields.
 
 Usage (GPU):  python bench/train_bench.py --out bench/results/model_bench_h200_training.json
-              [--sections check,trainer,profile,distill,prefill] [--quick]
+              [--sections check,trainer,profile,distill,prefill] [--quick] [--compile-mode reduce-overhead]
+
+--compile-mode is an experiment, not a product setting: the layers compile their dense path with torch.compile's
+default mode; reduce-overhead replays each compiled graph as a CUDA graph (one launch instead of the graph's and
+the branch ops' launches: the host time the 4 x 2048 ckpt profile of 2026-12-04 is bound by).
 """
 
 from __future__ import annotations
@@ -70,6 +74,17 @@ def smollm2_source(quick: bool) -> LlamaForCausalLM:
 def batch_ids(batch: int, T: int, vocab: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator(device=DEV).manual_seed(seed)
     return torch.randint(0, vocab, (batch, T), device=DEV, generator=g)
+
+
+def set_compile_mode(mode: str) -> None:
+    """Compile the NAtS-L and full-softmax layers' dense paths with torch.compile `mode` in this process (what
+    `modeling.layer.compiled_dense` / `modeling.softmax_attention.compiled_dense` make once per process)."""
+    import functools
+
+    from natsl_hf.modeling import layer, softmax_attention
+
+    for module, cls in ((layer, layer.NatslAttention), (softmax_attention, softmax_attention.NatslSoftmaxAttention)):
+        module.compiled_dense = functools.cache(lambda cls=cls: torch.compile(cls._dense, mode=mode))
 
 
 def natsl_of(source, p: float, ids: torch.Tensor):
@@ -319,12 +334,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed Trainer steps per row")
     ap.add_argument("--shapes", help="trainer / profile rows as BATCHxckpt|nockpt,... (default 16xnockpt,4xckpt)")
     ap.add_argument("--quick", action="store_true", help="2 layers, a smoke run")
+    ap.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    default="default", help="torch.compile mode of the layers' dense path (an experiment: the layer "
+                    "compiles with the default mode; reduce-overhead replays it as CUDA graphs)")
     args = ap.parse_args(argv)
+    if args.compile_mode != "default":
+        set_compile_mode(args.compile_mode)
     sections = set(args.sections.split(","))
     report = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "versions": versions(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
               "model": {"shape": "SmolLM2-135M", **SMOLLM2, "chunk_size": 64, "weights": "random",
-                        "p": args.p},
+                        "p": args.p, "compile_mode": args.compile_mode},
               "rows": [], "errors": []}
     tmp = os.environ.get("TMPDIR", "/tmp") + "/train_bench"
 
