@@ -183,7 +183,8 @@ def read_resume(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         conversion = info["conversion"]  # the budget and the kind of model, which the shipped pieces do not repeat
         kind = {"budget": conversion["softmax_budget"], "layer_hybrid": conversion.get("route_override") == "linear"}
         pieces = [{**kind, **piece} for piece in info["pieces"]]
-        return state, {"pieces": pieces, "layer_budget_scale": info.get("layer_budget_scale")}
+        return state, {"pieces": pieces, "layer_budget_scale": info.get("layer_budget_scale"),
+                       "tokens_seen": info["tokens_seen"], "train_s": info["train_gpu_s"]}
     progress = folder / PROGRESS
     return read_checkpoint(folder), json.loads(progress.read_text()) if progress.is_file() else {"pieces": []}
 

@@ -50,8 +50,9 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
     assert info["lora_scale"] == 2.0 and info["tokens_seen"] == progress2["tokens_seen"]
     assert (info["conversion"].get("route_override") == "linear") == bool(hybrid)
     assert set(tensors) == {n.replace(".default.", ".") for n in stage2}
-    resumed = recover.read_resume(shipped)[1]["pieces"]  # what --recalibrate reads of the last piece
-    assert all(p["budget"] == 0.25 and p["layer_hybrid"] == bool(hybrid) for p in resumed)
+    resumed = recover.read_resume(shipped)[1]  # what --recalibrate reads, and --export of its output then
+    assert all(p["budget"] == 0.25 and p["layer_hybrid"] == bool(hybrid) for p in resumed["pieces"])
+    assert resumed["tokens_seen"] == progress2["tokens_seen"] and resumed["train_s"] == progress2["train_s"]
     assert recover.main(["--stage", "2", "--work", str(w / "w3"), "--out", str(w / "o3"), "--resume", str(shipped),
                          *PIECE, *hybrid]) == 0
     progress3 = json.loads((w / "o3" / recover.PROGRESS).read_text())
