@@ -166,6 +166,48 @@ class Projected(NamedTuple):
     k_rot: torch.Tensor
 
 
+class Segment(NamedTuple):
+    """The tokens a multi-token call attends over (`_segment_tokens`): with a state, the cached open chunk's C slots and
+    then the n new tokens (S = C + n), without one the n new tokens (S = n); it starts at a chunk boundary of every row.
+    """
+
+    valid: torch.Tensor  # [B, n] bool, the real (non-padding) new tokens
+    seen: torch.Tensor  # [B] real tokens before the call
+    new_seen: torch.Tensor  # [B] real tokens after the call
+    q_pos: torch.Tensor  # [B, n] positions of the new tokens (the queries), -1 padding
+    k_pos: torch.Tensor  # [B, S] positions of the segment's tokens (the keys), -1 padding or an empty open slot
+    k: torch.Tensor  # [B, S, Hkv, D] RoPE'd keys
+    v: torch.Tensor  # [B, S, Hkv, Dv]
+
+    def open_chunk(self, chunk_size: int) -> torch.Tensor:
+        """[B] the chunk each row leaves open: the chunks before it close in this call."""
+        return torch.div(self.new_seen, chunk_size, rounding_mode="floor")
+
+    def closing(self, chunk_size: int) -> torch.Tensor:
+        """[B] bool, the rows that close a chunk in this call."""
+        return self.open_chunk(chunk_size) > torch.div(self.seen, chunk_size, rounding_mode="floor")
+
+
+class KeyRoutes(NamedTuple):
+    """The route of each segment token's chunk, as the two branches read it per key (`_route`)."""
+
+    hard: torch.Tensor  # [B, S, Hkv] bool, True = softmax
+    weight: torch.Tensor  # [B, S, Hkv] route weight m (value == hard; the router's straight-through gradient)
+    complete: torch.Tensor  # [B, S] bool, the token's chunk is complete: it closes in this call
+
+
+class GdnSegment(NamedTuple):
+    """The GDN branch's inputs over a segment (`NatslAttention._gdn_segment`): q~ of the new tokens, the rest of the
+    segment's tokens (the cached open chunk's first), and the conv window after the call."""
+
+    q: torch.Tensor  # [B, n, Hq, K] L2-normalised fp32
+    k: torch.Tensor  # [B, S, Hkv, K] L2-normalised fp32
+    v: torch.Tensor  # [B, S, Hkv, V]
+    g: torch.Tensor  # [B, S, Hkv] fp32 log decay (0 on padding)
+    beta: torch.Tensor  # [B, S, Hkv] fp32 raw write strength
+    conv_state: torch.Tensor  # [B, W-1, (Hq + Hkv) * D]
+
+
 class SourceAttention(nn.Module):
     """What both attention layers of a NAtS-L model keep of their source's attention, and how a call reaches them.
 
@@ -293,34 +335,35 @@ class SourceAttention(nn.Module):
                                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=dtype,
                                         device=x.device, **gdn)
 
-    def _segment_keys(self, p: Projected, token_mask, state: NatslLayerState | None):
-        """The keys a segment attends over: the cached open chunk's slots, then the n new tokens.
-        -> valid [B,n] bool (real new tokens), seen [B] (real tokens before the call), q_pos [B,n] and
-        k_pos [B,S] positions (-1: padding, or an empty open slot), k [B,S,Hkv,D] RoPE'd keys, v [B,S,Hkv,Dv]."""
+    def _segment_tokens(self, p: Projected, token_mask, state: NatslLayerState | None) -> Segment:
+        """The tokens a multi-token call attends over: the cached open chunk's slots, then the n new tokens."""
         B, n, _ = p.x.shape
         C, dev = self.chunk_size, p.x.device
         valid = torch.ones(B, n, dtype=torch.bool, device=dev) if token_mask is None else token_mask.bool()
         seen = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state.seen
+        new_seen = seen + valid.sum(1)
         if token_mask is None and state is None:  # a whole sequence from its start: positions 0 .. n-1
             q_pos = torch.arange(n, device=dev).repeat(B, 1)  # [B,n]
         else:
             q_pos = reference.segment_positions(valid, seen)  # [B,n]
         if state is None:
-            return valid, seen, q_pos, q_pos, p.k_rot, p.v
+            return Segment(valid, seen, new_seen, q_pos, q_pos, p.k_rot, p.v)
         open_len, open_start = seen % C, seen - seen % C
         slots = torch.arange(C, device=dev)
         open_pos = torch.where(slots[None] < open_len[:, None], open_start[:, None] + slots[None], -1)
-        k_pos = torch.cat([open_pos, q_pos], 1)
-        return valid, seen, q_pos, k_pos, torch.cat([state.open_k, p.k_rot], 1), torch.cat([state.open_v, p.v], 1)
+        return Segment(valid, seen, new_seen, q_pos, torch.cat([open_pos, q_pos], 1),
+                       torch.cat([state.open_k, p.k_rot], 1), torch.cat([state.open_v, p.v], 1))
 
-    def _write_segment(self, cache, n: int, new_seen, k_pos, k, v, keep, routes: Routes, gdn: dict | None = None):
-        """A multi-token call's result into its cache layer (`write_segment`): the keys in `keep` [B,S,Hkv] (of
-        chunks the call closed softmax) join the kept KV, the chunk left open (new_seen [B] // C) the open slots;
-        the counters count the call's routable chunks in `routes` (none with `Routes.none`); gdn: the GDN fields."""
-        cache.write_segment(n, seen=new_seen, k_pos=k_pos, k=k, v=v, keep=keep,
-                            open_chunk=torch.div(new_seen, self.chunk_size, rounding_mode="floor"),
-                            closed_chunks=routes.routable[..., 0].sum(1),
-                            kept_chunks=(routes.hard & routes.routable).sum(1), gdn=gdn)
+    def _write_segment(self, cache, seg: Segment, keep: torch.Tensor, routes: Routes, gdn_end=None,
+                       gdn_open: dict | None = None) -> None:
+        """A multi-token call's result into its cache layer (`write_segment`: `NatslLayerState.write_segment_`): the
+        chunks it completes close (their keys in `keep` [B, S, Hkv] join the kept KV; the counters count the routable
+        chunks of `routes`, none with `Routes.none`; gdn_end [B, Hkv, K, V]: NAtS-L layers, the GDN state the open
+        chunk starts from), the chunk it leaves open replaces the open chunk (gdn_open: its GDN fields)."""
+        C = self.chunk_size
+        cache.write_segment(seg.valid.shape[1], k_pos=seg.k_pos, k=seg.k, v=seg.v, keep=keep,
+                            routable=routes.routable[..., 0], kept=routes.hard, closing=seg.closing(C),
+                            gdn_end=gdn_end, seen=seg.new_seen, open_chunk=seg.open_chunk(C), gdn_open=gdn_open)
 
     def _decode_softmax(self, ops, p: Projected, valid: torch.Tensor, cache) -> torch.Tensor:
         """A decode token's softmax side: its KV and router input into the open chunk (the cache layer's
@@ -525,49 +568,34 @@ class NatslAttention(SourceAttention):
         """The general path: a segment = the cached open chunk's tokens (slots) + the n new tokens.
         state: what earlier calls left (None: the sequences start here); cache: the cache layer the call's result
         goes to (its `write_segment`; None: no cache). `right_padded`: padding only after each row's tokens
-        (packed documents), which the kernels serve exactly (causal: no real query sees a padding key)."""
-        x, q, k, v, q_rot, k_rot = p
-        n, C = x.shape[1], self.chunk_size
-        valid_new, seen, q_pos, k_pos, seg_k, seg_v = self._segment_keys(p, token_mask, state)
-        routes, rel, complete = self._route(x, k_pos, seen, state, dense=token_mask is None)
-        token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
-        key_hard = torch.gather(routes.hard, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
-        key_weight = torch.gather(routes.weight, 1, rel[..., None].expand(-1, -1, self.num_kv_heads))
-        backend = self.branch_backend(x, state, None if right_padded else token_mask)
-        if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
-            route_weight = routes.weight[:, : math.ceil(n / C)]
-            o = kernels.routed_softmax_attention(q_rot, seg_k, seg_v, route_weight, C, self.scaling)
-        else:
-            prefix = None if state is None else state.kept()
-            o = reference.softmax_branch(
-                q_rot, seg_k, seg_v, q_pos, k_pos, key_hard, key_weight, C, self.scaling, prefix
-            )
-
-        new_seen = seen + valid_new.sum(1)
-        open_chunk = torch.div(new_seen, C, rounding_mode="floor")  # [B] chunk left open after the call
-        o_gdn, gdn = self._gdn_branch(
-            x, q, k, v, q_pos, k_pos, key_weight, token_complete, None if token_mask is None else valid_new, state,
-            open_chunk, cache is not None, backend,
-        )
-        out = self._output(self._combine(o, o_gdn, x), x, None if token_mask is None else valid_new)
-        if cache is not None:
-            self._write_segment(cache, n, new_seen, k_pos, seg_k, seg_v, key_hard & token_complete[..., None], routes,
-                                gdn)
+        (packed documents), which the kernels serve exactly (causal: no real query sees a padding key).
+        p: the new tokens' projections [B, n, ...] -> (out [B, n, D], LayerRouting)."""
+        seg = self._segment_tokens(p, token_mask, state)  # keys [B, S, Hkv, *], S = C + n with a state, else n
+        routes, keys = self._route(p.x, seg, state, dense=token_mask is None)  # chunks [B, N+1, Hkv], keys [B, S, Hkv]
+        backend = self.branch_backend(p.x, state, None if right_padded else token_mask)
+        o = self._softmax_branch(backend, p, seg, routes, keys, state)  # [B, n, Hq, Dv]
+        gdn = self._gdn_segment(p, seg, token_mask, state)  # q~ [B, n, Hq, K]; k~, v, g, beta [B, S, Hkv, *]
+        o_gdn, gdn_end = self._gdn_branch(backend, gdn, seg, keys, state, cache is not None)  # [B, n, Hq, V] fp32
+        out = self._output(self._combine(o, o_gdn, p.x), p.x, None if token_mask is None else seg.valid)  # [B, n, D]
+        if cache is not None:  # the chunks the call completes close, the one it leaves open is cached
+            self._write_segment(cache, seg, keys.hard & keys.complete[..., None], routes, gdn_end,
+                                self._gdn_open_chunk(p.x, seg, gdn, gdn_end, state))
         # the padding dummy chunk N is dropped from what the call reports: routes [B, N, Hkv] on every path
         reported = Routes(*(t[:, :-1] for t in (routes.hard, routes.weight, routes.prob, routes.routable)))
         return out, self._routing(backend, reported, None)
 
-    def _route(self, x, k_pos, seen, state, dense: bool = False) -> tuple[Routes, torch.Tensor, torch.Tensor]:
-        """Route the chunks of the segment.
+    def _route(self, x, seg: Segment, state, dense: bool = False) -> tuple[Routes, KeyRoutes]:
+        """The router: route the chunks of the segment.
 
-        -> routes [B, N+1, Hkv], rel [B, S] chunk of each segment token relative to the segment's
-        first chunk (padding -> N, a dummy softmax chunk), complete [B, N+1] bool. Supervised routing
-        (stage 1) takes whole unpadded sequences without a cache (`_dense`) and is refused here.
+        -> routes [B, N+1, Hkv] of the segment's chunks (padding -> chunk N, a dummy softmax chunk), and each segment
+        token's route (`KeyRoutes`). Supervised routing (stage 1) takes whole unpadded sequences without a cache
+        (`_dense`) and is refused here.
         """
+        k_pos = seg.k_pos
         B, S = k_pos.shape
         C = self.chunk_size
-        base = torch.div(seen, C, rounding_mode="floor")  # [B] first chunk of the segment
-        rel = torch.div(k_pos, C, rounding_mode="floor") - base[:, None]
+        base = torch.div(seg.seen, C, rounding_mode="floor")  # [B] first chunk of the segment
+        rel = torch.div(k_pos, C, rounding_mode="floor") - base[:, None]  # [B, S] chunk of each token in the segment
         if (dense and state is None) or reference.tracing():
             # every row holds positions 0 .. S-1: known without a host sync. Traced (torch.compile / torch.export,
             # no host sync possible), the same static bound serves every segment: a row's real tokens are
@@ -600,7 +628,68 @@ class NatslAttention(SourceAttention):
                 "router_mode='supervised' (stage-1 distillation) trains on whole unpadded sequences without a cache: "
                 "pass packed blocks with use_cache=False and no padding."
             )
-        return routes, rel, complete
+        token_complete = torch.gather(complete, 1, rel) & (k_pos >= 0)  # [B,S] key in a closed chunk
+        per_key = rel[..., None].expand(-1, -1, self.num_kv_heads)
+        return routes, KeyRoutes(torch.gather(routes.hard, 1, per_key), torch.gather(routes.weight, 1, per_key),
+                                 token_complete)
+
+    def _softmax_branch(self, backend: str, p: Projected, seg: Segment, routes: Routes, keys: KeyRoutes,
+                        state) -> torch.Tensor:
+        """Routed causal softmax of the new tokens over the kept KV (state's), the earlier chunks routed softmax and
+        their own chunk -> o [B, n, Hq, Dv]. The kernels take whole unpadded sequences (uniform chunks: routes per
+        chunk); the reference any segment (positions and routes per key)."""
+        C = self.chunk_size
+        if backend == "kernels":  # whole sequences, no padding, no cache prefix: uniform chunks
+            route_weight = routes.weight[:, : math.ceil(p.x.shape[1] / C)]
+            return kernels.routed_softmax_attention(p.q_rot, seg.k, seg.v, route_weight, C, self.scaling)
+        prefix = None if state is None else state.kept()
+        return reference.softmax_branch(p.q_rot, seg.k, seg.v, seg.q_pos, seg.k_pos, keys.hard, keys.weight, C,
+                                        self.scaling, prefix)
+
+    def _gdn_segment(self, p: Projected, seg: Segment, token_mask, state) -> GdnSegment:
+        """The GDN branch's inputs of the new tokens (`_gdn_inputs`, the conv going on from the state's window), behind
+        the cached open chunk's (the state's `gdn_k`, `gdn_g`, `gdn_beta`, `open_v`)."""
+        q_g, k_g, beta, g, conv_state = self._gdn_inputs(p.x, p.q, p.k, None if token_mask is None else seg.valid,
+                                                         None if state is None else state.conv_state)
+        if state is None:
+            return GdnSegment(q_g, k_g, p.v, g, beta, conv_state)
+        k_g, g, beta = (torch.cat([cached, t], 1) for cached, t in ((state.gdn_k, k_g), (state.gdn_g, g),
+                                                                     (state.gdn_beta, beta)))
+        return GdnSegment(q_g, k_g, torch.cat([state.open_v, p.v], 1), g, beta, conv_state)
+
+    def _gdn_branch(self, backend: str, gdn: GdnSegment, seg: Segment, keys: KeyRoutes, state,
+                    to_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gated delta rule over the segment, linear-routed complete chunks writing with beta (1 - m), everything
+        else with 0; read out inter-chunk -> o_gdn [B, n, Hq, V] fp32, and (to_cache) the state at the open chunk's
+        start [B, Hkv, K, V] fp32, from the state's `gdn_state` (the segment's first chunk's start)."""
+        C = self.chunk_size
+        beta = gdn.beta * (1.0 - keys.weight) * keys.complete[..., None]  # [B, S, Hkv]
+        if backend == "kernels":
+            return kernels.routed_gdn_readout(gdn.q, gdn.k, gdn.v, gdn.g, beta, C, self.scaling)
+        init = None if state is None else state.gdn_state
+        until = seg.open_chunk(C) if to_cache else None
+        return reference.gdn_branch(gdn.q, gdn.k, gdn.v, gdn.g, beta, seg.q_pos, seg.k_pos, C, self.scaling, init,
+                                    until)
+
+    def _gdn_open_chunk(self, x, seg: Segment, gdn: GdnSegment, gdn_start: torch.Tensor, state) -> dict:
+        """The GDN fields of the chunk a multi-token call leaves open (`NatslLayerState.write_segment_`'s gdn_open):
+        its tokens' GDN keys, gates and write strengths by slot, the chunk written as if it closes linear on top of
+        gdn_start (the state at its start) and its decay so far (what a decode step goes on from), the conv window,
+        and the router's sum of its hidden states (x [B, n, D]: the new ones, plus the state's if the chunk was open
+        before the call)."""
+        C = self.chunk_size
+        open_chunk = seg.open_chunk(C)
+        router_sum = gather_open(x.float(), seg.q_pos, open_chunk, C).sum(1)  # [B, D]
+        if state is not None:
+            same_chunk = (open_chunk == torch.div(state.seen, C, rounding_mode="floor"))[:, None]
+            router_sum = router_sum + state.router_sum * same_chunk
+        open_k, open_g, open_beta, open_v = (gather_open(t.detach(), seg.k_pos, open_chunk, C)
+                                             for t in (gdn.k, gdn.g, gdn.beta, gdn.v))  # [B, C, Hkv, *]
+        return {
+            "gdn_k": open_k, "gdn_g": open_g, "gdn_beta": open_beta,
+            "gdn_run": reference.gdn_chunk_write(gdn_start.detach(), open_k, open_v, open_g, open_beta),
+            "gdn_decay": open_g.sum(1), "conv_state": gdn.conv_state.detach(), "router_sum": router_sum.detach(),
+        }
 
     def _gdn_inputs(self, x, q, k, valid_new, conv_state):
         """`reference.gdn_inputs` of the new tokens x [B,n,D] (q, k: their projections before RoPE)."""
@@ -622,7 +711,7 @@ class NatslAttention(SourceAttention):
         (softmax, if it fits) or committed to the GDN state (linear). A NatslCache first makes room for one more
         chunk in every (row, group) (`reserve_chunk`), so it always fits there."""
         x, q, k, v = p.x, p.q, p.k, p.v
-        B, C = x.shape[0], self.chunk_size
+        B = x.shape[0]
         valid = self._real_token(x, token_mask)  # [B]
         cache.reserve_chunk()
         state = cache.state
@@ -636,58 +725,19 @@ class NatslAttention(SourceAttention):
         out = self._output(self._combine(o, o_gdn[:, None], x), x)
 
         closing = self._closing(state, valid)  # [B]
+        softmax, routable = self._route_open_chunk(state, closing)  # [B, Hkv], [B]
+        ops.close_chunk(state, closing, softmax, routable)
+        state.seen.add_(valid.long())
+        # a step routes nothing in its outputs: a chunk it closes is counted in the cache (its realised fraction)
+        return out, LayerRouting.of(backend, Routes.none(B, self.num_kv_heads, x.device))
+
+    def _route_open_chunk(self, state: NatslLayerState, closing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router on a decode step: the route of the open chunk, decided in the rows whose token closes it
+        (closing [B] bool; sinks and overrides as in `_route`) -> softmax [B, Hkv] bool, routable [B] bool."""
+        C = self.chunk_size
         chunk = torch.div(state.seen, C, rounding_mode="floor")  # [B] the chunk the token belongs to
         routable = chunk >= self.config.num_sink_chunks
         scores = self.router(state.router_sum / C)  # [B, Hkv, 2]
         routes = decide_routes(scores[:, None], closing[:, None], ~routable[:, None],
                                self.config.router_temperature, self.config.route_override, self.num_kv_heads)
-        ops.close_chunk(state, closing, routes.hard[:, 0], routable)
-        state.seen.add_(valid.long())
-        # a step routes nothing in its outputs: a chunk it closes is counted in the cache (its realised fraction)
-        return out, LayerRouting.of(backend, Routes.none(B, self.num_kv_heads, x.device))
-
-    def _gdn_branch(
-        self, x, q, k, v, q_pos, k_pos, key_weight, token_complete, valid_new, state, open_chunk, to_cache,
-        backend,
-    ):
-        """key_weight [B,S,Hkv]: route weight m of each segment token's chunk; token_complete [B,S].
-        -> o_gdn [B, n, Hq, D] fp32, the GDN part of the next state (or None)."""
-        B, n, _ = x.shape
-        C = self.chunk_size
-        conv_state = None if state is None else state.conv_state
-        q_g, k_g, beta, g, conv_state = self._gdn_inputs(x, q, k, valid_new, conv_state)
-
-        if state is not None:
-            k_g = torch.cat([state.gdn_k, k_g], 1)
-            g = torch.cat([state.gdn_g, g], 1)
-            beta = torch.cat([state.gdn_beta, beta], 1)
-            v_seg = torch.cat([state.open_v, v], 1)
-        else:
-            v_seg = v
-        # linear-routed complete chunks write with beta * (1 - m); everything else writes 0
-        beta_eff = beta * (1.0 - key_weight) * token_complete[..., None]
-        if backend == "kernels":
-            o_gdn, gdn_state = kernels.routed_gdn_readout(q_g, k_g, v_seg, g, beta_eff, C, self.scaling)
-        else:
-            init = None if state is None else state.gdn_state
-            until = open_chunk if to_cache else None
-            o_gdn, gdn_state = reference.gdn_branch(
-                q_g, k_g, v_seg, g, beta_eff, q_pos, k_pos, C, self.scaling, init, until
-            )
-        if not to_cache:
-            return o_gdn, None
-        new_router = gather_open(x.float(), q_pos, open_chunk, C).sum(1)
-        if state is not None:
-            same_chunk = (open_chunk == torch.div(state.seen, C, rounding_mode="floor"))[:, None]
-            new_router = new_router + state.router_sum * same_chunk
-        open_k, open_g, open_beta = (gather_open(t.detach(), k_pos, open_chunk, C) for t in (k_g, g, beta))
-        gdn_state = gdn_state.detach()
-        return o_gdn, {
-            "gdn_k": open_k, "gdn_g": open_g, "gdn_beta": open_beta, "gdn_state": gdn_state,
-            # the open chunk written as if it closes linear, and its decay so far: what a decode step goes on from
-            "gdn_run": reference.gdn_chunk_write(gdn_state, open_k, gather_open(v_seg.detach(), k_pos, open_chunk, C),
-                                                 open_g, open_beta),
-            "gdn_decay": open_g.sum(1),
-            "conv_state": conv_state.detach(),
-            "router_sum": new_router.detach(),
-        }
+        return routes.hard[:, 0], routable

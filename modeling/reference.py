@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .state import append_kept_, gdn_token_write, put_slot, tracing
+from .state import gdn_token_write, put_slot, tracing
 
 QUERY_BLOCK = 256  # softmax-branch queries per block (whole chunks, at least one)
 
@@ -482,29 +482,19 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
 
 
 def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tensor) -> None:
-    """Close the open chunk of a NatslLayerState's rows in `closing` [B] bool, in place, routed
-    `softmax` [B, Hkv] bool (`routable` [B] bool: counted in the realised fraction). A softmax chunk is
-    appended to the kept KV if it fits; one that does not fit is written to the GDN state instead and
-    counted in `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context).
-    A linear chunk's writes (`gdn_run`) become the state; a softmax chunk only decays it. Fixed shapes,
-    no host sync: every row runs the same ops (a row that closes nothing writes the kept KV's scratch
-    slots; the KV append is `append_kept_`, a multi-token call's too). `modeling.kernels.close_chunk` is this in
-    one Triton launch."""
+    """A decode step's chunk close, in place (`NatslLayerState.close_chunks_` for one chunk per row): the open chunk
+    of the rows in `closing` [B] bool, routed `softmax` [B, Hkv] bool (`routable` [B] bool: counted in the realised
+    fraction). A softmax chunk joins the kept KV if it fits; one that does not fit is written to the GDN state instead
+    and counted in `overflow_chunks` (NAtS-L layers; a full-softmax layer's capacity holds the whole context). The
+    state the next chunk starts from: `gdn_run` (the chunk's writes, followed token by token) for a linear chunk, the
+    chunk-start state decayed for a softmax one. Fixed shapes, no host sync: every row runs the same ops (a row that
+    closes nothing writes the kept KV's scratch slots). `modeling.kernels.close_chunk` is this in one Triton launch."""
     C = state.chunk_size
     fits = state.kept_len + C <= state.capacity
     append = closing[:, None] & softmax & fits  # [B,Hkv]
-    append_kept_(state, state.open_k, state.open_v, append[:, None].expand(-1, C, -1))
-    counted = (closing & routable)[:, None]
-    state.kept_chunks.add_((counted & append).long())
-    state.closed_chunks.add_(counted[:, 0].long())
-    state.overflow_chunks.add_((closing[:, None] & softmax & ~fits).long())
-    if state.gdn_state is None:
-        return
-    closing4 = closing[:, None, None, None]
-    linear = (closing[:, None] & ~append)[..., None, None]
-    decayed = state.gdn_state * state.gdn_decay.exp()[..., None, None]  # no write: the state only decays
-    start = torch.where(linear, state.gdn_run, torch.where(closing4, decayed, state.gdn_state))
-    state.gdn_state.copy_(start)
-    state.gdn_run.copy_(torch.where(closing4, start, state.gdn_run))
-    state.gdn_decay.masked_fill_(closing[:, None], 0.0)
-    state.router_sum.masked_fill_(closing[:, None], 0.0)
+    gdn_end = None
+    if state.gdn_state is not None:
+        decayed = state.gdn_state * state.gdn_decay.exp()[..., None, None]  # no write: the state only decays
+        gdn_end = torch.where(append[..., None, None], decayed, state.gdn_run)
+    state.close_chunks_(state.open_k, state.open_v, append[:, None].expand(-1, C, -1), (closing & routable)[:, None],
+                        append[:, None], (closing[:, None] & softmax & ~fits)[:, None], closing, gdn_end)

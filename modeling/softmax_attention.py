@@ -65,24 +65,22 @@ class NatslSoftmaxAttention(SourceAttention):
         """The general path (as `NatslAttention._segment`, every chunk softmax): the cached open chunk's tokens + the
         n new tokens attend causally over the kept KV and themselves; every chunk the call completes joins the kept
         KV. `right_padded`: padding only after each row's tokens (packed documents), which SDPA serves exactly."""
-        n, C, H = p.x.shape[1], self.chunk_size, self.num_kv_heads
-        valid_new, seen, q_pos, k_pos, seg_k, seg_v = self._segment_keys(p, token_mask, state)
+        C, H = self.chunk_size, self.num_kv_heads
+        seg = self._segment_tokens(p, token_mask, state)  # keys [B, S, Hkv, *]
         backend = self.branch_backend(p.x, state, None if right_padded else token_mask)
         if backend == "sdpa":
-            o = self._causal_sdpa(p.q_rot, seg_k, seg_v)
+            o = self._causal_sdpa(p.q_rot, seg.k, seg.v)
         else:  # every key softmax, weight 1
-            softmax = torch.ones(*k_pos.shape, H, dtype=torch.bool, device=k_pos.device)  # [B,S,Hkv]
+            softmax = torch.ones(*seg.k_pos.shape, H, dtype=torch.bool, device=p.x.device)  # [B,S,Hkv]
             prefix = None if state is None else state.kept()
-            o = reference.softmax_branch(p.q_rot, seg_k, seg_v, q_pos, k_pos, softmax, softmax.float(), C,
+            o = reference.softmax_branch(p.q_rot, seg.k, seg.v, seg.q_pos, seg.k_pos, softmax, softmax.float(), C,
                                          self.scaling, prefix)
-        out = self._output(o, p.x, None if token_mask is None else valid_new)
+        out = self._output(o, p.x, None if token_mask is None else seg.valid)  # [B, n, D]
         routes = Routes.none(p.x.shape[0], H, p.x.device)
-        if cache is not None:
-            new_seen = seen + valid_new.sum(1)
-            # every key of a chunk the call closes is kept: the chunks before the one left open (new_seen // C)
-            chunk, open_chunk = (torch.div(t, C, rounding_mode="floor") for t in (k_pos, new_seen))
-            closed = (k_pos >= 0) & (chunk < open_chunk[:, None])  # [B,S]
-            self._write_segment(cache, n, new_seen, k_pos, seg_k, seg_v, closed[..., None].expand(-1, -1, H), routes)
+        if cache is not None:  # every key of a chunk the call closes is kept: the chunks before the one left open
+            chunk = torch.div(seg.k_pos, C, rounding_mode="floor")
+            closed = (seg.k_pos >= 0) & (chunk < seg.open_chunk(C)[:, None])  # [B,S]
+            self._write_segment(cache, seg, closed[..., None].expand(-1, -1, H), routes)
         return out, LayerRouting.of(backend, routes)
 
     def _decode(self, p: Projected, token_mask, cache):

@@ -17,9 +17,10 @@ does (`grow_`; its cache layers decide when, natsl_hf/cache.py). The transitions
 the buffers in place:
 - write a token: `write_token_` (its softmax KV at the open-chunk slot, its hidden state into the router's sum) and
   `gdn_decode_step` (its GDN inputs and its write into `gdn_run`, modeling.reference / modeling.kernels);
-- close a chunk: `close_chunk` (one decode token closes its row's chunk: appended to the kept KV, or `gdn_run` becomes
-  the state; modeling.reference / modeling.kernels) or `write_segment_` (a multi-token call closes every chunk it
-  completes, its branches having computed the routes and the GDN state);
+- close a chunk: `close_chunks_`, the one close transition: the closed chunks' keys kept softmax join the kept KV, the
+  counters count the routable ones, and in a NAtS-L layer the GDN state restarts from the state at the end of the last
+  closed chunk. Its two callers differ only in how they get that state and the routes (see `close_chunks_`): a decode
+  step's `close_chunk` (modeling.reference; modeling.kernels fuses it) and a multi-token call's `write_segment_`;
 - read out: `routed_decode_attention` (kept + open KV) and `gdn_readout` of `gdn_state` (modeling.reference / kernels).
 """
 
@@ -157,30 +158,62 @@ class NatslLayerState:
         if self.router_sum is not None:
             self.router_sum.add_(hidden.float() * valid[:, None])
 
-    def write_segment_(self, *, seen, k_pos, k, v, keep, open_chunk, closed_chunks, kept_chunks,
-                       gdn: dict | None) -> None:
-        """The state after a multi-token call (modeling.layer `_segment`: the cached open chunk + the new tokens), in
-        place: the chunks it closed softmax join the kept KV, the chunk it leaves open replaces the open chunk.
-        seen: [B] real tokens seen after the call; k_pos: [B, S] segment positions (-1 padding); k, v: [B, S, Hkv, *]
-        the segment's RoPE'd keys and values; keep: [B, S, Hkv] bool, keys of chunks that closed softmax;
-        open_chunk: [B] the chunk left open; closed_chunks [B] / kept_chunks [B, Hkv]: the call's routable chunks and
-        those kept softmax (the counters); gdn: the GDN fields after the call (NAtS-L layers: every one of them).
-        The kept KV must have room (the cache layer's `reserve`)."""
-        k, v = k.detach(), v.detach()
+    def close_chunks_(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, routable: torch.Tensor,
+                      kept: torch.Tensor, overflow: torch.Tensor | None, closing: torch.Tensor,
+                      gdn_end: torch.Tensor | None) -> None:
+        """Close chunks, in place: the one chunk-close transition of a decode step (`reference.close_chunk`, one chunk
+        per row) and of a multi-token call (`write_segment_`, every chunk it completes).
+
+        k: [B, S, Hkv, D], v: [B, S, Hkv, Dv] the closed chunks' keys (and maybe others), keep: [B, S, Hkv] bool those
+        that join the kept KV (`append_kept_`: chunks closed softmax, with room); per closed chunk j of a row:
+        routable [B, N] bool (counted in the realised fraction), kept [B, N, Hkv] bool (kept softmax), overflow
+        [B, N, Hkv] bool or None (routed softmax, found no room: written to GDN instead); closing: [B] bool the rows
+        that closed a chunk; gdn_end: [B, Hkv, K, V] fp32 (NAtS-L layers) the GDN state at the end of a closing row's
+        last closed chunk, from which the next chunk starts: `gdn_run` restarts from it, the decay and the router's
+        sum from zero.
+
+        The callers differ only in how they get gdn_end and the routes, for a reason each: a decode step closes one
+        chunk whose writes it has followed token by token (`gdn_run`, the delta rule's recurrent form), so gdn_end is
+        `gdn_run` (linear) or the chunk-start state decayed (softmax), routed by the router there and then, and a
+        softmax chunk may find the kept KV full (overflow, a NatslStaticCache's); a multi-token call closes any
+        number of chunks at once, so gdn_end is the GDN branch's chunk-form state at the open chunk's start (its write
+        strengths beta (1 - m) already zero for softmax chunks), its routes are `_route`'s, and the cache layer made
+        room first (`reserve`: none overflows)."""
         append_kept_(self, k, v, keep)
+        self.closed_chunks.add_(routable.sum(1))
+        self.kept_chunks.add_((routable[..., None] & kept).sum(1))
+        if overflow is not None:
+            self.overflow_chunks.add_(overflow.sum(1))
+        if self.gdn_state is None:
+            return
+        closing4 = closing[:, None, None, None]
+        self.gdn_state.copy_(torch.where(closing4, gdn_end, self.gdn_state))
+        self.gdn_run.copy_(torch.where(closing4, gdn_end, self.gdn_run))
+        self.gdn_decay.masked_fill_(closing[:, None], 0.0)
+        self.router_sum.masked_fill_(closing[:, None], 0.0)
+
+    def write_segment_(self, *, k_pos, k, v, keep, routable, kept, closing, gdn_end, seen, open_chunk,
+                       gdn_open: dict | None) -> None:
+        """The state after a multi-token call (modeling.layer `_segment`: the cached open chunk + the new tokens), in
+        place: every chunk it completes closes (`close_chunks_`), the chunk it leaves open replaces the open chunk.
+        k_pos: [B, S] segment positions (-1 padding); k, v: [B, S, Hkv, *] the segment's RoPE'd keys and values; keep,
+        routable, kept, closing, gdn_end: as `close_chunks_` takes them (gdn_end: the GDN state at the open chunk's
+        start); seen: [B] real tokens seen after the call; open_chunk: [B] the chunk left open; gdn_open: NAtS-L
+        layers, the open chunk's GDN fields after the call (its keys, gates, `gdn_run`, decay, conv window, router
+        sum). The kept KV must have room (the cache layer's `reserve`)."""
+        k, v = k.detach(), v.detach()
+        self.close_chunks_(k, v, keep, routable, kept, None, closing, None if gdn_end is None else gdn_end.detach())
         self.open_k.copy_(gather_open(k, k_pos, open_chunk, self.chunk_size))
         self.open_v.copy_(gather_open(v, k_pos, open_chunk, self.chunk_size))
         self.seen.copy_(seen)
-        self.closed_chunks.add_(closed_chunks)
-        self.kept_chunks.add_(kept_chunks)
-        for name, value in (gdn or {}).items():
+        for name, value in (gdn_open or {}).items():
             getattr(self, name).copy_(value.detach())
 
 
 def append_kept_(state: NatslLayerState, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> None:
-    """Append the keys marked in `keep` behind each (row, group)'s kept KV, in order, in place: the one KV append of
-    both chunk closes. k: [B, S, Hkv, D], v: [B, S, Hkv, Dv], keep: [B, S, Hkv] bool; the caller made room
-    (kept_len + keep.sum(1) <= capacity). Keys not kept go to the first scratch slot."""
+    """Append the keys marked in `keep` behind each (row, group)'s kept KV, in order, in place (`close_chunks_`).
+    k: [B, S, Hkv, D], v: [B, S, Hkv, Dv], keep: [B, S, Hkv] bool; the caller made room (kept_len + keep.sum(1) <=
+    capacity). Keys not kept go to the first scratch slot."""
     keep = keep.transpose(1, 2)  # [B,Hkv,S]
     dest = state.kept_len[..., None] + keep.long().cumsum(-1) - 1
     dest = torch.where(keep, dest, torch.full_like(dest, state.capacity))

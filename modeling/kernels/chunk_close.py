@@ -1,4 +1,5 @@
-"""The chunk close of a static decode step (`reference.close_chunk`, the same signature), in one launch.
+"""The chunk close of a decode step (`reference.close_chunk`, the same signature), in one launch: the state's one close
+transition (`NatslLayerState.close_chunks_`) for one chunk per row, with the decode close's room check (`fits`) fused in.
 
 Per row b and KV head h, one program: when the token closed b's open chunk and h routed it softmax,
 the chunk's C keys and values are appended to the kept KV if they fit (`kept_len`, the realised-fraction
