@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         def score(i, attn, hidden_states, position_embeddings):
             q, k, _ = attn._project(hidden_states)
             cos, sin = position_embeddings
-            _, A, E, far = attention_profile(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.chunk_size,
+            A, E, far = attention_profile(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.chunk_size,
                                           attn.scaling, config.num_sink_chunks)
             ratio = torch.where(E > 0, A / E.clamp(min=1e-30), torch.zeros_like(A))  # [1, Hkv, Nq, N]
             masses = {"sum": (A * far).sum(2) / E.sum(2).clamp(min=1e-30), "max": ratio.amax(2)}  # [1, Hkv, N]

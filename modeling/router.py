@@ -111,8 +111,8 @@ def router_loss(routes: Routes, budget, loss_weight: float) -> torch.Tensor:
 # exactly the chunks it will be given.
 #
 # A chunk's importance is how much more attention the later query chunk that looks at it most (at least two
-# chunks later) puts on it than its position and its distance to it alone predict. "At least two chunks later", because the next
-# chunk's queries attend to their neighbour for local reasons the GDN state already serves (it holds chunk
+# chunks later) puts on it than their positions and distance alone predict. "At least two chunks later", because
+# the next chunk's queries attend to their neighbour for local reasons the GDN state already serves (it holds chunk
 # t-1's writes, barely decayed, when chunk t reads it). "Than position and distance predict", because both
 # bias raw attention: a query that sees few keys gives each a large share, and attention decays with
 # distance, so the last chunks of a block (scored only by near queries) looked heavy whatever they held. A
@@ -124,13 +124,12 @@ def router_loss(routes: Routes, budget, loss_weight: float) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_profile(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: float, num_sink_chunks: int = 0,
-                      iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention each query chunk puts on each earlier chunk, and what position and distance predict of it.
 
     q: [B, T, Hq, D], k: [B, T, Hkv, D], RoPE'd (the source attention's q and k), whole unpadded sequences.
     Attention is full causal softmax (every earlier token visible), as in the source.
-    -> (share [B, Hkv, Nq * C, N]: the attention each query (summed over the group's q heads) puts on chunk c,
-        A [B, Hkv, Nq, N]: the attention the queries of chunk j (and the group's q heads) put on chunk c in total,
+    -> (A [B, Hkv, Nq, N]: the attention the queries of chunk j (and the group's q heads) put on chunk c in total,
         expected [B, Hkv, Nq, N]: the fitted a[j] * b[j - c] (0 where j < c + 2, and where the fit has no pair of
         that query chunk or distance: pairs of a sink only),
         far [Nq, N] bool: j >= c + 2), Nq = query chunks (a tail chunk included), N = complete chunks; fp32.
@@ -158,8 +157,8 @@ def attention_profile(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: 
         indicator = (pos[:, None] // C == torch.arange(N, device=device)).to(dtype)  # [T, N]; a tail chunk: no column
         values = indicator.expand(B, Hq, T, N).contiguous()
         share = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), keys, values, is_causal=True, scale=scale)
-        share = F.pad(share.float(), (0, 0, 0, Nq * C - T)).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, Nq * C, N]
-        A = share.unflatten(2, (Nq, C)).sum(3)  # [B, Hkv, Nq, N]
+        share = F.pad(share.float(), (0, 0, 0, Nq * C - T))  # [B, Hq, Nq * C, N]
+        A = share.unflatten(2, (Nq, C)).sum(3).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, Nq, N]
         distance = torch.arange(Nq, device=device)[:, None] - torch.arange(N, device=device)  # [Nq, N]
         far = distance >= 2
         fit = far & (torch.arange(N, device=device) >= num_sink_chunks)
@@ -170,7 +169,7 @@ def attention_profile(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scale: 
             a = (A * fit).sum(3) / torch.einsum("gk,jck->gj", b, fit_bins).clamp(min=1e-30)  # [B, Hkv, Nq]
             b = torch.einsum("bgjc,jck->gk", A, fit_bins) / torch.einsum("bgj,jck->gk", a, fit_bins).clamp(min=1e-30)
         expected = a[..., None] * torch.einsum("gk,jck->gjc", b, far_bins)  # [B, Hkv, Nq, N]
-    return share, A, expected, far
+    return A, expected, far
 
 
 @torch.no_grad()
@@ -193,7 +192,7 @@ def chunk_attention_mass(q: torch.Tensor, k: torch.Tensor, chunk_size: int, scal
     quarter-octave bins past 8 chunks): within a wide bin the nearer pairs beat the bin's mean, which the sums
     averaged out but a maximum would pick up as a bias towards chunks with far queries.
     """
-    _, A, expected, far = attention_profile(q, k, chunk_size, scale, num_sink_chunks, iterations)
+    A, expected, far = attention_profile(q, k, chunk_size, scale, num_sink_chunks, iterations)
     ratio = torch.where(expected > 0, A / expected.clamp(min=1e-30), torch.zeros_like(A))  # [B, Hkv, Nq, N]; 0 near
     mass = torch.where(far.any(0), ratio.amax(2), torch.full_like(ratio[:, :, 0], float("nan")))  # [B, Hkv, N]
     return mass.transpose(1, 2)
