@@ -34,10 +34,28 @@ import torch
 from eval_quality import NEEDLE, build_retrieval_context, haystack_sentences, load_model, probe_query
 
 
+def load_haystack(text: str) -> list[str]:
+    """The held-out text's sentences, the haystack of bench/eval_quality.py's needle contexts."""
+    from natsl_hf.conversion.data import load_texts_or_ids
+
+    return [s for t in load_texts_or_ids(text)[1] for s in haystack_sentences(t)]
+
+
+def needle_rows(tokenizer, haystack: list[str], length: int, depths: list[float], rng: random.Random
+                ) -> list[tuple[torch.Tensor, int]]:
+    """One needle row per depth as the recall blocks hold it (context + question + answer, ids [1, T]) and the
+    position of the needle line's last token (bench/eval_quality.py's contexts, drawn from `rng` in order)."""
+    rows = []
+    for depth in depths:
+        ids, pairs, line_tokens = build_retrieval_context(tokenizer, length, 1, rng, haystack, NEEDLE, depth)
+        question, answer = probe_query(tokenizer, NEEDLE, *pairs[0])
+        rows.append((torch.tensor([ids + question + answer]), max(line_tokens)))
+    return rows
+
+
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from natsl_hf.conversion.data import load_texts_or_ids
     from natsl_hf.conversion.router_fit import _on_source
     from natsl_hf.modeling.layer import apply_rope
     from natsl_hf.modeling.router import attention_profile, routing_targets
@@ -55,16 +73,12 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_model(args.model, "cpu", torch.float32)
     config = model.config
-    haystack = [s for t in load_texts_or_ids(args.text)[1] for s in haystack_sentences(t)]
-    rng = random.Random(args.seed)
     depths = [i / max(args.contexts - 1, 1) for i in range(args.contexts)]
+    rows = needle_rows(tokenizer, load_haystack(args.text), args.length, depths, random.Random(args.seed))
     kept = {"sum": [], "max": []}  # per context: [layers, Hkv] bool
     overlap = []
-    for depth in depths:
-        ids, pairs, line_tokens = build_retrieval_context(tokenizer, args.length, 1, rng, haystack, NEEDLE, depth)
-        question, answer = probe_query(tokenizer, NEEDLE, *pairs[0])
-        row = torch.tensor([ids + question + answer])
-        needle_chunk = max(line_tokens) // config.chunk_size
+    for depth, (row, line_end) in zip(depths, rows):
+        needle_chunk = line_end // config.chunk_size
         per = {name: [] for name in kept}
 
         def score(i, attn, hidden_states, position_embeddings):

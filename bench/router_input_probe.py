@@ -28,25 +28,13 @@ import time
 
 import torch
 
-from eval_quality import NEEDLE, build_retrieval_context, haystack_sentences, load_model, probe_query
-
-
-def contexts(tokenizer, haystack, n: int, length: int, seed: int) -> list[tuple[torch.Tensor, int]]:
-    """n needle rows (context + question + answer) at depths spread over (0, 1), and the needle chunk's index."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        depth = 0.1 + 0.8 * i / max(n - 1, 1)  # away from the sink chunk and from the question
-        ids, pairs, line_tokens = build_retrieval_context(tokenizer, length, 1, rng, haystack, NEEDLE, depth)
-        question, answer = probe_query(tokenizer, NEEDLE, *pairs[0])
-        rows.append((torch.tensor([ids + question + answer]), max(line_tokens)))
-    return rows
+from eval_quality import load_model
+from needle_target_probe import load_haystack, needle_rows
 
 
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from natsl_hf.conversion.data import load_texts_or_ids
     from natsl_hf.conversion.router_fit import _on_source, fit_router
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,7 +51,7 @@ def main(argv=None) -> int:
     model = load_model(args.model, "cpu", torch.float32)
     config = model.config
     C, sinks = config.chunk_size, config.num_sink_chunks
-    haystack = [s for t in load_texts_or_ids(args.text)[1] for s in haystack_sentences(t)]
+    haystack = load_haystack(args.text)
 
     def samples(rows):
         """Per layer: features {name: [n, F]}, targets / labelled [n, H], and each row's needle chunk index."""
@@ -79,8 +67,11 @@ def main(argv=None) -> int:
             _on_source(model, [{"input_ids": ids}], collect)
         return per_layer
 
-    fit_rows = contexts(tokenizer, haystack, args.fit_contexts, args.length, seed=1)
-    test_rows = contexts(tokenizer, haystack, args.test_contexts, args.length, seed=2)
+    def depths(n):  # spread over (0.1, 0.9): away from the sink chunk and from the question
+        return [0.1 + 0.8 * i / max(n - 1, 1) for i in range(n)]
+
+    fit_rows = needle_rows(tokenizer, haystack, args.length, depths(args.fit_contexts), random.Random(1))
+    test_rows = needle_rows(tokenizer, haystack, args.length, depths(args.test_contexts), random.Random(2))
     fit, test = samples(fit_rows), samples(test_rows)
     needle = [token // C for _, token in test_rows]
     layers = []
