@@ -27,9 +27,12 @@ and the model is evaluated; the next call resumes from them. What a piece does:
 - stage 2 (`--lm-weight` x LM loss + `--kd-weight` x logit KD from the source; `--lm-weight 0`: KD only): PEFT
   LoRA adapters on the attention projections q/k/v/o and the new NAtS-L parameters train, the router stays
   frozen (the stage-1 routes, recalibrated at the end);
+- the router fit (a fresh stage 1, or `--refit-routers`) runs on its own `--fit-blocks` blocks (`fit_set`), of
+  which `--fit-recall-share` (default `--recall-share`) are recall blocks: a fit rich in lookups, whatever the
+  training mix;
 - `--refit-routers` (a resumed piece, after the routing targets changed): before training, the routers are fitted
-  again to today's targets on the piece's first `--fit-blocks` training blocks (`fit_routers`, on the model as it
-  is, every chunk softmax) and calibrated, so that the piece trains on the routes it will serve;
+  again to today's targets on that fit set (`fit_routers`, on the model as it is, every chunk softmax) and
+  calibrated, so that the piece trains on the routes it will serve;
 - calibration (end of each piece): the router biases are set so that the realised fraction is the budget on
   `--calibration-blocks` blocks of `--calibration-seq-len` tokens of the first `--data` folder (the routes of a
   fixed router grow with the context: calibrate at the length the model serves);
@@ -53,8 +56,8 @@ recovered.json with the conversion settings, the LoRA scale, tokens, GPU seconds
 
 sets the router biases of a piece's checkpoint for another serving length (no training: the routes' ranking
 stays, only the threshold moves), re-evaluates, and writes the checkpoint to OUT (the last piece's record
-keeps the earlier calibration and evaluation beside the new ones); with `--refit-routers [--recall-share S]` the
-routers are first fitted again to today's targets on `--fit-blocks` blocks of the training mix (no training).
+keeps the earlier calibration and evaluation beside the new ones); with `--refit-routers [--fit-recall-share S]`
+the routers are first fitted again to today's targets on the fit set a piece would use (no training).
 
     python bench/recover_scale.py --materialize old=conversion/recovered/smollm2-135m-instruct-b0.25 new=SHIPPED \
         --gguf G --to DIR
@@ -236,25 +239,53 @@ def mix_blocks(blocks: torch.Tensor, extra: torch.Tensor, share: float, seed: in
 RECALL_BLOCKS_MAX = 4096  # distinct recall blocks made per piece (mix_blocks cycles them)
 
 
-def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int) -> tuple[torch.Tensor, int]:
-    """`blocks` and recall blocks in one shuffled order in which `share` of the blocks are recall blocks
-    (build_recovery_data.recall_blocks: key-value and needle lines in the filler of other training blocks, every
-    question in the same block; mix_blocks cycles them); -> (blocks, distinct recall blocks made). tokenizer None (--quick: random ids): one id per word
-    (its crc32), so that 8 lines and their questions fit the quick run's 256-token blocks."""
+def recall_encoding(tokenizer, vocab: int):
+    """(encode, sentence-boundary tokens, EOS) that build_recovery_data.recall_blocks needs. tokenizer None (--quick:
+    random ids): one id per word (its crc32), so that 8 lines and their questions fit the quick run's 256-token
+    blocks."""
     import zlib
 
+    if tokenizer is None:
+        return (lambda s: [zlib.crc32(w.encode()) % vocab for w in s.split()]), np.arange(vocab) % 16 == 0, 2
+    pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+    boundary = np.array([t.endswith((".", "!", "?", "\n")) for t in pieces])
+    return (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]), boundary, tokenizer.eos_token_id
+
+
+def make_recall_blocks(haystack: torch.Tensor, tokenizer, vocab: int, seed: int) -> torch.Tensor:
+    """One recall block per block of `haystack` (build_recovery_data.recall_blocks: key-value and needle lines, the
+    kinds alternating, in that block's filler, every question about them in the same block)."""
     from build_recovery_data import recall_blocks
 
-    if tokenizer is None:
-        encode = lambda s: [zlib.crc32(w.encode()) % vocab for w in s.split()]  # noqa: E731
-        boundary, eos = np.arange(vocab) % 16 == 0, 2
-    else:
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
-        boundary, eos = np.array([t.endswith((".", "!", "?", "\n")) for t in pieces]), tokenizer.eos_token_id
+    encode, boundary, eos = recall_encoding(tokenizer, vocab)
+    return torch.from_numpy(recall_blocks(haystack.numpy(), encode, boundary, eos, len(haystack), seed))
+
+
+def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int) -> tuple[torch.Tensor, int]:
+    """`blocks` and recall blocks in one shuffled order in which `share` of the blocks are recall blocks
+    (`make_recall_blocks` of the first blocks; mix_blocks cycles them); -> (blocks, distinct recall blocks made)."""
     n = min(round(len(blocks) * share / (1 - share)), RECALL_BLOCKS_MAX)
-    recall = recall_blocks(blocks[:n].numpy(), encode, boundary, eos, n, seed)
-    return mix_blocks(blocks, torch.from_numpy(recall), share, seed), n
+    return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed), share, seed), n
+
+
+def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool) -> torch.Tensor:
+    """The ~`n` blocks the routers are fitted on: training blocks of `folders` (in the order of `seed`), `share` of
+    them recall blocks made from the filler of other training blocks, shuffled. Built on its own rather than taken
+    from the training mix, so that a fit can be rich in lookups (a router learns to keep a looked-up chunk only from
+    examples of one: bench/router_input_probe.py) whatever the mix trains on, and costs only the blocks it uses."""
+    blocks = train_blocks(folders, vocab, seed, quick)[0]
+    n_recall = min(round(n * share), n - 1)
+    if n > len(blocks):
+        raise ValueError(f"--fit-blocks {n}: the data holds {len(blocks)} training blocks")
+    if not n_recall:
+        return blocks[:n]
+    recall = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed)  # filler the text part does not hold
+    return mix_blocks(blocks[: n - n_recall], recall, n_recall / n, seed)
+
+
+def fit_recall_share(args) -> float:
+    """--fit-recall-share, by default the piece's --recall-share."""
+    return args.recall_share if args.fit_recall_share is None else args.fit_recall_share
 
 
 def manifest_of(folder: Path) -> dict:
@@ -398,13 +429,15 @@ def run_piece(args) -> dict:
                                   callbacks=[deadline])
     fit = None
     budgets = None
+    if (args.stage == 1 and fresh and not args.layer_hybrid) or args.refit_routers:
+        fitting = Blocks(fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick))
     if args.stage == 1 and fresh and not args.layer_hybrid:
         if args.layer_budgets:
-            budgets = trainer.allocate_layer_budgets(args.fit_blocks)
+            budgets = trainer.allocate_layer_budgets(args.fit_blocks, fitting)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
-        fit = trainer.fit_routers(args.fit_blocks)
+        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args)}
     elif args.refit_routers:
-        fit = trainer.fit_routers(args.fit_blocks)
+        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args)}
         fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
                                                        Blocks(calibration_blocks[: args.calibration_blocks]))
     t_train = time.perf_counter()
@@ -499,12 +532,11 @@ def recalibrate(args) -> dict:
     before = perplexity(student, blocks, args.batch)["softmax_fraction"]
     fit = None
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
-        if args.refit_routers:  # on the training mix (recall blocks included), as a piece's --refit-routers
-            seed = 1000 * last["stage"] + len(progress["pieces"])
-            mix = train_blocks(folders, vocab, seed, args.quick)[0]
-            if args.recall_share:
-                mix = recall_mix(mix, tokenizer, vocab, args.recall_share, seed)[0]
-            fit = fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in mix[: args.fit_blocks]])
+        if args.refit_routers:  # on the fit set a piece's --refit-routers would use
+            blocks_fit = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
+                                 1000 * last["stage"] + len(progress["pieces"]), args.quick)
+            fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in blocks_fit]),
+                   "fit_blocks": len(blocks_fit), "fit_recall_share": fit_recall_share(args)}
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
@@ -558,7 +590,7 @@ def main(argv=None) -> int:
     p.add_argument("--to", type=Path, help="destination of --export / --materialize")
     p.add_argument("--recalibrate", metavar="CKPT",
                    help="set the router biases of CKPT at --calibration-seq-len, evaluate, write it to --out "
-                        "(--refit-routers: fit the routers first, on --fit-blocks blocks of the training mix)")
+                        "(--refit-routers: fit the routers first, on the fit set: --fit-blocks, --fit-recall-share)")
     p.add_argument("--materialize", nargs="+", metavar="LABEL=FOLDER",
                    help="write --to/source and --to/LABEL (shipped layout FOLDER applied) for bench/eval_quality.py")
     p.add_argument("--stage", type=int, choices=(1, 2))
@@ -595,7 +627,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=100000, help="a cap; --minutes ends the piece first")
     p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument("--fit-blocks", type=int, default=32,
-                   help="blocks the routers are fitted on (fresh stage 1, --refit-routers)")
+                   help="blocks the routers are fitted on (fresh stage 1, --refit-routers): fit_set")
+    p.add_argument("--fit-recall-share", type=float, default=None,
+                   help="share of those blocks that are recall blocks (default --recall-share): a fit rich in "
+                        "lookups teaches the routers to keep what a later query looks up")
     p.add_argument("--refit-routers", action="store_true",
                    help="resumed piece (or --recalibrate): fit the routers again to today's targets, then calibrate")
     p.add_argument("--calibration-blocks", type=int, default=16)
@@ -637,8 +672,9 @@ def main(argv=None) -> int:
     if args.refit_routers and (not args.resume or args.layer_hybrid):
         p.error("--refit-routers refits the routers of a resumed NAtS-L piece (a fresh stage 1 fits them anyway): "
                 "give --resume, not --layer-hybrid")
-    if not 0 <= args.recall_share < 1:
-        p.error(f"--recall-share {args.recall_share}: give a share in [0, 1)")
+    for flag, share in (("--recall-share", args.recall_share), ("--fit-recall-share", args.fit_recall_share)):
+        if share is not None and not 0 <= share < 1:
+            p.error(f"{flag} {share}: give a share in [0, 1)")
     if not 0 < args.selfgen_share < 1:
         p.error(f"--selfgen-share {args.selfgen_share}: give a share in (0, 1)")
     run_piece(args)

@@ -10,7 +10,11 @@
 #                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
 #                                        # shipped parameters, carried in the tree of that call; a later piece of the
 #                                        # same session goes on with RESUME=/tmp/rw2/ckpt, the last piece's)
-#   bash bench/recovery_gpu.sh eval      # export the shipped layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
+#   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
+#                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
+#                                        # from it with RESUME=/tmp/rw0/ckpt
+#   bash bench/recovery_gpu.sh eval      # export EVAL_CKPT (default /tmp/rw2/ckpt, the last stage-2 piece's) as the shipped
+#                                        # layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
 # two (`split -n 2 -d GGUF runs/carry-x.` -> runs/carry-a/gguf.00, runs/carry-b/gguf.01), the wheels the GPU image
@@ -21,7 +25,9 @@ G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2}
+REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256 --calibration-blocks 16}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
+EVAL_CKPT=${EVAL_CKPT:-/tmp/rw2/ckpt}
 copy_data() { rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd; }  # the carried shards, where the pieces read them
 case "$1" in
   install)
@@ -49,8 +55,14 @@ case "$1" in
     TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 2 $STAGE2_ARGS --gguf "$G" --data /tmp/rd \
       --work /tmp/rw2 --resume "$RESUME" --out "$OUT/ckpt2" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
     ;;
+  refit)
+    # shellcheck disable=SC2086
+    python3 bench/recover_scale.py --recalibrate "$RESUME" --refit-routers $REFIT_ARGS --gguf "$G" --data /tmp/rd \
+      --out /tmp/rw0/ckpt 2>&1 | tee "$OUT/refit.log" | grep -v "it/s\]" | tail -20
+    cp /tmp/rw0/ckpt/progress.json "$OUT/refit_progress.json"
+    ;;
   eval)
-    python3 bench/recover_scale.py --export /tmp/rw2/ckpt --to "$OUT/ship"
+    python3 bench/recover_scale.py --export "$EVAL_CKPT" --to "$OUT/ship"
     python3 bench/recover_scale.py --materialize natsl="$OUT/ship" --gguf "$G" --to /tmp/mat
     # shellcheck disable=SC2086
     python3 bench/eval_quality.py --source /tmp/mat/source --model natsl=/tmp/mat/natsl --text /tmp/rd/heldout.txt \
@@ -58,5 +70,5 @@ case "$1" in
       --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --batch-size 8 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
-  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|eval" >&2; exit 2 ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|refit|eval" >&2; exit 2 ;;
 esac

@@ -90,7 +90,7 @@ def test_refit_routers_moves_only_routers(recover, tmp_path, monkeypatch):
     w = tmp_path
     assert recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), *PIECE]) == 0
     before, _ = recover.read_resume(w / "o")
-    assert recover.main(["--recalibrate", str(w / "o"), "--quick", "--refit-routers", "--recall-share", "0.5",
+    assert recover.main(["--recalibrate", str(w / "o"), "--quick", "--refit-routers", "--fit-recall-share", "0.5",
                          "--fit-blocks", "4", "--calibration-blocks", "4", "--batch", "2", "--out", str(w / "r")]) == 0
     after, progress = recover.read_resume(w / "r")
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -102,12 +102,29 @@ def test_refit_routers_moves_only_routers(recover, tmp_path, monkeypatch):
     assert piece["router_fit"]["router_fit_chunks_per_head"] > 0 and "softmax_fraction_after" in piece["router_fit"]["calibration"]
 
 
+def test_fit_set_holds_its_share_of_recall_blocks(recover, monkeypatch):
+    """fit_set: ~n blocks of which round(n * share) are recall blocks (built from training blocks the text part does
+    not hold), the rest training blocks, shuffled, the same for the same seed."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    text = recover.train_blocks([], 4096, 3, True)[0]  # --quick: the training blocks fit_set draws from
+    fit = recover.fit_set([], None, 4096, 8, 0.5, 3, True)
+    assert fit.shape == (8, text.shape[1]) and torch.equal(fit, recover.fit_set([], None, 4096, 8, 0.5, 3, True))
+    from_text = [any(torch.equal(b, t) for t in text[:4]) for b in fit]
+    assert sum(from_text) == 4 and from_text != sorted(from_text, reverse=True)  # 4 training blocks, shuffled in
+    assert not any(any(torch.equal(b, t) for t in text) for b, t_ in zip(fit, from_text) if not t_)
+    assert torch.equal(recover.fit_set([], None, 4096, 8, 0.0, 3, True), text[:8])
+    with pytest.raises(ValueError, match="--fit-blocks 100: the data holds 64"):
+        recover.fit_set([], None, 4096, 100, 0.5, 3, True)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recalibrate", "CKPT", "--quick", "--out", "O", "--calibration-seq-len", "1000"],
      "--calibration-seq-len 1000: give a multiple of 64"),
     (["--materialize", "source=F", "--gguf", "G", "--to", "D"], "a label other than 'source'"),
     (["--materialize", "old", "--gguf", "G", "--to", "D"], "expected LABEL=FOLDER"),
     (["--stage", "2", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--refit-routers"], "give --resume"),
+    (["--stage", "1", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--fit-recall-share", "1"],
+     "--fit-recall-share 1.0: give a share in [0, 1)"),
 ])
 def test_modes_refuse_bad_options_before_any_work(recover, argv, message, capsys):
     with pytest.raises(SystemExit):
