@@ -27,7 +27,9 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
   contexts` contexts with `--retrieval-pairs` lines "The code for WORD is NUMBER." spread through
   each and `--retrieval-queries` queries per context; and needle in a haystack, `--needle-contexts`
   contexts with one line "The special magic number for WORD is NUMBER." (7 digits) at depths spread
-  evenly from the start to the end. A query "... Question: what is the code for WORD? Answer: The code
+  evenly from the start to the end; and the same needle task in a form no training data of this repository
+  holds (`--passkey-contexts`, "The WORD vault opens with the combination NUMBER.", 6 digits), since the
+  recall blocks of the recovery train on the other two forms. A query "... Question: what is the code for WORD? Answer: The code
   for WORD is" counts if greedy decoding reproduces NUMBER exactly, scored teacher-forced: a key-value
   context is prefilled once (cache) and its queries run together against copies of that cache; a needle
   context, its question and its answer are one row, `--probe-batch-size` right-padded rows a forward;
@@ -190,6 +192,10 @@ class Probe(NamedTuple):
 KEY_VALUE = Probe("The code for {key} is {value}.", " Question: what is the code for {key}? Answer: The code for {key} is", 4)
 NEEDLE = Probe("The special magic number for {key} is {value}.",
                " Question: what is the special magic number for {key}? Answer: The special magic number for {key} is", 7)
+# a needle of a form that no training data of this repository holds (the recall blocks and documents of
+# bench/build_recovery_data.py use KEY_VALUE and NEEDLE): whether keeping a looked-up chunk carries beyond those forms
+PASSKEY = Probe("The {key} vault opens with the combination {value}.",
+                " Question: which combination opens the {key} vault? Answer: The {key} vault opens with the combination", 6)
 
 
 def build_retrieval_context(tokenizer, length: int, n_pairs: int, rng: random.Random,
@@ -435,6 +441,9 @@ def build_parser():
     p.add_argument("--retrieval-queries", type=int, default=8, help="queries per context (<= pairs)")
     p.add_argument("--needle-contexts", type=int, default=128,
                    help="needle-in-a-haystack contexts per length (one needle each, depths evenly spread over 0..1)")
+    p.add_argument("--passkey-contexts", type=int, default=128,
+                   help="needle contexts per length in a form that no training data here holds (PASSKEY: 'The WORD "
+                   "vault opens with the combination N.'): whether recall carries beyond the trained forms")
     p.add_argument("--probe-batch-size", type=int, default=16,
                    help="rows per teacher-forced forward of the needle task (right-padded) and of the greedy-"
                    "agreement scoring")
@@ -479,9 +488,10 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
         entry["generation"] = greedy_agreement(model, data["prompts"], data["continuations"], args.probe_batch_size)
     entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
                           for L, c in data["kv_contexts"].items()}
-    if args.needle_contexts:
-        entry["needle"] = {str(L): needle_retrieval(model, tokenizer, c, device, args.probe_batch_size)
-                           for L, c in data["needle_contexts"].items()}
+    for task, probe in (("needle", NEEDLE), ("passkey", PASSKEY)):
+        if data[f"{task}_contexts"]:
+            entry[task] = {str(L): needle_retrieval(model, tokenizer, c, device, args.probe_batch_size, probe)
+                           for L, c in data[f"{task}_contexts"].items()}
     if data["qa_prompts"]:
         entry["short_qa"] = short_qa(model, tokenizer, data["qa_prompts"], data["qa_items"], args.qa_tokens,
                                      args.qa_batch_size, device)
@@ -505,7 +515,7 @@ def summarise(results: dict) -> dict:
             row["short_qa_accuracy"] = entry["short_qa"]["accuracy"]
             if "source_correct_kept" in entry["short_qa"]:
                 row["short_qa_source_correct_kept"] = entry["short_qa"]["source_correct_kept"]
-        for task in ("retrieval", "needle"):
+        for task in ("retrieval", "needle", "passkey"):
             for L, r in entry.get(task, {}).items():
                 row[f"{task}_{L}"] = r["accuracy"]
                 for key in ("softmax_fraction", "kv_fraction", "pair_chunk_softmax_fraction"):
@@ -533,6 +543,9 @@ def prepare_data(args, tokenizer, device) -> dict:
     depths = [i / max(args.needle_contexts - 1, 1) for i in range(args.needle_contexts)]
     needle = {L: [build_retrieval_context(tokenizer, L, 1, rng, haystack, NEEDLE, depth) for depth in depths]
               for L in args.retrieval_lengths}
+    depths = [i / max(args.passkey_contexts - 1, 1) for i in range(args.passkey_contexts)]  # drawn after the others:
+    passkey = {L: [build_retrieval_context(tokenizer, L, 1, rng, haystack, PASSKEY, depth) for depth in depths]
+               for L in args.retrieval_lengths}  # the contexts above stay what they were without this task
     items = load_short_qa(args.qa_file)[: args.qa_questions]
     context = ""
     if args.qa_context:
@@ -541,6 +554,7 @@ def prepare_data(args, tokenizer, device) -> dict:
         context = tokenizer.decode(tokenizer(" ".join(texts[::-1]), add_special_tokens=False)["input_ids"][: args.qa_context])
     return {"blocks": blocks, "prompts": blocks[: args.gen_prompts, : args.gen_prompt_len], "continuations": None,
             "kv_contexts": kv, "needle_contexts": needle if args.needle_contexts else {},
+            "passkey_contexts": passkey if args.passkey_contexts else {},
             "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else []}
 
 

@@ -70,9 +70,10 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
 
     The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
     gap), top-1 agreement with the source, greedy prefix match, key-value and needle retrieval accuracy
-    per context length and short-answer accuracy (model and source, and the share of the source's
-    correct answers the model keeps), the realised softmax fraction on the perplexity blocks (overall
-    and per NAtS-L layer), and the kept / full KV bytes after prefilling the longest retrieval context.
+    per context length (and the needle in a form no training data holds, `passkey_`) and short-answer
+    accuracy (model and source, and the share of the source's correct answers the model keeps), the
+    realised softmax fraction on the perplexity blocks (overall and per NAtS-L layer), and the kept /
+    full KV bytes after prefilling the longest retrieval context.
     `label` may be omitted when the report evaluated exactly one model besides the source.
     """
     summary = report["summary"]
@@ -95,7 +96,8 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         quality["top-1 agreement with source"] = row["top1_agreement"]
     if "gen_prefix_match" in row:
         quality["greedy prefix match with source"] = row["gen_prefix_match"]
-    for prefix, name in (("retrieval_", "key-value retrieval"), ("needle_", "needle retrieval")):
+    for prefix, name in (("retrieval_", "key-value retrieval"), ("needle_", "needle retrieval"),
+                         ("passkey_", "needle retrieval, untrained form")):
         for key, value in row.items():
             if key.startswith(prefix):  # retrieval_2048, needle_4096 (not softmax_fraction_retrieval_2048)
                 length = key[len(prefix):]

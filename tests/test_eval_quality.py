@@ -46,12 +46,13 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
                              "--seq-len", "64", "--ppl-blocks", "2", "--gen-prompts", "1", "--gen-prompt-len", "16",
                              "--gen-tokens", "4", "--retrieval-lengths", "300", "--retrieval-contexts", "1",
                              "--retrieval-pairs", "2", "--retrieval-queries", "2", "--needle-contexts", "2",
-                             "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2"]) == 0
+                             "--passkey-contexts", "2", "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2"]) == 0
     report = json.loads(out.read_text())
     src_row, row = report["summary"]["source"], report["summary"]["init"]
     # freshly converted: every chunk softmax, the source's numbers exactly
     assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
     assert row["retrieval_300"] == src_row["retrieval_300"] and row["needle_300"] == src_row["needle_300"]
+    assert row["passkey_300"] == src_row["passkey_300"] and report["results"]["init"]["passkey"]["300"]["queries"] == 2
     assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
     assert row["kv_fraction_retrieval_300"] == 1.0 and row["pair_chunk_softmax_fraction_retrieval_300"] == 1.0
     assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
