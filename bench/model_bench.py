@@ -20,6 +20,10 @@ Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
              memory at batch 1 and 2 (linear in the batch), then checked by running it.
   profile    CUDA kernels, cudaGraphLaunch calls and host syncs per decode step (torch profiler), eager
              and compiled.
+             Static rows also time a first call at a second cache length (`recompile_s`: that call minus a
+             warm one; `second_cache_len`: the next step of `static_cache_length` past 1.3 x the first).
+  server     (not in the default sections) one process, one model: generate() at SERVER_SHAPES in turn, nothing
+             freed between calls; per call seconds, memory allocated after it, peak, or the error.
   natsl-torch-step  (decode + profile sections) the 8k decode and profile rows again with the static step's
              GDN side and chunk close as torch ops (`reference.gdn_decode_step`, `reference.close_chunk`):
              the fused kernels' before / after in the same run.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -45,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import natsl_hf
 from natsl_hf import NatslCache, NatslStaticCache
+from natsl_hf.cache import static_cache_length
 from natsl_hf.conversion import convert_model
 
 from decode_bench import time_steps  # CUDA-event median, as the decode bench times its steps
@@ -188,8 +194,45 @@ def decode_row(model, name: str, T: int, batch: int, p, cache_implementation) ->
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "first_call_s": first, "compile_s_estimate": first - short}
     if name.startswith("natsl"):
         row["realised_fraction"] = realised_fraction(model, ids)
+    if cache_implementation == "static":  # a second cache length (the next step of static_cache_length's scale past
+        # 1.25 x this one): what a new max_new_tokens or prompt costs a user once the first call compiled
+        model.generation_config.max_cache_len = static_cache_length(math.ceil(1.3 * (T + N_LONG)), 1 << 30)
+        row["second_cache_len"] = model.generation_config.max_cache_len
+        row["recompile_s"] = sync_time(lambda: gen(N_SHORT)) - short
     model.generation_config.max_cache_len = None
     return row
+
+
+# (context, batch) of the server row's calls: the sequence in which issue 24 saw the source run out of memory and
+# NAtS-L fail in torch's CUDA-graph trees, then a short call again
+SERVER_SHAPES = ((8192, 1), (32768, 1), (65536, 1), (16384, 32), (8192, 1))
+
+
+def server_row(model, name: str, p, shapes=SERVER_SHAPES) -> dict:
+    """A long-lived process as a server runs one (issue 24): generate(cache_implementation="static") at several sizes
+    in turn, one model, nothing freed between calls (generate keeps its cache on the model, as it does for a user).
+    Per call: seconds, memory allocated after it and its peak, or the error; the call that fails does not stop the
+    sequence."""
+    calls = []
+    free(model)
+    for T, batch in shapes:
+        ids = prompt(batch, T, seed=T + batch)
+        reset_routes(model, name, p, ids[:1])
+        torch.cuda.reset_peak_memory_stats()
+        call = {"T": T, "batch": batch}
+        try:
+            call["s"] = sync_time(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_SHORT,
+                                                         min_new_tokens=N_SHORT, do_sample=False,
+                                                         cache_implementation="static"))
+        except Exception as e:  # noqa: BLE001 - the row records what a server would have seen
+            call["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        call["allocated_after_gb"] = torch.cuda.memory_allocated() / 2**30
+        call["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        calls.append(call)
+        print(json.dumps({"server": name, **call}), flush=True)
+    free(model)
+    return {"kind": "server", "model": name, "p": p, "calls": calls, "errors": sum("error" in c for c in calls),
+            "max_allocated_after_gb": max(c["allocated_after_gb"] for c in calls)}
 
 
 def torch_step_ops(row_fn):
@@ -425,6 +468,8 @@ def main(argv=None) -> int:
             jobs += [(train_row, natsl, "natsl", T, p0), (train_row, source, "source", T, None)]
     if "max_batch" in sections:
         jobs += [(max_batch_row, natsl, "natsl", 32768, p0), (max_batch_row, source, "source", 32768, None)]
+    if "server" in sections:
+        jobs += [(server_row, natsl, "natsl", p0), (server_row, source, "source-static", None)]
     for frac in fractions[1:]:
         if "decode" in sections:
             jobs += [(decode_row, natsl, "natsl", T, B, frac, "static") for T, B in [(T, 1) for T in contexts]]

@@ -433,6 +433,8 @@ class NatslStaticCache(StaticCache):
         if not torch.compiler.is_compiling():
             for t in layer.buffers():  # fixed addresses: in-place updates keep CUDA graphs valid
                 torch._dynamo.mark_static_address(t)
+            for t in (state.kept_k, state.kept_v):  # the kept slots, which follow max_cache_len: a dynamic size from
+                torch._dynamo.maybe_mark_dynamic(t, 2)  # the first compile on, so another cache length reuses the graph
         return layer
 
     def place_(self, device, dtype) -> None:

@@ -489,9 +489,10 @@ class NatslModel(NatslPreTrainedModel):
                 if cache_len is not None:
                     expected += f" or [{B}, {cache_len}] (the NatslStaticCache's length)"
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected}.")
-        if attention_mask.shape[1] == cache_len:
-            # as long as the static cache (generate's mask): the new tokens are columns past .. past + n - 1, past the
-            # cache's column count, a device tensor: gathered, not sliced, so one compiled step serves every past
+        if cache_len is not None and attention_mask.shape[1] != n:
+            # [B, cache_len] (generate's mask) or [B, past + n]: the new tokens are columns past .. past + n - 1, past
+            # the cache's column count, a device tensor: gathered, not sliced, so one compiled step serves every past;
+            # and the test is against n, not the cache's length, so that it holds for a dynamic mask length too
             columns = cache.get_seq_length() + torch.arange(n, device=attention_mask.device)
             token_mask = attention_mask.gather(1, columns.expand(B, n)).bool()
         else:
@@ -701,7 +702,9 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             return None
         if isinstance(cache, NatslStaticCache):
-            return F.pad(attention_mask, (0, cache.cache_len - attention_mask.shape[1]))
+            mask = F.pad(attention_mask, (0, cache.cache_len - attention_mask.shape[1]))
+            torch._dynamo.maybe_mark_dynamic(mask, 1)  # its length is the cache's: dynamic, as the kept slots are
+            return mask
         return attention_mask[:, -inputs_embeds.shape[1]:].clone(memory_format=torch.contiguous_format)
 
     @can_return_tuple

@@ -255,6 +255,31 @@ def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_the_cache_
         assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
 
 
+def test_compiled_generate_compiles_once_for_every_cache_length():
+    """Compile once (issue 24): the compiled decode step of a first generate() serves calls whose NatslStaticCache is
+    sized differently (24, 32, 48 after 20: other steps of `static_cache_length`) without a recompile. The sizes that
+    follow the cache's length, the kept slots (`kept_k` / `kept_v` dim 2) and generate's padded mask (dim 1), are
+    dynamic from the first compile on, and nothing in the step compares them with the cache's length as a Python int
+    (before: a recompile on `layers[0].state.kept_k` size 24 vs 28, then a second, dynamic graph). Each call gives
+    the dynamic cache's tokens."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model = tiny_model(seed=3).eval()
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    kwargs = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(7))
+    torch.compiler.reset()
+    model.generate(ids, max_new_tokens=11, **kwargs)
+    assert model._natsl_static_cache.cache_len == 20 and hasattr(model, "_compiled_call")
+    for new, cache_len in ((16, 24), (26, 32), (36, 48)):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = model.generate(ids, max_new_tokens=new, **kwargs)
+        assert model._natsl_static_cache.cache_len == cache_len
+        assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
+
+
 def test_the_config_of_a_saved_model_sizes_a_cache_in_the_models_dtype(tmp_path):
     """save_pretrained writes config.dtype as its name ("float32"): a cache built from that config still takes it."""
     model = tiny_model(seed=3)

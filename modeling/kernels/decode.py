@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, _pow2
+from .utils import LOG2E, _pow2, cdiv
 
 BN = 64  # kept keys per block
 TARGET_PROGRAMS = 512  # about 4 programs per SM on an H100 / H200; splits never go below one block
@@ -135,12 +135,13 @@ MERGE_BLOCK = 8  # splits merged per step of the merge loop
 
 
 def _num_splits(rows: int, length: int) -> tuple[int, int]:
-    """(NSPLIT, SPLIT): kept keys per split a multiple of BN, about TARGET_PROGRAMS programs in all."""
-    if length == 0:
-        return 0, BN
-    per_row = max(1, TARGET_PROGRAMS // rows)
-    split = max(BN, triton.cdiv(triton.cdiv(length, per_row), BN) * BN)
-    return triton.cdiv(length, split), split
+    """(NSPLIT, SPLIT): about TARGET_PROGRAMS programs in all, kept keys per split a multiple of BN. NSPLIT depends on
+    the rows alone, not on `length` (the kept slots, which follow the cache's length): the merge's NS is a constexpr
+    of it, and a compiled decode step whose launch shape followed the length would be specialised to it, so every new
+    cache length would recompile the step. Splits past a row's kept entries hold none and exit at once (short caches
+    launch a few such empty programs)."""
+    nsplit = max(1, TARGET_PROGRAMS // rows)
+    return nsplit, max(BN, cdiv(cdiv(length, nsplit), BN) * BN)
 
 
 def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, scale: float | None = None):
