@@ -24,6 +24,8 @@ import transformers
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
+from natsl_hf.modeling_natsl import CACHE_FIELD
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from test_static_cache import tiny_model  # noqa: E402
@@ -45,9 +47,10 @@ def main(argv=None) -> int:
         counters.clear()
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new, do_sample=False, cache_implementation="static",
-                             compile_config=config)
+                             compile_config=config, return_dict_in_generate=True)
         seconds = time.perf_counter() - t0
-        calls.append({"max_new_tokens": new, "cache_len": model._natsl_static_cache.cache_len,
+        cache, out = getattr(out, CACHE_FIELD), out.sequences
+        calls.append({"max_new_tokens": new, "cache_len": cache.cache_len,
                       "frames_compiled": counters["stats"]["unique_graphs"], "s": round(seconds, 2),
                       "tokens_equal_dynamic": torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))})
         print(json.dumps(calls[-1]), flush=True)

@@ -142,9 +142,10 @@ def sync_time(fn) -> float:
 
 
 def free(*models):
-    """Drop the caches generate() keeps on a model between calls (so each row's peak is its own)."""
+    """Drop what generate() keeps on a model between calls (transformers' earlier `_cache`, its worst-case length),
+    so that each row's peak is its own."""
     for m in models:
-        for name in ("_cache", "_natsl_static_cache", "_previous_max_cache_length"):
+        for name in ("_cache", "_previous_max_cache_length"):
             if hasattr(m, name):
                 delattr(m, name)
     gc.collect()

@@ -279,9 +279,9 @@ def _config_dtype(config) -> torch.dtype:
 def static_cache_length(length: int, limit: int) -> int:
     """The length generate() sizes a NatslStaticCache to for a call of `length` tokens (prompt + new tokens - 1) when
     no max_cache_len is given: `length` rounded up to one of four steps per doubling (..., 16, 20, 24, 28, 32, 40,
-    ...: at most 25 % more), but not past `limit` (config.max_position_embeddings) unless `length` is. Later calls up
-    to that length reuse the cache (`NatslStaticCache.fits`), so a compiled decode step whose cache shapes would
-    otherwise follow every new length is compiled once per step of the scale."""
+    ...: at most 25 % more), but not past `limit` (config.max_position_embeddings) unless `length` is. The compiled
+    decode step serves every length (its length-dependent sizes are dynamic), but CUDA graphs are recorded per
+    distinct shape: the steps bound how many a process records."""
     step = 2 ** max(0, (length - 1).bit_length() - 3)
     return min(-(-length // step) * step, max(length, limit))
 
@@ -398,7 +398,6 @@ class NatslStaticCache(StaticCache):
             except (RuntimeError, TypeError, ValueError):
                 raise ValueError(f"NatslStaticCache(device={device!r}) is invalid: expected a torch.device or a name "
                                  "such as 'cuda:0' (the model's: model.device), or None.") from None
-        self._kept_fraction_arg = max_kept_fraction  # None: the default, which depends on the config
         floor = self.MIN_KEPT_CHUNKS if max_kept_fraction is None else 0  # an explicit fraction is taken as given
         if max_kept_fraction is None:
             max_kept_fraction = min(1.0, 2 * config.softmax_budget)
@@ -452,18 +451,6 @@ class NatslStaticCache(StaticCache):
 
     def layer_state(self, layer_idx: int) -> NatslLayerState:
         return self.layers[layer_idx].state
-
-    def fits(self, batch_size: int, max_cache_len: int, config, device, dtype,
-             max_kept_fraction: float | None = None) -> bool:
-        """Whether generate() can reuse this cache for a call of that size and kept fraction (None: the default). A
-        cache longer than the call needs serves it, as transformers' StaticCache does: a shorter second call keeps
-        the shapes, so a compiled step does not recompile."""
-        state = self.layers[0].state
-        fraction = min(1.0, 2 * config.softmax_budget) if max_kept_fraction is None else max_kept_fraction
-        return (batch_size == self.rows and max_cache_len <= self.cache_len
-                and self._kept_fraction_arg == max_kept_fraction and self.max_kept_fraction == fraction
-                and self._layout == _layout(config)
-                and state.kept_k.device == torch.device(device) and state.kept_k.dtype == dtype)
 
     def check_model(self, config) -> None:
         """Before a forward reads the cache (eager, no host sync): its buffers are shaped for this model."""

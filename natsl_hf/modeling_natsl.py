@@ -605,8 +605,8 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
                                       max_cache_length, *args, **kwargs):
         """`generate(..., cache_implementation="static")` decodes with a NatslStaticCache sized to the call
         (rows x beams; prompt + max_new_tokens, rounded up by `static_cache_length`), which transformers then
-        compiles as it does a StaticCache; the cache is kept for later calls that fit it (`NatslStaticCache.fits`: a
-        shorter call, or a longer one up to the rounded length, reuses its buffers and compiled step).
+        compiles as it does a StaticCache; a later call at another length builds its own cache and reuses the
+        compiled step (compile once: the cache's length-dependent sizes are dynamic).
         `cache_config={"max_kept_fraction": f}` sets its kept-KV share (`max_cache_len`: a larger size, taken as
         given, as generation_config.max_cache_len). Without it (or with "dynamic"), the model creates a NatslCache
         in its first forward. Other cache implementations (offloaded, quantized, sliding-window...) hold dense KV and are
@@ -653,15 +653,13 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         if max_cache_length > self.config.max_position_embeddings:  # decode steps skip the check (no host sync)
             self.model._warn_past_context(None, None, max_cache_length, explicit_max=max_cache_length - 1)
         rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
-        # reused across calls of the same size, as transformers reuses its StaticCache: new buffers would
-        # have new addresses, which a captured (CUDA-graph) step would have to record again
-        cache = getattr(self, "_natsl_static_cache", None)
-        if cache is None or not cache.fits(rows, max_cache_length, self.config, self.device, self.dtype, fraction):
-            cache = NatslStaticCache(self.config, max_batch_size=rows, max_cache_len=max_cache_length,
-                                     max_kept_fraction=fraction, device=self.device, dtype=self.dtype)
-            self._natsl_static_cache = cache
-        else:
-            cache.reset()
+        # the call's own cache, as transformers builds a new StaticCache per call (`_prepare_static_cache`): the model
+        # keeps no reference to it, so a process that generates at several sizes holds none of them afterwards (a
+        # cache kept for reuse held the last call's buffers, 5.4 GB after a 16k x 32 call). Nothing recompiles for a
+        # new cache: the sizes that follow its length are dynamic (NatslStaticCache). `return_dict_in_generate=True`
+        # returns it (`.past_key_values`); pass one as past_key_values to reuse it on purpose.
+        cache = NatslStaticCache(self.config, max_batch_size=rows, max_cache_len=max_cache_length,
+                                 max_kept_fraction=fraction, device=self.device, dtype=self.dtype)
         model_kwargs[CACHE_FIELD] = self._generate_cache = cache
 
     def generate(self, *args, **kwargs):

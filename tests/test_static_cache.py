@@ -76,7 +76,7 @@ def test_greedy_generate_static_equals_dynamic():
     assert torch.equal(out.sequences, dynamic)
     again = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                            cache_implementation="static", return_dict_in_generate=True)
-    assert getattr(again, CACHE_FIELD) is cache, "a call of the same size reuses the buffers (CUDA graphs keep them)"
+    assert getattr(again, CACHE_FIELD) is not cache  # each call its own cache, as transformers' StaticCache
     assert torch.equal(again.sequences, dynamic)
 
 
@@ -183,23 +183,26 @@ def test_memory_follows_what_is_kept():
     assert full == 40 * C and natsl == (1 + 10) * C  # 1 sink + ceil(0.25 x 39) chunks
 
 
-def test_a_shorter_or_slightly_longer_second_generate_reuses_the_static_cache():
-    """A second, shorter generate() keeps the first call's NatslStaticCache (same buffers, so a compiled step keeps
-    its shapes and does not recompile: transformers' test_static_cache_no_recompile_with_smaller_length), and its
-    tokens are those of a fresh dynamic-cache generate. generate() rounds the call's length up (`static_cache_length`:
-    11 + 9 - 1 = 19 -> 20), so a longer call up to that keeps it too; a call past it gets a new, larger cache."""
+def test_each_static_generate_builds_its_own_cache_and_the_model_keeps_none():
+    """generate(cache_implementation="static") builds a NatslStaticCache for the call, sized to it (rows x beams;
+    prompt + max_new_tokens - 1, rounded up by `static_cache_length`: 11 + 9 - 1 = 19 -> 20), as transformers
+    builds a new StaticCache per call; the model holds no reference to it afterwards (bounded memory across calls:
+    a kept cache held the last call's buffers), and its tokens are a dynamic-cache generate's."""
+    import gc
+    import weakref
+
     model = tiny_model(seed=3).eval()
     ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(do_sample=False, cache_implementation="static")
-    model.generate(ids, max_new_tokens=9, **kwargs)
-    first = model._natsl_static_cache
-    assert first.cache_len == 20
-    for new in (5, 10):  # 15 and 20 cached tokens
+    kwargs = dict(do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+    for new, cache_len in ((9, 20), (5, 16), (12, 24)):  # 19 -> 20, 15 -> 16, 22 -> 24
         out = model.generate(ids, max_new_tokens=new, **kwargs)
-        assert model._natsl_static_cache is first
-        assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
-    model.generate(ids, max_new_tokens=12, **kwargs)  # 22 -> 24
-    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 24
+        cache = getattr(out, CACHE_FIELD)
+        assert isinstance(cache, NatslStaticCache) and cache.cache_len == cache_len
+        assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=new, do_sample=False))
+        ref = weakref.ref(cache)
+        del out, cache
+        gc.collect()
+        assert ref() is None, "the model (or generate) still holds the call's NatslStaticCache"
 
 
 def test_static_cache_length_rounds_up_to_four_steps_per_doubling():
@@ -210,20 +213,21 @@ def test_static_cache_length_rounds_up_to_four_steps_per_doubling():
 
 def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls():
     """transformers 5.2x sizes its static cache by generation_config.max_cache_len when that is larger than the call
-    (the worst case across calls, `_prepare_cache_for_generation`), so that later calls with a longer prompt or more
-    new tokens, up to it, reuse the same cache (no new buffers, no recompile). The NatslStaticCache generate() builds
-    follows it: as a generate() argument and from model.generation_config; past the ceiling, a larger cache."""
+    (the worst case across calls, `_prepare_cache_for_generation`), so that every call up to it decodes with caches of
+    one size. The NatslStaticCache generate() builds follows it: as a generate() argument and from
+    model.generation_config; past the ceiling, a cache sized to the call, rounded."""
     model = tiny_model(seed=3).eval()
     short, longer = (torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 13))
-    model.generate(short, max_new_tokens=3, do_sample=False, cache_implementation="static", max_cache_len=40)
-    first = model._natsl_static_cache
-    assert first.cache_len == 40  # not the call's 5 + 3 - 1 (generate caches all but the last token)
+    out = model.generate(short, max_new_tokens=3, do_sample=False, cache_implementation="static", max_cache_len=40,
+                         return_dict_in_generate=True)
+    assert getattr(out, CACHE_FIELD).cache_len == 40  # not the call's 5 + 3 - 1 (generate caches all but the last token)
     model.generation_config.cache_implementation, model.generation_config.max_cache_len = "static", 40
-    out = model.generate(longer, max_new_tokens=28, do_sample=False)  # 13 + 28 - 1 = 40: the same cache
-    assert model._natsl_static_cache is first
-    assert torch.equal(out, model.generate(longer, max_new_tokens=28, do_sample=False, cache_implementation="dynamic"))
-    model.generate(longer, max_new_tokens=30, do_sample=False)  # 13 + 30 - 1 = 42 > 40: sized to the call, rounded
-    assert model._natsl_static_cache is not first and model._natsl_static_cache.cache_len == 48
+    out = model.generate(longer, max_new_tokens=28, do_sample=False, return_dict_in_generate=True)  # 13 + 28 - 1 = 40
+    assert getattr(out, CACHE_FIELD).cache_len == 40
+    assert torch.equal(out.sequences, model.generate(longer, max_new_tokens=28, do_sample=False,
+                                                     cache_implementation="dynamic"))
+    out = model.generate(longer, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)  # 42 > 40
+    assert getattr(out, CACHE_FIELD).cache_len == 48
 
 
 @pytest.mark.parametrize("first_call", [dict(max_new_tokens=2, max_cache_len=12 + 9 - 1), dict(max_new_tokens=11)],
@@ -234,9 +238,9 @@ def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_the_cache_
     compiled step without a recompile (torch._dynamo's error_on_recompile; what recompiled was the size of
     `layers[0].state.kept_k`, the kept KV, whose capacity grows with the cache length). The first call's cache is 20
     long: by max_cache_len (transformers 5.2x's worst case across calls), or by its own 7 + 11 - 1 = 17 tokens rounded
-    up (`static_cache_length`). So a longer second call up to 20, and then a shorter one, reuse it; each gives the
-    dynamic cache's tokens. The "eager" backend: the guards are dynamo's whatever compiles the graph, and it compiles
-    in seconds."""
+    up (`static_cache_length`). A longer second call up to 20 and then a shorter one (each with its own cache, as
+    transformers builds a StaticCache per call) run the same compiled step; each gives the dynamic cache's tokens.
+    The "eager" backend: the guards are dynamo's whatever compiles the graph, and it compiles in seconds."""
     import torch._dynamo
     from transformers import CompileConfig
 
@@ -246,10 +250,10 @@ def test_compiled_generate_does_not_recompile_for_a_longer_call_up_to_the_cache_
     kwargs = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
     short, longer = (torch.randint(3, 97, (2, n), generator=torch.Generator().manual_seed(n)) for n in (7, 12))
     torch.compiler.reset()
-    model.generate(short, **first_call, **kwargs)
+    out = model.generate(short, **first_call, **kwargs, return_dict_in_generate=True)
     assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
-    assert model._natsl_static_cache.cache_len == 20
-    for ids, new in ((longer, 9), (short, 2)):  # 12 + 9 - 1 = 20: the same cache; then 8 < 20: the same cache
+    assert getattr(out, CACHE_FIELD).cache_len == 20
+    for ids, new in ((longer, 9), (short, 2)):  # 12 + 9 - 1 = 20; then 7 + 2 - 1 = 8
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = model.generate(ids, max_new_tokens=new, **kwargs)
         assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
@@ -271,13 +275,13 @@ def test_compiled_generate_compiles_once_for_every_cache_length():
     kwargs = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
     ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(7))
     torch.compiler.reset()
-    model.generate(ids, max_new_tokens=11, **kwargs)
-    assert model._natsl_static_cache.cache_len == 20 and hasattr(model, "_compiled_call")
+    out = model.generate(ids, max_new_tokens=11, **kwargs, return_dict_in_generate=True)
+    assert getattr(out, CACHE_FIELD).cache_len == 20 and hasattr(model, "_compiled_call")
     for new, cache_len in ((16, 24), (26, 32), (36, 48)):
         with torch._dynamo.config.patch(error_on_recompile=True):
-            out = model.generate(ids, max_new_tokens=new, **kwargs)
-        assert model._natsl_static_cache.cache_len == cache_len
-        assert torch.equal(out, model.generate(ids, max_new_tokens=new, do_sample=False))
+            out = model.generate(ids, max_new_tokens=new, **kwargs, return_dict_in_generate=True)
+        assert getattr(out, CACHE_FIELD).cache_len == cache_len
+        assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=new, do_sample=False))
 
 
 def test_the_config_of_a_saved_model_sizes_a_cache_in_the_models_dtype(tmp_path):
