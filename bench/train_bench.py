@@ -15,8 +15,10 @@ bench/model_bench.py does). Rows (`bench/results/model_bench_*.json` format, `{"
   profile         one training step (forward + backward + optimizer, bf16 autocast) under the torch
                   profiler: wall ms, GPU busy ms (sum of kernel times), GPU kernels, host syncs, aten ops,
                   the CPU time of the attention modules' forwards, the top kernels and the top CPU ops.
-  check           the compiled layer path (CUDA default) against the eager one (NATSL_COMPILE=0): loss and
-                  gradients of one training step.
+  check           one training step with each switch off and on, loss and gradients compared: the compiled
+                  layer path against the eager one (NATSL_COMPILE=0), and the branch ops replayed as CUDA
+                  graphs against launched (NATSL_CUDA_GRAPHS=0; modeling/kernels/graphs.py).
+                  `--without-graphs` adds, per trainer shape, the NAtS-L row with the graphs off (the A/B).
   prefill         Llama-3.2-1B shape (bench/model_bench.py's), 8k, one forward with last-token logits:
                   ms, and the same profile fields.
 
@@ -267,14 +269,21 @@ def profile_train_row(name: str, model, ids, grad_ckpt: bool) -> dict:
             **summarize(prof, wall, model.config.num_hidden_layers)}
 
 
-def check_compiled_row(model, ids) -> dict:
-    """The compiled layer path against the eager one (NATSL_COMPILE=0) on one bf16-autocast training step:
-    loss and every gradient."""
+SWITCHES = {  # check rows: a training step with the switch off ("0") against on ("1")
+    "NATSL_COMPILE": "compiled vs eager NAtS-L layers",
+    "NATSL_CUDA_GRAPHS": "branch ops replayed as CUDA graphs vs launched (modeling/kernels/graphs.py)",
+}
+
+
+def check_switch_row(model, ids, switch: str) -> dict:
+    """One bf16-autocast training step with `switch` (an environment switch of SWITCHES) at 0 and at 1: loss and every
+    gradient. The first NATSL_CUDA_GRAPHS=1 step captures its graphs (the first layer's call warms up, the second
+    captures, the rest replay), so the comparison covers all three."""
     model.train()
     model.config.use_cache = False
 
     def run(flag: str):
-        os.environ["NATSL_COMPILE"] = flag
+        os.environ[switch] = flag
         model.zero_grad(set_to_none=True)
         with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = model(ids, labels=ids, use_cache=False).loss
@@ -289,16 +298,16 @@ def check_compiled_row(model, ids) -> dict:
         sync()
         t2 = time.perf_counter()
     finally:
-        os.environ.pop("NATSL_COMPILE", None)
+        os.environ.pop(switch, None)
         model.zero_grad(set_to_none=True)
         model.eval()
     rel = {n: float((grads_c[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads_e.items()}
     worst = sorted(rel.items(), key=lambda kv: -kv[1])[:5]
     B, T = ids.shape
-    return {"kind": "check", "what": "compiled vs eager NAtS-L layers: one train step, bf16 autocast", "T": T,
-            "batch": B, "eager_step_s": t1 - t0, "first_compiled_step_s": t2 - t1, "loss_eager": loss_e, "loss_compiled": loss_c, "grads_compared": len(rel),
-            "grads_missing_compiled": sorted(set(grads_e) - set(grads_c)), "grad_rel_err_max": worst[0][1] if worst else None,
-            "grad_rel_err_worst": worst}
+    return {"kind": "check", "what": SWITCHES[switch] + ": one train step, bf16 autocast", "switch": switch, "T": T,
+            "batch": B, "off_step_s": t1 - t0, "first_on_step_s": t2 - t1, "loss_off": loss_e, "loss_on": loss_c,
+            "grads_compared": len(rel), "grads_missing_on": sorted(set(grads_e) - set(grads_c)),
+            "grad_rel_err_max": worst[0][1] if worst else None, "grad_rel_err_worst": worst}
 
 
 def prefill_rows(p: float, quick: bool) -> list[dict]:
@@ -337,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                     default="default", help="torch.compile mode of the layers' dense path (an experiment: the layer "
                     "compiles with the default mode; reduce-overhead replays it as CUDA graphs)")
+    ap.add_argument("--without-graphs", action="store_true",
+                    help="each trainer shape also as a NAtS-L row with NATSL_CUDA_GRAPHS=0 (the branch ops launched)")
     args = ap.parse_args(argv)
     if args.compile_mode != "default":
         set_compile_mode(args.compile_mode)
@@ -378,7 +389,9 @@ def main(argv=None) -> int:
         shapes = [(int(b), c == "ckpt") for b, c in (shape.split("x") for shape in args.shapes.split(","))]
     natsl = natsl_of(source, args.p, batch_ids(1, T, vocab))
     if "check" in sections:
-        attempt("check compiled", lambda: check_compiled_row(natsl, batch_ids(2, T, vocab)), model="natsl", p=args.p)
+        for switch in SWITCHES:
+            attempt(f"check {switch}", lambda: check_switch_row(natsl, batch_ids(2, T, vocab), switch), model="natsl",
+                    p=args.p)
     for B, ckpt in shapes:
         ids = batch_ids(B, T, vocab)
         if "profile" in sections:
@@ -389,6 +402,11 @@ def main(argv=None) -> int:
             for name, model in (("source", source), ("natsl", natsl)):
                 attempt(f"trainer {name} {B} {ckpt}", lambda: run_trainer("trainer", model, None, ids, ckpt, args.warmup,
                                                                           args.steps, tmp), model=name)
+            if args.without_graphs:  # the same NAtS-L row with the branch ops launched (the A/B of graphs.py)
+                os.environ["NATSL_CUDA_GRAPHS"] = "0"
+                attempt(f"trainer natsl {B} {ckpt} no graphs", lambda: run_trainer(
+                    "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cuda_graphs=False)
+                os.environ.pop("NATSL_CUDA_GRAPHS")
     if "distill" in sections:
         ids = batch_ids(shapes[0][0], T, vocab)
         teacher = smollm2_source(args.quick)  # a frozen copy, as natsl-distill loads --source

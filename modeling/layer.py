@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, reference
+from .kernels.graphs import graph_scope
 from .router import (
     NatslRouter,
     Routes,
@@ -481,9 +482,12 @@ class NatslAttention(SourceAttention):
         custom ops. NATSL_COMPILE=0 runs it eagerly. The layer's softmax budget goes in as a tensor, not a constant:
         layers whose budgets differ (config.layer_budget_scale) share the graph. It is made on x's device by a fill,
         not copied there: a CPU tensor would make the compiled graph copy it to the GPU first (inductor's blocking
-        DeviceCopy of a CPU scalar), a host sync in every layer's forward and checkpoint recompute."""
+        DeviceCopy of a CPU scalar), a host sync in every layer's forward and checkpoint recompute. A training
+        forward replays the branch ops' launches as CUDA graphs (`graph_scope`, modeling/kernels/graphs.py: the
+        shapes repeat every step); an inference forward, whose shapes follow the prompt, launches them."""
         budget = torch.full((), self.softmax_budget, device=x.device)
-        return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, budget)
+        with graph_scope(self.training and torch.is_grad_enabled()):
+            return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, budget)
 
     def _dense(self, x, cos, sin, budget: torch.Tensor):
         """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row

@@ -542,8 +542,8 @@ def _gdn_branch_bwd_fake(q, k, v, g, beta, initial_state, gcr, A, do, dht, chunk
             beta.new_empty(beta.shape), dh0)
 
 
-register_op("gdn_branch_fwd", gdn_branch_fwd, _gdn_branch_fwd_fake)
-register_op("gdn_branch_bwd", gdn_branch_bwd, _gdn_branch_bwd_fake)
+register_op("gdn_branch_fwd", gdn_branch_fwd, _gdn_branch_fwd_fake, forward=True)
+register_op("gdn_branch_bwd", gdn_branch_bwd, _gdn_branch_bwd_fake, forward=False)
 
 
 class RoutedGDNReadout(torch.autograd.Function):

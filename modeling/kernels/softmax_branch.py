@@ -387,8 +387,8 @@ def _softmax_branch_bwd_fake(q, k, v, o, lse, route_weight, lst, cnt, do, chunk_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), route_weight.new_empty(route_weight.shape)
 
 
-register_op("softmax_branch_fwd", softmax_branch_fwd, _softmax_branch_fwd_fake)
-register_op("softmax_branch_bwd", softmax_branch_bwd, _softmax_branch_bwd_fake)
+register_op("softmax_branch_fwd", softmax_branch_fwd, _softmax_branch_fwd_fake, forward=True)
+register_op("softmax_branch_bwd", softmax_branch_bwd, _softmax_branch_bwd_fake, forward=False)
 
 
 class RoutedSoftmaxAttention(torch.autograd.Function):

@@ -6,7 +6,8 @@ Host side
     _hpp(group, C)    q heads per query tile of one KV group, aiming for 128 rows (HPP * C)
     _interp()         True under the Triton interpreter (TRITON_INTERPRET=1: CPU tests)
     cdiv(a, b)        ceil(a / b) by integer arithmetic: also for the SymInts of a fake impl
-    register_op(...)  a function as the custom op natsl::<name>, with its fake (shape / dtype) impl
+    register_op(...)  a function as the custom op natsl::<name>, with its fake (shape / dtype) impl and its
+                      CUDA kernel replayed as CUDA graphs (graphs.py)
 Triton
     _query_rows(...)  rows of a (query chunk, HPP q heads) program: (head, token) pairs
 """
@@ -46,16 +47,21 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def register_op(name: str, fn: Callable, fake: Callable) -> None:
+def register_op(name: str, fn: Callable, fake: Callable, *, forward: bool) -> None:
     """Registers `fn` (annotated with the schema types: Tensor, Optional[Tensor], int, float) as the
     custom op `natsl::<name>` (mutates no argument) with `fake` as its fake impl (shapes / dtypes only,
-    for torch.compile). Callers go through torch.ops.natsl.<name>. Registered once per process: the
-    same module imported under a second name (natsl_hf.modeling.kernels and the source tree's
-    modeling/kernels, as bench scripts do) reuses the first registration, which is the same code."""
+    for torch.compile); on CUDA tensors the op runs `fn` through `graphs.GraphedOp` (its launches replayed as
+    CUDA graphs; `forward`: a forward op, graphed in training forwards only). Callers go through
+    torch.ops.natsl.<name>. Registered once per process: the same module imported under a second name
+    (natsl_hf.modeling.kernels and the source tree's modeling/kernels, as bench scripts do) reuses the first
+    registration, which is the same code."""
+    from .graphs import GraphedOp
+
     if hasattr(torch.ops.natsl, name):
         return
     op = torch.library.custom_op(f"natsl::{name}", fn, mutates_args=())
     op.register_fake(fake)
+    op.register_kernel("cuda", GraphedOp(name, fn, forward=forward))
 
 
 @triton.jit

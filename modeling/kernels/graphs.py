@@ -1,0 +1,129 @@
+"""A training branch op's launches replayed as one CUDA graph per input signature (the host time of a step).
+
+A training step of a small model at a small batch (SmolLM2-135M, 4 x 2048, gradient checkpointing) is host-bound:
+the GPU is busy about a quarter of the step, and every NAtS-L layer call spends ~1 ms of host time in the GDN branch
+op (fla's Triton launches through their autotune / heuristics wrappers, and ours) and ~0.5 ms in the softmax branch
+op (bench/TRAINING_NOTES.md). torch.compile's CUDA graphs (mode="reduce-overhead") would remove that time, but they
+fail under the Trainer's non-reentrant activation checkpointing (pytorch/pytorch#154306). `graphed(fn, ...)` captures
+the launches of one op call into a CUDA graph instead, one graph per input signature (shapes, strides, dtypes and the
+non-tensor arguments), and replays it: the call's tensors are copied into the graph's static inputs, the graph runs as
+one launch, and its outputs are cloned out (the next replay overwrites them, and every layer of a model replays the
+same graph). At the 135M shape the copies cost ~25 us of GPU time per call, against ~1 ms of host time saved.
+
+When a call is graphed (otherwise it runs eagerly, the same launches):
+- CUDA tensors, NATSL_CUDA_GRAPHS not 0 (bench/train_bench.py's A/B), and no capture running on the current stream
+  (torch.compile's CUDA graphs or a user's: the launches then join that capture);
+- a forward op only inside `graph_scope(True)`, which the NAtS-L layer enters around a training forward (and its
+  checkpoint recompute): an inference forward's shapes follow every prompt length, and a graph per length would hold
+  its buffers; a backward op is training by nature and always graphed;
+- at most `MAX_TOKENS` tokens (B x T): a larger call keeps the GPU busy anyway, and its graph's buffers would cost
+  more memory than its launches cost time;
+- from the `WARMUP + 1`-th call of a signature on: the first calls run eagerly, so that Triton compiles and fla's
+  autotuners choose their configs there (benchmarking cannot run inside a capture).
+A capture that fails leaves its signature eager, with one warning (the results are the same, only slower). At most
+`MAX_GRAPHS` signatures per op are kept; the oldest is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+WARMUP = 1  # eager calls of a signature before its capture
+MAX_GRAPHS = 8  # signatures kept per op
+MAX_TOKENS = 65536  # B x T of the largest graphed call
+
+_scope = threading.local()
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("NATSL_CUDA_GRAPHS", "1") not in ("", "0")
+
+
+@contextlib.contextmanager
+def graph_scope(training: bool):
+    """Forward ops called inside graph CUDA graphs when `training` (a training forward, which repeats its shapes
+    every step); outside any scope, or with training False, they run eagerly."""
+    before = getattr(_scope, "training", False)
+    _scope.training = training
+    try:
+        yield
+    finally:
+        _scope.training = before
+
+
+def _clone(out):
+    if isinstance(out, Tensor):
+        return out.clone()
+    return type(out)(_clone(o) for o in out)
+
+
+class _Graph:
+    """One captured call: static inputs (clones of the first captured call's tensors), the graph, its outputs."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, args: tuple):
+        for static, a in zip(self.inputs, args):
+            if isinstance(a, Tensor):
+                static.copy_(a)
+        self.graph.replay()
+        return _clone(self.outputs)
+
+
+def _signature(args: tuple) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
+
+
+class GraphedOp:
+    """`fn` (a branch op's implementation: tensors and None / int / float arguments, a tuple of fresh tensors out)
+    with its calls replayed as CUDA graphs where the module docstring says: the op's CUDA kernel (`register_op`'s
+    `cuda`). `forward`: a forward op (graphed only inside `graph_scope(True)`) or a backward op (always). `capture`
+    builds a replayable graph of `fn` on `args` (`_Graph`; the tests pass a CPU stand-in)."""
+
+    def __init__(self, name: str, fn: Callable, *, forward: bool, capture: Callable = _Graph):
+        self.name, self.fn, self.forward, self.capture = name, fn, forward, capture
+        self.graphs: OrderedDict[tuple, object] = OrderedDict()  # signature -> graph, or None: capture failed
+        self.calls: dict[tuple, int] = {}  # signature -> eager calls so far
+
+    def wanted(self, args: tuple) -> bool:
+        B, T = next(a for a in args if isinstance(a, Tensor)).shape[:2]
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return (graphs_enabled() and (not self.forward or getattr(_scope, "training", False)) and B * T <= MAX_TOKENS
+                and not capturing)
+
+    def __call__(self, *args):
+        if not self.wanted(args):
+            return self.fn(*args)
+        key = _signature(args)
+        if key not in self.graphs:
+            self.calls[key] = self.calls.get(key, 0) + 1
+            if self.calls[key] <= WARMUP:
+                return self.fn(*args)
+            self._add(key, args)
+        graph = self.graphs[key]
+        return self.fn(*args) if graph is None else graph(args)
+
+    def _add(self, key: tuple, args: tuple) -> None:
+        try:
+            graph = self.capture(self.fn, args)
+        except Exception as err:  # noqa: BLE001 - any failure of the capture: this signature stays eager
+            warnings.warn(f"CUDA graph capture of natsl::{self.name} failed ({type(err).__name__}: {err}): its calls "
+                          "of this shape run eagerly (same results, more host time). NATSL_CUDA_GRAPHS=0 skips the "
+                          "attempt.", RuntimeWarning, stacklevel=3)
+            graph = None
+        self.graphs[key] = graph
+        self.calls.pop(key, None)
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
