@@ -146,6 +146,26 @@ def _compile_failed(err: Exception) -> None:
     )
 
 
+def dense_call(token_mask, cache, documents) -> bool:
+    """Whether a layer call takes the dense path: whole unpadded sequences from their start, no cache, no packed
+    documents (training, a forward without cache), the path that runs compiled on CUDA."""
+    return cache is None and token_mask is None and documents is None
+
+
+def run_compiled(owner: nn.Module, fn, compiled, *args):
+    """`fn(owner, *args)` (a module's dense-path function; args[0]: the hidden states), through `compiled()`, its
+    torch.compile made once per process, on CUDA: every module of a kind calls the same compiled function with itself
+    as the first argument, so the layers share their graphs (dynamo lifts the parameters to graph inputs).
+    NATSL_COMPILE=0 runs it eagerly, and so does every call after a failed compile (`_compile_failed`); inside an outer
+    trace (a compiled generate step, torch.export) it is traced as part of that graph."""
+    if compiles(args[0]) and not torch.compiler.is_compiling():
+        try:
+            return compiled()(owner, *args)
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
+            _compile_failed(err)
+    return fn(owner, *args)
+
+
 @functools.cache
 def compiled_dense():
     """`NatslAttention._dense` through torch.compile, made once per process: every layer calls the same
@@ -265,7 +285,7 @@ class SourceAttention(nn.Module):
         """
         x = hidden_states
         cos, sin = position_embeddings
-        if cache is None and token_mask is None and documents is None:
+        if dense_call(token_mask, cache, documents):
             return self._run_dense(x, cos, sin)
         q, k, v = self._project(x)
         p = Projected(x, q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin))
@@ -316,18 +336,6 @@ class SourceAttention(nn.Module):
         """("kernels", modeling.kernels) on CUDA where usable, else ("reference", modeling.reference):
         the decode entry points of both have the same signatures."""
         return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
-
-    def _run_compiled(self, dense, compiled, *args):
-        """`dense(self, *args)` (a `_dense`; args[0]: x), through `compiled()`, its torch.compile made once per process,
-        on CUDA: every layer of a kind calls the same compiled function with itself as the first argument, so the
-        layers share their graphs (dynamo lifts the parameters to graph inputs). NATSL_COMPILE=0 runs it eagerly,
-        and so does every call after a failed compile (`_compile_failed`)."""
-        if compiles(args[0]):
-            try:
-                return compiled()(self, *args)
-            except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
-                _compile_failed(err)
-        return dense(self, *args)
 
     def _allocate(self, x: torch.Tensor, dtype: torch.dtype, **gdn) -> NatslLayerState:
         """An empty state of this layer's KV shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
@@ -487,7 +495,7 @@ class NatslAttention(SourceAttention):
         shapes repeat every step); an inference forward, whose shapes follow the prompt, launches them."""
         budget = torch.full((), self.softmax_budget, device=x.device)
         with graph_scope(self.training and torch.is_grad_enabled()):
-            return self._run_compiled(NatslAttention._dense, compiled_dense, x, cos, sin, budget)
+            return run_compiled(self, NatslAttention._dense, compiled_dense, x, cos, sin, budget)
 
     def _dense(self, x, cos, sin, budget: torch.Tensor):
         """Whole unpadded sequences from their start, no cache (training; a forward without cache): every row

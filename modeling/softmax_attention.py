@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .layer import LayerRouting, Projected, SourceAttention, apply_rope
+from .layer import LayerRouting, Projected, SourceAttention, apply_rope, run_compiled
 from .router import Routes
 from .state import NatslLayerState
 
@@ -52,7 +52,7 @@ class NatslSoftmaxAttention(SourceAttention):
         return self._allocate(x, dtype, natsl=False)
 
     def _run_dense(self, x, cos, sin):
-        return self._run_compiled(NatslSoftmaxAttention._dense, compiled_dense, x, cos, sin)
+        return run_compiled(self, NatslSoftmaxAttention._dense, compiled_dense, x, cos, sin)
 
     def _dense(self, x, cos, sin):
         """Whole unpadded sequences from their start, no cache: x [B, n, D]; cos, sin [B, n, head_dim]

@@ -9,6 +9,7 @@ DeltaNet attention. Layers outside `config.natsl_layers` keep the source's plain
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import NatslCache, NatslStaticCache, check_kept_fraction, static_cache_length
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
-from .modeling.layer import LayerRouting, NatslAttention, RMSNorm
+from .modeling.layer import LayerRouting, NatslAttention, RMSNorm, dense_call, run_compiled
 from .modeling.softmax_attention import NatslSoftmaxAttention
 from .modeling.varlen import Documents, document_starts
 from .remote_code import write_remote_code
@@ -169,6 +170,13 @@ class NatslRotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+@functools.cache
+def compiled_mlp_block():
+    """`NatslDecoderLayer._mlp_block` through torch.compile, made once per process and shared by every decoder layer
+    (as the attention's dense path is by the attention modules: `modeling.layer.run_compiled`)."""
+    return torch.compile(NatslDecoderLayer._mlp_block)
+
+
 class NatslDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: NatslConfig, layer_idx: int):
         super().__init__()
@@ -194,11 +202,17 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
             hidden_states, position_embeddings, token_mask, None if cache is None else cache.layers[self.layer_idx],
             documents=documents,
         )
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = residual + self.mlp(hidden_states)
-        return hidden_states, routing
+        if dense_call(token_mask, cache, documents):  # compiled on CUDA, as the attention's dense path
+            return run_compiled(self, NatslDecoderLayer._mlp_block, compiled_mlp_block, residual, hidden_states), routing
+        return self._mlp_block(residual, hidden_states), routing
+
+    def _mlp_block(self, residual: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention, [B, n, D] -> [B, n, D]: the residual add, the post-attention norm, the MLP
+        and its residual add. Compiled on CUDA (`run_compiled`): one graph, which fuses the norm's and the adds'
+        elementwise work and runs as one autograd node, where the eager modules launched a kernel per op and
+        recorded a node per op (the host time of a small training step)."""
+        hidden_states = residual + attention_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class NatslPreTrainedModel(PreTrainedModel):

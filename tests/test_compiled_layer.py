@@ -149,3 +149,54 @@ def test_router_fit_and_calibration_run_the_layers_eagerly(monkeypatch):
     with torch.no_grad():
         model(batches[0]["input_ids"], use_cache=False)  # outside them the compiled path does run
     assert counters["stats"]["unique_graphs"] > before
+
+
+def test_the_mlp_half_of_the_decoder_layer_compiles_on_the_dense_path_only(monkeypatch):
+    """The decoder layer after its attention (`NatslDecoderLayer._mlp_block`: residual add, norm, MLP, residual add)
+    runs compiled where the attention's dense path does (training, a forward without cache), as one graph for every
+    layer with the eager values and gradients; a call with a cache (prefill, decode) runs it eagerly: nothing is
+    compiled for generate() without a static cache. Compiles counted with the eager backend."""
+    import functools
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from natsl_hf import NatslCache, modeling_natsl
+    from natsl_hf.modeling import layer as layer_module
+    from natsl_hf.modeling.layer import NatslAttention
+    from natsl_testing import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=5).train()
+    ids = torch.randint(1, 97, (2, 37))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_e, grads_e = step()
+    torch._dynamo.reset()
+    monkeypatch.setattr(layer_module, "compiles", lambda x: True)
+    monkeypatch.setattr(layer_module, "compiled_dense",
+                        functools.cache(lambda: torch.compile(NatslAttention._dense, backend="eager")))
+    block = functools.cache(lambda: torch.compile(modeling_natsl.NatslDecoderLayer._mlp_block, backend="aot_eager",
+                                                  fullgraph=True))
+    monkeypatch.setattr(modeling_natsl, "compiled_mlp_block", block)
+    counters.clear()
+    loss_c, grads_c = step()
+    step()  # a second step: no recompile
+    mlp_graphs = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(loss_c, loss_e)
+    assert set(grads_c) == set(grads_e)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert block.cache_info().currsize == 1 and mlp_graphs >= 1
+    model.eval()
+    with torch.no_grad():  # a cached prefill and a decode step: the eager path, no new graph
+        before = counters["stats"]["unique_graphs"]
+        cache = NatslCache(model.config)
+        model(ids[:, :30], past_key_values=cache)
+        model(ids[:, 30:31], past_key_values=cache)
+        assert counters["stats"]["unique_graphs"] == before

@@ -76,12 +76,12 @@ def test_training_forward_and_backward_on_the_kernel_path_never_sync(mode, monke
 
 def test_the_guard_catches_a_cpu_budget(monkeypatch):
     """The guard is what catches the budget sync: the budget made on the CPU again (as it was) fails."""
-    run_compiled = layer_module.NatslAttention._run_compiled
+    run_compiled = layer_module.run_compiled
 
     def cpu_budget(self, dense, compiled, x, cos, sin, budget):
         return run_compiled(self, dense, compiled, x, cos, sin, torch.tensor(self.softmax_budget))
 
-    monkeypatch.setattr(layer_module.NatslAttention, "_run_compiled", cpu_budget)
+    monkeypatch.setattr(layer_module, "run_compiled", cpu_budget)
     with pytest.raises(AssertionError, match="mixes devices"):
         test_training_forward_and_backward_on_the_kernel_path_never_sync("learned", monkeypatch)
 

@@ -69,10 +69,14 @@ class _Graph:
     """One captured call: static inputs (clones of the first captured call's tensors), the graph, its outputs."""
 
     def __init__(self, fn: Callable, args: tuple):
-        self.inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
+        device = next(a for a in args if isinstance(a, Tensor)).device
+        with torch.cuda.device(device):
+            self.inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: only this thread's calls can invalidate the capture (the Trainer's other threads, e.g.
+            # autograd's device thread or a pin-memory thread, keep working meanwhile)
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = fn(*self.inputs)
 
     def __call__(self, args: tuple):
         for static, a in zip(self.inputs, args):
