@@ -745,7 +745,8 @@ def training_note(args) -> str:
         return (f"none: routers fitted to the source attention and calibrated to budget {args.softmax_budget} "
                 f"on {args.calibration_blocks} blocks of {args.seq_len} tokens (GDN branch untrained, weight 0)")
     info = recovered_info()
-    return f"recovered: {_tokens(info)} on {info['pieces'][-1]['device']}, router biases calibrated to {args.softmax_budget}"
+    devices = " and ".join(dict.fromkeys(piece["device"] for piece in info["pieces"]))  # the pieces' GPUs, in order
+    return f"recovered: {_tokens(info)} on {devices}, router biases calibrated to {args.softmax_budget}"
 
 
 def _shown(path: Path) -> str:

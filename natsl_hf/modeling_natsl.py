@@ -495,15 +495,17 @@ class NatslModel(NatslPreTrainedModel):
             )
         if attention_mask.is_complex():
             raise ValueError(f"attention_mask must hold 1 (token) / 0 (padding), got dtype {attention_mask.dtype}.")
-        cache_len = cache.cache_len if isinstance(cache, NatslStaticCache) else None
-        if not torch.compiler.is_compiling():
+        static = isinstance(cache, NatslStaticCache)
+        if not torch.compiler.is_compiling():  # the cache's length is read here only: a traced read of the Python int
+            # is a guard on its value, and a compiled step would recompile for every cache length
+            cache_len = cache.cache_len if static else None
             past = 0 if cache is None else int(cache.get_seq_length())
             if attention_mask.shape[0] != B or attention_mask.shape[1] not in (n, past + n, cache_len):
                 expected = f"[{B}, {n}]" if past == 0 else f"[{B}, {n}] (the new tokens) or [{B}, {past + n}] (cached + new tokens)"
                 if cache_len is not None:
                     expected += f" or [{B}, {cache_len}] (the NatslStaticCache's length)"
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected}.")
-        if cache_len is not None and attention_mask.shape[1] != n:
+        if static and attention_mask.shape[1] != n:
             # [B, cache_len] (generate's mask) or [B, past + n]: the new tokens are columns past .. past + n - 1, past
             # the cache's column count, a device tensor: gathered, not sliced, so one compiled step serves every past;
             # and the test is against n, not the cache's length, so that it holds for a dynamic mask length too
