@@ -347,3 +347,31 @@ def test_open_chunk_written_in_chunk_form_equals_its_token_writes():
     for s in range(C):
         tokens = reference.gdn_token_write(tokens, k[:, s], v[:, s], beta[:, s], gate[:, s])
     torch.testing.assert_close(reference.gdn_chunk_write(state, k, v, gate, beta), tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_decode_step_serves_static_caches_of_every_length():
+    """The compile once of issue 24 at the model's boundary, whatever generate() of this transformers passes: one
+    decode step (one token, generate's padded [B, cache_len] mask, a NatslStaticCache) compiled for a cache of 20
+    tokens serves caches of 24, 32 and 48 without a recompile. What recompiled under transformers 5.17 was a traced
+    read of `NatslStaticCache.cache_len` (a Python int: a guard on its value) in the mask handling; each step's
+    logits are the eager step's."""
+    import torch._dynamo
+
+    model = tiny_model(seed=3).eval()
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(9))
+    step = torch.compile(model.forward, backend="eager")
+    torch.compiler.reset()
+
+    def run(cache_len, forward):
+        cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=cache_len)
+        mask = model.create_masks_for_generate(model.config, None, torch.ones(2, 9, dtype=torch.long), cache=cache,
+                                               past_key_values=cache)
+        with torch.no_grad():
+            model(ids[:, :8], attention_mask=mask, **{CACHE_FIELD: cache})  # the prefill, eager
+            return forward(ids[:, 8:], attention_mask=mask, **{CACHE_FIELD: cache}).logits
+
+    run(20, step)
+    for cache_len in (24, 32, 48):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = run(cache_len, step)
+        torch.testing.assert_close(compiled, run(cache_len, model.forward))
