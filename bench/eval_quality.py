@@ -21,6 +21,11 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
   greedy answer (`--qa-tokens`, `generate` in left-padded batches) is right when its first line holds
   the answer or an alias as whole words. `short_qa_source_correct_kept` = the share of the questions
   the source answers right that the model answers right too;
+- chat: `--chat-prompts` turns through the chat template, each a passage of held-out text (`--chat-passage` tokens
+  of a paragraph of `--chat-text`, default `--text`) and an instruction about it (summarise, explain, name the facts), answered
+  greedily (`--chat-tokens`) by the source and by each model: `chat_passage_word_recall` = the mean share of the
+  passage's words that the source's reply uses and the model's reply keeps (its facts, as the README main job prints
+  them), `chat_off_passage_replies` = the share of replies that take no word of their passage (non-answers);
 - retrieval, at each of `--retrieval-lengths`, in contexts of held-out text (a run of consecutive
   sentences of `--text`; `--retrieval-haystack words`: random sentences of common words, which a
   router trained on natural text may treat as out of distribution): key-value recall, `--retrieval-
@@ -395,9 +400,8 @@ def qa_prompts(tokenizer, items: list[dict], context: str) -> list[list[int]]:
 
 
 @torch.no_grad()
-def short_qa(model, tokenizer, prompts: list[list[int]], items: list[dict], n_new: int, batch_size: int,
-             device) -> dict:
-    """Greedy answers (left-padded batches of `generate`) -> accuracy and which questions were answered right."""
+def greedy_replies(model, tokenizer, prompts: list[list[int]], n_new: int, batch_size: int, device) -> list[str]:
+    """Greedy replies to `prompts` (left-padded batches of `generate`, up to `n_new` tokens or EOS), decoded."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies = []
     for i in range(0, len(prompts), batch_size):
@@ -407,9 +411,64 @@ def short_qa(model, tokenizer, prompts: list[list[int]], items: list[dict], n_ne
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [r.strip() for r in replies]
+
+
+def short_qa(model, tokenizer, prompts: list[list[int]], items: list[dict], n_new: int, batch_size: int,
+             device) -> dict:
+    """Greedy answers -> accuracy and which questions were answered right."""
+    replies = greedy_replies(model, tokenizer, prompts, n_new, batch_size, device)
     correct = [is_correct(r, item) for r, item in zip(replies, items)]
     return {"accuracy": sum(correct) / len(correct), "questions": len(correct), "correct": correct,
-            "replies": [r.strip() for r in replies]}
+            "replies": replies}
+
+
+CHAT_INSTRUCTIONS = (
+    "Summarize the text above in two sentences.",
+    "What is the text above about? Answer in two sentences.",
+    "Explain the main point of the text above in simple terms.",
+    "Name the most important facts in the text above.",
+)
+
+
+def chat_prompts(tokenizer, texts: list[str], n: int, passage_tokens: int) -> tuple[list[list[int]], list[str]]:
+    """`n` chat turns (the chat template, its default system prompt): a passage (a paragraph of the texts, one of
+    those of 40 words or more, evenly spaced through them, cut to `passage_tokens` tokens) followed by one of
+    CHAT_INSTRUCTIONS. -> (prompts, passages)."""
+    paragraphs = [p.strip() for t in texts for p in re.split(r"\n\s*\n", t) if len(p.split()) >= 40]
+    if not paragraphs:
+        raise SystemExit("--chat-prompts: the chat text has no paragraph of 40 words or more.")
+    picked = [paragraphs[i * len(paragraphs) // n] for i in range(min(n, len(paragraphs)))]
+    prompts, passages = [], []
+    for i, paragraph in enumerate(picked):
+        passage = tokenizer.decode(tokenizer(paragraph, add_special_tokens=False)["input_ids"][:passage_tokens]).strip()
+        content = f"{passage}\n\n{CHAT_INSTRUCTIONS[i % len(CHAT_INSTRUCTIONS)]}"
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(f"{content}\nAnswer:", add_special_tokens=False)["input_ids"]
+        prompts.append(list(ids))
+        passages.append(passage)
+    return prompts, passages
+
+
+def chat_scores(replies: list[str], source_replies: list[str], passages: list[str]) -> dict:
+    """The chat replies against the source's on the same turns: `chat_passage_word_recall`, the mean share of the
+    passage's words in the source's reply (4 letters or more, common ones left out: its facts) that the model's reply
+    has too (turns whose source reply takes no passage word are left out); `chat_off_passage_replies`, the share of
+    replies that take no word of their passage at all (a non-answer such as "The answer to this question is:")."""
+    from natsl_hf.conversion.smollm2 import _words, lost_words
+
+    recall, off = [], []
+    for reply, src, passage in zip(replies, source_replies, passages):
+        in_passage = set(_words(passage))
+        used = set(_words(src)) & in_passage
+        if used:
+            recall.append(1.0 - len(lost_words(src, reply, passage)) / len(used))
+        off.append(not set(_words(reply)) & in_passage)
+    return {"chat_passage_word_recall": sum(recall) / len(recall) if recall else float("nan"),
+            "turns_scored": len(recall), "chat_off_passage_replies": sum(off) / len(off)}
 
 
 def qa_agreement(model_qa: dict, source_qa: dict) -> float:
@@ -456,6 +515,12 @@ def build_parser():
                    help="tokens of held-out text before each question (0: the question alone)")
     p.add_argument("--qa-tokens", type=int, default=16, help="greedy answer length")
     p.add_argument("--qa-batch-size", type=int, default=16)
+    p.add_argument("--chat-prompts", type=int, default=32,
+                   help="chat turns (a held-out passage + an instruction, the chat template) answered greedily")
+    p.add_argument("--chat-text", default=None,
+                   help="held-out text whose paragraphs are the chat turns' passages (default: --text)")
+    p.add_argument("--chat-passage", type=int, default=192, help="tokens of each chat turn's passage")
+    p.add_argument("--chat-tokens", type=int, default=48, help="greedy reply length of a chat turn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
@@ -492,6 +557,11 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
         if data[f"{task}_contexts"]:
             entry[task] = {str(L): needle_retrieval(model, tokenizer, c, device, args.probe_batch_size, probe)
                            for L, c in data[f"{task}_contexts"].items()}
+    if data["chat_prompts"]:
+        replies = greedy_replies(model, tokenizer, data["chat_prompts"], args.chat_tokens, args.qa_batch_size, device)
+        entry["chat"] = {"turns": len(replies), "replies": replies}
+        source_replies = replies if reference is None else reference["chat"]["replies"]
+        entry["chat"].update(chat_scores(replies, source_replies, data["chat_passages"]))
     if data["qa_prompts"]:
         entry["short_qa"] = short_qa(model, tokenizer, data["qa_prompts"], data["qa_items"], args.qa_tokens,
                                      args.qa_batch_size, device)
@@ -511,6 +581,10 @@ def summarise(results: dict) -> dict:
                 row[key] = entry["perplexity"][key]
         if "generation" in entry:
             row["gen_prefix_match"] = entry["generation"]["gen_prefix_match"]
+        if "chat" in entry:  # the source's word recall is against itself (1): left out
+            if label != "source":
+                row["chat_passage_word_recall"] = entry["chat"]["chat_passage_word_recall"]
+            row["chat_off_passage_replies"] = entry["chat"]["chat_off_passage_replies"]
         if "short_qa" in entry:
             row["short_qa_accuracy"] = entry["short_qa"]["accuracy"]
             if "source_correct_kept" in entry["short_qa"]:
@@ -546,6 +620,12 @@ def prepare_data(args, tokenizer, device) -> dict:
     depths = [i / max(args.passkey_contexts - 1, 1) for i in range(args.passkey_contexts)]  # drawn after the others:
     passkey = {L: [build_retrieval_context(tokenizer, L, 1, rng, haystack, PASSKEY, depth) for depth in depths]
                for L in args.retrieval_lengths}  # the contexts above stay what they were without this task
+    chat_texts = texts
+    if args.chat_text:
+        chat_kind, chat_texts = load_texts_or_ids(args.chat_text)
+    if args.chat_prompts and (chat_kind if args.chat_text else kind) != "text":
+        raise SystemExit("--chat-prompts needs raw text (--chat-text, default --text) for its passages; pass "
+                         "--chat-prompts 0.")
     items = load_short_qa(args.qa_file)[: args.qa_questions]
     context = ""
     if args.qa_context:
@@ -555,7 +635,9 @@ def prepare_data(args, tokenizer, device) -> dict:
     return {"blocks": blocks, "prompts": blocks[: args.gen_prompts, : args.gen_prompt_len], "continuations": None,
             "kv_contexts": kv, "needle_contexts": needle if args.needle_contexts else {},
             "passkey_contexts": passkey if args.passkey_contexts else {},
-            "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else []}
+            "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else [],
+            **dict(zip(("chat_prompts", "chat_passages"), chat_prompts(tokenizer, chat_texts, args.chat_prompts,
+                                                                       args.chat_passage) if args.chat_prompts else ([], [])))}
 
 
 def main(argv=None) -> int:

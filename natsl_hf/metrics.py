@@ -71,7 +71,8 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
     gap), top-1 agreement with the source, greedy prefix match, key-value and needle retrieval accuracy
     per context length (and the needle in a form no training data holds, `passkey_`) and short-answer
-    accuracy (model and source, and the share of the source's correct answers the model keeps), the
+    accuracy (model and source, and the share of the source's correct answers the model keeps), the chat rows
+    (the share of the source reply's passage words a reply keeps; replies taking no passage word), the
     realised softmax fraction on the perplexity blocks (overall and per NAtS-L layer), and the kept /
     full KV bytes after prefilling the longest retrieval context.
     `label` may be omitted when the report evaluated exactly one model besides the source.
@@ -110,6 +111,12 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
             quality["source short-answer accuracy"] = src["short_qa_accuracy"]
     if "short_qa_source_correct_kept" in row:
         quality["share of the source's correct short answers kept"] = row["short_qa_source_correct_kept"]
+    if "chat_passage_word_recall" in row:
+        quality["chat: share of the source reply's passage words kept"] = row["chat_passage_word_recall"]
+    if "chat_off_passage_replies" in row:
+        quality["chat: replies taking no word of their passage"] = row["chat_off_passage_replies"]
+        if "chat_off_passage_replies" in src:
+            quality["source chat: replies taking no word of their passage"] = src["chat_off_passage_replies"]
     settings = report.get("settings") or {}
     where = []
     if "seq_len" in settings and "ppl_blocks" in settings:

@@ -46,7 +46,8 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
                              "--seq-len", "64", "--ppl-blocks", "2", "--gen-prompts", "1", "--gen-prompt-len", "16",
                              "--gen-tokens", "4", "--retrieval-lengths", "300", "--retrieval-contexts", "1",
                              "--retrieval-pairs", "2", "--retrieval-queries", "2", "--needle-contexts", "2",
-                             "--passkey-contexts", "2", "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2"]) == 0
+                             "--passkey-contexts", "2", "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2",
+                             "--chat-prompts", "2", "--chat-passage", "24", "--chat-tokens", "3"]) == 0
     report = json.loads(out.read_text())
     src_row, row = report["summary"]["source"], report["summary"]["init"]
     # freshly converted: every chunk softmax, the source's numbers exactly
@@ -62,7 +63,23 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     qa_src, qa_init = report["results"]["source"]["short_qa"], report["results"]["init"]["short_qa"]
     assert qa_init["replies"] == qa_src["replies"] and len(qa_init["replies"]) == 3  # greedy answers, batched
     assert row["short_qa_accuracy"] == src_row["short_qa_accuracy"]
+    chat_src, chat_init = report["results"]["source"]["chat"], report["results"]["init"]["chat"]
+    assert chat_init["replies"] == chat_src["replies"] and chat_init["turns"] == 1  # the text is one document
+    assert row["chat_off_passage_replies"] == src_row["chat_off_passage_replies"]
+    assert "chat_passage_word_recall" not in src_row
     assert report["settings"]["retrieval_haystack"] == "text" and report["command"].startswith("python ")
+
+
+def test_chat_scores():
+    """A reply keeps the passage's words the source's reply used (its facts), or not; a non-answer takes none."""
+    scores = load_eval().chat_scores(
+        ["Light is scattered by molecules.", "The answer to this question is:", "Fine."],
+        ["Rayleigh scattering of sunlight by nitrogen molecules.", "Sunlight is scattered by nitrogen.", "Okay."],
+        ["Rayleigh scattering: sunlight meets nitrogen and oxygen molecules."] * 3)
+    # turn 1: source used rayleigh, scattering, sunlight, nitrogen, molecules; the reply keeps molecules (1 of 5;
+    # "scattered" is another word); turn 2: sunlight, nitrogen, neither kept; turn 3: no passage word, left out
+    assert scores["turns_scored"] == 2 and abs(scores["chat_passage_word_recall"] - (1 / 5 + 0) / 2) < 1e-9
+    assert abs(scores["chat_off_passage_replies"] - 2 / 3) < 1e-9  # the non-answer and "Fine."
 
 
 def test_short_answer_matching():

@@ -183,13 +183,14 @@ QUALITY_REPORT = {
     "settings": {"seq_len": 512, "ppl_blocks": 16, "text": "held.txt"},
     "summary": {
         "source": {"perplexity": 10.0, "ppl_gap_vs_source": 0.0, "retrieval_2048": 0.875, "needle_2048": 1.0,
-                   "short_qa_accuracy": 0.4375},
+                   "short_qa_accuracy": 0.4375, "chat_off_passage_replies": 0.0},
         "init": {"perplexity": 10.01, "ppl_gap_vs_source": 0.001, "softmax_fraction": 1.0},
         "stage2": {"perplexity": 10.5, "ppl_gap_vs_source": 0.05, "softmax_fraction": 0.3,
                    "top1_agreement": 0.91, "gen_prefix_match": 0.6, "retrieval_2048": 0.75,
                    "softmax_fraction_retrieval_2048": 0.28, "kv_fraction_retrieval_2048": 0.3125,
                    "needle_2048": 0.5, "softmax_fraction_needle_2048": 0.21, "short_qa_accuracy": 0.5,
-                   "short_qa_source_correct_kept": 0.9},
+                   "short_qa_source_correct_kept": 0.9, "chat_passage_word_recall": 0.625,
+                   "chat_off_passage_replies": 0.125},
     },
     "results": {"stage2": {"perplexity": {"layer_softmax_fraction": [0.25, 0.35, 0.3]}}},
 }
@@ -221,6 +222,9 @@ def test_eval_quality_report_is_mapped_onto_the_card(tmp_path):
     assert "| source needle retrieval accuracy @2048 tokens | 1 |" in text
     assert "| short-answer accuracy | 0.5 |" in text and "| source short-answer accuracy | 0.4375 |" in text
     assert "| share of the source's correct short answers kept | 0.9 |" in text
+    assert "| chat: share of the source reply's passage words kept | 0.625 |" in text
+    assert "| chat: replies taking no word of their passage | 0.125 |" in text
+    assert "| source chat: replies taking no word of their passage | 0 |" in text
     assert "Measured on: bench/eval_quality.py: perplexity on 16 blocks of 512 tokens of held.txt" in text
 
 
