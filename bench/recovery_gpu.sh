@@ -8,7 +8,8 @@
 #   bash bench/recovery_gpu.sh stage1    # carry [runs/recovery-data]: the shards to /tmp/rd, stage 1 piece -> $OUT/ckpt1
 #   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
 #                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
-#                                        # shipped parameters, carried in the tree of that call; a later piece of the
+#                                        # shipped parameters (102M tokens, 2026-12-06), carried in the tree of that
+#                                        # call; a later piece of the
 #                                        # same session goes on with RESUME=/tmp/rw2/ckpt, the last piece's)
 #   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
@@ -24,7 +25,7 @@ set -euo pipefail
 G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
-STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2}
+STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2 --lm-weight 0.25}  # KD-weighted since piece 6 (RECOVERY_NOTES)
 REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256 --calibration-blocks 16}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
 EVAL_CKPT=${EVAL_CKPT:-/tmp/rw2/ckpt}
@@ -67,7 +68,8 @@ case "$1" in
     # shellcheck disable=SC2086
     python3 bench/eval_quality.py --source /tmp/mat/source --model natsl=/tmp/mat/natsl --text /tmp/rd/heldout.txt \
       ${EVAL_ARGS:---seq-len 2048 --ppl-blocks 16 --gen-prompts 32 --gen-tokens 32 --retrieval-lengths 2048 4096 \
-      --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --batch-size 8 --dtype bfloat16} \
+      --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --passkey-contexts 128 --chat-prompts 128 \
+      --chat-text conversion/texts/heldout_wikipedia.txt --batch-size 8 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
   *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|refit|eval" >&2; exit 2 ;;
