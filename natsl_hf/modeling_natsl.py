@@ -694,8 +694,10 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
                     "documents): give each prompt its own row (left-padded, with attention_mask) and leave position_ids unset."
                 )
         self._generate_cache = None
-        out = super().generate(*args, **kwargs)
-        cache, self._generate_cache = self._generate_cache, None
+        try:
+            out = super().generate(*args, **kwargs)
+        finally:  # the call's cache is not kept, also when generate() raised (an out-of-memory error of a server)
+            cache, self._generate_cache = self._generate_cache, None
         if isinstance(cache, NatslStaticCache) and (overflow := cache.overflow_report()["total"]):
             logger.warning(
                 f"NatslStaticCache ran out of room for kept softmax KV: {overflow} (layer, row, KV group) chunks routed "

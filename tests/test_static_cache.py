@@ -211,6 +211,36 @@ def test_static_cache_length_rounds_up_to_four_steps_per_doubling():
     assert all(n <= static_cache_length(n, 4096) <= 1.25 * n for n in range(1, 9000))
 
 
+def test_a_static_generate_that_raises_keeps_no_cache(monkeypatch):
+    """A generate() that fails midway (an out-of-memory error of a server, here a stopping criterion that raises)
+    leaves no reference to its NatslStaticCache on the model either."""
+    import gc
+    import weakref
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Boom(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            raise RuntimeError("boom")
+
+    made = []
+    init = NatslStaticCache.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(NatslStaticCache, "__init__", tracked)
+    model = tiny_model(seed=3).eval()
+    ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="boom") as failure:
+        model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                       stopping_criteria=StoppingCriteriaList([Boom()]))
+    del failure  # its traceback's frames hold generate()'s locals
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None, "the model still holds the failed call's NatslStaticCache"
+
+
 def test_generation_config_max_cache_len_sizes_the_static_cache_for_later_calls():
     """transformers 5.2x sizes its static cache by generation_config.max_cache_len when that is larger than the call
     (the worst case across calls, `_prepare_cache_for_generation`), so that every call up to it decodes with caches of
