@@ -383,20 +383,20 @@ def is_correct(reply: str, item: dict) -> bool:
     return any(f" {normalise(a)} " in first for a in [item["answer"], *item.get("aliases", [])])
 
 
+def user_turn(tokenizer, content: str) -> list[int]:
+    """`content` as one user turn through the chat template (its default system prompt, the generation prompt)
+    when the tokenizer has one, else as plain text ending in "Answer:"."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(f"{content}\nAnswer:", add_special_tokens=False)["input_ids"])
+
+
 def qa_prompts(tokenizer, items: list[dict], context: str) -> list[list[int]]:
     """Each question after the same `context` (so that the prompt spans routed chunks: a short prompt
-    alone fits in the sink chunk, where a NAtS-L model computes its source exactly), through the chat
-    template when the tokenizer has one."""
-    prompts = []
-    for item in items:
-        content = (f"{context}\n\n" if context else "") + f"Answer the question in a few words. {item['question']}"
-        if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(f"{content}\nAnswer:", add_special_tokens=False)["input_ids"]
-        prompts.append(list(ids))
-    return prompts
+    alone fits in the sink chunk, where a NAtS-L model computes its source exactly), as a user turn."""
+    return [user_turn(tokenizer, (f"{context}\n\n" if context else "") +
+                      f"Answer the question in a few words. {item['question']}") for item in items]
 
 
 @torch.no_grad()
@@ -439,17 +439,10 @@ def chat_prompts(tokenizer, texts: list[str], n: int, passage_tokens: int) -> tu
     if not paragraphs:
         raise SystemExit("--chat-prompts: the chat text has no paragraph of 40 words or more.")
     picked = [paragraphs[i * len(paragraphs) // n] for i in range(min(n, len(paragraphs)))]
-    prompts, passages = [], []
-    for i, paragraph in enumerate(picked):
-        passage = tokenizer.decode(tokenizer(paragraph, add_special_tokens=False)["input_ids"][:passage_tokens]).strip()
-        content = f"{passage}\n\n{CHAT_INSTRUCTIONS[i % len(CHAT_INSTRUCTIONS)]}"
-        if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(f"{content}\nAnswer:", add_special_tokens=False)["input_ids"]
-        prompts.append(list(ids))
-        passages.append(passage)
+    passages = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"][:passage_tokens]).strip()
+                for p in picked]
+    prompts = [user_turn(tokenizer, f"{passage}\n\n{CHAT_INSTRUCTIONS[i % len(CHAT_INSTRUCTIONS)]}")
+               for i, passage in enumerate(passages)]
     return prompts, passages
 
 

@@ -105,18 +105,14 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
                 quality[f"{name} accuracy @{length} tokens"] = value
                 if key in src:
                     quality[f"source {name} accuracy @{length} tokens"] = src[key]
-    if "short_qa_accuracy" in row:
-        quality["short-answer accuracy"] = row["short_qa_accuracy"]
-        if "short_qa_accuracy" in src:
-            quality["source short-answer accuracy"] = src["short_qa_accuracy"]
-    if "short_qa_source_correct_kept" in row:
-        quality["share of the source's correct short answers kept"] = row["short_qa_source_correct_kept"]
-    if "chat_passage_word_recall" in row:
-        quality["chat: share of the source reply's passage words kept"] = row["chat_passage_word_recall"]
-    if "chat_off_passage_replies" in row:
-        quality["chat: replies taking no word of their passage"] = row["chat_off_passage_replies"]
-        if "chat_off_passage_replies" in src:
-            quality["source chat: replies taking no word of their passage"] = src["chat_off_passage_replies"]
+    for key, name, of_source in (("short_qa_accuracy", "short-answer accuracy", True),
+                                 ("short_qa_source_correct_kept", "share of the source's correct short answers kept", False),
+                                 ("chat_passage_word_recall", "chat: share of the source reply's passage words kept", False),
+                                 ("chat_off_passage_replies", "chat: replies taking no word of their passage", True)):
+        if key in row:
+            quality[name] = row[key]
+            if of_source and key in src:
+                quality[f"source {name}"] = src[key]
     settings = report.get("settings") or {}
     where = []
     if "seq_len" in settings and "ppl_blocks" in settings:
