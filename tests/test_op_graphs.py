@@ -118,11 +118,13 @@ def test_a_failed_capture_leaves_the_signature_eager_with_one_warning():
         torch.testing.assert_close(g(x, None, 1.0), op(x, None, 1.0))
 
 
-def test_at_most_max_graphs_signatures_are_kept():
+def test_at_most_max_graphs_signatures_are_kept_the_least_recently_used_dropped():
     g = GraphedOp("test_op", op, forward=False, capture=CpuGraph)
+    first = torch.randn(1, 1, 4)
     for n in range(graphs.MAX_GRAPHS + 2):
         x = torch.randn(1, n + 1, 4)
         for _ in range(2):
             g(x, None, 1.0)
+        g(first, None, 1.0)  # the first signature stays in use
     assert len(g.graphs) == graphs.MAX_GRAPHS and len(CpuGraph.captured) == graphs.MAX_GRAPHS + 2
-    assert min(k[0][0][1] for k in g.graphs) == 3  # the two oldest (T = 1, 2) were dropped
+    assert sorted(k[0][0][1] for k in g.graphs) == [1, *range(4, graphs.MAX_GRAPHS + 3)]  # T = 2, 3 were dropped

@@ -21,7 +21,7 @@ When a call is graphed (otherwise it runs eagerly, the same launches):
 - from the `WARMUP + 1`-th call of a signature on: the first calls run eagerly, so that Triton compiles and fla's
   autotuners choose their configs there (benchmarking cannot run inside a capture).
 A capture that fails leaves its signature eager, with one warning (the results are the same, only slower). At most
-`MAX_GRAPHS` signatures per op are kept; the oldest is dropped.
+`MAX_GRAPHS` signatures per op are kept; the least recently used is dropped.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def graphs_enabled() -> bool:
 
 @contextlib.contextmanager
 def graph_scope(training: bool):
-    """Forward ops called inside graph CUDA graphs when `training` (a training forward, which repeats its shapes
-    every step); outside any scope, or with training False, they run eagerly."""
+    """Forward ops called inside replay CUDA graphs when `training` (a training forward, which repeats its shapes
+    every step); outside any scope, or with training False, they launch their kernels."""
     before = getattr(_scope, "training", False)
     _scope.training = training
     try:
@@ -92,9 +92,9 @@ def _signature(args: tuple) -> tuple:
 
 class GraphedOp:
     """`fn` (a branch op's implementation: tensors and None / int / float arguments, a tuple of fresh tensors out)
-    with its calls replayed as CUDA graphs where the module docstring says: the op's CUDA kernel (`register_op`'s
-    `cuda`). `forward`: a forward op (graphed only inside `graph_scope(True)`) or a backward op (always). `capture`
-    builds a replayable graph of `fn` on `args` (`_Graph`; the tests pass a CPU stand-in)."""
+    with its calls replayed as CUDA graphs where the module docstring says: the op's CUDA kernel (`register_op`).
+    `forward`: a forward op (graphed only inside `graph_scope(True)`) or a backward op (always). `capture` builds a
+    replayable graph of `fn` on `args` (`_Graph`; the tests pass a CPU stand-in)."""
 
     def __init__(self, name: str, fn: Callable, *, forward: bool, capture: Callable = _Graph):
         self.name, self.fn, self.forward, self.capture = name, fn, forward, capture
@@ -116,6 +116,7 @@ class GraphedOp:
             if self.calls[key] <= WARMUP:
                 return self.fn(*args)
             self._add(key, args)
+        self.graphs.move_to_end(key)  # the least recently used signature is the one dropped
         graph = self.graphs[key]
         return self.fn(*args) if graph is None else graph(args)
 
