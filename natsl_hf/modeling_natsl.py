@@ -673,7 +673,8 @@ class NatslForCausalLM(NatslPreTrainedModel, GenerationMixin):
         # keeps no reference to it, so a process that generates at several sizes holds none of them afterwards (a
         # cache kept for reuse held the last call's buffers, 5.4 GB after a 16k x 32 call). Nothing recompiles for a
         # new cache: the sizes that follow its length are dynamic (NatslStaticCache). `return_dict_in_generate=True`
-        # returns it (`.past_key_values`); pass one as past_key_values to reuse it on purpose.
+        # returns it (`.cache`; `.past_key_values` before transformers 5.24); pass one as `cache=` (`past_key_values=`)
+        # to reuse it on purpose.
         cache = NatslStaticCache(self.config, max_batch_size=rows, max_cache_len=max_cache_length,
                                  max_kept_fraction=fraction, device=self.device, dtype=self.dtype)
         model_kwargs[CACHE_FIELD] = self._generate_cache = cache
