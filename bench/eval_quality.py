@@ -613,12 +613,13 @@ def prepare_data(args, tokenizer, device) -> dict:
     depths = [i / max(args.passkey_contexts - 1, 1) for i in range(args.passkey_contexts)]  # drawn after the others:
     passkey = {L: [build_retrieval_context(tokenizer, L, 1, rng, haystack, PASSKEY, depth) for depth in depths]
                for L in args.retrieval_lengths}  # the contexts above stay what they were without this task
-    chat_texts = texts
-    if args.chat_text:
-        chat_kind, chat_texts = load_texts_or_ids(args.chat_text)
-    if args.chat_prompts and (chat_kind if args.chat_text else kind) != "text":
-        raise SystemExit("--chat-prompts needs raw text (--chat-text, default --text) for its passages; pass "
-                         "--chat-prompts 0.")
+    chat, passages = [], []
+    if args.chat_prompts:
+        chat_kind, chat_texts = load_texts_or_ids(args.chat_text) if args.chat_text else (kind, texts)
+        if chat_kind != "text":
+            raise SystemExit("--chat-prompts needs raw text (--chat-text, default --text) for its passages; pass "
+                             "--chat-prompts 0.")
+        chat, passages = chat_prompts(tokenizer, chat_texts, args.chat_prompts, args.chat_passage)
     items = load_short_qa(args.qa_file)[: args.qa_questions]
     context = ""
     if args.qa_context:
@@ -629,8 +630,7 @@ def prepare_data(args, tokenizer, device) -> dict:
             "kv_contexts": kv, "needle_contexts": needle if args.needle_contexts else {},
             "passkey_contexts": passkey if args.passkey_contexts else {},
             "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else [],
-            **dict(zip(("chat_prompts", "chat_passages"), chat_prompts(tokenizer, chat_texts, args.chat_prompts,
-                                                                       args.chat_passage) if args.chat_prompts else ([], [])))}
+            "chat_prompts": chat, "chat_passages": passages}
 
 
 def main(argv=None) -> int:
