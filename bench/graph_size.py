@@ -17,6 +17,7 @@ Usage: python bench/graph_size.py --out bench/results/graph_size_cpu.json
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from natsl_hf.conversion import convert_model
 from natsl_hf.modeling import reference
+from natsl_hf.modeling.state import NatslLayerState
 
 _GDN_STEP = reference.gdn_decode_step
 _STATE = ("conv_state", "gdn_k", "gdn_g", "gdn_beta", "gdn_run", "gdn_state", "gdn_decay", "seen")
@@ -73,6 +75,7 @@ def _close_op(closing: torch.Tensor, softmax: torch.Tensor, routable: torch.Tens
     state = SimpleNamespace(open_k=open_k, open_v=open_v, chunk_size=open_k.shape[1], capacity=capacity,
                             **dict(zip(_CLOSED, (kept_k, kept_v, kept_len, kept_chunks, closed_chunks, overflow_chunks,
                                                  gdn_state, gdn_run, gdn_decay, router_sum))))
+    state.close_chunks_ = functools.partial(NatslLayerState.close_chunks_, state)  # the state's own transition
     _CLOSE(state, closing, softmax, routable)
 
 
