@@ -9,8 +9,8 @@
 #   bash bench/recovery_gpu.sh stage2    # stage 2 piece from stage 1's checkpoint -> $OUT/ckpt2, $OUT/stage2.log
 #                                        # (RESUME=conversion/recovered/smollm2-135m-instruct-b0.25: go on from the
 #                                        # shipped parameters (102M tokens, 2026-12-06), carried in the tree of that
-#                                        # call; a later piece of the
-#                                        # same session goes on with RESUME=/tmp/rw2/ckpt, the last piece's)
+#                                        # call; a later piece of the same session goes on with RESUME=/tmp/rw2/ckpt,
+#                                        # the last piece's)
 #   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
 #                                        # from it with RESUME=/tmp/rw0/ckpt

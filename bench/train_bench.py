@@ -291,22 +291,22 @@ def check_switch_row(model, ids, switch: str) -> dict:
         return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     try:
         t0 = time.perf_counter()
-        loss_e, grads_e = run("0")
+        loss_off, grads_off = run("0")
         sync()
         t1 = time.perf_counter()
-        loss_c, grads_c = run("1")
+        loss_on, grads_on = run("1")
         sync()
         t2 = time.perf_counter()
     finally:
         os.environ.pop(switch, None)
         model.zero_grad(set_to_none=True)
         model.eval()
-    rel = {n: float((grads_c[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads_e.items()}
+    rel = {n: float((grads_on[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads_off.items()}
     worst = sorted(rel.items(), key=lambda kv: -kv[1])[:5]
     B, T = ids.shape
     return {"kind": "check", "what": SWITCHES[switch] + ": one train step, bf16 autocast", "switch": switch, "T": T,
-            "batch": B, "off_step_s": t1 - t0, "first_on_step_s": t2 - t1, "loss_off": loss_e, "loss_on": loss_c,
-            "grads_compared": len(rel), "grads_missing_on": sorted(set(grads_e) - set(grads_c)),
+            "batch": B, "off_step_s": t1 - t0, "first_on_step_s": t2 - t1, "loss_off": loss_off, "loss_on": loss_on,
+            "grads_compared": len(rel), "grads_missing_on": sorted(set(grads_off) - set(grads_on)),
             "grad_rel_err_max": worst[0][1] if worst else None, "grad_rel_err_worst": worst}
 
 
