@@ -394,7 +394,7 @@ def run_piece(args) -> dict:
     seed = 1000 * args.stage + len(progress["pieces"])
     folders = [Path(d) for d in args.data or []]
     vocab = source.config.vocab_size
-    blocks, shards = train_blocks(folders, vocab, seed, args.quick)
+    blocks, shards = train_blocks(folders, vocab, seed, args.quick, args.seq_len)
     selfgen = None
     if args.selfgen_tokens:
         own = Path(args.selfgen_out or work / "selfgen")
@@ -402,7 +402,7 @@ def run_piece(args) -> dict:
 
         selfgen = (manifest_of(own)["splits"]["train"] if (own / SHARD_MANIFEST).is_file()  # sampled before: reused
                    else sample_own_text(teacher, tokenizer, folders[0], own, args, seed))
-        own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick)
+        own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick, args.seq_len)
         blocks = mix_blocks(blocks, own_blocks, args.selfgen_share, seed)
         shards += own_shards
     recall = None
@@ -605,6 +605,10 @@ def main(argv=None) -> int:
     p.add_argument("--layer-hybrid", action="store_true",
                    help="train the layer-interleaved hybrid at the same KV instead (conversion/baselines.py)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN,
+                   help="tokens per training block (default 2048); the recall blocks are made at this length, so "
+                        "4096 puts the lines and their questions up to 4k apart (give --batch 8 for the same tokens "
+                        "a step)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (stage 1), 1e-4 (stage 2)")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lm-weight", type=float, default=1.0, help="stage 2: weight of the LM loss (0: logit KD only)")
@@ -637,8 +641,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)
-    if args.calibration_seq_len % CHUNK_SIZE or args.calibration_seq_len < SEQ_LEN // 4:
-        p.error(f"--calibration-seq-len {args.calibration_seq_len}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
+    for name in ("seq_len", "calibration_seq_len"):
+        if getattr(args, name) % CHUNK_SIZE or getattr(args, name) < SEQ_LEN // 4:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
     if args.materialize:
         if not (args.to and args.gguf):
             p.error("--materialize needs --to and --gguf")

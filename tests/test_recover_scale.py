@@ -65,6 +65,15 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
     assert progress3["source_eval"]["at_512"]["softmax_fraction"] is None
 
 
+def test_seq_len_sets_the_training_and_recall_blocks(recover, tmp_path, monkeypatch):
+    """--seq-len: the piece trains on blocks of that length (--quick: an eighth of it), its recall blocks too."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the recall blocks come from bench/build_recovery_data.py
+    assert recover.main(["--stage", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), *PIECE,
+                         "--seq-len", "4096", "--recall-share", "0.5"]) == 0
+    piece = json.loads((tmp_path / "o" / recover.PROGRESS).read_text())["pieces"][0]
+    assert piece["seq_len"] == 512 and piece["tokens"] == 2 * 2 * 512 and piece["recall"]["share"] == 0.5
+
+
 def test_recalibrate_moves_only_router_biases(recover, tmp_path):
     """--recalibrate sets the router biases at another length and keeps every other tensor; the last piece's record
     keeps the earlier calibration and evaluation beside the new ones."""
@@ -120,6 +129,8 @@ def test_fit_set_holds_its_share_of_recall_blocks(recover, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--recalibrate", "CKPT", "--quick", "--out", "O", "--calibration-seq-len", "1000"],
      "--calibration-seq-len 1000: give a multiple of 64"),
+    (["--stage", "2", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--seq-len", "4000"],
+     "--seq-len 4000: give a multiple of 64"),
     (["--materialize", "source=F", "--gguf", "G", "--to", "D"], "a label other than 'source'"),
     (["--materialize", "old", "--gguf", "G", "--to", "D"], "expected LABEL=FOLDER"),
     (["--stage", "2", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--refit-routers"], "give --resume"),
