@@ -722,7 +722,32 @@ def tokenise_source(res: SourceResult, tok: Tok, batch_chars: int = 2_000_000) -
     res.seconds["tokenise"] = round(time.time() - t0, 1)
 
 
-def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, n: int, seed: int) -> np.ndarray:
+def varied_probes() -> tuple:
+    """The recall wordings of `recall_blocks(..., probes=varied_probes())`: the evaluation's key-value and needle forms
+    and six more, none of them the evaluation's PASSKEY form (nor a paraphrase of it), which stays the check of whether
+    retrieval carries beyond the forms trained on (bench/RECOVERY_NOTES.md, 2026-12-07: 4096-token recall blocks in the
+    two forms raised needle 4k and lowered the passkey)."""
+    from eval_quality import KEY_VALUE, NEEDLE, Probe
+
+    return (KEY_VALUE, NEEDLE,
+            Probe("The ticket assigned to {key} is number {value}.",
+                  " Question: what number is the ticket assigned to {key}? Answer: The ticket assigned to {key} is number", 5),
+            Probe("Remember that the password for {key} is {value}.",
+                  " Question: what is the password for {key}? Answer: The password for {key} is", 6),
+            Probe("In the catalogue, the item called {key} has the index {value}.",
+                  " Question: what index does the item called {key} have? Answer: The item called {key} has the index", 4),
+            Probe("The recorded weight of the {key} sample was {value} grams.",
+                  " Question: what was the recorded weight of the {key} sample? Answer: The recorded weight of the {key} "
+                  "sample was", 3),
+            Probe("Agent {key} reports from station {value}.",
+                  " Question: from which station does agent {key} report? Answer: Agent {key} reports from station", 4),
+            Probe("The phone extension of the {key} office is {value}.",
+                  " Question: what is the phone extension of the {key} office? Answer: The phone extension of the {key} "
+                  "office is", 4))
+
+
+def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, n: int, seed: int,
+                  probes: tuple | None = None) -> np.ndarray:
     """`n` recall documents of exactly one training block each, built from token ids (no text needed): what
     bench/recover_scale.py --recall-share mixes into its blocks, so that every line and the questions about it
     fall in the same block (a `recall_documents` document can straddle a block boundary of the packed stream).
@@ -732,7 +757,8 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
     eos: the id that closes each document. The kinds alternate as in `recall_documents`: 8 key-value lines
     "The code for WORD is NNNN." at random boundaries, or one needle line at a random depth, then every
     question with its answer in a random order and EOS, the filler cut so that the document is L tokens.
-    -> [n, L] int64."""
+    probes: None (those two wordings), or the wordings (eval_quality.Probe) each block draws one of at random, its
+    8 lines or one line in the kind's turn (`varied_probes`). -> [n, L] int64."""
     from eval_quality import KEY_VALUE, NEEDLE, WORDS
 
     M, L = haystack.shape
@@ -740,7 +766,7 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
     out = np.empty((n, L), dtype=np.int64)
     for i in range(n):
         needle = i % 2 == 1
-        probe = NEEDLE if needle else KEY_VALUE
+        probe = (NEEDLE if needle else KEY_VALUE) if probes is None else rng.choice(probes)
         keys = rng.sample(WORDS, 1 if needle else 8)
         pairs = [(k, str(rng.randint(10 ** (probe.digits - 1), 10 ** probe.digits - 1))) for k in keys]
         lines = [encode(" " + probe.line.format(key=k, value=v)) for k, v in pairs]

@@ -13,14 +13,15 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   `--budget`), the init seeded as the README main job's, then the checkpoint of `--resume` loaded;
 - data: the token shards of bench/build_recovery_data.py in the `--data` folders (whichever of them this call
   carried; more folders, e.g. bench/sample_source.py's, add their documents), cut into 2048-token blocks
-  (documents concatenated, EOS between them, the run_clm packing), in an order seeded by the stage and the
+  (`--seq-len`; documents concatenated, EOS between them, the run_clm packing), in an order seeded by the stage and the
   number of pieces run so far, so pieces see different blocks; `--selfgen-tokens N` first has the source
   sample N tokens of its own text from prompts of the first folder (bench/sample_source.py, in this process;
   a `--selfgen-out` folder that already holds such shards is reused instead), and `--selfgen-share` of the
   blocks are then drawn from that text (its blocks repeated as needed); `--recall-share S` makes S of the
   blocks recall blocks (key-value and needle lines in the filler of other blocks, every question about them
-  in the same block, where the data's own recall documents can straddle a block boundary), so that stage 1's
-  targets see the lookups a retrieval head makes and stage 2 trains on them;
+  in the same block, where the data's own recall documents can straddle a block boundary; `--varied-recall`: in
+  eight wordings, not the evaluation's two), so that stage 1's targets see the lookups a retrieval head makes and
+  stage 2 trains on them;
 - stage 1 (`NatslDistillTrainer`, stage 1: attention transfer to the source layer by layer + supervised
   routing): the new NAtS-L parameters train; on a fresh start the routers are first fitted to the source
   attention (`fit_routers`); at the end of the piece the router biases are calibrated to the budget;
@@ -252,20 +253,23 @@ def recall_encoding(tokenizer, vocab: int):
     return (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]), boundary, tokenizer.eos_token_id
 
 
-def make_recall_blocks(haystack: torch.Tensor, tokenizer, vocab: int, seed: int) -> torch.Tensor:
+def make_recall_blocks(haystack: torch.Tensor, tokenizer, vocab: int, seed: int, varied: bool = False) -> torch.Tensor:
     """One recall block per block of `haystack` (build_recovery_data.recall_blocks: key-value and needle lines, the
-    kinds alternating, in that block's filler, every question about them in the same block)."""
-    from build_recovery_data import recall_blocks
+    kinds alternating, in that block's filler, every question about them in the same block); `varied`: each block in
+    one of build_recovery_data.varied_probes' eight wordings instead of the evaluation's two."""
+    from build_recovery_data import recall_blocks, varied_probes
 
     encode, boundary, eos = recall_encoding(tokenizer, vocab)
-    return torch.from_numpy(recall_blocks(haystack.numpy(), encode, boundary, eos, len(haystack), seed))
+    return torch.from_numpy(recall_blocks(haystack.numpy(), encode, boundary, eos, len(haystack), seed,
+                                          varied_probes() if varied else None))
 
 
-def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int) -> tuple[torch.Tensor, int]:
+def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int,
+               varied: bool = False) -> tuple[torch.Tensor, int]:
     """`blocks` and recall blocks in one shuffled order in which `share` of the blocks are recall blocks
     (`make_recall_blocks` of the first blocks; mix_blocks cycles them); -> (blocks, distinct recall blocks made)."""
     n = min(round(len(blocks) * share / (1 - share)), RECALL_BLOCKS_MAX)
-    return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed), share, seed), n
+    return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed, varied), share, seed), n
 
 
 def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool) -> torch.Tensor:
@@ -407,8 +411,8 @@ def run_piece(args) -> dict:
         shards += own_shards
     recall = None
     if args.recall_share:
-        blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed)
-        recall = {"share": args.recall_share, "distinct_blocks": made}
+        blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed, args.varied_recall)
+        recall = {"share": args.recall_share, "distinct_blocks": made, "varied_wordings": args.varied_recall}
     calibration_blocks = train_blocks(folders[:1], vocab, seed + 1, args.quick, args.calibration_seq_len)[0]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
     lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
@@ -624,6 +628,9 @@ def main(argv=None) -> int:
     p.add_argument("--recall-share", type=float, default=0.0,
                    help="share of the training blocks that are recall blocks (key-value / needle lines and every "
                         "question about them in one block: build_recovery_data.recall_blocks); default 0")
+    p.add_argument("--varied-recall", action="store_true",
+                   help="the recall blocks in eight wordings (build_recovery_data.varied_probes) instead of the two of "
+                        "the evaluation's key-value and needle rows; its passkey form is in neither")
     p.add_argument("--layer-budgets", action="store_true",
                    help="fresh stage 1: share the budget among the layers by their source attention before the "
                         "router fit (router_fit.allocate_layer_budgets: config.layer_budget_scale)")

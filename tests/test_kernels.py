@@ -131,20 +131,23 @@ DECODE_CASES = [
     (2, 8, 2, 16, 32, 16, [[37, 0], [5, 64]], [3, 15]),  # GQA 4, a group with nothing kept
     (1, 2, 2, 32, 16, 16, [[16, 48]], [0]),              # GQA 1, the new token opens its chunk
     (2, 4, 1, 16, 16, 24, None, [0, 23]),                # nothing kept yet, chunk size not a power of 2
-    (1, 4, 2, 16, 16, 16, [[600, 130]], [5], 64),        # 10 splits + the open one: the merge takes 2 blocks
+    (1, 4, 2, 16, 16, 16, [[600, 130]], [5], 64),        # 10 splits + the open one: the merge takes 2 steps
 ]
 
 
 def _decode_case(B, Hq, Hkv, D, Dv, C, kept, slot, programs=8, *, monkeypatch):
     """The decode kernel against the reference softmax branch with a cache prefix (SPEC section 4).
     TARGET_PROGRAMS is set (`programs`) so that these short caches are split across several programs
-    (and some splits hold no valid entry)."""
+    (and some splits hold no valid entry); with more than 8, MERGE_TILE is cut to 8 splits a step, so that the
+    merge loops over its splits."""
     from importlib import import_module
     K, R = _mods()
     decode = import_module(K.__name__ + ".decode")
     monkeypatch.setattr(decode, "TARGET_PROGRAMS", programs)
     if programs > 8:
-        assert decode._num_splits(B * Hkv, max(max(row) for row in kept) + 7)[0] + 1 > decode.MERGE_BLOCK
+        monkeypatch.setattr(decode, "MERGE_TILE", 8 * max(16, Dv))
+        nsplit = decode._num_splits(B * Hkv, max(max(row) for row in kept) + 7)[0]
+        assert nsplit + 1 > decode._merge_splits(nsplit, max(16, Dv)) == 8
     g = torch.Generator().manual_seed(B * 31 + C)
     kept_len = torch.tensor(kept if kept is not None else [[0] * Hkv] * B)
     L = int(kept_len.max()) + 7 if kept is not None else 0  # allocated beyond the longest (row, group)

@@ -25,7 +25,6 @@ class CpuGraph(graphs._Graph):
         self.inputs = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         self.outputs = fn(*self.inputs)
         self.graph = self
-        self._bind()
         CpuGraph.captured.append(self)
 
     def replay(self):

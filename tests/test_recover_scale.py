@@ -66,12 +66,14 @@ def test_pieces_resume_and_export(recover, tmp_path, hybrid):
 
 
 def test_seq_len_sets_the_training_and_recall_blocks(recover, tmp_path, monkeypatch):
-    """--seq-len: the piece trains on blocks of that length (--quick: an eighth of it), its recall blocks too."""
+    """--seq-len: the piece trains on blocks of that length (--quick: an eighth of it), its recall blocks too
+    (here in the eight wordings of --varied-recall)."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the recall blocks come from bench/build_recovery_data.py
     assert recover.main(["--stage", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), *PIECE,
-                         "--seq-len", "4096", "--recall-share", "0.5"]) == 0
+                         "--seq-len", "4096", "--recall-share", "0.5", "--varied-recall"]) == 0
     piece = json.loads((tmp_path / "o" / recover.PROGRESS).read_text())["pieces"][0]
-    assert piece["seq_len"] == 512 and piece["tokens"] == 2 * 2 * 512 and piece["recall"]["share"] == 0.5
+    assert piece["seq_len"] == 512 and piece["tokens"] == 2 * 2 * 512
+    assert piece["recall"]["share"] == 0.5 and piece["recall"]["varied_wordings"] is True
 
 
 def test_recalibrate_moves_only_router_biases(recover, tmp_path):
@@ -182,12 +184,51 @@ def test_recall_blocks_keep_lines_and_questions_in_one_block():
         assert any(text[j * 40:].startswith(filler) for j in range(M)) and len(filler) > L // 3
 
 
+def test_varied_recall_blocks_use_the_eight_wordings_and_never_the_passkey(monkeypatch):
+    """recall_blocks(probes=varied_probes()): each block states its lines in one wording drawn from the eight (the
+    kinds still alternating: 8 lines, then 1), asks about each line once in that wording and answers it; the
+    evaluation's passkey form, the held-out check, is never among them."""
+    import random
+    import re
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from build_recovery_data import recall_blocks, varied_probes
+    from eval_quality import PASSKEY
+
+    probes = varied_probes()
+    assert len({p.line for p in probes}) == 8 and PASSKEY not in probes
+    assert not any(w in p.line + p.question for p in probes for w in ("vault", "combination"))
+    rng = random.Random(1)
+    text = " ".join(" ".join(rng.choice(["ab", "cd", "ef"]) for _ in range(rng.randint(3, 9))) + "." for _ in range(2000))
+    L = 2048
+    haystack = np.stack([np.frombuffer(text[i * 40:][:L].encode(), dtype=np.uint8).astype(np.int64) for i in range(3)])
+    boundary = np.zeros(256, dtype=bool)
+    boundary[ord(".")] = True
+    blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=24, seed=5, probes=probes)
+    used = set()
+    for i, row in enumerate(blocks):
+        doc = bytes(row[:-1].astype(np.uint8)).decode()
+        context = doc[: doc.index(" Question:")]
+        probe = next(p for p in probes if re.search(re.escape(p.line).replace(r"\{key\}", r"\w+").replace(
+            r"\{value\}", r"\d+"), context))
+        used.add(probe.line)
+        line = re.escape(probe.line).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d{%d})" % probe.digits)
+        lines = re.findall(line, context)
+        assert len(lines) == (1 if i % 2 else 8)
+        asked = re.escape(probe.question).replace(r"\{key\}", r"(\w+)") + r" (\d+)\."
+        answers = [(k, v) for k, *_, v in re.findall(asked, doc)]
+        assert sorted(answers) == sorted(lines)
+    assert len(used) >= 5  # the wordings vary across blocks
+
+
 def test_recall_share_mixes_recall_blocks_into_a_piece(recover, tmp_path):
     w = tmp_path
     assert recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), "--recall-share", "0.25",
                          *PIECE]) == 0
     piece = json.loads((w / "o" / recover.PROGRESS).read_text())["pieces"][0]
-    assert piece["recall"] == {"share": 0.25, "distinct_blocks": round(64 * 0.25 / 0.75)}
+    assert piece["recall"] == {"share": 0.25, "distinct_blocks": round(64 * 0.25 / 0.75), "varied_wordings": False}
     assert piece["blocks_available"] == 64 + piece["recall"]["distinct_blocks"]
     with pytest.raises(SystemExit):
         recover.main(["--stage", "1", "--work", str(w / "w"), "--out", str(w / "o"), "--recall-share", "1", *PIECE])

@@ -15,9 +15,10 @@ Work layout
   NSPLIT is fixed on the host from the allocated length L, so there is no host sync; each program
   stops at its (row, group)'s kept_len, so a preallocated buffer (NatslStaticCache) costs only
   what it holds, and a split past kept_len returns an empty partial (max -inf, sum 0).
-* Pass 2, grid (B * Hkv): merges the NSPLIT + 1 partials of each q head (log-sum-exp rescaling
-  against the max of all splits, taken first; then MERGE_BLOCK splits per step, none waiting on
-  the last). The open split always holds the new token, so every merge has a finite max.
+* Pass 2, grid (B * Hkv, GROUP): one program per q head merges its NSPLIT + 1 partials (log-sum-exp
+  rescaling against the max of all splits, taken first; then up to MERGE_TILE values of the
+  partials per step, one step for a short split list). The open split always holds the new token,
+  so every merge has a finite max.
 Cost: reads the kept KV once (kept tokens x Hkv x (D + Dv) x 2 bytes) plus the open chunk.
 Host side: the cache tensors go in as they are (no length, slot or dtype conversions) and the
 partials share one scratch buffer, so a step is two Triton launches and two allocations: at batch 1
@@ -104,34 +105,42 @@ def _decode_merge_kernel(
     GROUP: tl.constexpr, BM: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr,
     SB: tl.constexpr,
 ):
-    """Merge the NSPLIT + 1 partials of one (row, KV group): the global max from all split maxes at once,
-    then the sums and outputs SB splits at a time. No step waits on the one before (a running rescale
-    made every split's loads wait for the last, ~0.3 us each: 35 splits cost ~11 us on the H200)."""
+    """Merge the NSPLIT + 1 partials of q head j of one (row, KV group): the global max from all split maxes at
+    once, then the sums and outputs SB splits at a time (one step when the splits fit in a tile).
+
+    One program per q head, not per group: the partials' padding rows (BM >= 16 for the partial's tensor-core dot,
+    GROUP real) are never read, and the group's heads merge side by side. The per-group merge read all BM rows in
+    steps of 8 splits, ~9 dependent steps at batch 1: 20 us a call, the largest NAtS-L kernel of the 8k decode step
+    (H100 profile of 2026-12-07, bench/results/model_bench_h100_decode_profile_8k.json)."""
     bg = tl.program_id(0)
+    j = tl.program_id(1)
     b = (bg // HKV).to(tl.int64)
     g = bg % HKV
-    r = tl.arange(0, BM)
     odv = tl.arange(0, BDV)
-    base = MID + bg.to(tl.int64) * (NSPLIT + 1) * BM * (BDV + 2)
+    step = BM * (BDV + 2)  # partial (bg, s, j) is [m, l, acc[0:BDV]] at base + s * step
+    base = MID + (bg.to(tl.int64) * (NSPLIT + 1) * BM + j) * (BDV + 2)
     s = tl.arange(0, NS)
-    stat = base + (s[:, None] * BM + r[None, :]) * (BDV + 2)  # [NS, BM] partial max, then partial sum
-    m = tl.max(tl.load(stat, mask=s[:, None] <= NSPLIT, other=float("-inf")), 0)  # [BM]; the open split: finite
-    l_sum = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    m = tl.max(tl.load(base + s * step, mask=s <= NSPLIT, other=float("-inf")), 0)  # finite: the open split
+    l_sum = 0.0
+    acc = tl.zeros([BDV], dtype=tl.float32)
     for s0 in range(0, NSPLIT + 1, SB):
         ss = s0 + tl.arange(0, SB)
-        live = ss[:, None] <= NSPLIT
-        row = base + (ss[:, None] * BM + r[None, :]) * (BDV + 2)  # [SB, BM]
-        w = tl.exp2(tl.load(row, mask=live, other=float("-inf")) - m[None, :])  # 0 for an empty split
+        live = ss <= NSPLIT
+        row = base + ss * step  # [SB]
+        w = tl.exp2(tl.load(row, mask=live, other=float("-inf")) - m)  # 0 for an empty split
         l_sum += tl.sum(w * tl.load(row + 1, mask=live, other=0.0), 0)
-        part = tl.load(row[:, :, None] + 2 + odv[None, None, :], mask=live[:, :, None], other=0.0)  # [SB, BM, BDV]
-        acc += tl.sum(part * w[:, :, None], 0)
-    out = acc / l_sum[:, None]
-    tl.store(O + b * sob + (g * GROUP + r)[:, None] * soh + odv[None, :], out.to(O.dtype.element_ty),
-             mask=(r[:, None] < GROUP) & (odv[None, :] < DV))
+        part = tl.load(row[:, None] + 2 + odv[None, :], mask=live[:, None], other=0.0)  # [SB, BDV]
+        acc += tl.sum(part * w[:, None], 0)
+    out = acc / l_sum
+    tl.store(O + b * sob + (g * GROUP + j) * soh + odv, out.to(O.dtype.element_ty), mask=odv < DV)
 
 
-MERGE_BLOCK = 8  # splits merged per step of the merge loop
+MERGE_TILE = 8192  # partial values a merge program holds per step (SB splits x BDV)
+
+
+def _merge_splits(nsplit: int, bdv: int) -> int:
+    """SB: the splits one merge step takes, a power of 2 with SB * bdv <= MERGE_TILE (at least 8)."""
+    return max(8, min(triton.next_power_of_2(nsplit + 1), MERGE_TILE // bdv))
 
 
 def _num_splits(rows: int, length: int) -> tuple[int, int]:
@@ -176,8 +185,8 @@ def routed_decode_attention(q, kept_k, kept_v, kept_len, open_k, open_v, seen, s
         HKV, L, nsplit, split, scale * LOG2E,
         GROUP=group, BM=BM, BN=BN, C=C, BC=BC, D=D, DV=DV, BD=BD, BDV=BDV, num_warps=4, num_stages=2,
     )
-    _decode_merge_kernel[(B * HKV,)](
+    _decode_merge_kernel[(B * HKV, group)](
         mid, o, o.stride(0), o.stride(1), HKV, nsplit, GROUP=group, BM=BM, DV=DV, BDV=BDV,
-        NS=_pow2(nsplit + 1), SB=MERGE_BLOCK, num_warps=4,
+        NS=triton.next_power_of_2(nsplit + 1), SB=_merge_splits(nsplit, BDV), num_warps=4,
     )
     return o

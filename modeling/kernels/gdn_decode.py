@@ -26,70 +26,80 @@ from .utils import _pow2
 
 
 @triton.jit
-def _conv_silu_l2(CONV, W, b, c, m, x, live, CH, WIN: tl.constexpr):
-    """Channels c (mask m) of row b: the causal conv over [window, x], SiLU, L2 norm (fp32); slides the
-    window by x where the token is real (`live`, a block mask)."""
-    y = x.to(tl.float32) * tl.load(W + c * WIN + (WIN - 1), mask=m, other=0.0).to(tl.float32)
-    for w in tl.static_range(WIN - 1):
-        cached = tl.load(CONV + (b * (WIN - 1) + w) * CH + c, mask=m, other=0.0).to(tl.float32)
-        y += cached * tl.load(W + c * WIN + w, mask=m, other=0.0).to(tl.float32)
-    if WIN > 1:
-        for w in tl.static_range(WIN - 2):
-            later = tl.load(CONV + (b * (WIN - 1) + w + 1) * CH + c, mask=m, other=0.0)
-            tl.store(CONV + (b * (WIN - 1) + w) * CH + c, later, mask=m & live)
-        tl.store(CONV + (b * (WIN - 1) + WIN - 2) * CH + c, x.to(CONV.dtype.element_ty), mask=m & live)
-    y = y * tl.sigmoid(y)
-    return y * tl.rsqrt(tl.sum(y * y, 0) + 1e-6)
-
-
-@triton.jit
 def _gdn_decode_kernel(
     Q, K, V, A, BETA_IN, VALID, W, A_LOG, DT_BIAS, CONV, GK, GG, GB, RUN, S0, DECAY, SEEN, O,
     scale, HQ, HKV, CH, C,
-    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, WIN: tl.constexpr,
+    G: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    WIN: tl.constexpr, BW: tl.constexpr,
 ):
+    """Every load first, then the maths, then every store: a load placed after a store waits for the values that
+    store computes (the compiler cannot move it above a store to memory it may alias), so the per-channel
+    "conv, then slide the window" steps of the earlier kernel were ~10 dependent trips to memory, ~16 us a call at
+    batch 1 on an H100 (the second-largest NAtS-L kernel of the 8k decode step: bench/MODEL_BENCH_NOTES.md). The conv
+    runs on one [BR, BD] tile of channels: rows 0..G-1 the group's q heads, row G its k head."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     bh = b * HKV + h
     od = tl.arange(0, BD)
     ov = tl.arange(0, BDV)
+    r = tl.arange(0, BR)
     md, mv = od < D, ov < DV
-    real = tl.load(VALID + b).to(tl.int32)
-    valid = real != 0
-    live = (tl.zeros([BD], dtype=tl.int32) + real) != 0  # the same as a block mask (stores want a block)
+    is_q = r < G
+    ch = tl.where(is_q, (h * G + r) * D, HQ * D + h * D)[:, None] + od[None, :]  # [BR, BD] conv channels
+    mc = (r <= G)[:, None] & md[None, :]
 
-    # gates (0 for padding: the state is left as it is)
+    # loads
+    valid = tl.load(VALID + b).to(tl.int32) != 0
     a = tl.load(A + bh).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
-    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # torch's threshold
-    g = tl.where(valid, -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus, 0.0)
-    beta = tl.where(valid, tl.sigmoid(tl.load(BETA_IN + bh).to(tl.float32)), 0.0)
-
-    # key: conv, then the open chunk's slot
-    kc = HQ * D + h * D + od
-    k = _conv_silu_l2(CONV, W, b, kc, md, tl.load(K + b * HKV * D + h * D + od, mask=md, other=0.0), live, CH, WIN)
-    slot = (b * C + tl.load(SEEN + b) % C) * HKV + h
-    tl.store(GK + slot * D + od, k, mask=md)
-    tl.store(GG + slot, g)
-    tl.store(GB + slot, beta)
-
-    # the token's delta-rule write into gdn_run
+    a_log = tl.load(A_LOG + h).to(tl.float32)
+    beta_in = tl.load(BETA_IN + bh).to(tl.float32)
+    seen = tl.load(SEEN + b)
+    decay = tl.load(DECAY + bh)
+    xq = tl.load(Q + b * HQ * D + (h * G + r)[:, None] * D + od[None, :], mask=is_q[:, None] & md[None, :], other=0.0)
+    xk = tl.load(K + b * HKV * D + h * D + od, mask=md, other=0.0)
+    x = tl.where(is_q[:, None], xq, xk[None, :])  # [BR, BD] the token's channels
+    w_last = tl.load(W + ch * WIN + (WIN - 1), mask=mc, other=0.0).to(tl.float32)
     sp = bh * D * DV + od[:, None] * DV + ov[None, :]
     ms = md[:, None] & mv[None, :]
     v = tl.load(V + bh * DV + ov, mask=mv, other=0.0).to(tl.float32)
-    run = tl.load(RUN + sp, mask=ms, other=0.0) * tl.exp(g)
-    delta = v - tl.sum(k[:, None] * run, 0)
-    tl.store(RUN + sp, run + (beta * k)[:, None] * delta[None, :], mask=ms)
-    decay = tl.load(DECAY + bh) + g
-    tl.store(DECAY + bh, decay)
-
-    # readout of the chunk-start state for the G query heads of this group
+    run = tl.load(RUN + sp, mask=ms, other=0.0)
     start = tl.load(S0 + sp, mask=ms, other=0.0)
+    y = x.to(tl.float32) * w_last
+    if WIN > 1:  # the cached window [BW, BR, BD]: slot w holds the token w - (WIN - 1) back
+        wi = tl.arange(0, BW)
+        m3 = (wi < WIN - 1)[:, None, None] & mc[None, :, :]
+        window_at = CONV + (b * (WIN - 1) + wi)[:, None, None] * CH + ch[None, :, :]
+        window = tl.load(window_at, mask=m3, other=0.0)
+        taps = tl.load(W + ch[None, :, :] * WIN + wi[:, None, None], mask=m3, other=0.0).to(tl.float32)
+        y += tl.sum(window.to(tl.float32) * taps, 0)
+
+    # maths (fp32): conv -> SiLU -> L2 norm per channel row; gates (0 for padding); delta rule; readout factor
+    y = y * tl.sigmoid(y)
+    y = y * tl.rsqrt(tl.sum(y * y, 1) + 1e-6)[:, None]
+    k = tl.sum(tl.where((r == G)[:, None], y, 0.0), 0)  # [BD] k~
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # torch's threshold
+    g = tl.where(valid, -tl.exp(a_log) * softplus, 0.0)
+    beta = tl.where(valid, tl.sigmoid(beta_in), 0.0)
+    run = run * tl.exp(g)
+    delta = v - tl.sum(k[:, None] * run, 0)
+    run = run + (beta * k)[:, None] * delta[None, :]
+    decay = decay + g
     factor = (tl.exp(decay) * scale).to(tl.float32)  # inductor may hand `scale` over as fp64
-    for j in tl.static_range(G):
-        qc = (h * G + j) * D + od
-        q = _conv_silu_l2(CONV, W, b, qc, md, tl.load(Q + b * HQ * D + qc, mask=md, other=0.0), live, CH, WIN)
-        o = tl.sum(q[:, None] * start, 0) * factor
-        tl.store(O + (b * HQ + h * G + j) * DV + ov, o, mask=mv)
+
+    # stores
+    if WIN > 1:  # the window slides by the token where it is real (a block mask: stores take no scalar one)
+        live = mc & ((tl.zeros([BR, BD], dtype=tl.int32) + valid.to(tl.int32)) != 0)
+        tl.store(window_at - CH, window, mask=m3 & (wi >= 1)[:, None, None] & live[None, :, :])
+        tl.store(CONV + (b * (WIN - 1) + WIN - 2) * CH + ch, x.to(CONV.dtype.element_ty), mask=live)
+    slot = (b * C + seen % C) * HKV + h
+    tl.store(GK + slot * D + od, k, mask=md)
+    tl.store(GG + slot, g)
+    tl.store(GB + slot, beta)
+    tl.store(RUN + sp, run, mask=ms)
+    tl.store(DECAY + bh, decay)
+    for j in tl.static_range(G):  # the chunk-start state read out by the group's q heads
+        q = tl.sum(tl.where((r == j)[:, None], y, 0.0), 0)
+        tl.store(O + (b * HQ + h * G + j) * DV + ov, tl.sum(q[:, None] * start, 0) * factor, mask=mv)
 
 
 def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, scale: float) -> torch.Tensor:
@@ -110,6 +120,7 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
         conv_weight.contiguous(), A_log, dt_bias, state.conv_state, state.gdn_k, state.gdn_g, state.gdn_beta,
         state.gdn_run, state.gdn_state, state.gdn_decay, state.seen, o,
         scale, HQ, HKV, CH, state.chunk_size,
-        G=HQ // HKV, D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), WIN=WIN, num_warps=4,
+        G=HQ // HKV, BR=triton.next_power_of_2(HQ // HKV + 1), D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), WIN=WIN,
+        BW=triton.next_power_of_2(max(WIN - 1, 1)), num_warps=4,
     )
     return o

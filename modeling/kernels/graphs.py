@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 WARMUP = 1  # eager calls of a signature before its capture
 MAX_GRAPHS = 8  # signatures kept per op
@@ -60,11 +59,18 @@ def graph_scope(training: bool):
         _scope.training = before
 
 
+def _clone(out):
+    if isinstance(out, Tensor):
+        return out.clone()
+    return type(out)(_clone(o) for o in out)
+
+
 class _Graph:
     """One captured call: static inputs (clones of the first captured call's tensors), the graph, its outputs.
-    A replay moves its tensors in and out with one `torch._foreach_copy_` each (grouped launches), not a copy per
-    tensor: those ~10 copies a call were ~1,900 memcpy launches in a 4 x 2048 checkpointed step of the 135M shape,
-    ~22 ms of its host time (bench/TRAINING_NOTES.md, 2026-12-07)."""
+    A replay copies each tensor in with `copy_` and clones each output (a cudaMemcpyAsync each). Grouping them into
+    one `torch._foreach_copy_` in and out was tried (2026-12-07) and measured slower on an H100: 16 x 2048 87.8k
+    against 103.0k tok/s, 4 x 2048 checkpointed not faster (bench/TRAINING_NOTES.md): fewer launches, but (the
+    likely cause, not profiled) a multi-tensor kernel moves the 10-100 MB activations slower than a memcpy does."""
 
     def __init__(self, fn: Callable, args: tuple):
         device = next(a for a in args if isinstance(a, Tensor)).device
@@ -75,22 +81,13 @@ class _Graph:
             # autograd's device thread or a pin-memory thread, keep working meanwhile)
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = fn(*self.inputs)
-        self._bind()
-
-    def _bind(self) -> None:
-        """The flat lists a replay copies through (after `inputs` and `outputs` are set)."""
-        self._tensor_args = [i for i, a in enumerate(self.inputs) if isinstance(a, Tensor)]
-        self._static_inputs = [self.inputs[i] for i in self._tensor_args]
-        self._flat_outputs, self._output_spec = tree_flatten(self.outputs)
-        if not all(isinstance(o, Tensor) for o in self._flat_outputs):
-            raise TypeError("a graphed op returns tensors (in tuples) only")
 
     def __call__(self, args: tuple):
-        torch._foreach_copy_(self._static_inputs, [args[i] for i in self._tensor_args])
+        for static, a in zip(self.inputs, args):
+            if isinstance(a, Tensor):
+                static.copy_(a)
         self.graph.replay()
-        fresh = [torch.empty_like(o) for o in self._flat_outputs]  # the same strides (preserve_format), as clone
-        torch._foreach_copy_(fresh, self._flat_outputs)
-        return tree_unflatten(fresh, self._output_spec)
+        return _clone(self.outputs)
 
 
 def _signature(args: tuple) -> tuple:
