@@ -362,6 +362,7 @@ def profile_row(model, name, T: int, p) -> dict:
             "host_syncs": sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                                "cudaEventSynchronize", "aten::_local_scalar_dense")),
         }
+    host = host_python_per_token(lambda k: (gen(k), torch.cuda.synchronize()), N_SHORT, n)
     model.generation_config.max_cache_len = None
     per_token = {key: (counts[N_SHORT + n][key] - counts[N_SHORT][key]) / n for key in counts[N_SHORT]}
     kernels = []  # per decode token: launches and GPU microseconds of each kernel name
@@ -372,7 +373,28 @@ def profile_row(model, name, T: int, p) -> dict:
     kernels.sort(key=lambda r: -r["us_per_token"])
     return {"kind": "profile", "model": name, "T": T, "batch": 1, "p": p, "mode": "compiled generate, static cache",
             **{f"{key}_per_token": value for key, value in per_token.items()},
-            "gpu_us_per_token": sum(r["us_per_token"] for r in kernels), "kernels": kernels[:60]}
+            "gpu_us_per_token": sum(r["us_per_token"] for r in kernels), "kernels": kernels[:60], "host_python": host}
+
+
+def host_python_per_token(run, short: int, n: int, top: int = 30) -> dict:
+    """Where the host's time per decode token goes, by Python function: cProfile over run(short) and
+    run(short + n), the difference of each function's own time (tottime: C calls such as dynamo's guards or a
+    graph replay count in the function that makes them) over the n extra tokens. cProfile slows every Python
+    call alike, so the shares are what to read, not the absolute times."""
+    import cProfile
+    import pstats
+
+    own = {}
+    for k in (short, short + n):
+        prof = cProfile.Profile()
+        prof.runcall(run, k)
+        for (file, line, fn), (_, calls, tottime, _, _) in pstats.Stats(prof).stats.items():
+            entry = own.setdefault(f"{os.path.basename(file)}:{line}:{fn}", {short: (0, 0.0), short + n: (0, 0.0)})
+            entry[k] = (calls, tottime)
+    rows = [{"function": name, "calls_per_token": (c[short + n][0] - c[short][0]) / n,
+             "us_per_token": 1e6 * (c[short + n][1] - c[short][1]) / n} for name, c in own.items()]
+    rows.sort(key=lambda r: -r["us_per_token"])
+    return {"us_per_token": sum(r["us_per_token"] for r in rows), "functions": rows[:top]}
 
 
 def check_static_equals_dynamic(natsl, T: int) -> dict:

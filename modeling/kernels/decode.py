@@ -121,17 +121,17 @@ def _decode_merge_kernel(
     base = MID + (bg.to(tl.int64) * (NSPLIT + 1) * BM + j) * (BDV + 2)
     s = tl.arange(0, NS)
     m = tl.max(tl.load(base + s * step, mask=s <= NSPLIT, other=float("-inf")), 0)  # finite: the open split
-    l_sum = 0.0
+    l_sum = tl.zeros([SB], dtype=tl.float32)  # per slot of the step, summed at the end (a vector loop-carry)
     acc = tl.zeros([BDV], dtype=tl.float32)
     for s0 in range(0, NSPLIT + 1, SB):
         ss = s0 + tl.arange(0, SB)
         live = ss <= NSPLIT
         row = base + ss * step  # [SB]
         w = tl.exp2(tl.load(row, mask=live, other=float("-inf")) - m)  # 0 for an empty split
-        l_sum += tl.sum(w * tl.load(row + 1, mask=live, other=0.0), 0)
+        l_sum += w * tl.load(row + 1, mask=live, other=0.0)
         part = tl.load(row[:, None] + 2 + odv[None, :], mask=live[:, None], other=0.0)  # [SB, BDV]
         acc += tl.sum(part * w[:, None], 0)
-    out = acc / l_sum
+    out = acc / tl.sum(l_sum, 0)
     tl.store(O + b * sob + (g * GROUP + j) * soh + odv, out.to(O.dtype.element_ty), mask=odv < DV)
 
 
