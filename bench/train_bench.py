@@ -275,6 +275,42 @@ SWITCHES = {  # check rows: a training step with the switch off ("0") against on
 }
 
 
+def check_kd_row(batch: int, T: int, vocab: int, reps: int = 5) -> dict:
+    """The stage-2 KD loss (conversion/trainer.kd_loss: checkpointed pieces) on random bf16 logits of a
+    [batch, T, vocab] step, its pieces eager (NATSL_COMPILE=0) against compiled (1): value, gradient and the time of
+    a forward + backward (median of `reps`, after one warm-up that compiles)."""
+    from natsl_hf.conversion.trainer import kd_loss
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    student = torch.randn(batch, T, vocab, device=DEV, generator=g).to(torch.bfloat16).requires_grad_()
+    teacher = torch.randn(batch, T, vocab, device=DEV, generator=g).to(torch.bfloat16)
+
+    def step():
+        loss = kd_loss(student, teacher, 1.0)
+        (grad,) = torch.autograd.grad(loss, student)
+        return loss, grad
+
+    out = {}
+    try:
+        for flag in ("0", "1"):
+            os.environ["NATSL_COMPILE"] = flag
+            loss, grad = step()
+            times = []
+            for _ in range(reps):
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t0)
+            out[flag] = (float(loss), grad.float(), sorted(times)[reps // 2])
+    finally:
+        os.environ.pop("NATSL_COMPILE", None)
+    rel = float((out["1"][1] - out["0"][1]).norm() / out["0"][1].norm())
+    return {"kind": "check", "what": "KD loss pieces compiled vs eager: forward + backward on random bf16 logits",
+            "switch": "NATSL_COMPILE", "batch": batch, "T": T, "vocab": vocab, "loss_off": out["0"][0],
+            "loss_on": out["1"][0], "grad_rel_err_max": rel, "ms_off": 1e3 * out["0"][2], "ms_on": 1e3 * out["1"][2]}
+
+
 def check_switch_row(model, ids, switch: str) -> dict:
     """One bf16-autocast training step with `switch` (an environment switch of SWITCHES) at 0 and at 1: loss and every
     gradient. The first NATSL_CUDA_GRAPHS=1 step captures its graphs (the first layer's call warms up, the second
@@ -392,6 +428,7 @@ def main(argv=None) -> int:
         for switch in SWITCHES:
             attempt(f"check {switch}", lambda: check_switch_row(natsl, batch_ids(2, T, vocab), switch), model="natsl",
                     p=args.p)
+        attempt("check kd", lambda: check_kd_row(shapes[0][0], T, vocab))
     for B, ckpt in shapes:
         ids = batch_ids(B, T, vocab)
         if "profile" in sections:

@@ -48,6 +48,7 @@ and trainer state, so a run resumes from the model it started from plus ~10M par
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 
@@ -57,6 +58,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import Trainer
+
+from natsl_hf.modeling.layer import run_compiled
 
 from .families import is_new_parameter
 from .layers import decoder_layers, natsl_decoder_layers, natsl_layer_indices, unwrap
@@ -262,6 +265,20 @@ def _token_kl(student_logits, teacher_logits, temperature: float) -> torch.Tenso
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
 
 
+@functools.cache
+def _compiled_token_kl():
+    """`_token_kl` through torch.compile, made once per process. Eager, a piece is ~10 vocabulary-wide fp32 passes
+    (two upcasts, two log-softmaxes, the KL and their backward, again in the checkpoint's recompute); compiled, the
+    softmaxes, the KL and the gradient fuse into a few passes over the bf16 logits (bench/TRAINING_NOTES.md)."""
+    return torch.compile(_token_kl)
+
+
+def _piece_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """`_token_kl` of one piece, compiled where the NAtS-L layers are (CUDA, NATSL_COMPILE not 0, no failed compile:
+    modeling.layer.run_compiled), else eagerly."""
+    return run_compiled(student_logits, _token_kl, _compiled_token_kl, teacher_logits, temperature)
+
+
 def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=None) -> torch.Tensor:
     """`T^2 KL(softmax(t/T) || softmax(s/T))` per token, averaged over real tokens.
 
@@ -274,9 +291,9 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     for start in range(0, student.shape[0], KD_CHUNK_TOKENS):
         piece = (student[start: start + KD_CHUNK_TOKENS], teacher[start: start + KD_CHUNK_TOKENS])
         if torch.is_grad_enabled() and student.requires_grad:
-            kl.append(torch.utils.checkpoint.checkpoint(_token_kl, *piece, temperature, use_reentrant=False))
+            kl.append(torch.utils.checkpoint.checkpoint(_piece_kl, *piece, temperature, use_reentrant=False))
         else:
-            kl.append(_token_kl(*piece, temperature))
+            kl.append(_piece_kl(*piece, temperature))
     kl = torch.cat(kl).view(student_logits.shape[:-1])
     if attention_mask is not None:
         m = attention_mask.to(kl.dtype)

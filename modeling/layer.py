@@ -152,18 +152,19 @@ def dense_call(token_mask, cache, documents) -> bool:
     return cache is None and token_mask is None and documents is None
 
 
-def run_compiled(owner: nn.Module, fn, compiled, *args):
-    """`fn(owner, *args)` (a module's dense-path function; args[0]: the hidden states), through `compiled()`, its
-    torch.compile made once per process, on CUDA: every module of a kind calls the same compiled function with itself
-    as the first argument, so the layers share their graphs (dynamo lifts the parameters to graph inputs).
-    NATSL_COMPILE=0 runs it eagerly, and so does every call after a failed compile (`_compile_failed`); inside an outer
-    trace (a compiled generate step, torch.export) it is traced as part of that graph."""
+def run_compiled(first, fn, compiled, *args):
+    """`fn(first, *args)` through `compiled()`, its torch.compile made once per process, where args[0] (a tensor: the
+    hidden states) is on CUDA. `fn` is a module's dense-path function with the module as `first`: every module of a
+    kind calls the same compiled function with itself, so the layers share their graphs (dynamo lifts the parameters
+    to graph inputs); or a plain function of tensors (conversion/trainer.py's KD pieces). NATSL_COMPILE=0 runs it
+    eagerly, and so does every call after a failed compile (`_compile_failed`); inside an outer trace (a compiled
+    generate step, torch.export) it is traced as part of that graph."""
     if compiles(args[0]) and not torch.compiler.is_compiling():
         try:
-            return compiled()(owner, *args)
+            return compiled()(first, *args)
         except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
             _compile_failed(err)
-    return fn(owner, *args)
+    return fn(first, *args)
 
 
 @functools.cache

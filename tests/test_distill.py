@@ -632,3 +632,31 @@ def test_kd_loss_in_pieces_equals_the_whole(monkeypatch):
         (g_want,) = torch.autograd.grad(want, student)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(g_got, g_want)
+
+
+def test_kd_loss_pieces_compiled_equal_eager(monkeypatch):
+    """On CUDA the KD pieces run through torch.compile (`_piece_kl`, the layers' compile policy); forced here on the
+    CPU, the compiled pieces give the eager value and gradient, checkpointed pieces and a short last piece included."""
+    from natsl_hf.conversion import trainer as trainer_module
+    from natsl_hf.modeling import layer as layer_module
+
+    monkeypatch.setattr(trainer_module, "KD_CHUNK_TOKENS", 8)  # 2 x 9 tokens -> pieces of 8, 8, 2
+    torch.manual_seed(1)
+    student = torch.randn(2, 9, 13, requires_grad=True)
+    teacher = torch.randn(2, 9, 13)
+    want = trainer_module.kd_loss(student, teacher, 2.0)
+    (g_want,) = torch.autograd.grad(want, student)
+    calls = []
+    compiled = trainer_module._compiled_token_kl
+
+    def counted():
+        calls.append(1)
+        return compiled()
+
+    monkeypatch.setattr(layer_module, "compiles", lambda x: True)
+    monkeypatch.setattr(trainer_module, "_compiled_token_kl", counted)
+    got = trainer_module.kd_loss(student, teacher, 2.0)
+    (g_got,) = torch.autograd.grad(got, student)
+    assert len(calls) >= 3 and not layer_module._COMPILE_FAILED  # every piece compiled (and its recompute)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
