@@ -121,6 +121,7 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
         state.gdn_run, state.gdn_state, state.gdn_decay, state.seen, o,
         scale, HQ, HKV, CH, state.chunk_size,
         G=HQ // HKV, BR=triton.next_power_of_2(HQ // HKV + 1), D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), WIN=WIN,
-        BW=triton.next_power_of_2(max(WIN - 1, 1)), num_warps=4,
+        BW=triton.next_power_of_2(max(WIN - 1, 1)),
+        num_warps=4 if _pow2(D) * _pow2(DV) <= 64 * 64 else 8,  # the [D, Dv] states and the window live at once
     )
     return o
