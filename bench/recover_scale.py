@@ -648,9 +648,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)
-    for name in ("seq_len", "calibration_seq_len"):
-        if getattr(args, name) % CHUNK_SIZE or getattr(args, name) < SEQ_LEN // 4:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
+    for flag, tokens in (("--seq-len", args.seq_len), ("--calibration-seq-len", args.calibration_seq_len)):
+        if tokens % CHUNK_SIZE or tokens < SEQ_LEN // 4:
+            p.error(f"{flag} {tokens}: give a multiple of {CHUNK_SIZE} >= {SEQ_LEN // 4}")
     if args.materialize:
         if not (args.to and args.gguf):
             p.error("--materialize needs --to and --gguf")

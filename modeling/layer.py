@@ -139,8 +139,8 @@ _COMPILE_FAILED: list[str] = []  # the error, once torch.compile of the dense pa
 def _compile_failed(err: Exception) -> None:
     _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
     warnings.warn(
-        f"torch.compile of the NAtS-L layer failed ({_COMPILE_FAILED[0][:500]}): running it eagerly from now on, "
-        "which is correct but slower to train. Set NATSL_COMPILE=0 to skip the attempt and silence this warning.",
+        f"torch.compile of a NAtS-L path (the layers' dense path or the KD loss) failed ({_COMPILE_FAILED[0][:500]}): "
+        "running every such path eagerly from now on, which is correct but slower to train. Set NATSL_COMPILE=0 to skip the attempt and silence this warning.",
         RuntimeWarning,
         stacklevel=3,
     )

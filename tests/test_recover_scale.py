@@ -207,15 +207,16 @@ def test_varied_recall_blocks_use_the_eight_wordings_and_never_the_passkey(monke
     boundary = np.zeros(256, dtype=bool)
     boundary[ord(".")] = True
     blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=24, seed=5, probes=probes)
+    def stated(p):  # a line of wording p: (key, value)
+        return re.escape(p.line).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d{%d})" % p.digits)
+
     used = set()
     for i, row in enumerate(blocks):
         doc = bytes(row[:-1].astype(np.uint8)).decode()
         context = doc[: doc.index(" Question:")]
-        probe = next(p for p in probes if re.search(re.escape(p.line).replace(r"\{key\}", r"\w+").replace(
-            r"\{value\}", r"\d+"), context))
+        probe = next(p for p in probes if re.search(stated(p), context))
         used.add(probe.line)
-        line = re.escape(probe.line).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d{%d})" % probe.digits)
-        lines = re.findall(line, context)
+        lines = re.findall(stated(probe), context)
         assert len(lines) == (1 if i % 2 else 8)
         asked = re.escape(probe.question).replace(r"\{key\}", r"(\w+)") + r" (\d+)\."
         answers = [(k, v) for k, *_, v in re.findall(asked, doc)]
