@@ -288,8 +288,10 @@ def kd_loss(student_logits, teacher_logits, temperature: float, attention_mask=N
     V = student_logits.shape[-1]
     student, teacher = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     kl = []
-    for start in range(0, student.shape[0], KD_CHUNK_TOKENS):
-        piece = (student[start: start + KD_CHUNK_TOKENS], teacher[start: start + KD_CHUNK_TOKENS])
+    # split, not a slice per piece: a slice's backward writes a zero tensor of the whole batch's logits around its
+    # piece's gradient and autograd adds those up (with accelerate's fp32 outputs: a 6.4 GB fill and add per piece at
+    # 16 x 2048, ~140 ms a step on an H100, bench/TRAINING_NOTES.md); split's backward concatenates the pieces once
+    for piece in zip(student.split(KD_CHUNK_TOKENS), teacher.split(KD_CHUNK_TOKENS)):
         if torch.is_grad_enabled() and student.requires_grad:
             kl.append(torch.utils.checkpoint.checkpoint(_piece_kl, *piece, temperature, use_reentrant=False))
         else:
