@@ -89,6 +89,28 @@ def set_compile_mode(mode: str) -> None:
         module.compiled_dense = functools.cache(lambda cls=cls: torch.compile(cls._dense, mode=mode))
 
 
+def set_cpp_wrapper(on: bool) -> list[str]:
+    """Inductor's C++ wrapper (`torch._inductor.config.cpp_wrapper`) on or off for every NAtS-L compiled path made from
+    now on in this process (an experiment: the profiles show ~1 ms of host time per call of a compiled layer graph,
+    Python launching its kernels, which the C++ wrapper launches from compiled code). The compiled functions and
+    dynamo's caches are dropped so the next call compiles again; returns (and clears) a compile failure recorded
+    meanwhile, so that a failed C++ build does not leave the later rows eager."""
+    import torch._inductor.config as inductor_config
+
+    from natsl_hf.conversion import trainer
+    from natsl_hf import modeling_natsl
+    from natsl_hf.modeling import layer, softmax_attention
+
+    inductor_config.cpp_wrapper = on
+    torch._dynamo.reset()
+    for made in (layer.compiled_dense, softmax_attention.compiled_dense, modeling_natsl.compiled_mlp_block,
+                 trainer._compiled_token_kl):
+        made.cache_clear()
+    failed = list(layer._COMPILE_FAILED)
+    layer._COMPILE_FAILED.clear()
+    return failed
+
+
 def natsl_of(source, p: float, ids: torch.Tensor):
     natsl = convert_model(source, chunk_size=64).to(DEV).float()
     random_routers(natsl)
@@ -384,6 +406,8 @@ def main(argv=None) -> int:
                     "compiles with the default mode; reduce-overhead replays it as CUDA graphs)")
     ap.add_argument("--without-graphs", action="store_true",
                     help="each trainer shape also as a NAtS-L row with NATSL_CUDA_GRAPHS=0 (the branch ops launched)")
+    ap.add_argument("--cpp-wrapper-ab", action="store_true",
+                    help="each trainer shape also as a NAtS-L row compiled with inductor's C++ wrapper (set_cpp_wrapper)")
     args = ap.parse_args(argv)
     if args.compile_mode != "default":
         set_compile_mode(args.compile_mode)
@@ -444,6 +468,13 @@ def main(argv=None) -> int:
                 attempt(f"trainer natsl {B} {ckpt} no graphs", lambda: run_trainer(
                     "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cuda_graphs=False)
                 os.environ.pop("NATSL_CUDA_GRAPHS")
+            if args.cpp_wrapper_ab:  # the same NAtS-L row with inductor's C++ wrapper (the A/B of set_cpp_wrapper)
+                set_cpp_wrapper(True)
+                attempt(f"trainer natsl {B} {ckpt} cpp_wrapper", lambda: run_trainer(
+                    "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cpp_wrapper=True)
+                failed = set_cpp_wrapper(False)
+                if failed:
+                    report["errors"].append({"row": f"trainer natsl {B} {ckpt} cpp_wrapper", "error": failed[0]})
     if "distill" in sections:
         ids = batch_ids(shapes[0][0], T, vocab)
         teacher = smollm2_source(args.quick)  # a frozen copy, as natsl-distill loads --source
