@@ -406,6 +406,8 @@ def main(argv=None) -> int:
                     "compiles with the default mode; reduce-overhead replays it as CUDA graphs)")
     ap.add_argument("--without-graphs", action="store_true",
                     help="each trainer shape also as a NAtS-L row with NATSL_CUDA_GRAPHS=0 (the branch ops launched)")
+    ap.add_argument("--checks", default=",".join([*SWITCHES, "kd"]),
+                    help="the check section's rows: switches of SWITCHES and/or kd (default all)")
     ap.add_argument("--cpp-wrapper-ab", action="store_true",
                     help="each trainer shape also as a NAtS-L row compiled with inductor's C++ wrapper (set_cpp_wrapper)")
     args = ap.parse_args(argv)
@@ -449,10 +451,12 @@ def main(argv=None) -> int:
         shapes = [(int(b), c == "ckpt") for b, c in (shape.split("x") for shape in args.shapes.split(","))]
     natsl = natsl_of(source, args.p, batch_ids(1, T, vocab))
     if "check" in sections:
-        for switch in SWITCHES:
+        checks = args.checks.split(",")
+        for switch in (s for s in SWITCHES if s in checks):
             attempt(f"check {switch}", lambda: check_switch_row(natsl, batch_ids(2, T, vocab), switch), model="natsl",
                     p=args.p)
-        attempt("check kd", lambda: check_kd_row(shapes[0][0], T, vocab))
+        if "kd" in checks:
+            attempt("check kd", lambda: check_kd_row(shapes[0][0], T, vocab))
     for B, ckpt in shapes:
         ids = batch_ids(B, T, vocab)
         if "profile" in sections:
