@@ -25,6 +25,8 @@ bench/model_bench.py does). Rows (`bench/results/model_bench_*.json` format, `{"
 Usage (GPU):  python bench/train_bench.py --out bench/results/model_bench_h200_training.json
               [--sections check,trainer,profile,distill,prefill] [--quick] [--compile-mode reduce-overhead]
 
+--without-cpp-wrapper adds, per trainer shape, the NAtS-L row compiled without inductor's C++ wrapper (the product
+compiles with it: modeling.layer.COMPILE_OPTIONS), the A/B of that option.
 --compile-mode is an experiment, not a product setting: the layers compile their dense path with torch.compile's
 default mode; reduce-overhead replays each compiled graph as a CUDA graph (one launch instead of the graph's and
 the branch ops' launches: the host time the 4 x 2048 ckpt profile of 2026-12-04 is bound by).
@@ -80,7 +82,8 @@ def batch_ids(batch: int, T: int, vocab: int, seed: int = 1) -> torch.Tensor:
 
 def set_compile_mode(mode: str) -> None:
     """Compile the NAtS-L and full-softmax layers' dense paths with torch.compile `mode` in this process (what
-    `modeling.layer.compiled_dense` / `modeling.softmax_attention.compiled_dense` make once per process)."""
+    `modeling.layer.compiled_dense` / `modeling.softmax_attention.compiled_dense` make once per process), without the
+    product's inductor options (torch.compile takes a mode or options, not both)."""
     import functools
 
     from natsl_hf.modeling import layer, softmax_attention
@@ -89,23 +92,26 @@ def set_compile_mode(mode: str) -> None:
         module.compiled_dense = functools.cache(lambda cls=cls: torch.compile(cls._dense, mode=mode))
 
 
-def set_cpp_wrapper(on: bool) -> list[str]:
-    """Inductor's C++ wrapper (`torch._inductor.config.cpp_wrapper`) on or off for every NAtS-L compiled path made from
-    now on in this process (an experiment: the profiles show ~1 ms of host time per call of a compiled layer graph,
-    Python launching its kernels, which the C++ wrapper launches from compiled code). The compiled functions and
-    dynamo's caches are dropped so the next call compiles again; returns (and clears) a compile failure recorded
-    meanwhile, so that a failed C++ build does not leave the later rows eager."""
-    import torch._inductor.config as inductor_config
+def compile_paths(options: dict | None) -> list[str]:
+    """Every NAtS-L compiled path (the layers' dense paths, the MLP half, the KD pieces) made from now on in this process
+    with these inductor options (None: the product's, `modeling.layer.COMPILE_OPTIONS`): the A/B of the C++ wrapper.
+    The made functions and dynamo's caches are dropped so that the next call compiles again; returns (and clears) a
+    compile failure recorded meanwhile, so that one failed row does not leave the later rows eager."""
+    import functools
 
-    from natsl_hf.conversion import trainer
     from natsl_hf import modeling_natsl
+    from natsl_hf.conversion import trainer
     from natsl_hf.modeling import layer, softmax_attention
 
-    inductor_config.cpp_wrapper = on
+    paths = ((layer, "compiled_dense", layer.NatslAttention._dense),
+             (softmax_attention, "compiled_dense", softmax_attention.NatslSoftmaxAttention._dense),
+             (modeling_natsl, "compiled_mlp_block", modeling_natsl.NatslDecoderLayer._mlp_block),
+             (trainer, "_compiled_token_kl", trainer._token_kl))
+    for module, name, fn in paths:
+        make = (lambda fn=fn: layer.natsl_compile(fn)) if options is None else (
+            lambda fn=fn: torch.compile(fn, options=dict(options)))
+        setattr(module, name, functools.cache(make))
     torch._dynamo.reset()
-    for made in (layer.compiled_dense, softmax_attention.compiled_dense, modeling_natsl.compiled_mlp_block,
-                 trainer._compiled_token_kl):
-        made.cache_clear()
     failed = list(layer._COMPILE_FAILED)
     layer._COMPILE_FAILED.clear()
     return failed
@@ -408,8 +414,8 @@ def main(argv=None) -> int:
                     help="each trainer shape also as a NAtS-L row with NATSL_CUDA_GRAPHS=0 (the branch ops launched)")
     ap.add_argument("--checks", default=",".join([*SWITCHES, "kd"]),
                     help="the check section's rows: switches of SWITCHES and/or kd (default all)")
-    ap.add_argument("--cpp-wrapper-ab", action="store_true",
-                    help="each trainer shape also as a NAtS-L row compiled with inductor's C++ wrapper (set_cpp_wrapper)")
+    ap.add_argument("--without-cpp-wrapper", action="store_true",
+                    help="each trainer shape also as a NAtS-L row compiled without inductor's C++ wrapper (compile_paths)")
     args = ap.parse_args(argv)
     if args.compile_mode != "default":
         set_compile_mode(args.compile_mode)
@@ -472,13 +478,13 @@ def main(argv=None) -> int:
                 attempt(f"trainer natsl {B} {ckpt} no graphs", lambda: run_trainer(
                     "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cuda_graphs=False)
                 os.environ.pop("NATSL_CUDA_GRAPHS")
-            if args.cpp_wrapper_ab:  # the same NAtS-L row with inductor's C++ wrapper (the A/B of set_cpp_wrapper)
-                set_cpp_wrapper(True)
-                attempt(f"trainer natsl {B} {ckpt} cpp_wrapper", lambda: run_trainer(
-                    "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cpp_wrapper=True)
-                failed = set_cpp_wrapper(False)
+            if args.without_cpp_wrapper:  # the same NAtS-L row compiled without inductor's C++ wrapper (the A/B)
+                compile_paths({"cpp_wrapper": False})
+                attempt(f"trainer natsl {B} {ckpt} no cpp_wrapper", lambda: run_trainer(
+                    "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cpp_wrapper=False)
+                failed = compile_paths(None)
                 if failed:
-                    report["errors"].append({"row": f"trainer natsl {B} {ckpt} cpp_wrapper", "error": failed[0]})
+                    report["errors"].append({"row": f"trainer natsl {B} {ckpt} no cpp_wrapper", "error": failed[0]})
     if "distill" in sections:
         ids = batch_ids(shapes[0][0], T, vocab)
         teacher = smollm2_source(args.quick)  # a frozen copy, as natsl-distill loads --source

@@ -59,7 +59,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import Trainer
 
-from natsl_hf.modeling.layer import run_compiled
+from natsl_hf.modeling.layer import natsl_compile, run_compiled
 
 from .families import is_new_parameter
 from .layers import decoder_layers, natsl_decoder_layers, natsl_layer_indices, unwrap
@@ -270,7 +270,7 @@ def _compiled_token_kl():
     """`_token_kl` through torch.compile, made once per process. Eager, a piece is ~10 vocabulary-wide fp32 passes
     (two upcasts, two log-softmaxes, the KL and their backward, again in the checkpoint's recompute); compiled, the
     softmaxes, the KL and the gradient fuse into a few passes over the bf16 logits (bench/TRAINING_NOTES.md)."""
-    return torch.compile(_token_kl)
+    return natsl_compile(_token_kl)
 
 
 def _piece_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -152,6 +153,18 @@ def dense_call(token_mask, cache, documents) -> bool:
     return cache is None and token_mask is None and documents is None
 
 
+# Inductor options of every NAtS-L compiled path. The C++ wrapper launches a compiled graph's kernels from compiled code
+# instead of generated Python: on an H100 the Trainer's 4 x 2048 checkpointed step went from 0.69x to 0.81x of the
+# source's (host-bound: ~1 ms of Python per layer graph call), 16 x 2048 from 0.93x to 0.94x (bench/TRAINING_NOTES.md,
+# 2026-12-07). It costs a C++ build per graph at the first step (a few seconds; the compiler triton already needs).
+COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": True})
+
+
+def natsl_compile(fn):
+    """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS); made once per process by its caller."""
+    return torch.compile(fn, options=dict(COMPILE_OPTIONS))
+
+
 def run_compiled(first, fn, compiled, *args):
     """`fn(first, *args)` through `compiled()`, its torch.compile made once per process, where args[0] (a tensor: the
     hidden states) is on CUDA. `fn` is a module's dense-path function with the module as `first`: every module of a
@@ -173,7 +186,7 @@ def compiled_dense():
     compiled function with itself as the first argument, so the layers of a model share their graphs (dynamo
     lifts the parameters to graph inputs). Shapes start static; a second sequence length makes them dynamic
     (dynamo's default), so a run of varying lengths compiles twice, not once per length."""
-    return torch.compile(NatslAttention._dense)
+    return natsl_compile(NatslAttention._dense)
 
 
 class Projected(NamedTuple):

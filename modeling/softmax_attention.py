@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .layer import LayerRouting, Projected, SourceAttention, apply_rope, run_compiled
+from .layer import LayerRouting, Projected, SourceAttention, apply_rope, natsl_compile, run_compiled
 from .router import Routes
 from .state import NatslLayerState
 
@@ -30,7 +30,7 @@ from .state import NatslLayerState
 def compiled_dense():
     """`NatslSoftmaxAttention._dense` through torch.compile, made once per process and shared by every full-softmax
     layer (as `modeling.layer.compiled_dense` is by the NAtS-L layers)."""
-    return torch.compile(NatslSoftmaxAttention._dense)
+    return natsl_compile(NatslSoftmaxAttention._dense)
 
 
 class NatslSoftmaxAttention(SourceAttention):

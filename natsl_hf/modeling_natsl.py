@@ -29,7 +29,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache import NatslCache, NatslStaticCache, check_kept_fraction, static_cache_length
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
-from .modeling.layer import LayerRouting, NatslAttention, RMSNorm, dense_call, run_compiled
+from .modeling.layer import LayerRouting, NatslAttention, RMSNorm, dense_call, natsl_compile, run_compiled
 from .modeling.softmax_attention import NatslSoftmaxAttention
 from .modeling.varlen import Documents, document_starts
 from .remote_code import write_remote_code
@@ -174,7 +174,7 @@ class NatslRotaryEmbedding(nn.Module):
 def compiled_mlp_block():
     """`NatslDecoderLayer._mlp_block` through torch.compile, made once per process and shared by every decoder layer
     (as the attention's dense path is by the attention modules: `modeling.layer.run_compiled`)."""
-    return torch.compile(NatslDecoderLayer._mlp_block)
+    return natsl_compile(NatslDecoderLayer._mlp_block)
 
 
 class NatslDecoderLayer(GradientCheckpointingLayer):

@@ -200,3 +200,25 @@ def test_the_mlp_half_of_the_decoder_layer_compiles_on_the_dense_path_only(monke
         model(ids[:, :30], past_key_values=cache)
         model(ids[:, 30:31], past_key_values=cache)
         assert counters["stats"]["unique_graphs"] == before
+
+
+def test_every_compiled_path_compiles_with_the_cpp_wrapper(monkeypatch):
+    """The four compiled paths (NAtS-L and full-softmax dense paths, the MLP half, the KD pieces) are made by
+    `natsl_compile`, which hands torch.compile the product's inductor options: the C++ wrapper (modeling.layer
+    COMPILE_OPTIONS, measured in bench/TRAINING_NOTES.md)."""
+    import torch
+
+    from natsl_hf import modeling_natsl
+    from natsl_hf.conversion import trainer
+    from natsl_hf.modeling import layer, softmax_attention
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
+    for module, factory, fn in ((layer, layer.compiled_dense, layer.NatslAttention._dense),
+                                (softmax_attention, softmax_attention.compiled_dense,
+                                 softmax_attention.NatslSoftmaxAttention._dense),
+                                (modeling_natsl, modeling_natsl.compiled_mlp_block,
+                                 modeling_natsl.NatslDecoderLayer._mlp_block),
+                                (trainer, trainer._compiled_token_kl, trainer._token_kl)):
+        assert factory.__wrapped__() is fn, module.__name__
+    assert [kwargs for _, kwargs in seen] == [{"options": {"cpp_wrapper": True}}] * 4
