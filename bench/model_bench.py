@@ -24,9 +24,9 @@ Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
              warm one; `second_cache_len`: the next step of `static_cache_length` past 1.3 x the first).
   server     (not in the default sections) one process, one model: generate() at SERVER_SHAPES in turn, nothing
              freed between calls; per call seconds, memory allocated after it, peak, or the error.
-  natsl-torch-step  (decode + profile sections) the 8k decode and profile rows again with the static step's
-             GDN side and chunk close as torch ops (`reference.gdn_decode_step`, `reference.close_chunk`):
-             the fused kernels' before / after in the same run.
+  natsl-inlined  (decode + profile sections) the 8k decode and profile rows again with the decoder layers'
+             decode step inlined into the compiled step instead of one compile region per layer kind
+             (`modeling_natsl.decode_step` / `decode_step_region`): the region's before / after in the same run.
 
 Usage (GPU):  python bench/model_bench.py --out bench/results/model_bench_h200.json [--sections decode,prefill]
               [--contexts 8192,32768] [--quick]
@@ -236,27 +236,24 @@ def server_row(model, name: str, p, shapes=SERVER_SHAPES) -> dict:
             "max_allocated_after_gb": max(c["allocated_after_gb"] for c in calls)}
 
 
-def torch_step_ops(row_fn):
-    """`row_fn` with the static decode step's GDN side and chunk close as torch ops (`reference.gdn_decode_step`,
-    `reference.close_chunk`: what ran before modeling/kernels/gdn_decode.py and chunk_close.py), between two
-    dynamo resets: the two fused kernels' before and after in one run (rows "natsl-torch-step")."""
-    from natsl_hf.modeling import kernels, reference
-
-    names = ("gdn_decode_step", "close_chunk")
+def inlined_layers(row_fn):
+    """`row_fn` with the decoder layers' decode step inlined into the compiled step (`modeling_natsl.decode_step`,
+    what ran before each layer kind became one compile region, `decode_step_region`), between two dynamo resets:
+    the region's before and after in one run (rows "natsl-inlined"). (The fused kernels' A/B that this slot held,
+    rows "natsl-torch-step", is in results/model_bench_h100_decode_profile_8k_kernels.json.)"""
+    from natsl_hf import modeling_natsl
 
     def row(*args):
-        fused = {name: getattr(kernels, name) for name in names}
+        region = modeling_natsl.decode_step_region
         torch._dynamo.reset()
-        for name in names:
-            setattr(kernels, name, getattr(reference, name))
+        modeling_natsl.decode_step_region = modeling_natsl.decode_step
         try:
             return row_fn(*args)
         finally:
-            for name, fn in fused.items():
-                setattr(kernels, name, fn)
+            modeling_natsl.decode_step_region = region
             torch._dynamo.reset()
 
-    row.__name__ = f"torch_step_{row_fn.__name__}"
+    row.__name__ = f"inlined_{row_fn.__name__}"
     return row
 
 
@@ -478,9 +475,9 @@ def main(argv=None) -> int:
         decode_jobs([(T, 1) for T in contexts])
     if "profile" in sections:
         jobs += [(profile_row, natsl, "natsl", 8192, p0), (profile_row, source, "source-static", 8192, None)]
-    if "decode" in sections and "profile" in sections:  # the fused decode-step kernels against their torch ops
-        jobs += [(torch_step_ops(decode_row), natsl, "natsl-torch-step", 8192, 1, p0, "static"),
-                 (torch_step_ops(profile_row), natsl, "natsl-torch-step", 8192, p0)]
+    if "decode" in sections and "profile" in sections:  # the layers as compile regions against inlined
+        jobs += [(inlined_layers(decode_row), natsl, "natsl-inlined", 8192, 1, p0, "static"),
+                 (inlined_layers(profile_row), natsl, "natsl-inlined", 8192, p0)]
     if "prefill" in sections:
         for T in contexts:
             jobs += [(prefill_row, natsl, "natsl", T, p0), (prefill_row, source, "source", T, None)]

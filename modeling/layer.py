@@ -396,6 +396,11 @@ class SourceAttention(nn.Module):
         return ops.routed_decode_attention(p.q_rot[:, 0], s.kept_k, s.kept_v, s.kept_len, s.open_k, s.open_v, s.seen,
                                            self.scaling)[:, None]
 
+    def decode_routing(self, x: torch.Tensor) -> LayerRouting:
+        """What a decode step (x [B, 1, D]) routes in its outputs: nothing (a chunk it closes is counted in the cache,
+        its realised fraction), on the backend the step runs."""
+        return LayerRouting.of(self._decode_ops(x)[0], Routes.none(x.shape[0], self.num_kv_heads, x.device))
+
     def _real_token(self, x: torch.Tensor, token_mask) -> torch.Tensor:
         """[B] bool: whether each row's decode token (x [B, 1, D]) is real, not padding (token_mask [B, 1] or None)."""
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if token_mask is None else token_mask[:, 0].bool()
@@ -737,11 +742,10 @@ class NatslAttention(SourceAttention):
         (softmax, if it fits) or committed to the GDN state (linear). A NatslCache first makes room for one more
         chunk in every (row, group) (`reserve_chunk`), so it always fits there."""
         x, q, k, v = p.x, p.q, p.k, p.v
-        B = x.shape[0]
         valid = self._real_token(x, token_mask)  # [B]
         cache.reserve_chunk()
         state = cache.state
-        backend, ops = self._decode_ops(x)
+        ops = self._decode_ops(x)[1]
         # the token's GDN branch: conv window, gates, open-chunk slot, gdn_run write, readout
         o_gdn = ops.gdn_decode_step(
             q[:, 0].flatten(1), k[:, 0].flatten(1), v[:, 0], self.a_proj(x[:, 0]), self.b_proj(x[:, 0]), valid,
@@ -754,8 +758,7 @@ class NatslAttention(SourceAttention):
         softmax, routable = self._route_open_chunk(state, closing)  # [B, Hkv], [B]
         ops.close_chunk(state, closing, softmax, routable)
         state.seen.add_(valid.long())
-        # a step routes nothing in its outputs: a chunk it closes is counted in the cache (its realised fraction)
-        return out, LayerRouting.of(backend, Routes.none(B, self.num_kv_heads, x.device))
+        return out, self.decode_routing(x)
 
     def _route_open_chunk(self, state: NatslLayerState, closing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router on a decode step: the route of the open chunk, decided in the rows whose token closes it

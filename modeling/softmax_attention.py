@@ -91,9 +91,9 @@ class NatslSoftmaxAttention(SourceAttention):
         valid = self._real_token(p.x, token_mask)  # [B]
         cache.reserve_chunk()
         state = cache.state
-        backend, ops = self._decode_ops(p.x)
+        ops = self._decode_ops(p.x)[1]
         out = self._output(self._decode_softmax(ops, p, valid, cache), p.x)
         softmax = torch.ones(B, self.num_kv_heads, dtype=torch.bool, device=p.x.device)
         ops.close_chunk(state, self._closing(state, valid), softmax, torch.zeros_like(valid))
         state.seen.add_(valid.long())
-        return out, LayerRouting.of(backend, Routes.none(B, self.num_kv_heads, p.x.device))
+        return out, self.decode_routing(p.x)

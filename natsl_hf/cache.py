@@ -300,16 +300,28 @@ class NatslStaticCacheLayer(NatslCacheLayer):
 
     is_compileable = True
 
-    def __init__(self, state: NatslLayerState):
+    def __init__(self, state: NatslLayerState, columns: torch.Tensor | None = None):
         super().__init__()
         self.state = state
         # columns processed, a device tensor (as transformers' StaticLayer): a Python int changed inside a
         # compiled step would be burnt into the graph and recompile it at every step
-        self.columns = torch.zeros((), dtype=torch.long, device=state.seen.device)
+        self.columns = torch.zeros((), dtype=torch.long, device=state.seen.device) if columns is None else columns
         self.is_initialized = True
 
     def buffers(self) -> list[torch.Tensor]:
         return [*self.state.buffers(), self.columns]
+
+    def step_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a decode step reads and writes, as tensors (a compile region's inputs, which must be tensors:
+        modeling_natsl.decode_step_region): the column count, then the state's tensors in field order (a full-softmax
+        layer's state lacks only the trailing GDN fields). `over` is the layer again over these same buffers."""
+        return (self.columns, *self.state.buffers())
+
+    @classmethod
+    def over(cls, tensors: tuple[torch.Tensor, ...]) -> "NatslStaticCacheLayer":
+        """The cache layer whose buffers are `step_tensors()` (nothing allocated or copied: the step writes them)."""
+        columns, *state = tensors
+        return cls(NatslLayerState(*state), columns)  # the GDN fields a full-softmax layer lacks default to None
 
     def reserve(self, kept_len: torch.Tensor) -> None:
         """A multi-token call that keeps more than the capacity raises, naming `max_kept_fraction`."""

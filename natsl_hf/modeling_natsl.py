@@ -27,7 +27,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .cache import NatslCache, NatslStaticCache, check_kept_fraction, static_cache_length
+from .cache import NatslCache, NatslStaticCache, NatslStaticCacheLayer, check_kept_fraction, static_cache_length
 from .configuration_natsl import TRAINED_FIELDS, NatslConfig
 from .modeling.layer import LayerRouting, NatslAttention, RMSNorm, dense_call, natsl_compile, run_compiled
 from .modeling.softmax_attention import NatslSoftmaxAttention
@@ -40,6 +40,10 @@ logger = logging.get_logger(__name__)
 # old name stays a deprecated alias there). NAtS-L models take either name and fill the output field
 # this transformers has, so one checkpoint and one code path serve 5.x releases on both sides.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Whether torch.compiler.nested_compile_region compiles the decoder layers' decode step once for all the layers of a
+# kind: torch >= 2.13. torch 2.11 compiles a region per layer all the same (each layer's kept KV has its own dynamic
+# size, which its reuse check does not unify; 2.13 guards the sizes equal), so there the step stays inlined, as measured.
+DECODE_REGIONS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
 NatslCaches = (NatslCache, NatslStaticCache)
@@ -170,6 +174,20 @@ class NatslRotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+def decode_step(layer: "NatslDecoderLayer", hidden_states, cos, sin, token_mask, *cache_tensors) -> torch.Tensor:
+    """One decoder layer's decode step against a NatslStaticCache layer whose buffers are `cache_tensors`
+    (NatslStaticCacheLayer.step_tensors, written in place): hidden_states [B, 1, D] -> [B, 1, D]."""
+    return layer._layer(hidden_states, (cos, sin), token_mask, NatslStaticCacheLayer.over(cache_tensors), None)[0]
+
+
+# `decode_step` as a compile region (torch.compiler.nested_compile_region), what the decoder layers call: when
+# generate() compiles the decode step, dynamo and inductor compile it once per kind of layer (NAtS-L, full softmax)
+# and reuse it for every layer of that kind, where inlined they compiled each layer's copy (the first compiled step
+# of an 8-layer model, inductor's cache off, torch 2.13: 44.9 -> 15.7 s on the CPU; bench/MODEL_BENCH_NOTES.md).
+# Eagerly, a call.
+decode_step_region = torch.compiler.nested_compile_region(decode_step) if DECODE_REGIONS else decode_step
+
+
 @functools.cache
 def compiled_mlp_block():
     """`NatslDecoderLayer._mlp_block` through torch.compile, made once per process and shared by every decoder layer
@@ -192,17 +210,24 @@ class NatslDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
-        cache: NatslCache | None = None,
+        cache: NatslCache | NatslStaticCache | None = None,
         documents: Documents | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, LayerRouting]:
+        cache_layer = None if cache is None else cache.layers[self.layer_idx]
+        if isinstance(cache_layer, NatslStaticCacheLayer) and hidden_states.shape[1] == 1 and not torch.is_grad_enabled():
+            # a decode step against a static cache: one compile region that every layer of a kind reuses
+            out = decode_step_region(self, hidden_states, *position_embeddings, token_mask, *cache_layer.step_tensors())
+            return out, self.self_attn.decode_routing(hidden_states)
+        return self._layer(hidden_states, position_embeddings, token_mask, cache_layer, documents)
+
+    def _layer(self, hidden_states, position_embeddings, token_mask, cache_layer, documents):
+        """The layer's maths, [B, n, D] -> ([B, n, D], LayerRouting): pre-norm attention, then `_mlp_block`."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, routing = self.self_attn(
-            hidden_states, position_embeddings, token_mask, None if cache is None else cache.layers[self.layer_idx],
-            documents=documents,
-        )
-        if dense_call(token_mask, cache, documents):  # compiled on CUDA, as the attention's dense path
+        hidden_states, routing = self.self_attn(hidden_states, position_embeddings, token_mask, cache_layer,
+                                                documents=documents)
+        if dense_call(token_mask, cache_layer, documents):  # compiled on CUDA, as the attention's dense path
             return run_compiled(self, NatslDecoderLayer._mlp_block, compiled_mlp_block, residual, hidden_states), routing
         return self._mlp_block(residual, hidden_states), routing
 

@@ -7,7 +7,7 @@ import torch
 
 from natsl_hf import NatslCache, NatslStaticCache
 from natsl_hf.cache import static_cache_length
-from natsl_hf.modeling_natsl import CACHE_FIELD
+from natsl_hf.modeling_natsl import CACHE_FIELD, DECODE_REGIONS
 from natsl_testing import tiny_model
 
 C = 4  # tiny_config's chunk size
@@ -97,6 +97,36 @@ def test_compiled_decode_step_has_no_graph_break():
         for t in range(5, 15):  # closes the chunks ending at 7, 11 and 15
             logits.append(compiled(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], past_key_values=cache).logits)
     assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not DECODE_REGIONS, reason="torch < 2.13 compiles the decode step's layers inlined")
+def test_compiled_decode_step_compiles_the_natsl_layers_as_one_region():
+    """The decoder layers' decode step is a compile region (modeling_natsl.decode_step_region): in the compiled step
+    every NAtS-L layer calls the same subgraph (compiled once, not once per layer), and the step gives the eager
+    logits with a padded row, over chunk closes, without a recompile."""
+    import torch._dynamo
+
+    model = tiny_model(seed=5, num_hidden_layers=4, natsl_layers=[0, 2, 3])
+    ids = torch.randint(1, 97, (2, 15))
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded row
+    expected = full_logits(model, ids, mask)
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.extend(node.args[0].target for node in gm.graph.nodes if "invoke_subgraph" in str(node.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=15, max_kept_fraction=1.0)
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        logits = [model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
+        for t in range(5, 15):
+            logits.append(compiled(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], past_key_values=cache).logits)
+    assert len(calls) >= 3 and len(set(calls[:3])) == 1, calls  # the three NAtS-L layers: one subgraph
+    real = mask.bool()
+    assert (torch.cat(logits, 1) - expected)[real].abs().max() <= 1e-4
 
 
 def test_full_kept_kv_sends_softmax_chunks_to_gdn_and_counts_them():
