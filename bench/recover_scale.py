@@ -17,7 +17,9 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   number of pieces run so far, so pieces see different blocks; `--selfgen-tokens N` first has the source
   sample N tokens of its own text from prompts of the first folder (bench/sample_source.py, in this process;
   a `--selfgen-out` folder that already holds such shards is reused instead), and `--selfgen-share` of the
-  blocks are then drawn from that text (its blocks repeated as needed); `--recall-share S` makes S of the
+  blocks are then drawn from that text (its blocks repeated as needed); `--qa-turns N` has the source answer N
+  short-answer chat turns (a passage, then a short question: sample_source.qa_turns; WORK/qa-turns, reused by a
+  later call of the same work folder) and `--qa-share` of the blocks come from them; `--recall-share S` makes S of the
   blocks recall blocks (key-value and needle lines in the filler of other blocks, every question about them
   in the same block, where the data's own recall documents can straddle a block boundary; `--varied-recall`: in
   eight wordings, not the evaluation's two), so that stage 1's targets see the lookups a retrieval head makes and
@@ -362,15 +364,25 @@ def evaluate(model, heldout: torch.Tensor, batch: int) -> dict:
     return {**perplexity(model, heldout, batch), f"at_{longer.shape[1]}": perplexity(model, longer, max(batch // 2, 1))}
 
 
-def sample_own_text(teacher, tokenizer, prompts_from: Path, folder: Path, args, seed: int) -> dict:
-    """bench/sample_source.py in this process: the teacher samples `--selfgen-tokens` tokens from prompts of the
-    train documents in `prompts_from`, written as shards to `folder`; -> its statistics and shard names."""
-    from sample_source import run_info, sample, write_folder
+def own_text(folder: Path, prompts_from: Path, write, stem: str) -> dict:
+    """Text the teacher writes itself (bench/sample_source.py, in this process) as shards STEM-* in `folder`, from
+    prompts of the train documents in `prompts_from`: `write(docs) -> (documents, stats)` runs unless `folder` holds
+    such shards already (an earlier call's: reused). -> the folder's train split record (statistics, shard names)."""
+    from natsl_hf.conversion.data import SHARD_MANIFEST
+    from sample_source import run_info, write_folder
 
-    docs, stats = sample(teacher, tokenizer, load_token_shards(prompts_from, "train"), args.selfgen_tokens,
-                         minutes=args.selfgen_minutes, seed=seed)
-    files = write_folder(folder, docs, manifest_of(prompts_from), run_info(stats))
+    if (folder / SHARD_MANIFEST).is_file():
+        return manifest_of(folder)["splits"]["train"]
+    docs, stats = write(load_token_shards(prompts_from, "train"))
+    files = write_folder(folder, docs, manifest_of(prompts_from), run_info(stats), stem)
     return {**stats, "folder": str(folder), "shards": files}
+
+
+def own_text_mix(blocks: torch.Tensor, shards: list[str], folder: Path, share: float, vocab: int, args, seed: int):
+    """`blocks` with `share` of them drawn from the shards of `folder` (its blocks cycled as needed); -> (blocks,
+    shards read)."""
+    own_blocks, own_shards = train_blocks([folder], vocab, seed, args.quick, args.seq_len)
+    return mix_blocks(blocks, own_blocks, share, seed), shards + own_shards
 
 
 def run_piece(args) -> dict:
@@ -399,16 +411,20 @@ def run_piece(args) -> dict:
     folders = [Path(d) for d in args.data or []]
     vocab = source.config.vocab_size
     blocks, shards = train_blocks(folders, vocab, seed, args.quick, args.seq_len)
-    selfgen = None
+    selfgen = qa = None
     if args.selfgen_tokens:
-        own = Path(args.selfgen_out or work / "selfgen")
-        from natsl_hf.conversion.data import SHARD_MANIFEST
+        from sample_source import sample
 
-        selfgen = (manifest_of(own)["splits"]["train"] if (own / SHARD_MANIFEST).is_file()  # sampled before: reused
-                   else sample_own_text(teacher, tokenizer, folders[0], own, args, seed))
-        own_blocks, own_shards = train_blocks([own], vocab, seed, args.quick, args.seq_len)
-        blocks = mix_blocks(blocks, own_blocks, args.selfgen_share, seed)
-        shards += own_shards
+        own = Path(args.selfgen_out or work / "selfgen")
+        selfgen = own_text(own, folders[0], lambda docs: sample(teacher, tokenizer, docs, args.selfgen_tokens,
+                                                               minutes=args.selfgen_minutes, seed=seed), "selfgen")
+        blocks, shards = own_text_mix(blocks, shards, own, args.selfgen_share, vocab, args, seed)
+    if args.qa_turns:
+        from sample_source import qa_turns
+
+        own = work / "qa-turns"
+        qa = own_text(own, folders[0], lambda docs: qa_turns(teacher, tokenizer, docs, args.qa_turns, seed=seed), "qa")
+        blocks, shards = own_text_mix(blocks, shards, own, args.qa_share, vocab, args, seed)
     recall = None
     if args.recall_share:
         blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed, args.varied_recall)
@@ -467,6 +483,7 @@ def run_piece(args) -> dict:
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
         "lm_weight": args.lm_weight if lora else None, "kd_weight": args.kd_weight if lora else None,
         "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen, "recall": recall,
+        "qa_turns": qa and {**qa, "share": args.qa_share},
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
         "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
         "resumed_from": args.resume, "loaded": loaded, "router_fit": fit, "layer_budgets": budgets,
@@ -625,6 +642,10 @@ def main(argv=None) -> int:
     p.add_argument("--selfgen-minutes", type=float, default=3.0, help="time cap of that sampling")
     p.add_argument("--selfgen-share", type=float, default=0.5, help="share of the training blocks drawn from that text")
     p.add_argument("--selfgen-out", help="folder of the sampled shards (default WORK/selfgen)")
+    p.add_argument("--qa-turns", type=int, default=0,
+                   help="first let the source answer this many short-answer chat turns (a passage, then a short "
+                        "question: bench/sample_source.py's qa_turns) and train on them too")
+    p.add_argument("--qa-share", type=float, default=0.1, help="share of the training blocks drawn from those turns")
     p.add_argument("--recall-share", type=float, default=0.0,
                    help="share of the training blocks that are recall blocks (key-value / needle lines and every "
                         "question about them in one block: build_recovery_data.recall_blocks); default 0")
@@ -675,9 +696,10 @@ def main(argv=None) -> int:
         p.error("--stage, --minutes, --work and --out are needed (or --export)")
     if not args.quick and not (args.gguf and args.data):
         p.error("--gguf and --data are needed (or --quick)")
-    if args.selfgen_tokens and (args.quick or DEV != "cuda"):
-        p.error("--selfgen-tokens samples with the source on the GPU (bench/sample_source.py): not with --quick or "
-                "without CUDA")
+    for flag, n in (("--selfgen-tokens", args.selfgen_tokens), ("--qa-turns", args.qa_turns)):
+        if n and (args.quick or DEV != "cuda"):
+            p.error(f"{flag} samples with the source on the GPU (bench/sample_source.py): not with --quick or "
+                    "without CUDA")
     if args.layer_budgets and (args.stage != 1 or args.resume or args.layer_hybrid):
         p.error("--layer-budgets shares the budget at a fresh NAtS-L stage 1 (before the router fit): not with "
                 "--stage 2, --resume or --layer-hybrid (later pieces keep the shares of progress.json)")
@@ -687,8 +709,9 @@ def main(argv=None) -> int:
     for flag, share in (("--recall-share", args.recall_share), ("--fit-recall-share", args.fit_recall_share)):
         if share is not None and not 0 <= share < 1:
             p.error(f"{flag} {share}: give a share in [0, 1)")
-    if not 0 < args.selfgen_share < 1:
-        p.error(f"--selfgen-share {args.selfgen_share}: give a share in (0, 1)")
+    for flag, share in (("--selfgen-share", args.selfgen_share), ("--qa-share", args.qa_share)):
+        if not 0 < share < 1:
+            p.error(f"{flag} {share}: give a share in (0, 1)")
     run_piece(args)
     return 0
 

@@ -11,6 +11,9 @@
 #                                        # shipped parameters (102M tokens, 2026-12-06), carried in the tree of that
 #                                        # call; a later piece of the same session goes on with RESUME=/tmp/rw2/ckpt,
 #                                        # the last piece's)
+#   bash bench/recovery_gpu.sh piece     # stage2, then eval of its checkpoint, in one call: $OUT gets the 8 files a call
+#                                        # brings back (ship/ (4), progress.json, stage2.log, quality.json, quality.log);
+#                                        # the fp32 checkpoint stays in /tmp/rw2/ckpt for a later piece's RESUME
 #   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
 #                                        # from it with RESUME=/tmp/rw0/ckpt
@@ -54,7 +57,10 @@ case "$1" in
   stage2)
     # shellcheck disable=SC2086
     TORCH_LOGS=recompiles python3 bench/recover_scale.py --stage 2 $STAGE2_ARGS --gguf "$G" --data /tmp/rd \
-      --work /tmp/rw2 --resume "$RESUME" --out "$OUT/ckpt2" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
+      --work /tmp/rw2 --resume "$RESUME" --out "${CKPT_OUT:-$OUT/ckpt2}" 2>&1 | tee "$OUT/stage2.log" | grep -v "it/s\]" | tail -40
+    ;;
+  piece)
+    CKPT_OUT=/tmp/rw2/ckpt bash "$0" stage2 && cp /tmp/rw2/ckpt/progress.json "$OUT/progress.json" && bash "$0" eval
     ;;
   refit)
     # shellcheck disable=SC2086
@@ -72,5 +78,5 @@ case "$1" in
       --chat-text conversion/texts/heldout_wikipedia.txt --batch-size 8 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
-  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|refit|eval" >&2; exit 2 ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|eval" >&2; exit 2 ;;
 esac

@@ -17,6 +17,9 @@ The source samples each at temperature 0.8, top-p 0.95, up to `--new-tokens` tok
 is one document (prompt + continuation, closed by EOS), so the KD loss sees the prompt too. Batches run
 until `--tokens` are written or `--minutes` have passed, whichever comes first.
 
+`qa_turns` (bench/recover_scale.py --qa-turns) writes short-answer chat turns the same way: a passage, a short
+question in other words and about other things than the evaluation's, and the source's greedy reply.
+
 Writes FOLDER/selfgen-NNNNN.npy.xz (uint16, lzma; the format of bench/build_recovery_data.py) and
 FOLDER/manifest.json (split "train"; tokenizer, command, device, seconds), so `--data FOLDER` reads them
 as any other shards (natsl_hf.conversion.data.load_token_shards).
@@ -119,15 +122,116 @@ def sample(model, tokenizer, docs: list[np.ndarray], tokens: int, *, minutes: fl
                  "batch": batch, "new_tokens": new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P, "seed": seed}
 
 
+# ----------------------------------------------------------------------------- short-answer chat turns
+# What the short-answer row of bench/eval_quality.py asks, in other words and about other things: a user turn of
+# a passage and then a short question, answered by the source. The recovered models' commonest failure on that row
+# is a non-reply ("The answer to the question in a few words is:"), a format they fall into on a question after
+# prose (bench/RECOVERY_NOTES.md, pieces 7-9); the training mix held no such turn. None of these questions is one of
+# bench/data/short_qa.jsonl's and none asks about the same subject (tests/test_sample_source.py checks it), and the
+# evaluation's instruction ("Answer the question in a few words.") is not among QA_INSTRUCTIONS: the turns teach the
+# format and the source's own replies, not the evaluation's answers.
+QA_INSTRUCTIONS = (
+    "Give a short answer.",
+    "Reply with one word or a short phrase.",
+    "Answer briefly.",
+    "Please answer in as few words as you can:",
+    "Short answer only, no explanation.",
+    "Answer this in a word or two.",
+)
+_CAPITALS = ("Portugal", "Greece", "Poland", "Sweden", "Norway", "Finland", "Kenya", "Peru", "Chile", "Argentina",
+             "Brazil", "India", "Australia", "Turkey", "Ireland", "Austria", "Cuba", "Thailand", "Vietnam", "Nigeria",
+             "Morocco", "Denmark", "Hungary", "Belgium", "the Netherlands", "South Korea", "Iran", "Colombia")
+_LANGUAGES = ("Brazil", "Germany", "Japan", "Italy", "Portugal", "Greece", "Russia", "Sweden", "China", "Egypt")
+_CONTINENTS = ("Brazil", "Kenya", "Japan", "Canada", "Australia", "Norway", "Peru", "India", "Nigeria", "Poland")
+_COLOURS = ("a lemon", "a ripe tomato", "milk", "a carrot", "an emerald", "a blood orange", "chocolate", "a flamingo",
+            "the sea on a sunny day", "a fire engine", "charcoal", "a pumpkin")
+_COUNTS = ("legs does a dog have", "legs does an insect have", "wheels does a car have", "days are in a year",
+           "players are on a football team", "strings does a violin have", "sides does a hexagon have",
+           "seconds are in a minute", "weeks are in a year", "legs does a bird have", "arms does an octopus have",
+           "letters are in the English alphabet")
+_OPPOSITES = ("fast", "old", "wet", "open", "early", "full", "happy", "heavy", "left", "loud", "rich", "young",
+              "north", "inside", "win")
+_BABIES = ("sheep", "cow", "horse", "goat", "duck", "kangaroo", "frog", "bear", "lion", "swan")
+_AUTHORS = ("Hamlet", "Pride and Prejudice", "War and Peace", "The Odyssey", "Oliver Twist", "Don Quixote",
+            "Moby-Dick", "Frankenstein")
+_PLURALS = ("mouse", "child", "tooth", "goose", "box", "leaf", "man", "foot")
+_FACTS = ("What is the largest desert in the world?", "What is the longest river in Africa?",
+          "Which planet is closest to the Sun?", "What do caterpillars turn into?", "What do cows drink?",
+          "Which animal is known as the king of the jungle?", "What is the hardest natural substance?",
+          "What is the main ingredient of bread?", "Which organ pumps blood through the body?",
+          "How many continents are there?", "What do plants need from the Sun to grow?",
+          "Which bird is a symbol of peace?", "What is the smallest prime number?",
+          "Which metal is liquid at room temperature?", "What instrument has black and white keys?",
+          "What is the name of our galaxy?", "Which month has the fewest days?", "What colour do you get by mixing "
+          "blue and yellow?", "Which sea creature has eight arms?", "What is the currency of Japan?")
+
+
+def short_questions() -> list[str]:
+    """The questions of the short-answer chat turns (see above): templates over other subjects, arithmetic on other
+    numbers, a few general facts."""
+    q = [f"What is the capital of {c}?" for c in _CAPITALS]
+    q += [f"What language is spoken in {c}?" for c in _LANGUAGES]
+    q += [f"Which continent is {c} in?" for c in _CONTINENTS]
+    q += [f"What color is {t}?" for t in _COLOURS]
+    q += [f"How many {c}?" for c in _COUNTS]
+    q += [f"What is the opposite of {w}?" for w in _OPPOSITES]
+    q += [f"What do you call a baby {a}?" for a in _BABIES]
+    q += [f"Who wrote {b}?" for b in _AUTHORS]
+    q += [f"What is the plural of {w}?" for w in _PLURALS]
+    q += list(_FACTS)
+    q += [f"What is {a} + {b}?" for a, b in ((11, 14), (23, 19), (35, 12), (42, 17), (13, 28), (31, 31))]
+    q += [f"What is {a} - {b}?" for a, b in ((30, 12), (45, 15), (27, 9), (50, 25), (64, 32), (19, 11))]
+    q += [f"What is {a} x {b}?" for a, b in ((3, 4), (6, 7), (8, 9), (11, 3), (12, 5), (4, 9))]
+    return q
+
+
+@torch.no_grad()
+def qa_turns(model, tokenizer, docs: list[np.ndarray], n: int, *, seed: int = 0, questions: list[str] | None = None,
+             instructions: tuple[str, ...] = QA_INSTRUCTIONS, passage: tuple[int, int] = (128, 1024),
+             reply_tokens: int = 24, batch: int = 64, log=print) -> tuple[list[np.ndarray], dict]:
+    """`n` short-answer chat turns, each one document: a user turn (the chat template, its default system prompt) of a
+    passage of a random train document (`passage` tokens, decoded) and then one of `instructions` with one of
+    `questions`, and the source's greedy reply (up to `reply_tokens` tokens or its EOS), closed by EOS. -> (documents,
+    stats). Greedy, as the evaluation answers: the turn then holds the source's most likely reply."""
+    questions = short_questions() if questions is None else questions
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    model.eval()
+    out, start = [], time.perf_counter()
+    while len(out) < n:
+        prompts = []
+        for ids in _openings(docs, rng, min(batch, n - len(out)), *passage):
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            message = f"{text}\n\n{rng.choice(instructions)} {rng.choice(questions)}"
+            prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                              add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)))
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        replies = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=reply_tokens,
+                                 eos_token_id=eos, pad_token_id=pad)[:, width:].cpu().numpy()
+        for p, row in zip(prompts, replies):
+            stop = np.flatnonzero(row == eos)
+            out.append(np.concatenate([p, row[: stop[0]] if len(stop) else row, [eos]]).astype(np.uint16))
+        log(f"qa turns: {len(out)} of {n}, {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    return out, {"documents": len(out), "tokens": int(sum(len(d) for d in out)), "seconds": seconds,
+                 "questions": len(questions), "instructions": len(instructions), "passage_tokens": list(passage),
+                 "reply_tokens": reply_tokens, "greedy": True, "seed": seed}
+
+
 def run_info(stats: dict) -> dict:
     """What a manifest of sampled shards records besides them: the command, device, versions and `stats`."""
-    return {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(),
+    return {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
 
 
-def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict) -> list[str]:
-    """`docs` as shards of <= SHARD_TOKENS tokens in `folder`, with a manifest in the format of `like_manifest`
-    (the data folder the prompts came from: same tokenizer). Returns the shard names."""
+def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict, stem: str = "selfgen") -> list[str]:
+    """`docs` as shards STEM-NNNNN.npy.xz of <= SHARD_TOKENS tokens in `folder`, with a manifest in the format of
+    `like_manifest` (the data folder the prompts came from: same tokenizer). Returns the shard names."""
     from natsl_hf.conversion.data import SHARD_MANIFEST
 
     from build_recovery_data import encode_shard  # bench/ is on the path: this file's folder
@@ -140,7 +244,7 @@ def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info
             return
         tokens = np.concatenate(cur)
         blob = encode_shard(tokens)
-        name = f"selfgen-{len(shards):05d}.npy.xz"
+        name = f"{stem}-{len(shards):05d}.npy.xz"
         (folder / name).write_bytes(blob)
         shards.append({"file": name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                        "tokens": int(len(tokens)), "documents": len(cur)})
