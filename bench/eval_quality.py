@@ -13,7 +13,11 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
   tokens of held-out blocks, long enough to span routed chunks) by `--gen-tokens` tokens; each model is scored on those continuations with teacher forcing:
   `gen_prefix_match` = mean fraction of the continuation before the model's greedy choice first
   differs (exactly what free-running greedy decoding of the model would reproduce, given that a full
-  forward equals prefill + decode), `gen_token_match` = per-position top-1 agreement;
+  forward equals prefill + decode), `gen_token_match` = per-position top-1 agreement. Both run with the models in
+  `--agreement-dtype` (default float32, whatever `--dtype` the rest runs in): a third of the source's own greedy tokens
+  are near-ties (top-1 and top-2 probabilities within 0.1), and in bf16 the source's teacher-forced forward disagrees
+  with its own generate() at enough of them to score ~0.55 against itself (bench/prefix_probe.py, RECOVERY_NOTES
+  2026-12-07); the source's row reports its own score, the metric's floor (1.0 in fp32);
 - short answers: the questions of `--qa-file` (bench/data/short_qa.jsonl: simple factual, arithmetic
   and completion questions with known answers and aliases), each after the same `--qa-context` tokens
   of held-out text (the last documents of `--text`; a question alone would sit in the sink chunk,
@@ -516,6 +520,9 @@ def build_parser():
     p.add_argument("--chat-tokens", type=int, default=48, help="greedy reply length of a chat turn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--agreement-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the greedy-agreement rows (the source's continuations and every model's scoring): "
+                   "float32 keeps rounding from deciding the source's near-ties")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default=None, help="free text stored in the JSON (e.g. what the data was)")
     return p
@@ -542,8 +549,6 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
                            ("chunk_size", "num_sink_chunks", "softmax_budget", "natsl_layers", "route_override")}
     if reference is None:
         entry["argmax"] = argmax  # the source's next-token choices, for top1_agreement (not written out)
-    elif data["continuations"] is not None:
-        entry["generation"] = greedy_agreement(model, data["prompts"], data["continuations"], args.probe_batch_size)
     entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
                           for L, c in data["kv_contexts"].items()}
     for task, probe in (("needle", NEEDLE), ("passkey", PASSKEY)):
@@ -647,7 +652,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--gen-prompt-len {args.gen_prompt_len} exceeds --seq-len {args.seq_len}: the prompts are "
                          "prefixes of the perplexity blocks.")
     torch.manual_seed(args.seed)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype, agreement_dtype = torch.device(args.device), getattr(torch, args.dtype), getattr(torch, args.agreement_dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.source)
     data = prepare_data(args, tokenizer, device)
 
@@ -655,9 +660,14 @@ def main(argv=None) -> int:
     for label, path in [("source", args.source), *models]:
         t0 = time.time()
         model = load_model(path, device, dtype)
-        if label == "source" and args.gen_prompts:
-            data["continuations"] = source_continuations(model, data["prompts"], args.gen_tokens)
         entry = evaluate(model, path, data, results.get("source"), args, tokenizer, device)
+        if args.gen_prompts:  # the greedy agreement in --agreement-dtype (module docstring)
+            exact = model if agreement_dtype == dtype else load_model(path, device, agreement_dtype)
+            if label == "source":
+                data["continuations"] = source_continuations(exact, data["prompts"], args.gen_tokens)
+            entry["generation"] = {**greedy_agreement(exact, data["prompts"], data["continuations"],
+                                                      args.probe_batch_size), "dtype": args.agreement_dtype}
+            del exact
         entry["seconds"] = round(time.time() - t0, 1)
         results[label] = entry
         print(json.dumps({label: {k: v for k, v in entry.items() if k != "argmax"}}), flush=True)

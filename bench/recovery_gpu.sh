@@ -17,6 +17,8 @@
 #   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
 #                                        # from it with RESUME=/tmp/rw0/ckpt
+#   bash bench/recovery_gpu.sh recalibrate  # the same without the fit: RESUME's router biases set again (RECAL_ARGS, e.g.
+#                                        # --calibration-seq-len 4096: the serving length), no training -> /tmp/rw0/ckpt
 #   bash bench/recovery_gpu.sh eval      # export EVAL_CKPT (default /tmp/rw2/ckpt, the last stage-2 piece's) as the shipped
 #                                        # layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #
@@ -30,6 +32,7 @@ export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2 --lm-weight 0.25}  # KD-weighted since piece 6 (RECOVERY_NOTES)
 REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256 --calibration-blocks 16}
+RECAL_ARGS=${RECAL_ARGS:---calibration-seq-len 4096 --calibration-blocks 16}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
 EVAL_CKPT=${EVAL_CKPT:-/tmp/rw2/ckpt}
 copy_data() { rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd; }  # the carried shards, where the pieces read them
@@ -62,11 +65,12 @@ case "$1" in
   piece)
     CKPT_OUT=/tmp/rw2/ckpt bash "$0" stage2 && cp /tmp/rw2/ckpt/progress.json "$OUT/progress.json" && bash "$0" eval
     ;;
-  refit)
+  refit|recalibrate)
+    if [ "$1" = refit ]; then ARGS="--refit-routers $REFIT_ARGS"; else ARGS=$RECAL_ARGS; fi
     # shellcheck disable=SC2086
-    python3 bench/recover_scale.py --recalibrate "$RESUME" --refit-routers $REFIT_ARGS --gguf "$G" --data /tmp/rd \
-      --out /tmp/rw0/ckpt 2>&1 | tee "$OUT/refit.log" | grep -v "it/s\]" | tail -20
-    cp /tmp/rw0/ckpt/progress.json "$OUT/refit_progress.json"
+    python3 bench/recover_scale.py --recalibrate "$RESUME" $ARGS --gguf "$G" --data /tmp/rd \
+      --out /tmp/rw0/ckpt 2>&1 | tee "$OUT/$1.log" | grep -v "it/s\]" | tail -20
+    cp /tmp/rw0/ckpt/progress.json "$OUT/$1_progress.json"
     ;;
   eval)
     python3 bench/recover_scale.py --export "$EVAL_CKPT" --to "$OUT/ship"
@@ -78,5 +82,5 @@ case "$1" in
       --chat-text conversion/texts/heldout_wikipedia.txt --batch-size 8 --dtype bfloat16} \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
-  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|eval" >&2; exit 2 ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|recalibrate|eval" >&2; exit 2 ;;
 esac

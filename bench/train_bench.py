@@ -93,20 +93,19 @@ def set_compile_mode(mode: str) -> None:
 
 
 def compile_paths(options: dict | None) -> list[str]:
-    """Every NAtS-L compiled path (the layers' dense paths, the MLP half, the KD pieces) made from now on in this process
-    with these inductor options (None: the product's, `modeling.layer.COMPILE_OPTIONS`): the A/B of the C++ wrapper.
+    """The model's compiled paths (the layers' dense paths, the MLP half; the KD pieces compile without the C++ wrapper
+    either way: conversion/trainer.py) made from now on in this process with these inductor options (None: the
+    product's, `modeling.layer.COMPILE_OPTIONS`): the A/B of the C++ wrapper.
     The made functions and dynamo's caches are dropped so that the next call compiles again; returns (and clears) a
     compile failure recorded meanwhile, so that one failed row does not leave the later rows eager."""
     import functools
 
     from natsl_hf import modeling_natsl
-    from natsl_hf.conversion import trainer
     from natsl_hf.modeling import layer, softmax_attention
 
     paths = ((layer, "compiled_dense", layer.NatslAttention._dense),
              (softmax_attention, "compiled_dense", softmax_attention.NatslSoftmaxAttention._dense),
-             (modeling_natsl, "compiled_mlp_block", modeling_natsl.NatslDecoderLayer._mlp_block),
-             (trainer, "_compiled_token_kl", trainer._token_kl))
+             (modeling_natsl, "compiled_mlp_block", modeling_natsl.NatslDecoderLayer._mlp_block))
     for module, name, fn in paths:
         make = (lambda fn=fn: layer.natsl_compile(fn)) if options is None else (
             lambda fn=fn: torch.compile(fn, options=dict(options)))

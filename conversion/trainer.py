@@ -269,8 +269,14 @@ def _token_kl(student_logits, teacher_logits, temperature: float) -> torch.Tenso
 def _compiled_token_kl():
     """`_token_kl` through torch.compile, made once per process. Eager, a piece is ~10 vocabulary-wide fp32 passes
     (two upcasts, two log-softmaxes, the KL and their backward, again in the checkpoint's recompute); compiled, the
-    softmaxes, the KL and the gradient fuse into a few passes over the bf16 logits (bench/TRAINING_NOTES.md)."""
-    return natsl_compile(_token_kl)
+    softmaxes, the KL and the gradient fuse into a few passes over the bf16 logits (bench/TRAINING_NOTES.md).
+
+    Without the C++ wrapper: with it, torch 2.11's inductor failed to build this graph's backward ("CudaKernelParamCache
+    not populated for triton_red_fused__log_softmax__log_softmax_backward_data...", a stage-2 piece of 8 x 4096 on an
+    H100, bench/RECOVERY_NOTES.md 2026-12-07). The backward compiles at the first backward, outside run_compiled's
+    eager fallback, so the run stopped. A piece is a few vocabulary-wide kernels ([2048, 49152] fp32 each), GPU-bound:
+    the launches the wrapper saves are a few per piece."""
+    return natsl_compile(_token_kl, cpp_wrapper=False)
 
 
 def _piece_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:

@@ -160,9 +160,10 @@ def dense_call(token_mask, cache, documents) -> bool:
 COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": True})
 
 
-def natsl_compile(fn):
-    """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS); made once per process by its caller."""
-    return torch.compile(fn, options=dict(COMPILE_OPTIONS))
+def natsl_compile(fn, **options):
+    """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS, `options` overriding them); made once
+    per process by its caller."""
+    return torch.compile(fn, options={**COMPILE_OPTIONS, **options})
 
 
 def run_compiled(first, fn, compiled, *args):

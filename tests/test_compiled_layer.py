@@ -202,10 +202,11 @@ def test_the_mlp_half_of_the_decoder_layer_compiles_on_the_dense_path_only(monke
         assert counters["stats"]["unique_graphs"] == before
 
 
-def test_every_compiled_path_compiles_with_the_cpp_wrapper(monkeypatch):
+def test_every_compiled_path_compiles_with_the_cpp_wrapper_but_the_kd_pieces(monkeypatch):
     """The four compiled paths (NAtS-L and full-softmax dense paths, the MLP half, the KD pieces) are made by
     `natsl_compile`, which hands torch.compile the product's inductor options: the C++ wrapper (modeling.layer
-    COMPILE_OPTIONS, measured in bench/TRAINING_NOTES.md)."""
+    COMPILE_OPTIONS, measured in bench/TRAINING_NOTES.md), except for the KD pieces, whose backward the wrapper failed
+    to build on torch 2.11 (conversion/trainer.py)."""
     import torch
 
     from natsl_hf import modeling_natsl
@@ -221,4 +222,4 @@ def test_every_compiled_path_compiles_with_the_cpp_wrapper(monkeypatch):
                                  modeling_natsl.NatslDecoderLayer._mlp_block),
                                 (trainer, trainer._compiled_token_kl, trainer._token_kl)):
         assert factory.__wrapped__() is fn, module.__name__
-    assert [kwargs for _, kwargs in seen] == [{"options": {"cpp_wrapper": True}}] * 4
+    assert [kwargs for _, kwargs in seen] == [{"options": {"cpp_wrapper": True}}] * 3 + [{"options": {"cpp_wrapper": False}}]

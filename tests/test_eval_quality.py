@@ -52,6 +52,8 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     src_row, row = report["summary"]["source"], report["summary"]["init"]
     # freshly converted: every chunk softmax, the source's numbers exactly
     assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
+    assert src_row["gen_prefix_match"] == 1.0  # the source against its own continuations in fp32: the metric's floor
+    assert report["results"]["init"]["generation"]["dtype"] == "float32"
     assert row["retrieval_300"] == src_row["retrieval_300"] and row["needle_300"] == src_row["needle_300"]
     assert row["passkey_300"] == src_row["passkey_300"] and report["results"]["init"]["passkey"]["300"]["queries"] == 2
     assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
