@@ -157,7 +157,10 @@ def dense_call(token_mask, cache, documents) -> bool:
 # instead of generated Python: on an H100 the Trainer's 4 x 2048 checkpointed step went from 0.69x to 0.81x of the
 # source's (host-bound: ~1 ms of Python per layer graph call), 16 x 2048 from 0.93x to 0.94x (bench/TRAINING_NOTES.md,
 # 2026-12-07). It costs a C++ build per graph at the first step (a few seconds; the compiler triton already needs).
-COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": True})
+# The KD pieces of distillation compile without it (conversion/trainer.py: torch 2.11 failed to build their backward).
+# TORCHINDUCTOR_CPP_WRAPPER=0, inductor's own switch, turns it off here too: a build that fails in a backward (compiled
+# at the first backward, past run_compiled's eager fallback) has no other way around it.
+COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER", "1") != "0"})
 
 
 def natsl_compile(fn, **options):

@@ -223,3 +223,18 @@ def test_every_compiled_path_compiles_with_the_cpp_wrapper_but_the_kd_pieces(mon
                                 (trainer, trainer._compiled_token_kl, trainer._token_kl)):
         assert factory.__wrapped__() is fn, module.__name__
     assert [kwargs for _, kwargs in seen] == [{"options": {"cpp_wrapper": True}}] * 3 + [{"options": {"cpp_wrapper": False}}]
+
+
+def test_inductor_switch_turns_the_cpp_wrapper_off():
+    """TORCHINDUCTOR_CPP_WRAPPER=0 (inductor's own switch) reaches the product's compile options; unset, the wrapper is
+    on (a fresh interpreter: the options are read at import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from natsl_hf.modeling.layer import COMPILE_OPTIONS; print(COMPILE_OPTIONS['cpp_wrapper'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CPP_WRAPPER"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "TORCHINDUCTOR_CPP_WRAPPER": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert (on.strip(), off.strip()) == ("True", "False")
