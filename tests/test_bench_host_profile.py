@@ -37,5 +37,7 @@ def test_host_time_is_split_per_token_by_function(monkeypatch):
     rows = {r["function"].split(":")[-1]: r for r in table["functions"]}
     assert rows["_step"]["calls_per_token"] == 1.0
     sleep = next(r for r in table["functions"] if "time.sleep" in r["function"])
-    assert sleep["calls_per_token"] == 1.0 and 1500 < sleep["us_per_token"] < 20000  # ~2 ms a token, not the 10 ms setup
-    assert table["functions"][0] is sleep and table["us_per_token"] > 1500
+    # ~2 ms a token, not the 10 ms setup; the bounds are wide because a loaded machine's sleeps overshoot, and how
+    # much the two runs' setups overshoot differs: that difference lands in the per-token difference
+    assert sleep["calls_per_token"] == 1.0 and 1000 < sleep["us_per_token"] < 20000
+    assert table["functions"][0] is sleep and table["us_per_token"] > 1000
