@@ -2,8 +2,8 @@
 layers' decode step as a compile region (`modeling_natsl.decode_step_region`, on from torch 2.13: DECODE_REGIONS)
 against inlined (`decode_step`) (issue 24: the first compile; bench/MODEL_BENCH_NOTES.md).
 
-A NAtS-L conversion (chunk 64, every layer) of a small random Llama (hidden 256, 8 q / 2 kv heads, head_dim 64,
-`--layers` layers); a 300-token prompt, `--new-tokens` greedy tokens, transformers compiling the step with inductor
+bench/graph_size.py's small model: a NAtS-L conversion (chunk 64, every layer) of a small random Llama (hidden 256,
+8 q / 2 kv heads, head_dim 64, `--layers` layers); a 300-token prompt, `--new-tokens` greedy tokens, transformers compiling the step with inductor
 on the CPU (its caches off: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, so each mode compiles from nothing). Per mode: the
 seconds of the first generate() (prefill eager + the compile + the steps) and of a second one (compiled), their
 difference the compile; and whether both modes give the same tokens. On the CPU the decode step's attention, GDN
@@ -26,32 +26,17 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
 
+from graph_size import cpu_compile_config, small_model  # noqa: E402  (bench/ is on the path: this file's folder)
 from natsl_hf import modeling_natsl  # noqa: E402
-from natsl_hf.conversion import convert_model  # noqa: E402
-
-
-def model_of(layers: int):
-    torch.manual_seed(0)
-    shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-                 max_position_embeddings=4096)
-    model = convert_model(LlamaForCausalLM(LlamaConfig(**shape)).eval(), chunk_size=64)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def generate(model, ids, new_tokens: int):
-    config = CompileConfig(backend="inductor", fullgraph=True)
-    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                             compile_config=config)
+                             compile_config=cpu_compile_config("inductor", fullgraph=True))
     return out[:, ids.shape[1]:], time.perf_counter() - t0
 
 
@@ -61,7 +46,7 @@ def run(mode: str, layers: int, new_tokens: int) -> dict:
         modeling_natsl.decode_step_region = modeling_natsl.decode_step
     torch._dynamo.reset()
     try:
-        model = model_of(layers)
+        model = small_model("natsl", layers)
         ids = torch.randint(1, 1000, (1, 300), generator=torch.Generator().manual_seed(1))
         model.generation_config.max_cache_len = 300 + new_tokens
         tokens, first = generate(model, ids, new_tokens)

@@ -84,7 +84,9 @@ def close_as_one_op(state, closing, softmax, routable):
               state.capacity)
 
 
-def graphs_of_one_generate(name: str, layers: int) -> list[dict]:
+def small_model(name: str, layers: int):
+    """The small random Llama of these CPU measurements ("source"), or its NAtS-L conversion (chunk 64, "natsl"),
+    set up for greedy generation of a fixed length."""
     shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
                  max_position_embeddings=4096)
@@ -93,14 +95,25 @@ def graphs_of_one_generate(name: str, layers: int) -> list[dict]:
     model = convert_model(source, chunk_size=64) if name == "natsl" else source
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    return model
+
+
+def cpu_compile_config(backend, fullgraph: bool) -> CompileConfig:
+    """generate()'s compile config with `backend`, on the CPU too (transformers compiles on CUDA only unless told)."""
+    config = CompileConfig(backend=backend, mode="default", fullgraph=fullgraph)
+    config._compile_all_devices = True
+    return config
+
+
+def graphs_of_one_generate(name: str, layers: int) -> list[dict]:
+    model = small_model(name, layers)
     graphs = []
 
     def backend(gm, example_inputs):
         ops = Counter(n.op for n in gm.graph.nodes)
         graphs.append({"nodes": len(gm.graph.nodes), **ops})
         return gm.forward
-    config = CompileConfig(backend=backend, mode="default", fullgraph=False)
-    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    config = cpu_compile_config(backend, fullgraph=False)
     ids = torch.randint(0, 1000, (1, 300))
     model.generation_config.max_cache_len = 300 + 8
     torch._dynamo.reset()

@@ -60,16 +60,34 @@ def _openings(docs: list[np.ndarray], rng: random.Random, n: int, low: int, high
     return [long[rng.randrange(len(long))][: rng.randint(low, high)].tolist() for _ in range(n)]
 
 
+def _chat_prompt(tokenizer, message: str) -> list[int]:
+    """`message` as one user turn through the chat template (its default system prompt), then the generation prompt."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def _left_padded(batch: list[list[int]], width: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts of `batch` left-padded to `width` -> (input_ids, attention_mask) [len(batch), width] on `device`."""
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    return ids, mask
+
+
+def _document(prompt: list[int], generated: np.ndarray, eos: int) -> np.ndarray:
+    """A prompt and what was generated after it up to its first EOS, closed by EOS: one training document (uint16)."""
+    stop = np.flatnonzero(generated == eos)
+    return np.concatenate([np.asarray(prompt, dtype=np.int64), generated[: stop[0]] if len(stop) else generated,
+                           [eos]]).astype(np.uint16)
+
+
 def prompts(tokenizer, docs: list[np.ndarray], n: int, rng: random.Random) -> list[list[int]]:
     """`n` prompts (token ids), half plain openings, half chat turns about a passage (module docstring)."""
     plain = _openings(docs, rng, n - n // 2, 16, 64)
     chats = []
     for ids in _openings(docs, rng, n // 2, 48, 192):
         passage = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        message = f"{rng.choice(INSTRUCTIONS)}\n\n{passage}"
-        chats.append(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False))
-    out = plain + [list(c) for c in chats]
+        chats.append(_chat_prompt(tokenizer, f"{rng.choice(INSTRUCTIONS)}\n\n{passage}"))
+    out = plain + chats
     rng.shuffle(out)
     return out
 
@@ -85,21 +103,10 @@ def sample_batch(model, batch: list[list[int]], new_tokens: int, eos: int, pad: 
     512 against 6.3k eager; the second batch alone 10.8k. A batch runs until its longest sample ends, so most rows idle
     for most steps (bench/RECOVERY_NOTES.md)."""
     width = -(-max(len(p) for p in batch) // WIDTH_STEP) * WIDTH_STEP
-    device = next(model.parameters()).device
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(batch):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=TEMPERATURE,
-                         top_p=TOP_P, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
-                         cache_implementation="static")
-    docs = []
-    for p, row in zip(batch, out[:, width:].cpu().numpy()):
-        stop = np.flatnonzero(row == eos)
-        cont = row[: stop[0]] if len(stop) else row
-        docs.append(np.concatenate([np.asarray(p, dtype=np.int64), cont, [eos]]).astype(np.uint16))
-    return docs
+    ids, mask = _left_padded(batch, width, pad, next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
+                         max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad, cache_implementation="static")
+    return [_document(p, row, eos) for p, row in zip(batch, out[:, width:].cpu().numpy())]
 
 
 def sample(model, tokenizer, docs: list[np.ndarray], tokens: int, *, minutes: float, batch: int = 512,
@@ -201,21 +208,14 @@ def qa_turns(model, tokenizer, docs: list[np.ndarray], n: int, *, seed: int = 0,
     model.eval()
     out, start = [], time.perf_counter()
     while len(out) < n:
-        prompts = []
-        for ids in _openings(docs, rng, min(batch, n - len(out)), *passage):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            message = f"{text}\n\n{rng.choice(instructions)} {rng.choice(questions)}"
-            prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                                              add_generation_prompt=True, tokenize=True,
-                                                              return_dict=False)))
+        prompts = [_chat_prompt(tokenizer, f"{tokenizer.decode(ids, skip_special_tokens=True).strip()}\n\n"
+                                           f"{rng.choice(instructions)} {rng.choice(questions)}")
+                   for ids in _openings(docs, rng, min(batch, n - len(out)), *passage)]
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        ids, mask = _left_padded(prompts, width, pad, device)
         replies = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=reply_tokens,
                                  eos_token_id=eos, pad_token_id=pad)[:, width:].cpu().numpy()
-        for p, row in zip(prompts, replies):
-            stop = np.flatnonzero(row == eos)
-            out.append(np.concatenate([p, row[: stop[0]] if len(stop) else row, [eos]]).astype(np.uint16))
+        out += [_document(p, row, eos) for p, row in zip(prompts, replies)]
         log(f"qa turns: {len(out)} of {n}, {time.perf_counter() - start:.0f} s")
     seconds = time.perf_counter() - start
     return out, {"documents": len(out), "tokens": int(sum(len(d) for d in out)), "seconds": seconds,
@@ -225,11 +225,13 @@ def qa_turns(model, tokenizer, docs: list[np.ndarray], n: int, *, seed: int = 0,
 
 def run_info(stats: dict) -> dict:
     """What a manifest of sampled shards records besides them: the command, device, versions and `stats`."""
-    return {"command": shlex.join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"command": shlex.join([sys.executable, *sys.argv]), "device": device,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}, **stats}
 
 
-def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict, stem: str = "selfgen") -> list[str]:
+def write_folder(folder: Path, docs: list[np.ndarray], like_manifest: dict, info: dict,
+                 stem: str = "selfgen") -> list[str]:
     """`docs` as shards STEM-NNNNN.npy.xz of <= SHARD_TOKENS tokens in `folder`, with a manifest in the format of
     `like_manifest` (the data folder the prompts came from: same tokenizer). Returns the shard names."""
     from natsl_hf.conversion.data import SHARD_MANIFEST

@@ -183,7 +183,7 @@ def decode_step(layer: "NatslDecoderLayer", hidden_states, cos, sin, token_mask,
 # `decode_step` as a compile region (torch.compiler.nested_compile_region), what the decoder layers call: when
 # generate() compiles the decode step, dynamo and inductor compile it once per kind of layer (NAtS-L, full softmax)
 # and reuse it for every layer of that kind, where inlined they compiled each layer's copy (the first compiled step
-# of an 8-layer model, inductor's cache off, torch 2.13: 44.9 -> 15.7 s on the CPU; bench/MODEL_BENCH_NOTES.md).
+# of an 8-layer model, inductor's cache off, torch 2.13: 28.7 -> 16.7 s on the CPU, bench/decode_compile_cpu.py).
 # Eagerly, a call.
 decode_step_region = torch.compiler.nested_compile_region(decode_step) if DECODE_REGIONS else decode_step
 
