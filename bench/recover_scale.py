@@ -274,18 +274,21 @@ def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: 
     return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed, varied), share, seed), n
 
 
-def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool) -> torch.Tensor:
+def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool,
+            varied: bool = False) -> torch.Tensor:
     """The ~`n` blocks the routers are fitted on: training blocks of `folders` (in the order of `seed`), `share` of
     them recall blocks made from the filler of other training blocks, shuffled. Built on its own rather than taken
     from the training mix, so that a fit can be rich in lookups (a router learns to keep a looked-up chunk only from
-    examples of one: bench/router_input_probe.py) whatever the mix trains on, and costs only the blocks it uses."""
+    examples of one: bench/router_input_probe.py) whatever the mix trains on, and costs only the blocks it uses.
+    `varied` (the piece's --varied-recall): the recall blocks in the eight wordings, so that the routers are fitted
+    to keep looked-up lines, not the evaluation's two templates (before 2026-12-07 a refit always used those two)."""
     blocks = train_blocks(folders, vocab, seed, quick)[0]
     n_recall = min(round(n * share), n - 1)
     if n > len(blocks):
         raise ValueError(f"--fit-blocks {n}: the data holds {len(blocks)} training blocks")
     if not n_recall:
         return blocks[:n]
-    recall = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed)  # filler the text part does not hold
+    recall = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed, varied)  # filler the text part lacks
     return mix_blocks(blocks[: n - n_recall], recall, n_recall / n, seed)
 
 
@@ -449,17 +452,18 @@ def run_piece(args) -> dict:
                                   callbacks=[deadline])
     fit = None
     budgets = None
-    if (args.stage == 1 and fresh and not args.layer_hybrid) or args.refit_routers:
-        fitting = Blocks(fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick))
-    if args.stage == 1 and fresh and not args.layer_hybrid:
-        if args.layer_budgets:
+    fresh_fit = args.stage == 1 and fresh and not args.layer_hybrid
+    if fresh_fit or args.refit_routers:
+        fitting = Blocks(fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick,
+                                 args.varied_recall))
+        if fresh_fit and args.layer_budgets:
             budgets = trainer.allocate_layer_budgets(args.fit_blocks, fitting)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
-        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args)}
-    elif args.refit_routers:
-        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args)}
-        fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
-                                                       Blocks(calibration_blocks[: args.calibration_blocks]))
+        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args),
+               "fit_varied_recall": args.varied_recall}
+        if not fresh_fit:  # a refit of a resumed piece: calibrated before training (stage 1 calibrates after its fit)
+            fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
+                                                           Blocks(calibration_blocks[: args.calibration_blocks]))
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
@@ -555,9 +559,10 @@ def recalibrate(args) -> dict:
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
         if args.refit_routers:  # on the fit set a piece's --refit-routers would use
             blocks_fit = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
-                                 1000 * last["stage"] + len(progress["pieces"]), args.quick)
+                                 1000 * last["stage"] + len(progress["pieces"]), args.quick, args.varied_recall)
             fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in blocks_fit]),
-                   "fit_blocks": len(blocks_fit), "fit_recall_share": fit_recall_share(args)}
+                   "fit_blocks": len(blocks_fit), "fit_recall_share": fit_recall_share(args),
+                   "fit_varied_recall": args.varied_recall}
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)

@@ -17,8 +17,8 @@
 #   bash bench/recovery_gpu.sh refit     # RESUME's routers fitted again on a recall-rich fit set, calibrated, no training
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
 #                                        # from it with RESUME=/tmp/rw0/ckpt
-#   bash bench/recovery_gpu.sh recalibrate  # the same without the fit: RESUME's router biases set again (RECAL_ARGS, e.g.
-#                                        # --calibration-seq-len 4096: the serving length), no training -> /tmp/rw0/ckpt
+#   bash bench/recovery_gpu.sh recalibrate  # the same without the fit: RESUME's router biases set again (RECAL_ARGS, by
+#                                        # default at 4096 tokens: the serving length), no training -> /tmp/rw0/ckpt
 #   bash bench/recovery_gpu.sh eval      # export EVAL_CKPT (default /tmp/rw2/ckpt, the last stage-2 piece's) as the shipped
 #                                        # layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #

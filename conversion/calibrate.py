@@ -108,7 +108,7 @@ def fit_and_calibrate(model, blocks, budget: float, progress: bool = True) -> di
     from tqdm.auto import tqdm
 
     from .layers import natsl_decoder_layers, unwrap
-    from .router_fit import collect_routing_samples, fit_router
+    from .router_fit import collect_routing_samples, fit_router, fit_summary
 
     base = unwrap(model)
     batches = tqdm([{"input_ids": b[None]} for b in blocks], desc="routing targets (source forwards)", unit="block",
@@ -121,7 +121,7 @@ def fit_and_calibrate(model, blocks, budget: float, progress: bool = True) -> di
         aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, 0.1))
         counts.append(float(labelled.sum(0).float().mean()))
     calibrate_routers(model, blocks, budget, progress=progress)
-    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
+    return fit_summary(aucs, counts)
 
 
 def _all_softmax(model, x) -> float:

@@ -186,7 +186,8 @@ def fit_routers(model: nn.Module, batches, l2: float = 1e-2, apply_in=None) -> d
     its source exactly, so one eval pass over `batches` gives each layer the source's inputs, which is
     also what stage-1 training feeds it (`collect_routing_samples`). Per layer, `fit_router`.
     `apply_in(decoder_layer)`: context to write the router in (FSDP). Returns the mean labelled
-    chunks per head and the mean training AUC.
+    chunks per head, the mean training AUC over the layers that have one, and how many have none (a layer whose
+    budget labels no chunk softmax, e.g. layer 0 of SmolLM2 at budget 0.125, or every chunk: one class only).
     """
     base = unwrap(model)
     decoders = natsl_decoder_layers(base)
@@ -195,7 +196,16 @@ def fit_routers(model: nn.Module, batches, l2: float = 1e-2, apply_in=None) -> d
         with apply_in(d) if apply_in else contextlib.nullcontext():
             aucs.append(fit_router(d.self_attn.router, means, target, labelled, base.config.router_temperature, l2))
         counts.append(float(labelled.sum(0).float().mean()))
-    return {"router_fit_train_auc": sum(aucs) / len(aucs), "router_fit_chunks_per_head": sum(counts) / len(counts)}
+    return fit_summary(aucs, counts)
+
+
+def fit_summary(aucs: list[float], counts: list[float]) -> dict[str, float]:
+    """The summary of a fit from its layers' training AUCs (NaN: a layer with one class of target only) and labelled
+    chunks per head: the mean AUC over the layers that have one, how many have none, the mean labelled chunks."""
+    scored = [a for a in aucs if a == a]
+    return {"router_fit_train_auc": sum(scored) / len(scored) if scored else float("nan"),
+            "router_fit_layers_without_auc": len(aucs) - len(scored),
+            "router_fit_chunks_per_head": sum(counts) / len(counts)}
 
 
 class _StopForward(Exception):
@@ -307,4 +317,4 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
 
 
 __all__ = ["allocate_layer_budgets", "budget_shares", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router",
-           "fit_routers", "roc_auc", "source_chunk_scores"]
+           "fit_routers", "fit_summary", "roc_auc", "source_chunk_scores"]

@@ -273,9 +273,9 @@ def _compiled_token_kl():
 
     Without the C++ wrapper: with it, torch 2.11's inductor failed to build this graph's backward ("CudaKernelParamCache
     not populated for triton_red_fused__log_softmax__log_softmax_backward_data...", a stage-2 piece of 8 x 4096 on an
-    H100, bench/RECOVERY_NOTES.md 2026-12-07). The backward compiles at the first backward, outside run_compiled's
-    eager fallback, so the run stopped. A piece is a few vocabulary-wide kernels ([2048, 49152] fp32 each), GPU-bound:
-    the launches the wrapper saves are a few per piece."""
+    H100, bench/RECOVERY_NOTES.md 2026-12-07); run_compiled now builds a backward with its forward and compiles again
+    without the wrapper on such a failure, but a piece is a few vocabulary-wide kernels ([2048, 49152] fp32 each),
+    GPU-bound: the launches the wrapper saves are a few per piece, not worth a failed build."""
     return natsl_compile(_token_kl, cpp_wrapper=False)
 
 

@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -158,15 +159,23 @@ def dense_call(token_mask, cache, documents) -> bool:
 # source's (host-bound: ~1 ms of Python per layer graph call), 16 x 2048 from 0.93x to 0.94x (bench/TRAINING_NOTES.md,
 # 2026-12-07). It costs a C++ build per graph at the first step (a few seconds; the compiler triton already needs).
 # The KD pieces of distillation compile without it (conversion/trainer.py: torch 2.11 failed to build their backward).
-# TORCHINDUCTOR_CPP_WRAPPER=0, inductor's own switch, turns it off here too: a build that fails in a backward (compiled
-# at the first backward, past run_compiled's eager fallback) has no other way around it.
+# TORCHINDUCTOR_CPP_WRAPPER=0, inductor's own switch, turns it off here too.
 COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER", "1") != "0"})
+# The error, once a build with the C++ wrapper failed in this process; every path compiled after it goes without the
+# wrapper. torch 2.11's inductor failed to build backward graphs with it ("CudaKernelParamCache not populated for
+# triton_..._backward_...": the KD pieces, then the MLP half of a stage-2 piece whose routers were refitted first,
+# bench/RECOVERY_NOTES.md 2026-12-07). A backward compiles lazily, at the first backward, where nothing could catch the
+# failure and the run stopped; `run_compiled` therefore builds a wrapped graph's backward with its forward.
+_WRAPPER_FAILED: list[str] = []
 
 
 def natsl_compile(fn, **options):
-    """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS, `options` overriding them); made once
-    per process by its caller."""
-    return torch.compile(fn, options={**COMPILE_OPTIONS, **options})
+    """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS, `options` overriding them; without
+    the C++ wrapper once a build with it failed, `_WRAPPER_FAILED`); made once per process by its caller."""
+    options = {**COMPILE_OPTIONS, **options}
+    if _WRAPPER_FAILED:
+        options["cpp_wrapper"] = False
+    return torch.compile(fn, options=options)
 
 
 def run_compiled(first, fn, compiled, *args):
@@ -174,14 +183,31 @@ def run_compiled(first, fn, compiled, *args):
     hidden states) is on CUDA. `fn` is a module's dense-path function with the module as `first`: every module of a
     kind calls the same compiled function with itself, so the layers share their graphs (dynamo lifts the parameters
     to graph inputs); or a plain function of tensors (conversion/trainer.py's KD pieces). NATSL_COMPILE=0 runs it
-    eagerly, and so does every call after a failed compile (`_compile_failed`); inside an outer trace (a compiled
-    generate step, torch.export) it is traced as part of that graph."""
-    if compiles(args[0]) and not torch.compiler.is_compiling():
-        try:
-            return compiled()(first, *args)
-        except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran): say so, run eager
+    eagerly; inside an outer trace (a compiled generate step, torch.export) it is traced as part of that graph.
+
+    With grad enabled and the C++ wrapper on, a graph's backward is built with its forward (AOTAutograd's
+    `force_non_lazy_backward_lowering`), so that a failed build surfaces here: it is compiled again without the
+    wrapper (`_WRAPPER_FAILED`, a warning). Any other failed compile runs this and every later call eagerly
+    (`_compile_failed`)."""
+    if not compiles(args[0]) or torch.compiler.is_compiling():
+        return fn(first, *args)
+    wrapped = bool(COMPILE_OPTIONS["cpp_wrapper"]) and not _WRAPPER_FAILED
+    try:
+        if wrapped and torch.is_grad_enabled():
+            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                return compiled()(first, *args)
+        return compiled()(first, *args)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran)
+        if not wrapped:
             _compile_failed(err)
-    return fn(first, *args)
+            return fn(first, *args)
+        _WRAPPER_FAILED.append(f"{type(err).__name__}: {err}")
+        warnings.warn(f"inductor failed to build a NAtS-L graph with its C++ wrapper ({_WRAPPER_FAILED[0][:300]}): "
+                      "compiling every NAtS-L path without it from now on (correct, a little slower to train). Set "
+                      "TORCHINDUCTOR_CPP_WRAPPER=0 to skip the attempt and silence this warning.", RuntimeWarning,
+                      stacklevel=2)
+        getattr(compiled, "cache_clear", lambda: None)()  # the next compiled() is made without the wrapper
+        return run_compiled(first, fn, compiled, *args)
 
 
 @functools.cache

@@ -107,6 +107,7 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
         raise err
 
     monkeypatch.setattr(layer_module, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(layer_module, "COMPILE_OPTIONS", {"cpp_wrapper": False})  # (with it: a retry without it, below)
     monkeypatch.setattr(layer_module, "compiled_dense", lambda: broken)
     monkeypatch.setattr(layer_module, "compiles", lambda x: not layer_module._COMPILE_FAILED)
     model = tiny_model(seed=1)
@@ -122,6 +123,58 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(out, model(ids, use_cache=False).logits)
     torch.testing.assert_close(again, out)
+
+
+def test_a_failed_cpp_wrapper_build_of_a_backward_is_caught_at_the_forward_and_compiled_again_without_it(monkeypatch):
+    """torch 2.11's inductor failed to build backward graphs with the C++ wrapper, at the first backward, where nothing
+    caught it. With grad enabled and the wrapper on, run_compiled builds the backward with the forward, so such a
+    failure surfaces inside it: it warns, compiles again without the wrapper (every later compile too) and the step
+    goes on, with the gradients of the eager path. A real torch.compile on the CPU whose backward compiler raises
+    stands for the failing build (it raises only where the wrapper was asked for)."""
+    import functools
+    import warnings
+
+    import pytest
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from natsl_hf.modeling import layer as layer_module
+
+    real_compile, asked = torch.compile, []
+
+    def no_backward(gm, example_inputs):
+        raise RuntimeError("CudaKernelParamCache not populated for triton_poi_fused_silu_backward_0")
+
+    def compile_as_inductor_would(fn, options):
+        asked.append(options["cpp_wrapper"])
+        as_is = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
+        backend = aot_autograd(fw_compiler=as_is, bw_compiler=no_backward if options["cpp_wrapper"] else as_is)
+        return real_compile(fn, backend=backend)
+
+    def block(weight, x):
+        return torch.sin(x * weight) * x
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", compile_as_inductor_would)
+    monkeypatch.setattr(layer_module, "COMPILE_OPTIONS", {"cpp_wrapper": True})
+    monkeypatch.setattr(layer_module, "_WRAPPER_FAILED", [])
+    monkeypatch.setattr(layer_module, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(layer_module, "compiles", lambda x: not layer_module._COMPILE_FAILED)
+    factory = functools.cache(lambda: layer_module.natsl_compile(block))
+    weight = torch.randn(5, requires_grad=True)
+    x = torch.randn(3, 5)
+    with pytest.warns(RuntimeWarning, match="TORCHINDUCTOR_CPP_WRAPPER=0"):
+        out = layer_module.run_compiled(weight, block, factory, x)
+    out.sum().backward()  # the lazy build would have raised here
+    assert asked == [True, False] and layer_module._WRAPPER_FAILED and not layer_module._COMPILE_FAILED
+    expected = torch.func.grad(lambda w: block(w, x).sum())(weight.detach())
+    torch.testing.assert_close(weight.grad, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer_module.run_compiled(weight, block, factory, x).sum().backward()  # no new attempt, no warning
+    assert asked == [True, False]
+    torch._dynamo.reset()
 
 
 def test_router_fit_and_calibration_run_the_layers_eagerly(monkeypatch):

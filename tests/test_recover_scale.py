@@ -124,6 +124,9 @@ def test_fit_set_holds_its_share_of_recall_blocks(recover, monkeypatch):
     assert sum(from_text) == 4 and from_text != sorted(from_text, reverse=True)  # 4 training blocks, shuffled in
     assert not any(any(torch.equal(b, t) for t in text) for b, t_ in zip(fit, from_text) if not t_)
     assert torch.equal(recover.fit_set([], None, 4096, 8, 0.0, 3, True), text[:8])
+    varied = recover.fit_set([], None, 4096, 8, 0.5, 3, True, varied=True)  # --varied-recall: the eight wordings
+    same = [torch.equal(b, v) for b, v in zip(fit, varied)]
+    assert all(s_ for s_, t_ in zip(same, from_text) if t_) and not all(same)  # same training blocks, other recall
     with pytest.raises(ValueError, match="--fit-blocks 100: the data holds 64"):
         recover.fit_set([], None, 4096, 100, 0.5, 3, True)
 

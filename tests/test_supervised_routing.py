@@ -285,3 +285,17 @@ def test_fit_router_learns_heavy_hitters_outright():
     with torch.no_grad():
         routes = layer(x, rope)[1].routes
     assert torch.equal(routes.hard[:, 1:N, 0], important[:, 1:N])
+
+
+def test_a_layer_without_softmax_targets_does_not_turn_the_fit_summary_into_nan():
+    """At budget 0.125 SmolLM2's layer 0 (a 0.1 share of the budget) labels no chunk softmax: its training AUC is
+    undefined (NaN), and the summary of a refit on the GPU read NaN for the whole model. The summary averages the
+    layers that have one and counts the others; fit_routers and the main job's step-by-step fit share it."""
+    import math
+
+    from natsl_hf.conversion.router_fit import fit_summary, roc_auc
+
+    assert math.isnan(roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([False, False])))  # one class only
+    summary = fit_summary([float("nan"), 0.8, 1.0], [10.0, 20.0, 30.0])
+    assert summary == {"router_fit_train_auc": 0.9, "router_fit_layers_without_auc": 1, "router_fit_chunks_per_head": 20.0}
+    assert fit_summary([float("nan")], [4.0])["router_fit_layers_without_auc"] == 1
