@@ -9,6 +9,9 @@ layer-level hybrid of conversion/baselines.py side by side), in this order:
 - perplexity: exp(mean next-token NLL) over `--ppl-blocks` packed blocks of `--seq-len` tokens of
   the held-out text (`natsl_hf.conversion.data` packing), plus top-1 agreement with the source's
   next-token argmax on the same tokens;
+- `--prose-text FILE ...`: the same perplexity and softmax fraction on `--prose-blocks` blocks of each further
+  held-out text (named by its file name without suffix in the JSON and the summary), e.g. the README main job's
+  Wikipedia summaries: routers keep more of fact-dense prose, and a budget is kept only if it holds on each text;
 - greedy agreement: the source greedily continues `--gen-prompts` prompts (the first `--gen-prompt-len`
   tokens of held-out blocks, long enough to span routed chunks) by `--gen-tokens` tokens; each model is scored on those continuations with teacher forcing:
   `gen_prefix_match` = mean fraction of the continuation before the model's greedy choice first
@@ -512,6 +515,9 @@ def build_parser():
                    help="tokens of held-out text before each question (0: the question alone)")
     p.add_argument("--qa-tokens", type=int, default=16, help="greedy answer length")
     p.add_argument("--qa-batch-size", type=int, default=16)
+    p.add_argument("--prose-text", nargs="*", default=[],
+                   help="further held-out texts: perplexity and softmax fraction on --prose-blocks blocks of each")
+    p.add_argument("--prose-blocks", type=int, default=4, help="blocks of --seq-len tokens of each --prose-text")
     p.add_argument("--chat-prompts", type=int, default=32,
                    help="chat turns (a held-out passage + an instruction, the chat template) answered greedily")
     p.add_argument("--chat-text", default=None,
@@ -549,6 +555,8 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
                            ("chunk_size", "num_sink_chunks", "softmax_budget", "natsl_layers", "route_override")}
     if reference is None:
         entry["argmax"] = argmax  # the source's next-token choices, for top1_agreement (not written out)
+    if data["prose"]:
+        entry["prose"] = {name: perplexity(model, blocks, None, args.batch_size)[0] for name, blocks in data["prose"].items()}
     entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
                           for L, c in data["kv_contexts"].items()}
     for task, probe in (("needle", NEEDLE), ("passkey", PASSKEY)):
@@ -577,6 +585,11 @@ def summarise(results: dict) -> dict:
         for key in ("softmax_fraction", "top1_agreement"):
             if key in entry["perplexity"]:
                 row[key] = entry["perplexity"][key]
+        for name, r in entry.get("prose", {}).items():
+            row[f"perplexity_{name}"] = r["perplexity"]
+            row[f"ppl_gap_vs_source_{name}"] = r["perplexity"] / results["source"]["prose"][name]["perplexity"] - 1.0
+            if "softmax_fraction" in r:
+                row[f"softmax_fraction_{name}"] = r["softmax_fraction"]
         if "generation" in entry:
             row["gen_prefix_match"] = entry["generation"]["gen_prefix_match"]
         if "chat" in entry:  # the source's word recall is against itself (1): left out
@@ -631,7 +644,11 @@ def prepare_data(args, tokenizer, device) -> dict:
         if kind != "text":
             raise SystemExit("--qa-context needs raw text in --text; pass --qa-context 0.")
         context = tokenizer.decode(tokenizer(" ".join(texts[::-1]), add_special_tokens=False)["input_ids"][: args.qa_context])
+    prose = {Path(path).stem: torch.tensor(load_packed_dataset(path, tokenizer, args.seq_len,
+                                                               max_blocks=args.prose_blocks)["input_ids"], device=device)
+             for path in args.prose_text}
     return {"blocks": blocks, "prompts": blocks[: args.gen_prompts, : args.gen_prompt_len], "continuations": None,
+            "prose": prose,
             "kv_contexts": kv, "needle_contexts": needle if args.needle_contexts else {},
             "passkey_contexts": passkey if args.passkey_contexts else {},
             "qa_items": items, "qa_prompts": qa_prompts(tokenizer, items, context) if items else [],

@@ -80,6 +80,7 @@ case "$1" in
       ${EVAL_ARGS:---seq-len 2048 --ppl-blocks 16 --gen-prompts 32 --gen-tokens 32 --retrieval-lengths 2048 4096 \
       --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --passkey-contexts 128 --chat-prompts 128 \
       --chat-text conversion/texts/heldout_wikipedia.txt --batch-size 8 --dtype bfloat16} \
+      --prose-text conversion/texts/heldout_wikipedia.txt --prose-blocks 4 \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
   *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|recalibrate|eval" >&2; exit 2 ;;

@@ -1,26 +1,28 @@
 """Is a missed needle / passkey a routing miss or a weight miss? (issue 22: lookups at 0.7-0.9x the source)
 
     python bench/retrieval_oracle_probe.py --model runs/smollm2-natsl-p10 --source /tmp/mat/source \\
-        --text runs/carry-h/heldout.txt --contexts 32 --length 2048 \\
+        --text runs/carry-h/heldout.txt --contexts 24 --length 2048 \\
         --out bench/results/retrieval_oracle_probe_smollm2_cpu.json
 
-On eval_quality's needle and passkey contexts (same builder, same seed, same depths: one probe line in held-out
-prose, then its question and answer, one teacher-forced row each), the recovered model is scored as it serves and
-with its routes overridden per row (`natsl_hf.modeling.layer.decide_routes` wrapped for the run; nothing else changes):
+(--model: the README main job's output with the shipped parameters; --source: the source materialized by
+`recover_scale.py --materialize`; --text: the held-out split of bench/build_recovery_data.py, as on the GPU.)
 
-  served         the routers' own routes
-  line_softmax   the served routes, and every chunk that holds a probe-line token softmax in every layer and KV head
-  line_linear    the served routes, and those chunks linear everywhere (what keeping the line is worth)
-  all_softmax    every routable chunk softmax (`route_override="softmax"`: the trained weights' ceiling)
+On eval_quality's needle and passkey contexts (same builder, seeded, depths spread evenly: one probe line in held-out
+prose, then its question and answer, one teacher-forced row each), the recovered model is scored beside the source,
+as it serves and with its routes overridden per row (`natsl_hf.modeling.layer.decide_routes` wrapped for the run;
+nothing else changes):
+
+  served            the routers' own routes
+  line_softmax      the served routes, and every chunk that holds a probe-line token softmax in every layer and KV head
+  line_linear       the served routes, and those chunks linear everywhere (what keeping the line is worth)
+  all_softmax       every routable chunk softmax (`route_override="softmax"`: the trained weights' ceiling)
   line_softmax@A-B  as line_softmax in layers A..B only (the others as served): which layers' keeping matters
 
-For the served routes also where the routers rank the line among the row's chunks (`line_ranks`): whether a better
-threshold could keep it, or the routers do not see it.
-
-beside the source. If line_softmax reaches the source, the gap is the routers' (which chunk they keep); if it stays
-near served, the GDN branch / LoRA weights lose the line even when it is kept. Per variant: accuracy, the share of the
-line's (layer, head) routes kept, and the realised softmax fraction. fp32, eager, CPU or GPU; writes JSON with the
-exact command, device and versions.
+If line_softmax reaches the source, the gap is the routers' (which chunk they keep); if it stays near served, the GDN
+branch / LoRA weights lose the line even when it is kept. Per variant: accuracy, the share of the line's (layer, head)
+routes kept, and the realised softmax fraction; for the served routes also where the routers rank the line among the
+row's chunks (`line_ranks`): whether a better threshold could keep it, or the routers do not see it. fp32, eager, CPU
+or GPU; writes JSON with the exact command, device and versions.
 """
 
 from __future__ import annotations

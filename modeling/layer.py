@@ -164,18 +164,37 @@ COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": os.environ.get("TORCHINDUCTOR
 # The error, once a build with the C++ wrapper failed in this process; every path compiled after it goes without the
 # wrapper. torch 2.11's inductor failed to build backward graphs with it ("CudaKernelParamCache not populated for
 # triton_..._backward_...": the KD pieces, then the MLP half of a stage-2 piece whose routers were refitted first,
-# bench/RECOVERY_NOTES.md 2026-12-07). A backward compiles lazily, at the first backward, where nothing could catch the
-# failure and the run stopped; `run_compiled` therefore builds a wrapped graph's backward with its forward.
+# bench/RECOVERY_NOTES.md 2026-12-07). A backward is built lazily, at the first backward, where nothing could catch the
+# failure and the run stopped; a graph compiled with the wrapper therefore builds its backward with its forward.
 _WRAPPER_FAILED: list[str] = []
 
 
 def natsl_compile(fn, **options):
     """`fn` through torch.compile as every NAtS-L path compiles (COMPILE_OPTIONS, `options` overriding them; without
-    the C++ wrapper once a build with it failed, `_WRAPPER_FAILED`); made once per process by its caller."""
+    the C++ wrapper once a build with it failed, `_WRAPPER_FAILED`); made once per process by its caller. With the
+    wrapper, inductor runs with AOTAutograd's `force_non_lazy_backward_lowering` while it compiles (nothing per call):
+    a graph's backward is built with its forward, so that a failed build surfaces in `run_compiled`. The result's
+    `cpp_wrapper` attribute says which it is."""
     options = {**COMPILE_OPTIONS, **options}
     if _WRAPPER_FAILED:
         options["cpp_wrapper"] = False
-    return torch.compile(fn, options=options)
+    wrapper = bool(options["cpp_wrapper"])
+    compiled = torch.compile(fn, backend=_InductorBackwardWithForward(options)) if wrapper else \
+        torch.compile(fn, options=options)
+    compiled.cpp_wrapper = wrapper
+    return compiled
+
+
+class _InductorBackwardWithForward(torch._TorchCompileInductorWrapper):
+    """The inductor backend `torch.compile(fn, options=options)` makes (same class, so dynamo treats it as inductor),
+    compiling with AOTAutograd's `force_non_lazy_backward_lowering`: a graph's backward is built with its forward."""
+
+    def __init__(self, options: dict):
+        super().__init__(None, options, None)  # (mode, options, dynamic), as torch.compile passes them
+
+    def __call__(self, model_, inputs_, **kwargs):
+        with functorch_config.patch(force_non_lazy_backward_lowering=True):
+            return super().__call__(model_, inputs_, **kwargs)
 
 
 def run_compiled(first, fn, compiled, *args):
@@ -185,20 +204,16 @@ def run_compiled(first, fn, compiled, *args):
     to graph inputs); or a plain function of tensors (conversion/trainer.py's KD pieces). NATSL_COMPILE=0 runs it
     eagerly; inside an outer trace (a compiled generate step, torch.export) it is traced as part of that graph.
 
-    With grad enabled and the C++ wrapper on, a graph's backward is built with its forward (AOTAutograd's
-    `force_non_lazy_backward_lowering`), so that a failed build surfaces here: it is compiled again without the
-    wrapper (`_WRAPPER_FAILED`, a warning). Any other failed compile runs this and every later call eagerly
+    A failed build with the C++ wrapper (forward or backward: `natsl_compile`) is compiled again without it
+    (`_WRAPPER_FAILED`, a warning); any other failed compile runs this and every later call eagerly
     (`_compile_failed`)."""
     if not compiles(args[0]) or torch.compiler.is_compiling():
         return fn(first, *args)
-    wrapped = bool(COMPILE_OPTIONS["cpp_wrapper"]) and not _WRAPPER_FAILED
+    step = compiled()
     try:
-        if wrapped and torch.is_grad_enabled():
-            with functorch_config.patch(force_non_lazy_backward_lowering=True):
-                return compiled()(first, *args)
-        return compiled()(first, *args)
+        return step(first, *args)
     except torch._dynamo.exc.BackendCompilerFailed as err:  # compiling failed (nothing ran)
-        if not wrapped:
+        if not getattr(step, "cpp_wrapper", False):
             _compile_failed(err)
             return fn(first, *args)
         _WRAPPER_FAILED.append(f"{type(err).__name__}: {err}")

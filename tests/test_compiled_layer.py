@@ -107,7 +107,6 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
         raise err
 
     monkeypatch.setattr(layer_module, "_COMPILE_FAILED", [])
-    monkeypatch.setattr(layer_module, "COMPILE_OPTIONS", {"cpp_wrapper": False})  # (with it: a retry without it, below)
     monkeypatch.setattr(layer_module, "compiled_dense", lambda: broken)
     monkeypatch.setattr(layer_module, "compiles", lambda x: not layer_module._COMPILE_FAILED)
     model = tiny_model(seed=1)
@@ -127,36 +126,37 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
 
 def test_a_failed_cpp_wrapper_build_of_a_backward_is_caught_at_the_forward_and_compiled_again_without_it(monkeypatch):
     """torch 2.11's inductor failed to build backward graphs with the C++ wrapper, at the first backward, where nothing
-    caught it. With grad enabled and the wrapper on, run_compiled builds the backward with the forward, so such a
-    failure surfaces inside it: it warns, compiles again without the wrapper (every later compile too) and the step
-    goes on, with the gradients of the eager path. A real torch.compile on the CPU whose backward compiler raises
-    stands for the failing build (it raises only where the wrapper was asked for)."""
+    caught it. A graph compiled with the wrapper builds its backward with its forward (natsl_compile), so such a
+    failure surfaces in run_compiled: it warns, compiles again without the wrapper (every later compile too) and the
+    step goes on, with the eager path's gradients. Real torch.compile on the CPU; inductor's compile_fx is replaced by
+    AOTAutograd with boxed no-op compilers whose backward compiler raises where the wrapper was asked for."""
     import functools
     import warnings
 
     import pytest
     import torch
+    import torch._inductor.compile_fx as inductor_compile_fx
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     from natsl_hf.modeling import layer as layer_module
 
-    real_compile, asked = torch.compile, []
+    asked = []
 
     def no_backward(gm, example_inputs):
         raise RuntimeError("CudaKernelParamCache not populated for triton_poi_fused_silu_backward_0")
 
-    def compile_as_inductor_would(fn, options):
-        asked.append(options["cpp_wrapper"])
+    def compile_fx(model_, inputs_, config_patches=None, **kwargs):
+        asked.append(config_patches["cpp_wrapper"])
         as_is = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
-        backend = aot_autograd(fw_compiler=as_is, bw_compiler=no_backward if options["cpp_wrapper"] else as_is)
-        return real_compile(fn, backend=backend)
+        return aot_autograd(fw_compiler=as_is, bw_compiler=no_backward if config_patches["cpp_wrapper"] else as_is)(
+            model_, inputs_)
 
     def block(weight, x):
         return torch.sin(x * weight) * x
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", compile_as_inductor_would)
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", compile_fx)
     monkeypatch.setattr(layer_module, "COMPILE_OPTIONS", {"cpp_wrapper": True})
     monkeypatch.setattr(layer_module, "_WRAPPER_FAILED", [])
     monkeypatch.setattr(layer_module, "_COMPILE_FAILED", [])
@@ -166,14 +166,14 @@ def test_a_failed_cpp_wrapper_build_of_a_backward_is_caught_at_the_forward_and_c
     x = torch.randn(3, 5)
     with pytest.warns(RuntimeWarning, match="TORCHINDUCTOR_CPP_WRAPPER=0"):
         out = layer_module.run_compiled(weight, block, factory, x)
-    out.sum().backward()  # the lazy build would have raised here
+    out.sum().backward()  # a lazy build would have raised here
     assert asked == [True, False] and layer_module._WRAPPER_FAILED and not layer_module._COMPILE_FAILED
     expected = torch.func.grad(lambda w: block(w, x).sum())(weight.detach())
     torch.testing.assert_close(weight.grad, expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer_module.run_compiled(weight, block, factory, x).sum().backward()  # no new attempt, no warning
-    assert asked == [True, False]
+    assert asked == [True, False] and factory().cpp_wrapper is False
     torch._dynamo.reset()
 
 
@@ -260,6 +260,8 @@ def test_every_compiled_path_compiles_with_the_cpp_wrapper_but_the_kd_pieces(mon
     `natsl_compile`, which hands torch.compile the product's inductor options: the C++ wrapper (modeling.layer
     COMPILE_OPTIONS, measured in bench/TRAINING_NOTES.md), except for the KD pieces, whose backward the wrapper failed
     to build on torch 2.11 (conversion/trainer.py)."""
+    import functools
+
     import torch
 
     from natsl_hf import modeling_natsl
@@ -267,15 +269,17 @@ def test_every_compiled_path_compiles_with_the_cpp_wrapper_but_the_kd_pieces(mon
     from natsl_hf.modeling import layer, softmax_attention
 
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
-    for module, factory, fn in ((layer, layer.compiled_dense, layer.NatslAttention._dense),
-                                (softmax_attention, softmax_attention.compiled_dense,
-                                 softmax_attention.NatslSoftmaxAttention._dense),
-                                (modeling_natsl, modeling_natsl.compiled_mlp_block,
-                                 modeling_natsl.NatslDecoderLayer._mlp_block),
-                                (trainer, trainer._compiled_token_kl, trainer._token_kl)):
-        assert factory.__wrapped__() is fn, module.__name__
-    assert [kwargs for _, kwargs in seen] == [{"options": {"cpp_wrapper": True}}] * 3 + [{"options": {"cpp_wrapper": False}}]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or functools.partial(fn))
+    paths = ((layer.compiled_dense, layer.NatslAttention._dense),
+             (softmax_attention.compiled_dense, softmax_attention.NatslSoftmaxAttention._dense),
+             (modeling_natsl.compiled_mlp_block, modeling_natsl.NatslDecoderLayer._mlp_block),
+             (trainer._compiled_token_kl, trainer._token_kl))
+    made = [factory.__wrapped__() for factory, _ in paths]
+    assert [fn for fn, _ in seen] == [fn for _, fn in paths] and [m.cpp_wrapper for m in made] == [True] * 3 + [False]
+    for _, kwargs in seen[:3]:  # inductor with the wrapper, its backward built with the forward (natsl_compile)
+        assert isinstance(kwargs["backend"], layer._InductorBackwardWithForward) and kwargs["backend"].config == {
+            "cpp_wrapper": True} and kwargs["backend"].compiler_name == "inductor"
+    assert seen[3][1] == {"options": {"cpp_wrapper": False}}
 
 
 def test_inductor_switch_turns_the_cpp_wrapper_off():

@@ -41,8 +41,11 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"question": f"What is item {i}?", "answer": str(i * 7 % 13),
                                       "aliases": ["x"]}) + "\n" for i in range(3)))
+    wiki = tmp_path / "other_prose.txt"
+    wiki.write_text(" ".join(f"Another text, line {i}, names thing {i * 3 % 11}." for i in range(60)))
     out = tmp_path / "q.json"
     assert load_eval().main(["--source", str(src), "--model", f"init={init}", "--text", str(text), "--out", str(out),
+                             "--prose-text", str(wiki), "--prose-blocks", "2",
                              "--seq-len", "64", "--ppl-blocks", "2", "--gen-prompts", "1", "--gen-prompt-len", "16",
                              "--gen-tokens", "4", "--retrieval-lengths", "300", "--retrieval-contexts", "1",
                              "--retrieval-pairs", "2", "--retrieval-queries", "2", "--needle-contexts", "2",
@@ -57,6 +60,9 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
     assert row["retrieval_300"] == src_row["retrieval_300"] and row["needle_300"] == src_row["needle_300"]
     assert row["passkey_300"] == src_row["passkey_300"] and report["results"]["init"]["passkey"]["300"]["queries"] == 2
     assert row["softmax_fraction"] == 1.0 and row["softmax_fraction_retrieval_300"] == 1.0
+    assert row["softmax_fraction_other_prose"] == 1.0 and abs(row["ppl_gap_vs_source_other_prose"]) < 1e-5
+    assert report["results"]["init"]["prose"]["other_prose"]["tokens"] == 2 * 63
+    assert row["perplexity_other_prose"] != row["perplexity"]  # the other text's blocks
     assert row["kv_fraction_retrieval_300"] == 1.0 and row["pair_chunk_softmax_fraction_retrieval_300"] == 1.0
     assert report["results"]["init"]["perplexity"]["layer_softmax_fraction"] == [1.0, 1.0]
     assert report["results"]["init"]["needle"]["300"]["queries"] == 2
