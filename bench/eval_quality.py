@@ -556,7 +556,8 @@ def evaluate(model, path: str, data: dict, reference: dict | None, args, tokeniz
     if reference is None:
         entry["argmax"] = argmax  # the source's next-token choices, for top1_agreement (not written out)
     if data["prose"]:
-        entry["prose"] = {name: perplexity(model, blocks, None, args.batch_size)[0] for name, blocks in data["prose"].items()}
+        entry["prose"] = {name: perplexity(model, blocks, None, args.batch_size)[0]
+                          for name, blocks in data["prose"].items()}
     entry["retrieval"] = {str(L): retrieval(model, tokenizer, c, args.retrieval_queries, device)
                           for L, c in data["kv_contexts"].items()}
     for task, probe in (("needle", NEEDLE), ("passkey", PASSKEY)):
