@@ -297,6 +297,11 @@ def fit_recall_share(args) -> float:
     return args.recall_share if args.fit_recall_share is None else args.fit_recall_share
 
 
+def fit_settings(args) -> dict:
+    """What a router fit's record in progress.json says of its fit set (`fit_set`'s recall share and wordings)."""
+    return {"fit_recall_share": fit_recall_share(args), "fit_varied_recall": args.varied_recall}
+
+
 def manifest_of(folder: Path) -> dict:
     """The manifest.json of a shard folder (bench/build_recovery_data.py's or bench/sample_source.py's)."""
     from natsl_hf.conversion.data import SHARD_MANIFEST
@@ -459,8 +464,7 @@ def run_piece(args) -> dict:
         if fresh_fit and args.layer_budgets:
             budgets = trainer.allocate_layer_budgets(args.fit_blocks, fitting)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
-        fit = {**trainer.fit_routers(args.fit_blocks, fitting), "fit_recall_share": fit_recall_share(args),
-               "fit_varied_recall": args.varied_recall}
+        fit = {**trainer.fit_routers(args.fit_blocks, fitting), **fit_settings(args)}
         if not fresh_fit:  # a refit of a resumed piece: calibrated before training (stage 1 calibrates after its fit)
             fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
                                                            Blocks(calibration_blocks[: args.calibration_blocks]))
@@ -561,8 +565,7 @@ def recalibrate(args) -> dict:
             blocks_fit = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
                                  1000 * last["stage"] + len(progress["pieces"]), args.quick, args.varied_recall)
             fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in blocks_fit]),
-                   "fit_blocks": len(blocks_fit), "fit_recall_share": fit_recall_share(args),
-                   "fit_varied_recall": args.varied_recall}
+                   "fit_blocks": len(blocks_fit), **fit_settings(args)}
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)

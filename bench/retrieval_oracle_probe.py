@@ -124,12 +124,12 @@ def score(model, tokenizer, contexts, probe, variant: str, batch_size: int, devi
     natsl = eq.is_natsl(model)
     C = model.config.chunk_size if natsl else None
     right, kept, fractions, ranks = [], [], [], []
+    name, _, span = variant.partition("@")
+    layers = range(int(span.split("-")[0]), int(span.split("-")[1]) + 1) if span else None
     for start in range(0, len(contexts), batch_size):
         batch = contexts[start:start + batch_size]
         rows = [(ids, *eq.probe_query(tokenizer, probe, *pairs[0])) for ids, pairs, _ in batch]
         chunks = [sorted({t // C for t in tokens}) for _, _, tokens in batch] if natsl else None
-        name, _, span = variant.partition("@")
-        layers = range(int(span.split("-")[0]), int(span.split("-")[1]) + 1) if span else None
         force = None if name in ("served", "all_softmax") else chunks
         if natsl:
             model.config.route_override = "softmax" if name == "all_softmax" else None

@@ -97,7 +97,8 @@ def compile_paths(options: dict | None) -> list[str]:
     either way: conversion/trainer.py) made from now on in this process with these inductor options (None: the
     product's, `modeling.layer.COMPILE_OPTIONS`): the A/B of the C++ wrapper.
     The made functions and dynamo's caches are dropped so that the next call compiles again; returns (and clears) a
-    compile failure recorded meanwhile, so that one failed row does not leave the later rows eager."""
+    compile failure recorded meanwhile (`_COMPILE_FAILED`, or a failed C++-wrapper build: `_WRAPPER_FAILED`), so that
+    one failed row does not leave the later rows eager or without the wrapper."""
     import functools
 
     from natsl_hf import modeling_natsl
@@ -107,12 +108,11 @@ def compile_paths(options: dict | None) -> list[str]:
              (softmax_attention, "compiled_dense", softmax_attention.NatslSoftmaxAttention._dense),
              (modeling_natsl, "compiled_mlp_block", modeling_natsl.NatslDecoderLayer._mlp_block))
     for module, name, fn in paths:
-        make = (lambda fn=fn: layer.natsl_compile(fn)) if options is None else (
-            lambda fn=fn: torch.compile(fn, options=dict(options)))
-        setattr(module, name, functools.cache(make))
+        setattr(module, name, functools.cache(lambda fn=fn: layer.natsl_compile(fn, **(options or {}))))
     torch._dynamo.reset()
-    failed = list(layer._COMPILE_FAILED)
+    failed = layer._COMPILE_FAILED + layer._WRAPPER_FAILED  # a failed wrapper build would leave later rows without it
     layer._COMPILE_FAILED.clear()
+    layer._WRAPPER_FAILED.clear()
     return failed
 
 
@@ -478,7 +478,9 @@ def main(argv=None) -> int:
                     "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cuda_graphs=False)
                 os.environ.pop("NATSL_CUDA_GRAPHS")
             if args.without_cpp_wrapper:  # the same NAtS-L row compiled without inductor's C++ wrapper (the A/B)
-                compile_paths({"cpp_wrapper": False})
+                failed = compile_paths({"cpp_wrapper": False})  # what the product row above recorded
+                if failed:
+                    report["errors"].append({"row": f"trainer natsl {B} {ckpt}", "error": failed[0]})
                 attempt(f"trainer natsl {B} {ckpt} no cpp_wrapper", lambda: run_trainer(
                     "trainer", natsl, None, ids, ckpt, args.warmup, args.steps, tmp), model="natsl", cpp_wrapper=False)
                 failed = compile_paths(None)

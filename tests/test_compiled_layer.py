@@ -295,3 +295,36 @@ def test_inductor_switch_turns_the_cpp_wrapper_off():
     off = subprocess.run([sys.executable, "-c", code], env={**env, "TORCHINDUCTOR_CPP_WRAPPER": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert (on.strip(), off.strip()) == ("True", "False")
+
+
+def test_train_bench_compile_paths_go_through_natsl_compile_and_hand_back_every_failure(monkeypatch):
+    """bench/train_bench.py's C++-wrapper A/B remakes the model's compiled paths with `natsl_compile` (the product's
+    backends, options overriding them) and returns and clears the failures recorded before it, a failed wrapper build
+    included, so that one row's failure is reported and does not change how the later rows compile."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from natsl_hf import modeling_natsl
+    from natsl_hf.modeling import layer, softmax_attention
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("train_bench", bench / "train_bench.py")
+    train_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_bench)
+    for module, name in ((layer, "compiled_dense"), (softmax_attention, "compiled_dense"),
+                         (modeling_natsl, "compiled_mlp_block")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(layer, "_COMPILE_FAILED", ["eager failure"])
+    monkeypatch.setattr(layer, "_WRAPPER_FAILED", ["wrapper failure"])
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or (lambda *a: fn(*a)))
+    assert train_bench.compile_paths({"cpp_wrapper": False}) == ["eager failure", "wrapper failure"]
+    assert layer._COMPILE_FAILED == [] and layer._WRAPPER_FAILED == []
+    made = [layer.compiled_dense(), softmax_attention.compiled_dense(), modeling_natsl.compiled_mlp_block()]
+    assert seen == [{"options": {"cpp_wrapper": False}}] * 3 and [m.cpp_wrapper for m in made] == [False] * 3
+    seen.clear()
+    assert train_bench.compile_paths(None) == []
+    assert layer.compiled_dense().cpp_wrapper is layer.COMPILE_OPTIONS["cpp_wrapper"]
