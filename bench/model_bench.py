@@ -16,6 +16,8 @@ Rows (all in one JSON, `{"device", "versions", "command", "rows"}`):
              of the 144-token call.
   prefill    ms of one forward with last-token logits, no cache (torch.cuda events, median of 3).
   train_step ms of forward + backward with labels, gradient checkpointing (no optimizer step).
+  train_profile  (not in the default sections) the 8k train step once more under the torch profiler: GPU
+             kernels and busy time, host syncs, aten ops, top kernels and CPU ops (train_bench.summarize).
   max_batch  the largest batch at 32k context whose prefill + 4 new tokens fit, from the measured peak
              memory at batch 1 and 2 (linear in the batch), then checked by running it.
   profile    CUDA kernels, cudaGraphLaunch calls and host syncs per decode step (torch profiler), eager
@@ -270,7 +272,10 @@ def prefill_row(model, name, T, p) -> dict:
     return row
 
 
-def train_row(model, name, T, p) -> dict:
+def train_row(model, name, T, p, profiled: bool = False) -> dict:
+    """One forward + backward with labels and gradient checkpointing; `profiled`: the same step once more
+    under the torch profiler after the timed ones (kind "train_profile": kernels, host syncs, aten ops,
+    the top kernels and CPU ops, as train_bench's profile rows)."""
     ids = prompt(1, T)
     reset_routes(model, name, p, ids)
     model.train()
@@ -282,12 +287,24 @@ def train_row(model, name, T, p) -> dict:
         out.loss.backward()
     try:
         ms = time_steps(step, 1, 3, ids.device)  # one warm-up step (kernel compilation, autotune)
+        row = {"kind": "train_step", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
+               "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+        if profiled:
+            from torch.profiler import ProfilerActivity, profile
+
+            from train_bench import summarize  # train_bench imports this module: import it here, not at the top
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+            row = {**row, "kind": "train_profile", **summarize(prof, wall, model.config.num_hidden_layers)}
     finally:
         model.zero_grad(set_to_none=True)
         model.gradient_checkpointing_disable()
         model.eval()
-    return {"kind": "train_step", "model": name, "T": T, "batch": 1, "p": p, "ms": ms,
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return row
 
 
 def peak_for_batch(model, T: int, batch: int, cache_implementation: str) -> float:
@@ -486,6 +503,8 @@ def main(argv=None) -> int:
     if "train" in sections:
         for T in contexts[:2]:
             jobs += [(train_row, natsl, "natsl", T, p0), (train_row, source, "source", T, None)]
+    if "train_profile" in sections:  # where the 8k step's time goes, both models
+        jobs += [(train_row, natsl, "natsl", 8192, p0, True), (train_row, source, "source", 8192, None, True)]
     if "max_batch" in sections:
         jobs += [(max_batch_row, natsl, "natsl", 32768, p0), (max_batch_row, source, "source", 32768, None)]
     if "server" in sections:
