@@ -758,12 +758,14 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
     "The code for WORD is NNNN." at random boundaries, or one needle line at a random depth, then every
     question with its answer in a random order and EOS, the filler cut so that the document is L tokens.
     probes: None (those two wordings), or the wordings (eval_quality.Probe) each block draws one of at random, its
-    8 lines or one line in the kind's turn (`varied_probes`). -> [n, L] int64."""
+    8 lines or one line in the kind's turn (`varied_probes`). -> (blocks [n, L] int64, looked_up [n, L] bool: the
+    lines' tokens, which the block's questions retrieve; the router fit labels their chunks softmax)."""
     from eval_quality import KEY_VALUE, NEEDLE, WORDS
 
     M, L = haystack.shape
     rng = random.Random(f"recall-blocks:{seed}")
     out = np.empty((n, L), dtype=np.int64)
+    looked_up = np.zeros((n, L), dtype=bool)
     for i in range(n):
         needle = i % 2 == 1
         probe = (NEEDLE if needle else KEY_VALUE) if probes is None else rng.choice(probes)
@@ -783,12 +785,15 @@ def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, 
         else:
             few = len(starts) < len(lines)  # a filler with fewer boundaries than lines: some share one
             slots = sorted(rng.choices(starts, k=len(lines)) if few else rng.sample(starts, len(lines)))
-        pieces, at = [], 0
+        pieces, at, pos = [], 0, 0
         for slot, line in zip(slots, lines):
             pieces += [filler[at:slot], line]
+            pos += slot - at
+            looked_up[i, pos:pos + len(line)] = True
+            pos += len(line)
             at = slot
         out[i] = np.concatenate([np.asarray(x, dtype=np.int64) for x in (*pieces, filler[at:], qa, [eos])])
-    return out
+    return out, looked_up
 
 
 def recall_documents(tok: Tok, split: str, prose: list[Doc], target_tokens: int, lengths: list[int],

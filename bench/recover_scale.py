@@ -255,15 +255,18 @@ def recall_encoding(tokenizer, vocab: int):
     return (lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]), boundary, tokenizer.eos_token_id
 
 
-def make_recall_blocks(haystack: torch.Tensor, tokenizer, vocab: int, seed: int, varied: bool = False) -> torch.Tensor:
+def make_recall_blocks(haystack: torch.Tensor, tokenizer, vocab: int, seed: int,
+                       varied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One recall block per block of `haystack` (build_recovery_data.recall_blocks: key-value and needle lines, the
     kinds alternating, in that block's filler, every question about them in the same block); `varied`: each block in
-    one of build_recovery_data.varied_probes' eight wordings instead of the evaluation's two."""
+    one of build_recovery_data.varied_probes' eight wordings instead of the evaluation's two.
+    -> (blocks [n, L], looked_up [n, L] bool: the lines' tokens)."""
     from build_recovery_data import recall_blocks, varied_probes
 
     encode, boundary, eos = recall_encoding(tokenizer, vocab)
-    return torch.from_numpy(recall_blocks(haystack.numpy(), encode, boundary, eos, len(haystack), seed,
-                                          varied_probes() if varied else None))
+    blocks, looked_up = recall_blocks(haystack.numpy(), encode, boundary, eos, len(haystack), seed,
+                                      varied_probes() if varied else None)
+    return torch.from_numpy(blocks), torch.from_numpy(looked_up)
 
 
 def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: int,
@@ -271,25 +274,30 @@ def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: 
     """`blocks` and recall blocks in one shuffled order in which `share` of the blocks are recall blocks
     (`make_recall_blocks` of the first blocks; mix_blocks cycles them); -> (blocks, distinct recall blocks made)."""
     n = min(round(len(blocks) * share / (1 - share)), RECALL_BLOCKS_MAX)
-    return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed, varied), share, seed), n
+    return mix_blocks(blocks, make_recall_blocks(blocks[:n], tokenizer, vocab, seed, varied)[0], share, seed), n
 
 
 def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool,
-            varied: bool = False) -> torch.Tensor:
+            varied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ~`n` blocks the routers are fitted on: training blocks of `folders` (in the order of `seed`), `share` of
     them recall blocks made from the filler of other training blocks, shuffled. Built on its own rather than taken
     from the training mix, so that a fit can be rich in lookups (a router learns to keep a looked-up chunk only from
     examples of one: bench/router_input_probe.py) whatever the mix trains on, and costs only the blocks it uses.
     `varied` (the piece's --varied-recall): the recall blocks in the eight wordings, so that the routers are fitted
-    to keep looked-up lines, not the evaluation's two templates (before 2026-12-07 a refit always used those two)."""
+    to keep looked-up lines, not the evaluation's two templates (before 2026-12-07 a refit always used those two).
+    -> (blocks [n, L], looked_up [n, L] bool: the recall lines' tokens, none in the training blocks), the
+    `router_fit.LOOKED_UP` labels of the fit (`Blocks(blocks, looked_up)`)."""
     blocks = train_blocks(folders, vocab, seed, quick)[0]
     n_recall = min(round(n * share), n - 1)
     if n > len(blocks):
         raise ValueError(f"--fit-blocks {n}: the data holds {len(blocks)} training blocks")
     if not n_recall:
-        return blocks[:n]
-    recall = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed, varied)  # filler the text part lacks
-    return mix_blocks(blocks[: n - n_recall], recall, n_recall / n, seed)
+        return blocks[:n], torch.zeros(blocks[:n].shape, dtype=torch.bool)
+    recall, looked_up = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed, varied)  # filler the text
+    text = blocks[: n - n_recall]                                                                   # part lacks
+    # mix_blocks draws its order from `seed` alone, so the blocks and their labels come out in the same order
+    return (mix_blocks(text, recall, n_recall / n, seed),
+            mix_blocks(torch.zeros(text.shape, dtype=torch.bool), looked_up, n_recall / n, seed))
 
 
 def fit_recall_share(args) -> float:
@@ -299,7 +307,8 @@ def fit_recall_share(args) -> float:
 
 def fit_settings(args) -> dict:
     """What a router fit's record in progress.json says of its fit set (`fit_set`'s recall share and wordings)."""
-    return {"fit_recall_share": fit_recall_share(args), "fit_varied_recall": args.varied_recall}
+    return {"fit_recall_share": fit_recall_share(args), "fit_varied_recall": args.varied_recall,
+            "fit_looked_up_labels": True}  # the recall lines' chunks labelled softmax (router_fit.LOOKED_UP), since 2026-12-07
 
 
 def manifest_of(folder: Path) -> dict:
@@ -318,14 +327,20 @@ def heldout_blocks(data: Path | None, vocab: int, n: int, quick: bool) -> torch.
 
 
 class Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    """Training blocks; `looked_up` ([n, L] bool, a fit set's): each item also carries its `router_fit.LOOKED_UP`
+    labels, which only the router fit reads (the trainer's `_blocks` passes them to it)."""
+
+    def __init__(self, blocks: torch.Tensor, looked_up: torch.Tensor | None = None):
+        self.blocks, self.looked_up = blocks, looked_up
 
     def __len__(self):
         return len(self.blocks)
 
     def __getitem__(self, i):
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+        from natsl_hf.conversion.router_fit import LOOKED_UP
+
+        item = {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+        return item if self.looked_up is None else {**item, LOOKED_UP: self.looked_up[i]}
 
 
 # ---------------------------------------------------------------------------------------------- the piece
@@ -459,8 +474,8 @@ def run_piece(args) -> dict:
     budgets = None
     fresh_fit = args.stage == 1 and fresh and not args.layer_hybrid
     if fresh_fit or args.refit_routers:
-        fitting = Blocks(fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick,
-                                 args.varied_recall))
+        fitting = Blocks(*fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick,
+                                  args.varied_recall))
         if fresh_fit and args.layer_budgets:
             budgets = trainer.allocate_layer_budgets(args.fit_blocks, fitting)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
@@ -544,7 +559,7 @@ def export(ckpt: Path, dest: Path) -> list[str]:
 def recalibrate(args) -> dict:
     """The --recalibrate mode (module docstring); -> the updated progress."""
     from natsl_hf.conversion.calibrate import calibrate_routers
-    from natsl_hf.conversion.router_fit import fit_routers
+    from natsl_hf.conversion.router_fit import LOOKED_UP, fit_routers
 
     state, progress = read_resume(Path(args.recalibrate))
     last = progress["pieces"][-1]
@@ -562,9 +577,10 @@ def recalibrate(args) -> dict:
     fit = None
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
         if args.refit_routers:  # on the fit set a piece's --refit-routers would use
-            blocks_fit = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
-                                 1000 * last["stage"] + len(progress["pieces"]), args.quick, args.varied_recall)
-            fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV)} for b in blocks_fit]),
+            blocks_fit, looked_up = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
+                                            1000 * last["stage"] + len(progress["pieces"]), args.quick, args.varied_recall)
+            fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV), LOOKED_UP: m[None].to(DEV)}
+                                           for b, m in zip(blocks_fit, looked_up)]),
                    "fit_blocks": len(blocks_fit), **fit_settings(args)}
         calibrate_routers(unwrap(student), blocks.to(DEV), last["budget"])
     after = perplexity(student, blocks, args.batch)["softmax_fraction"]

@@ -79,6 +79,14 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+LOOKED_UP = "looked_up"  # a fit batch's [B, T] bool: tokens that a later query of the same block retrieves
+
+
+def model_inputs(batch: dict) -> dict:
+    """A fit / calibration batch without its `LOOKED_UP` labels: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k != LOOKED_UP}
+
+
 # The fit and the calibration read and stop forwards at router hooks, and the samples switch the config's
 # route_override: they run the layers eagerly (on CUDA the layer's dense path is torch.compile'd, which would
 # trace the hooks and compile a graph for the override, all for one pass).
@@ -101,7 +109,7 @@ def _on_source(model: nn.Module, batches, per_layer) -> None:
             mask = batch.get("attention_mask")
             if mask is not None and not bool(mask.all()):
                 raise ValueError("Routing samples are taken from unpadded blocks (packed training blocks).")
-            model(**batch, use_cache=False, logits_to_keep=1)
+            model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
             for i, attn in enumerate(attns):
                 per_layer(i, attn, *inputs[i])
     finally:
@@ -111,17 +119,41 @@ def _on_source(model: nn.Module, batches, per_layer) -> None:
         model.train(was_training)
 
 
+def looked_up_chunks(looked_up: torch.Tensor, chunk_size: int, num_chunks: int, num_sink_chunks: int) -> torch.Tensor:
+    """[B, T] bool tokens -> [B, num_chunks] bool: the routable (non-sink) complete chunks holding one."""
+    keep = looked_up[:, : num_chunks * chunk_size].unflatten(1, (num_chunks, chunk_size)).any(2)
+    keep[:, :num_sink_chunks] = False
+    return keep
+
+
 def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per NAtS-L layer (in order), the supervised-routing samples of `batches` (unpadded blocks) with every
     chunk routed softmax, i.e. on the source model's activations: (chunk means [n, D], targets [n, H],
-    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`)."""
+    labelled [n, H]) on the CPU (`NatslAttention.routing_samples`).
+
+    A batch may carry `LOOKED_UP` ([B, T] bool: what a later query of its block retrieves, e.g. the lines of a
+    recall block, `bench/recover_scale.py`'s fit set). [ours] Every chunk holding such a token is then labelled
+    softmax in every layer and KV head, whatever its attention mass: the routing target anticipates the query.
+    Why: on the recovered SmolLM2, keeping the looked-up line's chunk in every layer and head gives the needle
+    1.00 and the passkey 0.96 (the source: 0.96 / 0.88) at +0.02 softmax fraction, and a linear probe of the chunk
+    means that is fitted on two line wordings ranks the third wording's line above every other chunk of its row
+    in most rows (median rank share 0.00-0.01), where the routers fitted to attention mass alone rank it at
+    0.09-0.38 (bench/retrieval_oracle_probe.py, bench/router_pooling_probe.py; bench/RECOVERY_NOTES.md): the
+    signal is in the router's input, and the attention-mass labels, positive for the line only in the layers and
+    heads whose source attention looks it up, do not teach it."""
     samples: dict[int, list] = {}
+    for batch in batches:
+        batch = dict(batch)
+        looked_up = batch.pop(LOOKED_UP, None)
 
-    def collect(i, attn, hidden_states, position_embeddings):
-        samples.setdefault(i, []).append(
-            tuple(t.flatten(0, 1).cpu() for t in attn.routing_samples(hidden_states, position_embeddings)))
+        def collect(i, attn, hidden_states, position_embeddings, looked_up=looked_up):
+            means, target, labelled = attn.routing_samples(hidden_states, position_embeddings)  # [B, N, *]
+            if looked_up is not None:
+                keep = looked_up_chunks(looked_up, attn.chunk_size, target.shape[1], attn.config.num_sink_chunks)
+                target, labelled = target | keep[..., None], labelled | keep[..., None]
+            samples.setdefault(i, []).append(tuple(t.flatten(0, 1).cpu() for t in (means, target, labelled)))
 
-    _on_source(model, batches, collect)
+        _on_source(model, [batch], collect)
     return [tuple(torch.cat(parts) for parts in zip(*samples[i])) for i in sorted(samples)]
 
 
@@ -242,7 +274,7 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: in
                 if mask is not None and not bool(mask.all()):
                     raise ValueError("Calibration with `only` takes unpadded blocks.")
                 try:
-                    model(**batch, use_cache=False, logits_to_keep=1)
+                    model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
                 except _StopForward:
                     pass
                 s, attn = scores[only], layers[only]  # [B, N, H, 2]
@@ -252,7 +284,7 @@ def _router_margins(model: nn.Module, layers: list[nn.Module], batches, only: in
                 margin = (s[..., 0] - s[..., 1]).masked_fill(~routable[None, :, None], float("nan"))
                 margins[only].append(margin.flatten(0, 1))
                 continue
-            out = model(**batch, use_cache=False, output_routes=True, logits_to_keep=1)
+            out = model(**model_inputs(batch), use_cache=False, output_routes=True, logits_to_keep=1)
             for i, routes in enumerate(out.routes):
                 s = scores[i]  # [B, N, H, 2]
                 routable = routes.routable[:, : s.shape[1]]  # [B, N, H]
@@ -316,5 +348,5 @@ def calibrate_router_bias(model: nn.Module, batches, budget: float, apply_in=Non
     return {"softmax_fraction_before": before, "softmax_fraction_after": after}
 
 
-__all__ = ["allocate_layer_budgets", "budget_shares", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router",
+__all__ = ["LOOKED_UP", "allocate_layer_budgets", "budget_shares", "budget_thresholds", "calibrate_router_bias", "collect_routing_samples", "fit_router",
            "fit_routers", "fit_summary", "roc_auc", "source_chunk_scores"]

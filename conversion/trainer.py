@@ -63,7 +63,7 @@ from natsl_hf.modeling.layer import natsl_compile, run_compiled
 
 from .families import is_new_parameter
 from .layers import decoder_layers, natsl_decoder_layers, natsl_layer_indices, unwrap
-from .router_fit import allocate_layer_budgets, calibrate_router_bias, fit_routers
+from .router_fit import LOOKED_UP, allocate_layer_budgets, calibrate_router_bias, fit_routers
 
 # LoRA targets in stage 2: the source attention projections and the new token-wise projections.
 # (The router reads `proj.weight` functionally, so it is not a LoRA target.)
@@ -463,7 +463,7 @@ class NatslDistillTrainer(Trainer):
         dataset = self.train_dataset if dataset is None else dataset
         dataset = Subset(dataset, range(min(num_blocks, len(dataset))))
         loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
-        return [{k: v.to(self.args.device) for k, v in b.items() if k in MODEL_INPUTS} for b in loader]
+        return [{k: v.to(self.args.device) for k, v in b.items() if k in (*MODEL_INPUTS, LOOKED_UP)} for b in loader]
 
     def _router_access(self):
         """(model to run, apply_in) for router fitting / calibration: under FSDP the wrapped model and a

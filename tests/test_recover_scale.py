@@ -118,13 +118,17 @@ def test_fit_set_holds_its_share_of_recall_blocks(recover, monkeypatch):
     not hold), the rest training blocks, shuffled, the same for the same seed."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     text = recover.train_blocks([], 4096, 3, True)[0]  # --quick: the training blocks fit_set draws from
-    fit = recover.fit_set([], None, 4096, 8, 0.5, 3, True)
-    assert fit.shape == (8, text.shape[1]) and torch.equal(fit, recover.fit_set([], None, 4096, 8, 0.5, 3, True))
+    fit, looked_up = recover.fit_set([], None, 4096, 8, 0.5, 3, True)
+    assert fit.shape == looked_up.shape == (8, text.shape[1])
+    assert torch.equal(fit, recover.fit_set([], None, 4096, 8, 0.5, 3, True)[0])
     from_text = [any(torch.equal(b, t) for t in text[:4]) for b in fit]
     assert sum(from_text) == 4 and from_text != sorted(from_text, reverse=True)  # 4 training blocks, shuffled in
     assert not any(any(torch.equal(b, t) for t in text) for b, t_ in zip(fit, from_text) if not t_)
-    assert torch.equal(recover.fit_set([], None, 4096, 8, 0.0, 3, True), text[:8])
-    varied = recover.fit_set([], None, 4096, 8, 0.5, 3, True, varied=True)  # --varied-recall: the eight wordings
+    # the labels follow their blocks through the shuffle: lines in every recall block, none in a training block
+    assert [bool(m.any()) for m in looked_up] == [not t_ for t_ in from_text]
+    only_text, none = recover.fit_set([], None, 4096, 8, 0.0, 3, True)
+    assert torch.equal(only_text, text[:8]) and not none.any()
+    varied = recover.fit_set([], None, 4096, 8, 0.5, 3, True, varied=True)[0]  # --varied-recall: the eight wordings
     same = [torch.equal(b, v) for b, v in zip(fit, varied)]
     assert all(s_ for s_, t_ in zip(same, from_text) if t_) and not all(same)  # same training blocks, other recall
     with pytest.raises(ValueError, match="--fit-blocks 100: the data holds 64"):
@@ -168,14 +172,17 @@ def test_recall_blocks_keep_lines_and_questions_in_one_block():
     haystack = np.stack([np.frombuffer(text[i * 40:][:L].encode(), dtype=np.uint8).astype(np.int64) for i in range(M)])
     boundary = np.zeros(256, dtype=bool)
     boundary[ord(".")] = True
-    blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=4, seed=3)
-    assert blocks.shape == (4, L) and (blocks[:, -1] == 0).all()
-    for i, row in enumerate(blocks):
+    blocks, looked_up = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=4, seed=3)
+    assert blocks.shape == looked_up.shape == (4, L) and (blocks[:, -1] == 0).all()
+    for i, (row, mask) in enumerate(zip(blocks, looked_up)):
         doc = bytes(row[:-1].astype(np.uint8)).decode()
         context = doc[: doc.index(" Question:")]
         kv = re.findall(r" The code for (\w+) is (\d{4})\.", context)
         needle = re.findall(r" The special magic number for (\w+) is (\d{7})\.", context)
         lines = needle if i % 2 else kv
+        # looked_up marks exactly the lines' tokens (the router fit's softmax labels)
+        stated = re.findall(r" The (?:code|special magic number) for \w+ is \d+\.", context)
+        assert "".join(chr(c) for c, m in zip(row, mask) if m) == "".join(stated) and len(stated) == len(lines)
         assert len(lines) == (1 if i % 2 else 8) and not (kv if i % 2 else needle)
         answers = re.findall(r" Question: what is the (?:code|special magic number) for (\w+)\? Answer: The "
                              r"(?:code|special magic number) for \w+ is (\d+)\.", doc)
@@ -209,7 +216,7 @@ def test_varied_recall_blocks_use_the_eight_wordings_and_never_the_passkey(monke
     haystack = np.stack([np.frombuffer(text[i * 40:][:L].encode(), dtype=np.uint8).astype(np.int64) for i in range(3)])
     boundary = np.zeros(256, dtype=bool)
     boundary[ord(".")] = True
-    blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=24, seed=5, probes=probes)
+    blocks = recall_blocks(haystack, lambda s: list(s.encode()), boundary, eos=0, n=24, seed=5, probes=probes)[0]
     def stated(p):  # a line of wording p: (key, value)
         return re.escape(p.line).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d{%d})" % p.digits)
 

@@ -299,3 +299,40 @@ def test_a_layer_without_softmax_targets_does_not_turn_the_fit_summary_into_nan(
     summary = fit_summary([float("nan"), 0.8, 1.0], [10.0, 20.0, 30.0])
     assert summary == {"router_fit_train_auc": 0.9, "router_fit_layers_without_auc": 1, "router_fit_chunks_per_head": 20.0}
     assert fit_summary([float("nan")], [4.0])["router_fit_layers_without_auc"] == 1
+
+
+def test_looked_up_tokens_label_their_chunks_softmax_in_every_layer_and_head():
+    """A fit batch's LOOKED_UP tokens (the lines a recall block's questions retrieve, bench/recover_scale.py's fit
+    set): every routable chunk holding one is a labelled softmax target in every layer and KV head; sink chunks
+    and the other chunks keep their attention-mass labels; the key never reaches the model's forward (fit,
+    layer budgets and calibration all take such batches)."""
+    from natsl_testing import tiny_model
+
+    from natsl_hf.conversion.router_fit import (
+        LOOKED_UP,
+        allocate_layer_budgets,
+        calibrate_router_bias,
+        collect_routing_samples,
+        fit_routers,
+    )
+
+    model = tiny_model(seed=6, num_hidden_layers=2, softmax_budget=0.25)  # chunk 4, one sink chunk
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(4))  # 10 chunks a row
+    looked_up = torch.zeros(2, 40, dtype=torch.bool)
+    looked_up[0, 2] = True  # the sink chunk: stays as it was
+    looked_up[0, 21:23] = True  # chunk 5 of row 0
+    looked_up[1, 31] = looked_up[1, 32] = True  # chunks 7 and 8 of row 1 (a line across a chunk boundary)
+    plain = collect_routing_samples(model, [{"input_ids": ids}])
+    labelled_fit = collect_routing_samples(model, [{"input_ids": ids, LOOKED_UP: looked_up}])
+    keep = torch.zeros(2, 10, dtype=torch.bool)
+    keep[0, 5] = keep[1, 7] = keep[1, 8] = True
+    keep = keep.flatten()
+    for (m0, t0, l0), (m1, t1, l1) in zip(plain, labelled_fit):
+        torch.testing.assert_close(m0, m1)
+        assert t1[keep].all() and l1[keep].all()  # every head
+        assert torch.equal(t1[~keep], t0[~keep]) and torch.equal(l1[~keep], l0[~keep])
+        assert not l1[0].any() and not l1[10].any()  # the sink chunks of both rows: not routable, not labelled
+    batches = [{"input_ids": ids, LOOKED_UP: looked_up}]
+    assert fit_routers(model, batches)["router_fit_chunks_per_head"] > 0
+    assert len(allocate_layer_budgets(model, batches)) == 2
+    assert 0 <= calibrate_router_bias(model, batches, 0.25)["softmax_fraction_after"] <= 1
