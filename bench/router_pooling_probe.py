@@ -169,13 +169,18 @@ def main(argv=None) -> int:
             row["mean@softmax"] = summary_of([(f(pooled(r["layers"][layer][0], "mean")), r["label"]) for r in test])
             per_layer[layer] = row
         results[held] = per_layer
-        print(held, {k: round(sum(per_layer[l][k]["auc"] for l in layers) / len(layers), 3)
+        print(held, {k: round(sum(per_layer[layer][k]["auc"] for layer in layers) / len(layers), 3)
                      for k in ("router", *POOLINGS, "mean@softmax")}, flush=True)
+    # per held-out wording and layer span: each measure's mean over the span's layers (per layer: AUC, the median rank
+    # share over the rows, the share of rows under 0.25)
     spans = {"0-13": range(0, 14), "14-29": range(14, 30)}
-    summary = {held: {name: {k: {m: sum(res[l][k][m] for l in span) / len(span) for m in
-                                 ("auc", "rank_share_median", "rank_share_under_0.25")} for k in ("router", *POOLINGS, "mean@softmax")}
-                      for name, span in ((n, [l for l in s if l in res]) for n, s in spans.items())}
-               for held, res in results.items()}
+    scorers, measures = ("router", *POOLINGS, "mean@softmax"), ("auc", "rank_share_median", "rank_share_under_0.25")
+    summary = {}
+    for held, res in results.items():
+        for name, span in spans.items():
+            in_span = [layer for layer in span if layer in res]
+            summary.setdefault(held, {})[name] = {k: {m: sum(res[layer][k][m] for layer in in_span) / len(in_span)
+                                                      for m in measures} for k in scorers}
     out = {"command": shlex.join([sys.executable, "bench/router_pooling_probe.py", *argv]),
            "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}, "
            f"{torch.get_num_threads()} threads)",
