@@ -747,7 +747,7 @@ def varied_probes() -> tuple:
 
 
 def recall_blocks(haystack: np.ndarray, encode, boundary: np.ndarray, eos: int, n: int, seed: int,
-                  probes: tuple | None = None) -> np.ndarray:
+                  probes: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`n` recall documents of exactly one training block each, built from token ids (no text needed): what
     bench/recover_scale.py --recall-share mixes into its blocks, so that every line and the questions about it
     fall in the same block (a `recall_documents` document can straddle a block boundary of the packed stream).

@@ -307,8 +307,9 @@ def fit_recall_share(args) -> float:
 
 def fit_settings(args) -> dict:
     """What a router fit's record in progress.json says of its fit set (`fit_set`'s recall share and wordings)."""
-    return {"fit_recall_share": fit_recall_share(args), "fit_varied_recall": args.varied_recall,
-            "fit_looked_up_labels": True}  # the recall lines' chunks labelled softmax (router_fit.LOOKED_UP), since 2026-12-07
+    share = fit_recall_share(args)
+    # fit_looked_up_labels: the recall lines' chunks labelled softmax (router_fit.LOOKED_UP), since 2026-12-07
+    return {"fit_recall_share": share, "fit_varied_recall": args.varied_recall, "fit_looked_up_labels": share > 0}
 
 
 def manifest_of(folder: Path) -> dict:

@@ -133,7 +133,8 @@ def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tenso
 
     A batch may carry `LOOKED_UP` ([B, T] bool: what a later query of its block retrieves, e.g. the lines of a
     recall block, `bench/recover_scale.py`'s fit set). [ours] Every chunk holding such a token is then labelled
-    softmax in every layer and KV head, whatever its attention mass: the routing target anticipates the query.
+    softmax in every layer and KV head, whatever its attention mass (also where no query lies two chunks later, which
+    the mass leaves unlabelled: the block's question retrieves it): the routing target anticipates the query.
     Why: on the recovered SmolLM2, keeping the looked-up line's chunk in every layer and head gives the needle
     1.00 and the passkey 0.96 (the source: 0.96 / 0.88) at +0.02 softmax fraction, and a linear probe of the chunk
     means that is fitted on two line wordings ranks the third wording's line above every other chunk of its row
@@ -149,7 +150,8 @@ def collect_routing_samples(model: nn.Module, batches) -> list[tuple[torch.Tenso
         def collect(i, attn, hidden_states, position_embeddings, looked_up=looked_up):
             means, target, labelled = attn.routing_samples(hidden_states, position_embeddings)  # [B, N, *]
             if looked_up is not None:
-                keep = looked_up_chunks(looked_up, attn.chunk_size, target.shape[1], attn.config.num_sink_chunks)
+                keep = looked_up_chunks(looked_up.to(target.device), attn.chunk_size, target.shape[1],
+                                        attn.config.num_sink_chunks)
                 target, labelled = target | keep[..., None], labelled | keep[..., None]
             samples.setdefault(i, []).append(tuple(t.flatten(0, 1).cpu() for t in (means, target, labelled)))
 
