@@ -152,6 +152,30 @@ def score(model, tokenizer, contexts, probe, variant: str, batch_size: int, devi
     return res
 
 
+def single_line_contexts(tokenizer, text: str, length: int, n: int, seed: int):
+    """eval_quality's single-line retrieval contexts in the held-out `text` (a file or folder): -> build(probe), the
+    `n` contexts of ~`length` tokens of one probe wording, its line at depths spread evenly from 0 to 1. One seeded
+    generator serves every call in turn, so the same order of wordings gives the same contexts."""
+    from natsl_hf.conversion.data import load_texts_or_ids
+
+    _, texts = load_texts_or_ids(text)
+    haystack = [s for t in texts for s in eq.haystack_sentences(t)]
+    rng = random.Random(seed)
+    depths = [i / max(n - 1, 1) for i in range(n)]
+    return lambda probe: [eq.build_retrieval_context(tokenizer, length, 1, rng, haystack, probe, d) for d in depths]
+
+
+def write_record(out_path: Path, script: str, argv: list[str], device: str, t0: float, **fields) -> None:
+    """A probe's JSON: the exact command, device, versions, `fields` and the seconds since `t0`."""
+    out = {"command": shlex.join([sys.executable, script, *argv]),
+           "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}, "
+           f"{torch.get_num_threads()} threads)",
+           "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+           **fields, "seconds": round(time.time() - t0, 1)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,30 +197,19 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    from natsl_hf.conversion.data import load_texts_or_ids
-
-    _, texts = load_texts_or_ids(args.text)
-    haystack = [s for t in texts for s in eq.haystack_sentences(t)]
-    rng = random.Random(args.seed)
-    depths = [i / max(args.contexts - 1, 1) for i in range(args.contexts)]
+    build = single_line_contexts(tokenizer, args.text, args.length, args.contexts, args.seed)
     probes = {"needle": eq.NEEDLE, "passkey": eq.PASSKEY}
     results = {}
     for task in args.tasks.split(","):
-        contexts = [eq.build_retrieval_context(tokenizer, args.length, 1, rng, haystack, probes[task], d) for d in depths]
+        contexts = build(probes[task])
         results[task] = {"source": score(source, tokenizer, contexts, probes[task], "served", args.batch_size, device)}
         for variant in args.variants.split(","):
             results[task][variant] = score(model, tokenizer, contexts, probes[task], variant, args.batch_size, device)
             print(task, variant, {k: v for k, v in results[task][variant].items() if k != "correct"}, flush=True)
     summary = {task: {name: {k: v for k, v in r.items() if k != "correct"} for name, r in rows.items()}
                for task, rows in results.items()}
-    out = {"command": shlex.join([sys.executable, "bench/retrieval_oracle_probe.py", *argv]),
-           "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}, "
-           f"{torch.get_num_threads()} threads)",
-           "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-           "length": args.length, "contexts": args.contexts, "summary": summary, "results": results,
-           "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_record(args.out, "bench/retrieval_oracle_probe.py", argv, device, t0, length=args.length,
+                 contexts=args.contexts, summary=summary, results=results)
     print(json.dumps(summary, indent=1))
     return 0
 

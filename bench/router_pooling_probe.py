@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import eval_quality as eq  # noqa: E402
+from retrieval_oracle_probe import single_line_contexts, write_record  # noqa: E402
 
 ACCOUNT = eq.Probe("The password of the {key} account is {value}.",
                    " Question: what is the password of the {key} account? Answer: The password of the {key} account is",
@@ -135,17 +133,12 @@ def main(argv=None) -> int:
     model = eq.load_model(args.model, device, torch.float32)
     from transformers import AutoTokenizer
 
-    from natsl_hf.conversion.data import load_texts_or_ids
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    _, texts = load_texts_or_ids(args.text)
-    haystack = [s for t in texts for s in eq.haystack_sentences(t)]
-    rng = random.Random(args.seed)
-    depths = [i / max(args.contexts - 1, 1) for i in range(args.contexts)]
+    build = single_line_contexts(tokenizer, args.text, args.length, args.contexts, args.seed)
     probes = {"needle": eq.NEEDLE, "passkey": eq.PASSKEY, "account": ACCOUNT}
     data, fit_domain = {}, {}
     for task, probe in probes.items():
-        contexts = [eq.build_retrieval_context(tokenizer, args.length, 1, rng, haystack, probe, d) for d in depths]
+        contexts = build(probe)
         data[task] = collect(model, contexts, device)
         fit_domain[task] = collect(model, contexts, device, "softmax")
         print(task, "collected", round(time.time() - t0), "s", flush=True)
@@ -181,14 +174,8 @@ def main(argv=None) -> int:
             in_span = [layer for layer in span if layer in res]
             summary.setdefault(held, {})[name] = {k: {m: sum(res[layer][k][m] for layer in in_span) / len(in_span)
                                                       for m in measures} for k in scorers}
-    out = {"command": shlex.join([sys.executable, "bench/router_pooling_probe.py", *argv]),
-           "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}, "
-           f"{torch.get_num_threads()} threads)",
-           "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-           "length": args.length, "contexts": args.contexts, "l2": args.l2, "summary": summary, "per_layer": results,
-           "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_record(args.out, "bench/router_pooling_probe.py", argv, device, t0, length=args.length,
+                 contexts=args.contexts, l2=args.l2, summary=summary, per_layer=results)
     print(json.dumps(summary, indent=1))
     return 0
 
