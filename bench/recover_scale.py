@@ -37,8 +37,9 @@ and the model is evaluated; the next call resumes from them. What a piece does:
   again to today's targets on that fit set (`fit_routers`, on the model as it is, every chunk softmax) and
   calibrated, so that the piece trains on the routes it will serve;
 - calibration (end of each piece): the router biases are set so that the realised fraction is the budget on
-  `--calibration-blocks` blocks of `--calibration-seq-len` tokens of the first `--data` folder (the routes of a
-  fixed router grow with the context: calibrate at the length the model serves);
+  `--calibration-blocks` blocks of `--calibration-seq-len` tokens of the first `--data` folder, with the piece's
+  recall share of recall blocks (`calibration_set`: the mix it trains on, enough blocks that their contents
+  average out);
 - a constant learning rate after a short warm-up in every piece (the schedule cannot span calls whose
   number is not known in advance); AdamW restarts each piece (its moments would double the checkpoint);
 - checkpoint: every new NAtS-L parameter and every LoRA adapter (not the copied source weights), fp32,
@@ -278,7 +279,7 @@ def recall_mix(blocks: torch.Tensor, tokenizer, vocab: int, share: float, seed: 
 
 
 def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, seed: int, quick: bool,
-            varied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            varied: bool = False, seq_len: int = SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     """The ~`n` blocks the routers are fitted on: training blocks of `folders` (in the order of `seed`), `share` of
     them recall blocks made from the filler of other training blocks, shuffled. Built on its own rather than taken
     from the training mix, so that a fit can be rich in lookups (a router learns to keep a looked-up chunk only from
@@ -286,11 +287,13 @@ def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, se
     `varied` (the piece's --varied-recall): the recall blocks in the eight wordings, so that the routers are fitted
     to keep looked-up lines, not the evaluation's two templates (before 2026-12-07 a refit always used those two).
     -> (blocks [n, L], looked_up [n, L] bool: the recall lines' tokens, none in the training blocks), the
-    `router_fit.LOOKED_UP` labels of the fit (`Blocks(blocks, looked_up)`)."""
-    blocks = train_blocks(folders, vocab, seed, quick)[0]
+    `router_fit.LOOKED_UP` labels of the fit (`Blocks(blocks, looked_up)`). L = seq_len (`calibration_set`'s blocks
+    are at the calibration length)."""
+    blocks = train_blocks(folders, vocab, seed, quick, seq_len)[0]
     n_recall = min(round(n * share), n - 1)
     if n > len(blocks):
-        raise ValueError(f"--fit-blocks {n}: the data holds {len(blocks)} training blocks")
+        raise ValueError(f"{n} blocks of {seq_len} tokens asked for (--fit-blocks / --calibration-blocks): the data "
+                         f"holds {len(blocks)}")
     if not n_recall:
         return blocks[:n], torch.zeros(blocks[:n].shape, dtype=torch.bool)
     recall, looked_up = make_recall_blocks(blocks[n - n_recall:n], tokenizer, vocab, seed, varied)  # filler the text
@@ -298,6 +301,26 @@ def fit_set(folders: list[Path], tokenizer, vocab: int, n: int, share: float, se
     # mix_blocks draws its order from `seed` alone, so the blocks and their labels come out in the same order
     return (mix_blocks(text, recall, n_recall / n, seed),
             mix_blocks(torch.zeros(text.shape, dtype=torch.bool), looked_up, n_recall / n, seed))
+
+
+def calibration_set(args, folders: list[Path], tokenizer, vocab: int, seed: int) -> torch.Tensor:
+    """The blocks the router biases are calibrated on: `--calibration-blocks` blocks of `--calibration-seq-len` tokens,
+    the piece's `--recall-share` of them recall blocks (its `--varied-recall` wordings), shuffled ([n, L] long).
+
+    Why the training mix, lookups included, and why 64 blocks by default (2026-12-07, RECOVERY_NOTES): a block's
+    realised fraction depends on what it holds (0.08-0.40 over 16 random training blocks of the shipped routers), so
+    16 blocks set the bias to within ~0.05 of where 64 do (the 8 blocks of a 4096 calibration realised 0.175 where
+    the held-out text realises 0.23, and calibrated to 0.25 it kept 0.37 of prose). And a context whose later
+    questions look up 8 lines keeps them (labelled so in the router fit): calibrated on text without lookups, such
+    contexts realised 0.31 at 2k. On the mix the model trains on, the budget holds over lookups and prose together."""
+    return fit_set(folders, tokenizer, vocab, args.calibration_blocks, args.recall_share, seed, args.quick,
+                   args.varied_recall, args.calibration_seq_len)[0]
+
+
+def calibration_settings(args) -> dict:
+    """What progress.json records of `calibration_set`."""
+    return {"blocks": args.calibration_blocks, "seq_len": args.calibration_seq_len, "recall_share": args.recall_share,
+            "varied_recall": args.varied_recall}
 
 
 def fit_recall_share(args) -> float:
@@ -453,7 +476,7 @@ def run_piece(args) -> dict:
     if args.recall_share:
         blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed, args.varied_recall)
         recall = {"share": args.recall_share, "distinct_blocks": made, "varied_wordings": args.varied_recall}
-    calibration_blocks = train_blocks(folders[:1], vocab, seed + 1, args.quick, args.calibration_seq_len)[0]
+    calibration_blocks = Blocks(calibration_set(args, folders[:1], tokenizer, vocab, seed + 1))
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
     lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
     training = TrainingArguments(
@@ -482,13 +505,11 @@ def run_piece(args) -> dict:
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
         fit = {**trainer.fit_routers(args.fit_blocks, fitting), **fit_settings(args)}
         if not fresh_fit:  # a refit of a resumed piece: calibrated before training (stage 1 calibrates after its fit)
-            fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks,
-                                                           Blocks(calibration_blocks[: args.calibration_blocks]))
+            fit["calibration"] = trainer.calibrate_routers(args.calibration_blocks, calibration_blocks)
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train
-    calibration = None if args.layer_hybrid else trainer.calibrate_routers(
-        args.calibration_blocks, Blocks(calibration_blocks[: args.calibration_blocks]))
+    calibration = None if args.layer_hybrid else trainer.calibrate_routers(args.calibration_blocks, calibration_blocks)
     model = unwrap(trainer.model)
 
     folder = work / "ckpt"
@@ -506,7 +527,8 @@ def run_piece(args) -> dict:
         "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
         "lm_weight": args.lm_weight if lora else None, "kd_weight": args.kd_weight if lora else None,
-        "calibration_seq_len": args.calibration_seq_len, "selfgen": selfgen, "recall": recall,
+        "calibration_seq_len": args.calibration_seq_len, "calibration_set": calibration_settings(args),
+        "selfgen": selfgen, "recall": recall,
         "qa_turns": qa and {**qa, "share": args.qa_share},
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
         "eval_s": time.perf_counter() - t_eval, "shards": shards, "blocks_available": len(blocks), "seed": seed,
@@ -572,8 +594,7 @@ def recalibrate(args) -> dict:
     student.to(DEV).eval()
     folders = [Path(d) for d in args.data or []]
     vocab = source.config.vocab_size
-    blocks = train_blocks(folders[:1], vocab, 1000 * last["stage"] + len(progress["pieces"]), args.quick,
-                          args.calibration_seq_len)[0][: args.calibration_blocks]
+    blocks = calibration_set(args, folders[:1], tokenizer, vocab, 1000 * last["stage"] + len(progress["pieces"]))
     before = perplexity(student, blocks, args.batch)["softmax_fraction"]
     fit = None
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
@@ -690,7 +711,8 @@ def main(argv=None) -> int:
                         "lookups teaches the routers to keep what a later query looks up")
     p.add_argument("--refit-routers", action="store_true",
                    help="resumed piece (or --recalibrate): fit the routers again to today's targets, then calibrate")
-    p.add_argument("--calibration-blocks", type=int, default=16)
+    p.add_argument("--calibration-blocks", type=int, default=64,
+                   help="blocks the router biases are calibrated on (calibration_set: the training mix, its recall share)")
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny random model and data on the CPU: a smoke run")
     args = p.parse_args(argv)

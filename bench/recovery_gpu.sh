@@ -21,6 +21,8 @@
 #                                        # default at 4096 tokens: the serving length), no training -> /tmp/rw0/ckpt
 #   bash bench/recovery_gpu.sh eval      # export EVAL_CKPT (default /tmp/rw2/ckpt, the last stage-2 piece's) as the shipped
 #                                        # layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
+#   bash bench/recovery_gpu.sh compare   # COMPARE="LABEL=FOLDER ..." (shipped layouts, carried): all of them and the source
+#                                        # in one bench/eval_quality.py run -> $OUT/quality.* (the heldout text in /tmp/rd)
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
 # two (`split -n 2 -d GGUF runs/carry-x.` -> runs/carry-a/gguf.00, runs/carry-b/gguf.01), the wheels the GPU image
@@ -31,8 +33,8 @@ G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2 --lm-weight 0.25}  # KD-weighted since piece 6 (RECOVERY_NOTES)
-REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256 --calibration-blocks 16}
-RECAL_ARGS=${RECAL_ARGS:---calibration-seq-len 4096 --calibration-blocks 16}
+REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256}
+RECAL_ARGS=${RECAL_ARGS:---calibration-seq-len 4096 --recall-share 0.2 --varied-recall}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
 EVAL_CKPT=${EVAL_CKPT:-/tmp/rw2/ckpt}
 copy_data() { rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd; }  # the carried shards, where the pieces read them
@@ -74,14 +76,20 @@ case "$1" in
     ;;
   eval)
     python3 bench/recover_scale.py --export "$EVAL_CKPT" --to "$OUT/ship"
-    python3 bench/recover_scale.py --materialize natsl="$OUT/ship" --gguf "$G" --to /tmp/mat
+    COMPARE="natsl=$OUT/ship" bash "$0" compare
+    ;;
+  compare)  # COMPARE="LABEL=FOLDER ...": shipped-layout checkpoints, evaluated side by side with the source in one run
     # shellcheck disable=SC2086
-    python3 bench/eval_quality.py --source /tmp/mat/source --model natsl=/tmp/mat/natsl --text /tmp/rd/heldout.txt \
+    python3 bench/recover_scale.py --materialize $COMPARE --gguf "$G" --to /tmp/mat
+    models=()
+    for m in $COMPARE; do models+=(--model "${m%%=*}=/tmp/mat/${m%%=*}"); done
+    # shellcheck disable=SC2086
+    python3 bench/eval_quality.py --source /tmp/mat/source "${models[@]}" --text /tmp/rd/heldout.txt \
       ${EVAL_ARGS:---seq-len 2048 --ppl-blocks 16 --gen-prompts 32 --gen-tokens 32 --retrieval-lengths 2048 4096 \
       --retrieval-contexts 16 --retrieval-queries 8 --needle-contexts 128 --passkey-contexts 128 --chat-prompts 128 \
       --chat-text conversion/texts/heldout_wikipedia.txt --batch-size 8 --dtype bfloat16} \
       --prose-text conversion/texts/heldout_wikipedia.txt --prose-blocks 4 \
       --out "$OUT/quality.json" 2>&1 | tee "$OUT/quality.log" | grep -v "it/s\]" | tail -60
     ;;
-  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|recalibrate|eval" >&2; exit 2 ;;
+  *) echo "usage: bash bench/recovery_gpu.sh install|gguf|data|stage1|stage2|piece|refit|recalibrate|eval|compare" >&2; exit 2 ;;
 esac

@@ -131,8 +131,28 @@ def test_fit_set_holds_its_share_of_recall_blocks(recover, monkeypatch):
     varied = recover.fit_set([], None, 4096, 8, 0.5, 3, True, varied=True)[0]  # --varied-recall: the eight wordings
     same = [torch.equal(b, v) for b, v in zip(fit, varied)]
     assert all(s_ for s_, t_ in zip(same, from_text) if t_) and not all(same)  # same training blocks, other recall
-    with pytest.raises(ValueError, match="--fit-blocks 100: the data holds 64"):
+    with pytest.raises(ValueError, match="100 blocks of 2048 tokens asked for"):
         recover.fit_set([], None, 4096, 100, 0.5, 3, True)
+
+
+def test_calibration_set_is_the_training_mix_at_the_calibration_length(recover, monkeypatch):
+    """calibration_set: --calibration-blocks blocks of --calibration-seq-len tokens (quick: an eighth), the piece's
+    --recall-share of them recall blocks (in its --varied-recall wordings), and what progress.json records of it."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    args = argparse.Namespace(calibration_blocks=8, calibration_seq_len=4096, recall_share=0.25, varied_recall=True,
+                              quick=True)
+    blocks = recover.calibration_set(args, [], None, 4096, 5)
+    assert blocks.shape == (8, 4096 // 8)
+    text = recover.train_blocks([], 4096, 5, True, 4096)[0]
+    from_text = sum(any(torch.equal(b, t) for t in text) for b in blocks)
+    assert from_text == 8 - 2  # a quarter of the blocks are recall blocks
+    assert torch.equal(blocks, recover.fit_set([], None, 4096, 8, 0.25, 5, True, True, 4096)[0])
+    args.recall_share = 0.0
+    assert torch.equal(recover.calibration_set(args, [], None, 4096, 5), text[:8])
+    assert recover.calibration_settings(args) == {"blocks": 8, "seq_len": 4096, "recall_share": 0.0,
+                                                  "varied_recall": True}
 
 
 @pytest.mark.parametrize("argv, message", [
