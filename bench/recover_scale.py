@@ -308,9 +308,10 @@ def calibration_set(args, folders: list[Path], tokenizer, vocab: int, seed: int)
     the piece's `--recall-share` of them recall blocks (its `--varied-recall` wordings), shuffled ([n, L] long).
 
     Why the training mix, lookups included, and why 64 blocks by default (2026-12-07, RECOVERY_NOTES): a block's
-    realised fraction depends on what it holds (0.08-0.40 over 16 random training blocks of the shipped routers), so
-    16 blocks set the bias to within ~0.05 of where 64 do (the 8 blocks of a 4096 calibration realised 0.175 where
-    the held-out text realises 0.23, and calibrated to 0.25 it kept 0.37 of prose). And a context whose later
+    realised fraction depends on what it holds (0.08-0.40 over 16 random training blocks of the shipped routers, sd
+    0.07-0.10), so 8-16 blocks estimate the data's mean only to +-0.025 (one standard error; the 8 blocks of a 4096
+    calibration realised 0.175 where the held-out text realises 0.23, and calibrated to 0.25 they kept 0.37 of
+    prose), 64 to about half that. And a context whose later
     questions look up 8 lines keeps them (labelled so in the router fit): calibrated on text without lookups, such
     contexts realised 0.31 at 2k. On the mix the model trains on, the budget holds over lookups and prose together."""
     return fit_set(folders, tokenizer, vocab, args.calibration_blocks, args.recall_share, seed, args.quick,
@@ -476,7 +477,9 @@ def run_piece(args) -> dict:
     if args.recall_share:
         blocks, made = recall_mix(blocks, tokenizer, vocab, args.recall_share, seed, args.varied_recall)
         recall = {"share": args.recall_share, "distinct_blocks": made, "varied_wordings": args.varied_recall}
-    calibration_blocks = Blocks(calibration_set(args, folders[:1], tokenizer, vocab, seed + 1))
+    # the layer hybrid routes nothing (route_override): no calibration
+    calibration_blocks = None if args.layer_hybrid else Blocks(calibration_set(args, folders[:1], tokenizer, vocab,
+                                                                               seed + 1))
     heldout = heldout_blocks(folders[0] if folders else None, vocab, args.eval_blocks, args.quick)
     lr = args.lr or (1e-3 if args.stage == 1 else 1e-4)
     training = TrainingArguments(
@@ -527,7 +530,8 @@ def run_piece(args) -> dict:
         "steps": steps, "batch": args.batch, "seq_len": blocks.shape[1], "tokens": steps * args.batch * blocks.shape[1],
         "learning_rate": lr, "lora_r": args.lora_r if lora else None, "train_s": train_s,
         "lm_weight": args.lm_weight if lora else None, "kd_weight": args.kd_weight if lora else None,
-        "calibration_seq_len": args.calibration_seq_len, "calibration_set": calibration_settings(args),
+        "calibration_seq_len": args.calibration_seq_len,
+        "calibration_set": None if args.layer_hybrid else calibration_settings(args),
         "selfgen": selfgen, "recall": recall,
         "qa_turns": qa and {**qa, "share": args.qa_share},
         "tok_s": steps * args.batch * blocks.shape[1] / train_s, "total_s": time.perf_counter() - t_start,
