@@ -447,7 +447,8 @@ def main(argv=None) -> int:
     fractions = [float(f) for f in args.fractions.split(",")]
     report = {"device": torch.cuda.get_device_name(0), "versions": versions(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
-              "env": {k: os.environ[k] for k in ("TORCH_LOGS", "NATSL_FORCE_REFERENCE", "TORCHINDUCTOR_CACHE_DIR")
+              "env": {k: os.environ[k] for k in ("TORCH_LOGS", "NATSL_FORCE_REFERENCE", "TORCHINDUCTOR_CACHE_DIR",
+                                               "PYTORCH_CUDA_ALLOC_CONF")
                       if k in os.environ},
               "model": {"shape": "Llama-3.2-1B", **SHAPE, "chunk_size": 64, "num_sink_chunks": 1,
                         "dtype": "bfloat16", "weights": "random"},

@@ -573,7 +573,8 @@ def export(ckpt: Path, dest: Path) -> list[str]:
         "data": "bench/build_recovery_data.py --with-code (manifest: bench/results/recovery_data_manifest.json)",
         "heldout_evaluation": last["evaluation"],
         "pieces": [{k: p.get(k) for k in ("stage", "command", "steps", "tokens", "batch", "seq_len", "learning_rate",
-                                          "lora_r", "lm_weight", "kd_weight", "calibration_seq_len", "selfgen",
+                                          "lora_r", "lm_weight", "kd_weight", "calibration_seq_len", "calibration",
+                                          "calibration_set", "selfgen",
                                           "train_s", "tok_s", "shards", "evaluation", "device", "versions")}
                    for p in progress["pieces"]],
         "made_by": f"python bench/recover_scale.py --export {ckpt} --to {dest}",
@@ -616,10 +617,12 @@ def recalibrate(args) -> dict:
             or evaluation["source"]["tokens"] != evaluation["student"]["tokens"]:
         evaluation["source"] = evaluate(source.to(DEV), heldout, args.batch)
     evaluation["ppl_ratio"] = evaluation["student"]["ppl"] / evaluation["source"]["ppl"]
-    last.setdefault("earlier", []).append({k: last.get(k) for k in ("calibration", "calibration_seq_len", "evaluation")})
+    last.setdefault("earlier", []).append({k: last.get(k) for k in ("calibration", "calibration_seq_len",
+                                                                     "calibration_set", "evaluation")})
     last.update(calibration={"softmax_fraction_before": before, "softmax_fraction_after": after,
                              "command": shlex.join([sys.executable, *sys.argv]), "router_refit": fit},
-                calibration_seq_len=args.calibration_seq_len, evaluation=evaluation)
+                calibration_seq_len=args.calibration_seq_len, calibration_set=calibration_settings(args),
+                evaluation=evaluation)
     out = Path(args.out)
     last["checkpoint_files"] = save_checkpoint(student, out)
     (out / PROGRESS).write_text(json.dumps(progress, indent=1) + "\n")

@@ -7,6 +7,8 @@ therefore fits in a few tens of MB beside a checkpoint anyone can convert again 
     <folder>/recovered.json                       what it is: base model, conversion settings, LoRA scale,
                                                   tokens / GPU time, the run's commands, its held-out numbers
                                                   (and layer_budget_scale when trained with per-layer budgets)
+    <folder>/evaluations.json                     optional: GPU evaluations of these parameters for the model card
+                                                  (natsl_hf.metrics `evaluations`; bench/card_evaluations.py writes it)
     <folder>/model-0000k-of-0000n.safetensors     the tensors (plain NatslForCausalLM names; LoRA factors as
     <folder>/model.safetensors.index.json         `<proj>.lora_A.weight` [r, in] / `<proj>.lora_B.weight` [out, r])
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the main job read
     import torch
 
 INFO_FILE = "recovered.json"
+EVALUATIONS_FILE = "evaluations.json"
 SMOLLM2_RECOVERED = Path(__file__).resolve().parent / "recovered" / "smollm2-135m-instruct-b0.25"
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 _SMALL = 1 << 16  # tensors with fewer elements stay float32 (router, gates, norms, decay, conv)
@@ -122,4 +125,4 @@ def _apply(model, folder: Path, state: dict, info: dict) -> dict:
     return info
 
 
-__all__ = ["INFO_FILE", "SMOLLM2_RECOVERED", "apply_recovered", "export_recovered", "read_recovered"]
+__all__ = ["EVALUATIONS_FILE", "INFO_FILE", "SMOLLM2_RECOVERED", "apply_recovered", "export_recovered", "read_recovered"]

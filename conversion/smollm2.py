@@ -169,6 +169,14 @@ def recovered_info() -> dict:
     return json.loads((SMOLLM2_RECOVERED / INFO_FILE).read_text(encoding="utf-8"))
 
 
+def recovered_evaluations() -> list[dict]:
+    """The GPU evaluations shipped beside the recovered parameters (their card's further tables), [] if none."""
+    from .recovered import EVALUATIONS_FILE, SMOLLM2_RECOVERED
+
+    path = SMOLLM2_RECOVERED / EVALUATIONS_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["evaluations"] if path.is_file() else []
+
+
 def chat_inputs(tokenizer) -> tuple[dict, str]:
     """The tokenized PROMPT (batch of one) and how it was built: through the chat template, or as plain text for
     a tokenizer without one (a GGUF without `tokenizer.chat_template`)."""
@@ -663,6 +671,8 @@ def _job(parser, args, out: Path, run: _Run) -> int:
                         "perplexity gap vs source": f"{100 * gap:+.2f}%"},
             "quality_command": command,
         }
+        if not args.zero_shot:  # what the CPU cannot measure in a minute: lookups, short answers, the layer hybrid
+            metrics["evaluations"] = recovered_evaluations()
         source_ids, ids = source_answer.pop("token_ids"), answer.pop("token_ids")
         chat_report = {**answer, "source_answer": source_answer["answer"],
                        "source_generated_tokens": source_answer["generated_tokens"],

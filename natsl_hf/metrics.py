@@ -14,7 +14,10 @@ Metrics schema (all optional; several JSON files are merged left to right by `lo
     evaluations             list of {"quality": {...}, "quality_command": str, "quality_measured_on": str}:
                             further evaluations, each its own table (load_metrics puts a second file's
                             `quality` here when it was measured by another command, instead of mixing
-                            two evaluations' rows, e.g. two perplexity gaps on different texts, in one table)
+                            two evaluations' rows, e.g. two perplexity gaps on different texts, in one table);
+                            an entry may add "title" (its heading), "note" (a line under its table) and
+                            "columns": [model names], its `quality` then {metric: {column: value}}, one column
+                            per model (`side_by_side_evaluation` builds one from eval_quality reports)
     speed                   {name: number or str}, e.g. {"decode tok/s (H100, bs 1)": 151.0}
     speed_measured_on       str, device / dtype / setup of the `speed` numbers (shown under its table)
     speed_command           str, the command that measured `speed` (shown under its table)
@@ -65,6 +68,11 @@ def is_quality_report(data) -> bool:
     return isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("results"), dict)
 
 
+# bench/eval_quality.py's lookup rows (summary key prefix) and their names on a card
+LOOKUP_TASKS = (("retrieval_", "key-value retrieval"), ("needle_", "needle retrieval"),
+                ("passkey_", "needle retrieval, untrained form"))
+
+
 def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     """Card metrics from a bench/eval_quality.py report, for the model evaluated under `label`.
 
@@ -97,8 +105,7 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         quality["top-1 agreement with source"] = row["top1_agreement"]
     if "gen_prefix_match" in row:
         quality["greedy prefix match with source"] = row["gen_prefix_match"]
-    for prefix, name in (("retrieval_", "key-value retrieval"), ("needle_", "needle retrieval"),
-                         ("passkey_", "needle retrieval, untrained form")):
+    for prefix, name in LOOKUP_TASKS:
         for key, value in row.items():
             if key.startswith(prefix):  # retrieval_2048, needle_4096 (not softmax_fraction_retrieval_2048)
                 length = key[len(prefix):]
@@ -138,6 +145,85 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         metrics["measured_on"] = (metrics.get("measured_on", "") + f"; KV cache: after prefilling the {length}-token "
                                   f"retrieval contexts (softmax fraction there {there})").lstrip("; ")
     return metrics
+
+
+# the settings of bench/eval_quality.py that name files, not the evaluation: they may differ between side-by-side reports
+_PATH_SETTINGS = ("source", "out", "models", "model")
+
+
+def _summary_rows(row: dict) -> dict:
+    """One model's summary row of a bench/eval_quality.py report, {card metric name: value} (for side by side)."""
+    rows: dict = {}
+    for key, name in (("perplexity", "perplexity"), ("ppl_gap_vs_source", "perplexity gap vs source"),
+                      ("softmax_fraction", "softmax fraction (perplexity blocks)"),
+                      ("top1_agreement", "top-1 agreement with source"),
+                      ("gen_prefix_match", "greedy prefix match with source")):
+        if key in row:
+            rows[name] = f"{100.0 * row[key]:+.2f}%" if key == "ppl_gap_vs_source" else row[key]
+    for key, value in row.items():  # prose texts: perplexity_<text>, its gap and fraction
+        if key.startswith("perplexity_"):
+            text = key[len("perplexity_"):]
+            rows[f"perplexity, {text}"] = value
+            if f"ppl_gap_vs_source_{text}" in row:
+                rows[f"perplexity gap vs source, {text}"] = f"{100.0 * row[f'ppl_gap_vs_source_{text}']:+.2f}%"
+            if f"softmax_fraction_{text}" in row:
+                rows[f"softmax fraction, {text}"] = row[f"softmax_fraction_{text}"]
+    for prefix, name in LOOKUP_TASKS:
+        for key, value in row.items():
+            if key.startswith(prefix):
+                length = key[len(prefix):]
+                rows[f"{name} accuracy @{length} tokens"] = value
+                for what, label in (("softmax_fraction", "softmax fraction"), ("kv_fraction", "KV kept"),
+                                    ("pair_chunk_softmax_fraction", "looked-up chunk kept")):
+                    if f"{what}_{key}" in row:
+                        rows[f"{name} @{length} tokens: {label}"] = row[f"{what}_{key}"]
+    for key, name in (("short_qa_accuracy", "short-answer accuracy"),
+                      ("short_qa_source_correct_kept", "share of the source's correct short answers kept"),
+                      ("chat_passage_word_recall", "chat: share of the source reply's passage words kept"),
+                      ("chat_off_passage_replies", "chat: replies taking no word of their passage")):
+        if key in row:
+            rows[name] = row[key]
+    return rows
+
+
+def side_by_side_evaluation(columns, title: str | None = None) -> dict:
+    """One card evaluation of several models, one column each, from bench/eval_quality.py reports.
+
+    columns: [(column name, report, label)]: the model evaluated under `label` in `report` ("source" for the
+    report's source). Reports of one evaluation may come from separate runs (a model per call), but the rows are
+    only comparable when they measured the same thing, so reports whose settings differ in anything but file paths
+    are refused. Returns {"title", "columns", "quality": {metric: {column: value}}, "quality_command" (one line per
+    distinct command), "quality_measured_on"}; a metric a model was not measured on is absent from its cell.
+    """
+    if not columns:
+        raise ValueError("side_by_side_evaluation needs at least one (column, report, label)")
+    first = columns[0][1].get("settings") or {}
+    same = {k: v for k, v in first.items() if k not in _PATH_SETTINGS}
+    per_column: dict = {}
+    for name, report, label in columns:
+        settings = {k: v for k, v in (report.get("settings") or {}).items() if k not in _PATH_SETTINGS}
+        if settings != same:
+            differ = sorted(k for k in set(settings) | set(same) if settings.get(k) != same.get(k))
+            raise ValueError(f"column {name!r}: its report was evaluated with other settings ({', '.join(differ)}); "
+                             "side by side needs one bench/eval_quality.py evaluation (the same options) for all")
+        if label not in report["summary"]:
+            raise ValueError(f"column {name!r}: the report has no model labelled {label!r}; it has "
+                             f"{sorted(report['summary'])}")
+        per_column[name] = _summary_rows(report["summary"][label])
+    # rows in the order of the most complete column (the source lacks the routing rows), then any others
+    order = max(per_column.values(), key=len)
+    metrics = [*order, *(m for rows in per_column.values() for m in rows if m not in order)]
+    quality = {m: {name: rows[m] for name, rows in per_column.items() if m in rows} for m in dict.fromkeys(metrics)}
+    commands = list(dict.fromkeys(r["command"] for _, r, _ in columns if r.get("command")))
+    where = [f"{first['ppl_blocks']} blocks of {first['seq_len']} tokens" if "ppl_blocks" in first else None,
+             *dict.fromkeys(str(r[k]) for _, r, _ in columns for k in ("device", "dtype") if r.get(k))]
+    evaluation = {"columns": [name for name, _, _ in columns], "quality": quality,
+                  "quality_measured_on": "bench/eval_quality.py: perplexity on " + ", ".join(w for w in where if w)}
+    if title:
+        evaluation = {"title": title, **evaluation}
+    if commands:
+        evaluation["quality_command"] = "\n".join(commands)
+    return evaluation
 
 
 # the model shape a decode benchmark must share with the checkpoint before its numbers describe it
@@ -282,4 +368,5 @@ __all__ = [
     "metrics_from_decode_report",
     "metrics_from_quality_report",
     "read_metrics_file",
+    "side_by_side_evaluation",
 ]

@@ -101,11 +101,28 @@ def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
         out.append((prefix, _fmt(value) if not isinstance(value, (list, tuple)) else ", ".join(map(_fmt, value))))
 
 
+def _columns_table(evaluation: dict) -> str:
+    """A side-by-side evaluation (natsl_hf.metrics.side_by_side_evaluation): a column per model, a row per metric."""
+    columns = list(evaluation["columns"])
+    lines = ["| metric | " + " | ".join(map(_fmt, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric, cells in evaluation["quality"].items():
+        if not isinstance(cells, dict):
+            raise ValueError(f"metrics['evaluations'] with 'columns' hold {{metric: {{column: value}}}}; {metric!r} "
+                             f"has {cells!r}.")
+        lines.append(f"| {_fmt(metric)} | " + " | ".join(_fmt(cells[c]) if c in cells else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def _evaluation_text(evaluation: dict) -> str:
     """One evaluation's table, then what it was measured on and the command that measured it."""
-    rows: list[tuple[str, str]] = []
-    _flatten("", evaluation["quality"], rows)
-    text = _table(rows, ("metric", "value"))
+    if evaluation.get("columns"):
+        text = _columns_table(evaluation)
+    else:
+        rows: list[tuple[str, str]] = []
+        _flatten("", evaluation["quality"], rows)
+        text = _table(rows, ("metric", "value"))
+    if evaluation.get("note"):
+        text += f"\n\n{evaluation['note']}"
     if evaluation.get("quality_measured_on"):
         text += f"\n\nMeasured on: {_fmt(evaluation['quality_measured_on'])}"
     if evaluation.get("quality_command"):
@@ -123,10 +140,11 @@ def _quality_text(metrics: dict) -> str:
                              f"'quality_measured_on': ...}}; got {evaluation!r}.")
     if not evaluations:
         return NOT_MEASURED
-    text = _evaluation_text(evaluations[0])
-    for i, evaluation in enumerate(evaluations[1:], start=2):
-        text += f"\n\n### Evaluation {i}\n\n" + _evaluation_text(evaluation)
-    return text
+    def heading(evaluation, i):
+        title = evaluation.get("title") or (f"Evaluation {i}" if i > 1 else None)
+        return f"### {title}\n\n" if title else ""
+
+    return "\n\n".join(heading(e, i) + _evaluation_text(e) for i, e in enumerate(evaluations, start=1))
 
 
 def _layer_budgets_text(config) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -391,3 +392,54 @@ def build_help() -> str:
     from natsl_hf.hub import build_parser
 
     return build_parser().format_help()
+
+
+def test_side_by_side_evaluation_puts_each_model_in_a_column():
+    """Reports of one evaluation from separate calls (a model each) become one table, a column per model; reports
+    of another evaluation (other options) are refused; a model not measured on a row leaves its cell empty."""
+    from natsl_hf.metrics import side_by_side_evaluation
+
+    other = copy.deepcopy(QUALITY_REPORT)
+    other["command"] = "python bench/eval_quality.py --source S --model hybrid=C --text held.txt"
+    other["settings"]["source"] = "/tmp/elsewhere"  # file paths may differ
+    other["summary"] = {"source": QUALITY_REPORT["summary"]["source"],
+                        "hybrid": {"perplexity": 10.2, "ppl_gap_vs_source": 0.02, "retrieval_2048": 0.25}}
+    evaluation = side_by_side_evaluation([("source", QUALITY_REPORT, "source"), ("NAtS-L", QUALITY_REPORT, "stage2"),
+                                          ("hybrid", other, "hybrid")], title="At equal training")
+    assert evaluation["columns"] == ["source", "NAtS-L", "hybrid"]
+    assert evaluation["quality"]["key-value retrieval accuracy @2048 tokens"] == {"source": 0.875, "NAtS-L": 0.75,
+                                                                                  "hybrid": 0.25}
+    assert evaluation["quality"]["perplexity gap vs source"]["hybrid"] == "+2.00%"
+    assert evaluation["quality"]["key-value retrieval @2048 tokens: softmax fraction"] == {"NAtS-L": 0.28}
+    assert evaluation["quality_command"] == f"{QUALITY_REPORT['command']}\n{other['command']}"
+    # the rows follow the most complete column: the routing rows sit beside the accuracy they belong to
+    rows = list(evaluation["quality"])
+    assert rows.index("key-value retrieval @2048 tokens: softmax fraction") == \
+        rows.index("key-value retrieval accuracy @2048 tokens") + 1
+    text = parse(render_model_card(tiny_config(), metrics={"evaluations": [{**evaluation, "note": "Read me."}]})).text
+    assert "### At equal training\n\n| metric | source | NAtS-L | hybrid |\n|---|---|---|---|\n" in text
+    assert "| key-value retrieval accuracy @2048 tokens | 0.875 | 0.75 | 0.25 |" in text
+    assert "| key-value retrieval @2048 tokens: softmax fraction |  | 0.28 |  |" in text
+    assert "Read me.\n\nMeasured on: bench/eval_quality.py: perplexity on 16 blocks of 512 tokens, NVIDIA H100" in text
+
+    other["settings"]["seq_len"] = 1024
+    with pytest.raises(ValueError, match="'hybrid'.*other settings \\(seq_len\\)"):
+        side_by_side_evaluation([("NAtS-L", QUALITY_REPORT, "stage2"), ("hybrid", other, "hybrid")])
+    with pytest.raises(ValueError, match="no model labelled 'nope'"):
+        side_by_side_evaluation([("NAtS-L", QUALITY_REPORT, "nope")])
+    with pytest.raises(ValueError, match="column"):
+        render_model_card(tiny_config(), metrics={"evaluations": [{"columns": ["a"], "quality": {"ppl": 3.0}}]})
+
+
+def test_shipped_card_evaluations_are_rebuilt_from_the_committed_reports():
+    """conversion/recovered/*/evaluations.json is what bench/card_evaluations.py makes of bench/results' reports."""
+    from natsl_hf.conversion.recovered import EVALUATIONS_FILE, SMOLLM2_RECOVERED
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    spec = importlib.util.spec_from_file_location("card_evaluations", bench / "card_evaluations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = json.loads((SMOLLM2_RECOVERED / EVALUATIONS_FILE).read_text())["evaluations"]
+    assert module.build(module.SMOLLM2_B025, bench / "results") == shipped
+    assert [e["columns"][0] for e in shipped] == ["source", "source"]
+    render_model_card(tiny_config(), metrics={"evaluations": shipped})  # renders

@@ -92,6 +92,12 @@ def test_recalibrate_moves_only_router_biases(recover, tmp_path):
     assert last["calibration_seq_len"] == 4096 and last["calibration"]["softmax_fraction_after"] == pytest.approx(
         0.25, abs=0.1)
     assert last["earlier"][0]["calibration_seq_len"] == 2048 and last["earlier"][0]["evaluation"]["student"]["ppl"] > 0
+    # the set it was calibrated on now, and the piece's own before it; the shipped layout keeps the recalibration
+    assert last["calibration_set"]["blocks"] == 4 and last["calibration_set"]["seq_len"] == 4096
+    assert last["earlier"][0]["calibration_set"]["seq_len"] == 2048
+    assert recover.main(["--export", str(w / "r"), "--to", str(w / "ship")]) == 0
+    shipped = json.loads((w / "ship" / "recovered.json").read_text())["pieces"][-1]
+    assert shipped["calibration"] == last["calibration"] and shipped["calibration_set"] == last["calibration_set"]
 
 
 def test_refit_routers_moves_only_routers(recover, tmp_path, monkeypatch):

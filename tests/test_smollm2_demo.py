@@ -71,6 +71,7 @@ def test_main_job_saves_kv_and_reruns(tmp_path, monkeypatch, capsys):
     printed, metrics, job, card = run_job(out, capsys)
 
     assert "no chat template" in printed  # the tiny GGUF has none: plain-text prompt
+    assert "evaluations" not in metrics  # the shipped GPU evaluations describe the recovered parameters only
     # step lines in order, the first one before any work; the long steps have progress bars (stderr)
     assert printed.startswith(f"{smollm2.PROG}: SmolLM2-135M-Instruct -> NAtS-L in {out}")
     steps = [printed.index(f"[{i}/6] ") for i in range(1, 7)]
@@ -393,10 +394,17 @@ def test_main_job_applies_the_recovered_parameters(tmp_path, monkeypatch, capsys
     gguf_path = fake_package(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     folder = fake_recovered(tmp_path, gguf_path)
+    gpu = {"title": "GPU evaluation", "columns": ["source", "NAtS-L"], "quality": {"needle @2048": {"source": 0.9,
+           "NAtS-L": 0.8}}, "quality_command": "python bench/eval_quality.py ...", "quality_measured_on": "H100"}
+    (folder / recovered.EVALUATIONS_FILE).write_text(json.dumps({"evaluations": [gpu]}))
     monkeypatch.setattr(recovered, "SMOLLM2_RECOVERED", folder)
     monkeypatch.setattr(smollm2, "fit_and_calibrate", no_work)
     out = tmp_path / "out"
     printed, metrics, job, card = run_job(out, capsys, job=RECOVERED_JOB)
+    # the GPU evaluations shipped beside the parameters are the card's further tables, after the CPU one
+    assert metrics["evaluations"] == [gpu]
+    cpu, shipped = card.text.split("### GPU evaluation", 1)
+    assert "held-out perplexity" in cpu and "| metric | source | NAtS-L |\n|---|---|---|\n| needle @2048 | 0.9 | 0.8 |" in shipped
     assert "[3/6] recover: the trained NAtS-L parameters" in printed and "1000" not in printed
     assert "trained on 0.0M attention-transfer + 0.0M LM / KD tokens" in printed
     assert metrics["training"].startswith("recovered: ") and "recover" in job["seconds"]
