@@ -76,9 +76,10 @@ LOOKUP_TASKS = (("retrieval_", "key-value retrieval"), ("needle_", "needle retri
 def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
     """Card metrics from a bench/eval_quality.py report, for the model evaluated under `label`.
 
-    The report's rows are copied, never recomputed: perplexity (and the source's, and the relative
-    gap), top-1 agreement with the source, greedy prefix match, key-value and needle retrieval accuracy
-    per context length (and the needle in a form no training data holds, `passkey_`) and short-answer
+    The report's rows are copied, never recomputed (`_summary_rows`): perplexity (and the source's, and the
+    relative gap; the same on each prose text), top-1 agreement with the source, greedy prefix match, key-value
+    and needle retrieval accuracy per context length (and the needle in a form no training data holds,
+    `passkey_`), each with the softmax fraction, KV kept and looked-up chunk kept on its contexts, and short-answer
     accuracy (model and source, and the share of the source's correct answers the model keeps), the chat rows
     (the share of the source reply's passage words a reply keeps; replies taking no passage word), the
     realised softmax fraction on the perplexity blocks (overall and per NAtS-L layer), and the kept /
@@ -93,33 +94,13 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         label = labels[0]
     if label not in summary:
         raise ValueError(f"The quality report has no model labelled {label!r}; it has {labels}.")
-    row, src = summary[label], summary.get("source", {})
+    row = summary[label]
+    rows, src = _summary_rows(row), _summary_rows(summary.get("source", {}))
     quality: dict = {}
-    if "perplexity" in row:
-        quality["perplexity"] = row["perplexity"]
-    if "perplexity" in src:
-        quality["source perplexity"] = src["perplexity"]
-    if "ppl_gap_vs_source" in row:
-        quality["perplexity gap vs source"] = f"{100.0 * row['ppl_gap_vs_source']:+.2f}%"
-    if "top1_agreement" in row:
-        quality["top-1 agreement with source"] = row["top1_agreement"]
-    if "gen_prefix_match" in row:
-        quality["greedy prefix match with source"] = row["gen_prefix_match"]
-    for prefix, name in LOOKUP_TASKS:
-        for key, value in row.items():
-            if key.startswith(prefix):  # retrieval_2048, needle_4096 (not softmax_fraction_retrieval_2048)
-                length = key[len(prefix):]
-                quality[f"{name} accuracy @{length} tokens"] = value
-                if key in src:
-                    quality[f"source {name} accuracy @{length} tokens"] = src[key]
-    for key, name, of_source in (("short_qa_accuracy", "short-answer accuracy", True),
-                                 ("short_qa_source_correct_kept", "share of the source's correct short answers kept", False),
-                                 ("chat_passage_word_recall", "chat: share of the source reply's passage words kept", False),
-                                 ("chat_off_passage_replies", "chat: replies taking no word of their passage", True)):
-        if key in row:
-            quality[name] = row[key]
-            if of_source and key in src:
-                quality[f"source {name}"] = src[key]
+    for name, value in rows.items():  # each row, then the source's where it is not measured against the source
+        quality[name] = value
+        if name in src and not any(w in name for w in ("vs source", "with source")):
+            quality[f"source {name}"] = src[name]
     settings = report.get("settings") or {}
     where = []
     if "seq_len" in settings and "ppl_blocks" in settings:
@@ -148,7 +129,7 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
 
 
 # the settings of bench/eval_quality.py that name files, not the evaluation: they may differ between side-by-side reports
-_PATH_SETTINGS = ("source", "out", "models", "model")
+_PATH_SETTINGS = ("source", "out", "models", "model", "qa_file")
 
 
 def _summary_rows(row: dict) -> dict:

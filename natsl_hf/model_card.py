@@ -140,11 +140,13 @@ def _quality_text(metrics: dict) -> str:
                              f"'quality_measured_on': ...}}; got {evaluation!r}.")
     if not evaluations:
         return NOT_MEASURED
-    def heading(evaluation, i):
-        title = evaluation.get("title") or (f"Evaluation {i}" if i > 1 else None)
-        return f"### {title}\n\n" if title else ""
+    return "\n\n".join(_heading(e, i) + _evaluation_text(e) for i, e in enumerate(evaluations, start=1))
 
-    return "\n\n".join(heading(e, i) + _evaluation_text(e) for i, e in enumerate(evaluations, start=1))
+
+def _heading(evaluation: dict, i: int) -> str:
+    """An evaluation's heading: its title, else "Evaluation i" after the first (which goes under "Quality")."""
+    title = evaluation.get("title") or (f"Evaluation {i}" if i > 1 else None)
+    return f"### {title}\n\n" if title else ""
 
 
 def _layer_budgets_text(config) -> str:
