@@ -148,7 +148,7 @@ def test_calibration_set_is_the_training_mix_at_the_calibration_length(recover, 
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     args = argparse.Namespace(calibration_blocks=8, calibration_seq_len=4096, recall_share=0.25, varied_recall=True,
-                              quick=True)
+                              quick=True, calibration_recall_share=None)
     blocks = recover.calibration_set(args, [], None, 4096, 5)
     assert blocks.shape == (8, 4096 // 8)
     text = recover.train_blocks([], 4096, 5, True, 4096)[0]
@@ -159,6 +159,11 @@ def test_calibration_set_is_the_training_mix_at_the_calibration_length(recover, 
     assert torch.equal(recover.calibration_set(args, [], None, 4096, 5), text[:8])
     assert recover.calibration_settings(args) == {"blocks": 8, "seq_len": 4096, "recall_share": 0.0,
                                                   "varied_recall": True}
+    # --calibration-recall-share: a recall-richer calibration than the training mix, recorded as such
+    args.calibration_recall_share = 0.5
+    blocks = recover.calibration_set(args, [], None, 4096, 5)
+    assert sum(any(torch.equal(b, t) for t in text) for b in blocks) == 8 - 4
+    assert recover.calibration_settings(args)["recall_share"] == 0.5
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -171,6 +176,8 @@ def test_calibration_set_is_the_training_mix_at_the_calibration_length(recover, 
     (["--stage", "2", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--refit-routers"], "give --resume"),
     (["--stage", "1", "--quick", "--minutes", "1", "--work", "W", "--out", "O", "--fit-recall-share", "1"],
      "--fit-recall-share 1.0: give a share in [0, 1)"),
+    (["--recalibrate", "CKPT", "--quick", "--out", "O", "--calibration-recall-share", "-0.1"],
+     "--calibration-recall-share -0.1: give a share in [0, 1)"),
 ])
 def test_modes_refuse_bad_options_before_any_work(recover, argv, message, capsys):
     with pytest.raises(SystemExit):
