@@ -79,7 +79,7 @@ def rebuild(log: Path, label: str, settings_from: Path, command: str) -> dict:
             "settings": like["settings"],
             "note": f"rebuilt by bench/card_evaluations.py from {log.name}: results as the log printed them, summary "
                     f"by eval_quality.summarise; settings, device and versions those of {settings_from.name} (the "
-                    "same options on the same machine; git commit of that later call)",
+                    "same options, on an H100 of the same pool; the git commit is that later call's)",
             "summary": summarise(results), "results": results}
 
 
