@@ -133,7 +133,8 @@ _PATH_SETTINGS = ("source", "out", "models", "model", "qa_file")
 
 
 def _summary_rows(row: dict) -> dict:
-    """One model's summary row of a bench/eval_quality.py report, {card metric name: value} (for side by side)."""
+    """One model's summary row of a bench/eval_quality.py report as {card metric name: value}: the one naming of those
+    rows, for a single model's card (`metrics_from_quality_report`) and side by side (`side_by_side_evaluation`)."""
     rows: dict = {}
     for key, name in (("perplexity", "perplexity"), ("ppl_gap_vs_source", "perplexity gap vs source"),
                       ("softmax_fraction", "softmax fraction (perplexity blocks)"),
