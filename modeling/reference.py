@@ -392,7 +392,7 @@ def causal_depthwise_conv(
     moved (in order) behind its padding, convolved, and put back. Taking the last W-1 columns
     as the next state would keep padding for a right-padded row.
     """
-    B, T, C = x.shape
+    B, _, C = x.shape
     W = weight.shape[-1]
     if state is None:
         state = x.new_zeros(B, W - 1, C)
@@ -404,11 +404,26 @@ def causal_depthwise_conv(
         order = torch.argsort(real.to(torch.int8), dim=1, stable=True)  # padding first, then real in order
         index = order[..., None].expand(-1, -1, C)
         packed = seq.gather(1, index) * real.gather(1, order)[..., None].to(x.dtype)
-        y = F.conv1d(F.pad(packed.transpose(1, 2), (W - 1, 0)), weight.to(x.dtype), groups=C).transpose(1, 2)
+        y = _window_sum(F.pad(packed, (0, 0, W - 1, 0)), weight)
         y = torch.empty_like(y).scatter_(1, index, y)[:, W - 1:]
         return y, packed[:, packed.shape[1] - (W - 1):]
-    y = F.conv1d(seq.transpose(1, 2), weight.to(x.dtype), groups=C).transpose(1, 2)
-    return y, seq[:, seq.shape[1] - (W - 1):]
+    return _window_sum(seq, weight), seq[:, seq.shape[1] - (W - 1):]
+
+
+def _window_sum(seq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise conv of seq [B, W-1+T, C] with weight [C, 1, W], no padding -> [B, T, C] in seq's dtype:
+    y[t] = sum_w seq[t + w] weight[w], accumulated in fp32 and rounded once, as a conv kernel does.
+
+    Written as W shifted products rather than F.conv1d: compiled, they fuse with the SiLU and L2 norms that
+    follow into one pointwise kernel (forward and backward), where inductor hands F.conv1d to aten's
+    depthwise conv, a separate kernel over a transposed copy (TRAINING_NOTES 2026-12-08). W (gdn_conv_size)
+    is small, 4 by default."""
+    W, T = weight.shape[-1], seq.shape[1] - weight.shape[-1] + 1
+    taps = weight[:, 0].float()  # [C, W]
+    y = seq[:, :T].float() * taps[:, 0]
+    for w in range(1, W):
+        y = y + seq[:, w:w + T].float() * taps[:, w]
+    return y.to(seq.dtype)
 
 
 def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None):
@@ -416,7 +431,7 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, valid:
     last W-1 real inputs), valid [B,1] bool or None -> y [B,1,ch], next state (unchanged where the
     token is padding). `causal_depthwise_conv` for T = 1, without its padding sort."""
     window = torch.cat([state.to(x.dtype), x], 1)  # [B,W,ch]
-    y = (window * weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)
+    y = _window_sum(window, weight)
     nxt = window[:, 1:]
     if valid is not None:
         nxt = torch.where(valid[..., None], nxt, state.to(x.dtype))
