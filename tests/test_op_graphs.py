@@ -92,9 +92,11 @@ def test_forward_ops_are_graphed_in_training_scope_only_backward_ops_always():
 
 def test_no_graphs_when_switched_off_or_for_large_calls(monkeypatch):
     g = GraphedOp("test_op", op, forward=False, capture=CpuGraph)
-    big = torch.randn(1, graphs.MAX_TOKENS + 1, 1)
+    big = torch.randn(1, graphs.MAX_ELEMENTS + 1, 1)  # one element over the bound
     for _ in range(3):
         g(big, None, 1.0)
+    at_bound = torch.randn(2, graphs.MAX_ELEMENTS // 2, 1, dtype=torch.bfloat16)  # exactly the bound: graphed
+    assert g.wanted((at_bound, None, 1.0)) and not g.wanted((big, None, 1.0))
     monkeypatch.setenv("NATSL_CUDA_GRAPHS", "0")
     for _ in range(3):
         g(torch.randn(2, 5, 8), None, 1.0)

@@ -16,8 +16,12 @@ When a call is graphed (otherwise it runs eagerly, the same launches):
 - a forward op only inside `graph_scope(True)`, which the NAtS-L layer enters around a training forward (and its
   checkpoint recompute): an inference forward's shapes follow every prompt length, and a graph per length would hold
   its buffers; a backward op is training by nature and always graphed;
-- at most `MAX_TOKENS` tokens (B x T): a larger call keeps the GPU busy anyway, and its graph's buffers would cost
-  more memory than its launches cost time;
+- no tensor argument of more than `MAX_ELEMENTS` elements: the launches' host time is fixed (~1 ms a call), the GPU
+  time grows with the work, and around 2^25 elements of q (the forward of 8k tokens x 32 heads x 128 on an H200:
+  ~1 ms) the GPU time alone covers it, so a larger call's launches hide behind its own kernels and a graph adds only
+  its copies and buffers. The SmolLM2 shape at 16 x 2048 (q: 18.9M elements) and the 1B shape at 8k (16.8M) are
+  graphed; the 1B shape at 32k (67M), where the graphs' copies were ~4 % of the step (TRAINING_NOTES 2026-12-08),
+  is not. Elements, not bytes: the GDN op takes fp32 q / k and the softmax op bf16 ones for the same work;
 - from the `WARMUP + 1`-th call of a signature on: the first calls run eagerly, so that Triton compiles and fla's
   autotuners choose their configs there (benchmarking cannot run inside a capture).
 A capture that fails leaves its signature eager, with one warning (the results are the same, only slower). At most
@@ -38,7 +42,7 @@ from torch import Tensor
 
 WARMUP = 1  # eager calls of a signature before its capture
 MAX_GRAPHS = 8  # signatures kept per op
-MAX_TOKENS = 65536  # B x T of the largest graphed call
+MAX_ELEMENTS = 2**25  # of the largest tensor argument of a graphed call
 
 _scope = threading.local()
 
@@ -106,9 +110,9 @@ class GraphedOp:
         self.calls: dict[tuple, int] = {}  # signature -> eager calls so far
 
     def wanted(self, args: tuple) -> bool:
-        B, T = next(a for a in args if isinstance(a, Tensor)).shape[:2]
+        largest = max(a.numel() for a in args if isinstance(a, Tensor))
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        return (graphs_enabled() and (not self.forward or getattr(_scope, "training", False)) and B * T <= MAX_TOKENS
+        return (graphs_enabled() and (not self.forward or getattr(_scope, "training", False)) and largest <= MAX_ELEMENTS
                 and not capturing)
 
     def __call__(self, *args):
