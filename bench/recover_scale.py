@@ -317,29 +317,26 @@ def calibration_set(args, folders: list[Path], tokenizer, vocab: int, seed: int)
     contexts realised 0.31 at 2k. On the mix the model trains on, the budget holds over lookups and prose together;
     on 2k contexts that look up 8 lines it still realised 0.33 (piece 12), and a set with half its blocks recall
     brought them to 0.30 (CPU, 2026-12-07 session 5)."""
-    return fit_set(folders, tokenizer, vocab, args.calibration_blocks, calibration_recall_share(args), seed,
+    return fit_set(folders, tokenizer, vocab, args.calibration_blocks, set_recall_share(args, "calibration"), seed,
                    args.quick, args.varied_recall, args.calibration_seq_len)[0]
 
 
-def calibration_recall_share(args) -> float:
-    """--calibration-recall-share, by default the piece's --recall-share."""
-    return args.recall_share if args.calibration_recall_share is None else args.calibration_recall_share
+def set_recall_share(args, which: str) -> float:
+    """The recall share of the `which` set ("fit" or "calibration"): --{which}-recall-share, by default the piece's
+    --recall-share."""
+    share = getattr(args, f"{which}_recall_share")
+    return args.recall_share if share is None else share
 
 
 def calibration_settings(args) -> dict:
     """What progress.json records of `calibration_set`."""
     return {"blocks": args.calibration_blocks, "seq_len": args.calibration_seq_len,
-            "recall_share": calibration_recall_share(args), "varied_recall": args.varied_recall}
-
-
-def fit_recall_share(args) -> float:
-    """--fit-recall-share, by default the piece's --recall-share."""
-    return args.recall_share if args.fit_recall_share is None else args.fit_recall_share
+            "recall_share": set_recall_share(args, "calibration"), "varied_recall": args.varied_recall}
 
 
 def fit_settings(args) -> dict:
     """What a router fit's record in progress.json says of its fit set (`fit_set`'s recall share and wordings)."""
-    share = fit_recall_share(args)
+    share = set_recall_share(args, "fit")
     # fit_looked_up_labels: the recall lines' chunks labelled softmax (router_fit.LOOKED_UP), since 2026-12-07
     return {"fit_recall_share": share, "fit_varied_recall": args.varied_recall, "fit_looked_up_labels": share > 0}
 
@@ -509,8 +506,8 @@ def run_piece(args) -> dict:
     budgets = None
     fresh_fit = args.stage == 1 and fresh and not args.layer_hybrid
     if fresh_fit or args.refit_routers:
-        fitting = Blocks(*fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args), seed, args.quick,
-                                  args.varied_recall))
+        fitting = Blocks(*fit_set(folders, tokenizer, vocab, args.fit_blocks, set_recall_share(args, "fit"), seed,
+                                  args.quick, args.varied_recall))
         if fresh_fit and args.layer_budgets:
             budgets = trainer.allocate_layer_budgets(args.fit_blocks, fitting)
             progress["layer_budget_scale"] = unwrap(trainer.model).config.layer_budget_scale  # for later pieces
@@ -612,7 +609,7 @@ def recalibrate(args) -> dict:
     fit = None
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
         if args.refit_routers:  # on the fit set a piece's --refit-routers would use
-            blocks_fit, looked_up = fit_set(folders, tokenizer, vocab, args.fit_blocks, fit_recall_share(args),
+            blocks_fit, looked_up = fit_set(folders, tokenizer, vocab, args.fit_blocks, set_recall_share(args, "fit"),
                                             1000 * last["stage"] + len(progress["pieces"]), args.quick, args.varied_recall)
             fit = {**fit_routers(student, [{"input_ids": b[None].to(DEV), LOOKED_UP: m[None].to(DEV)}
                                            for b, m in zip(blocks_fit, looked_up)]),
