@@ -101,20 +101,15 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
         quality[name] = value
         if name in src and not any(w in name for w in ("vs source", "with source")):
             quality[f"source {name}"] = src[name]
-    settings = report.get("settings") or {}
-    where = []
-    if "seq_len" in settings and "ppl_blocks" in settings:
-        where.append(f"{settings['ppl_blocks']} blocks of {settings['seq_len']} tokens"
-                     + (f" of {settings['text']}" if settings.get("text") else ""))
-    where += [str(report[k]) for k in ("device", "dtype") if report.get(k)]
     metrics = {"quality": quality}
     if report.get("command"):
         metrics["quality_command"] = report["command"]
+    where = _measured_where(report.get("settings") or {}, [report])
     if where:
-        metrics["quality_measured_on"] = "bench/eval_quality.py: perplexity on " + ", ".join(where)
+        metrics["quality_measured_on"] = "bench/eval_quality.py: perplexity on " + where
     if row.get("softmax_fraction") is not None:
         metrics["softmax_fraction"] = row["softmax_fraction"]
-        metrics["measured_on"] = "held-out perplexity blocks (bench/eval_quality.py): " + ", ".join(where)
+        metrics["measured_on"] = "held-out perplexity blocks (bench/eval_quality.py): " + where
         layers = (((report.get("results") or {}).get(label) or {}).get("perplexity") or {}).get("layer_softmax_fraction")
         if layers is not None:
             metrics["layer_softmax_fraction"] = layers
@@ -130,6 +125,17 @@ def metrics_from_quality_report(report: dict, label: str | None = None) -> dict:
 
 # the settings of bench/eval_quality.py that name files, not the evaluation: they may differ between side-by-side reports
 _PATH_SETTINGS = ("source", "out", "models", "model", "qa_file")
+
+
+def _measured_where(settings: dict, reports: list[dict]) -> str:
+    """Where eval_quality reports evaluated with `settings` measured perplexity: the blocks and their text, then each
+    device and dtype once ("" if the reports say none of it)."""
+    where = []
+    if "seq_len" in settings and "ppl_blocks" in settings:
+        where.append(f"{settings['ppl_blocks']} blocks of {settings['seq_len']} tokens"
+                     + (f" of {settings['text']}" if settings.get("text") else ""))
+    where += dict.fromkeys(str(r[k]) for r in reports for k in ("device", "dtype") if r.get(k))
+    return ", ".join(where)
 
 
 def _summary_rows(row: dict) -> dict:
@@ -197,10 +203,10 @@ def side_by_side_evaluation(columns, title: str | None = None) -> dict:
     metrics = [*order, *(m for rows in per_column.values() for m in rows if m not in order)]
     quality = {m: {name: rows[m] for name, rows in per_column.items() if m in rows} for m in dict.fromkeys(metrics)}
     commands = list(dict.fromkeys(r["command"] for _, r, _ in columns if r.get("command")))
-    where = [f"{first['ppl_blocks']} blocks of {first['seq_len']} tokens" if "ppl_blocks" in first else None,
-             *dict.fromkeys(str(r[k]) for _, r, _ in columns for k in ("device", "dtype") if r.get(k))]
-    evaluation = {"columns": [name for name, _, _ in columns], "quality": quality,
-                  "quality_measured_on": "bench/eval_quality.py: perplexity on " + ", ".join(w for w in where if w)}
+    evaluation = {"columns": [name for name, _, _ in columns], "quality": quality}
+    where = _measured_where(first, [r for _, r, _ in columns])
+    if where:
+        evaluation["quality_measured_on"] = "bench/eval_quality.py: perplexity on " + where
     if title:
         evaluation = {"title": title, **evaluation}
     if commands:

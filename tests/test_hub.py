@@ -420,7 +420,9 @@ def test_side_by_side_evaluation_puts_each_model_in_a_column():
     assert "### At equal training\n\n| metric | source | NAtS-L | hybrid |\n|---|---|---|---|\n" in text
     assert "| key-value retrieval accuracy @2048 tokens | 0.875 | 0.75 | 0.25 |" in text
     assert "| key-value retrieval @2048 tokens: softmax fraction |  | 0.28 |  |" in text
-    assert "Read me.\n\nMeasured on: bench/eval_quality.py: perplexity on 16 blocks of 512 tokens, NVIDIA H100" in text
+    # the same line as a single model's card (the text included)
+    assert ("Read me.\n\nMeasured on: bench/eval_quality.py: perplexity on 16 blocks of 512 tokens of held.txt, "
+            "NVIDIA H100") in text
 
     other["settings"]["seq_len"] = 1024
     with pytest.raises(ValueError, match="'hybrid'.*other settings \\(seq_len\\)"):
