@@ -49,7 +49,7 @@ from .router import (
     routing_supervision_loss,
     routing_targets,
 )
-from .state import NatslLayerState, gather_open
+from .state import NatslLayerState, PackedLayout, gather_open
 from .varlen import Documents
 
 
@@ -396,12 +396,20 @@ class SourceAttention(nn.Module):
         the decode entry points of both have the same signatures."""
         return ("kernels", kernels) if self._kernels_here(x) else ("reference", reference)
 
-    def _allocate(self, x: torch.Tensor, dtype: torch.dtype, **gdn) -> NatslLayerState:
-        """An empty state of this layer's KV shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
-        call; its kept KV grows from there); gdn: `NatslLayerState.allocate`'s `natsl` and GDN sizes."""
-        return NatslLayerState.allocate(batch_size=x.shape[0], capacity=0, chunk_size=self.chunk_size,
-                                        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=dtype,
-                                        device=x.device, **gdn)
+    def _state_sizes(self) -> dict:
+        """The sizes of this layer's state (`NatslLayerState.allocate`'s, but the rows, the capacity and the dtype)."""
+        return dict(chunk_size=self.chunk_size, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, natsl=False)
+
+    def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
+        """An empty state of this layer's shapes for the rows of x [B, n, D], its KV in `dtype` (a NatslCache's first
+        call; its kept KV grows from there)."""
+        return NatslLayerState.allocate(batch_size=x.shape[0], capacity=0, dtype=dtype, device=x.device,
+                                        **self._state_sizes())
+
+    def state_layout(self, batch_size: int, dtype: torch.dtype) -> PackedLayout:
+        """Where this layer's state of `batch_size` rows, its KV in `dtype`, keeps its packed fields: how a decode step
+        over a static cache layer's buffers views them (modeling_natsl.decode_step)."""
+        return NatslLayerState.layout_for(batch_size=batch_size, dtype=dtype, **self._state_sizes())
 
     def _segment_tokens(self, p: Projected, token_mask, state: NatslLayerState | None) -> Segment:
         """The tokens a multi-token call attends over: the cached open chunk's slots, then the n new tokens."""
@@ -543,10 +551,11 @@ class NatslAttention(SourceAttention):
         means = x[:, : N * C].float().unflatten(1, (N, C)).mean(2)
         return means, target, labelled
 
-    def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
-        """An empty state with the GDN fields (`SourceAttention._allocate`)."""
-        return self._allocate(x, dtype, natsl=True, hidden_size=self.hidden_size, conv_size=self.config.gdn_conv_size,
-                              conv_channels=(self.num_heads + self.num_kv_heads) * self.head_dim)
+    def _state_sizes(self) -> dict:
+        """With the GDN fields (`SourceAttention._state_sizes`)."""
+        channels = (self.num_heads + self.num_kv_heads) * self.head_dim  # the short conv's: q and k
+        return {**super()._state_sizes(), "natsl": True, "hidden_size": self.hidden_size,
+                "conv_size": self.config.gdn_conv_size, "conv_channels": channels}
 
     def _run_dense(self, x, cos, sin):
         """`_dense`, compiled on CUDA (`compiled_dense`): one graph for every layer of the model (the layers'

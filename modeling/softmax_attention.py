@@ -47,10 +47,6 @@ class NatslSoftmaxAttention(SourceAttention):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling, enable_gqa=True,
         ).transpose(1, 2)
 
-    def _new_state(self, x: torch.Tensor, dtype: torch.dtype) -> NatslLayerState:
-        """An empty state of the KV fields and counters (`SourceAttention._allocate`)."""
-        return self._allocate(x, dtype, natsl=False)
-
     def _run_dense(self, x, cos, sin):
         return run_compiled(self, NatslSoftmaxAttention._dense, compiled_dense, x, cos, sin)
 

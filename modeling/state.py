@@ -11,6 +11,10 @@ What a layer keeps between calls, per batch row:
 - counters of the routable chunks closed, kept softmax, and sent to GDN for want of room (realised fraction).
 Full-softmax layers keep only the KV fields and counters (every chunk is softmax there).
 
+Storage: the kept KV is two tensors of its own (it grows, and its length is a dynamic size of the compiled step);
+every other field is a view of one flat buffer per dtype (`PackedLayout`), so that a compiled decode step takes a
+layer's state as a handful of inputs (two kept KV tensors and two or three buffers) instead of one per field.
+
 One layout, two allocations: NatslStaticCache allocates it once (`capacity` kept tokens per (row, KV group), fixed
 shapes, so a decode step has no host sync and can be captured); NatslCache grows the same buffers as the kept KV
 does (`grow_`; its cache layers decide when, natsl_hf/cache.py). The transitions are the same for both and update
@@ -27,7 +31,8 @@ the buffers in place:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -44,29 +49,119 @@ def tracing() -> bool:
 
 
 @dataclass
+class PackedLayout:
+    """Where a state's packed fields lie: one flat buffer per dtype (in the order the dtypes first appear among the
+    fields), each field a contiguous run of its buffer (so a field is a contiguous view, as the kernels take it)
+    starting on a 16-byte boundary. Plain Python values, a function of the layer's shapes (`of`, `layout_for`): a
+    compiled step that takes the buffers as inputs makes the views inside (`view`)."""
+
+    names: tuple[str, ...]
+    slots: tuple[tuple[int, int, tuple[int, ...]], ...]  # per field: (buffer, first element, shape)
+    dtypes: tuple[torch.dtype, ...]  # of the buffers
+    sizes: tuple[int, ...]  # elements of each buffer
+
+    ALIGN = 16  # bytes, where each field starts
+
+    @classmethod
+    def of(cls, fields: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> "PackedLayout":
+        """The layout of `fields`, ((name, dtype, shape), ...), in that order."""
+        dtypes = tuple(dict.fromkeys(dtype for _, dtype, _ in fields))
+        sizes, slots = [0] * len(dtypes), []
+        for _, dtype, shape in fields:
+            i, step = dtypes.index(dtype), max(1, cls.ALIGN // dtype.itemsize)
+            start = -(-sizes[i] // step) * step
+            slots.append((i, start, tuple(shape)))
+            sizes[i] = start + math.prod(shape)
+        return cls(tuple(name for name, _, _ in fields), tuple(slots), dtypes, tuple(sizes))
+
+    def allocate(self, device) -> tuple[torch.Tensor, ...]:
+        """Zero buffers of this layout."""
+        return tuple(torch.zeros(n, dtype=dtype, device=device) for n, dtype in zip(self.sizes, self.dtypes))
+
+    def view(self, buffers: tuple[torch.Tensor, ...], name: str) -> torch.Tensor | None:
+        """The field `name` of `buffers` (None where the layout has no such field)."""
+        if name not in self.names:
+            return None
+        i, start, shape = self.slots[self.names.index(name)]
+        return buffers[i].narrow(0, start, math.prod(shape)).view(shape)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.slots[self.names.index(name)][2]
+
+
+# Eager reads' views, per state: (its packed buffers, their views by name). Made once, not at each read (a view
+# costs microseconds, an eager decode step reads ~45 fields a layer), and kept off the state, whose attributes stay
+# only what holds its data (what transformers' output walkers map or copy: a copied view would not alias its buffer).
+_EAGER_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packed(name: str) -> property:
+    """A packed field of NatslLayerState: a view of its buffer. Traced, made at each read from the buffer the step
+    takes as an input (a view kept on the state would be an input of its own, aliasing the buffer); eager, made
+    once (`_EAGER_VIEWS`)."""
+    def read(state: "NatslLayerState") -> torch.Tensor | None:
+        if tracing():
+            return state.layout.view(state.packed, name)
+        packed, views = _EAGER_VIEWS.get(state, (None, None))
+        if packed is not state.packed:
+            views = {field: state.layout.view(state.packed, field) for field in state.layout.names}
+            _EAGER_VIEWS[state] = (state.packed, views)
+        return views.get(name)
+    return property(read)
+
+
 class NatslLayerState:
     """A layer's decode state (module docstring). `kept_k` / `kept_v` hold capacity + C slots: the last C are scratch
     that a closing chunk which is not appended writes into (so every row of `close_chunk` runs the same scatter);
     they are never counted in `kept_len`. NatslCache's layers grow the kept KV to what the rows keep (`grow_`),
-    NatslStaticCache's keep it as allocated (`check_fits`)."""
+    NatslStaticCache's keep it as allocated (`check_fits`).
 
-    seen: torch.Tensor  # [B] long
-    kept_k: torch.Tensor  # [B, Hkv, capacity + C, D]   RoPE'd keys of complete softmax chunks
-    kept_v: torch.Tensor  # [B, Hkv, capacity + C, Dv]
-    kept_len: torch.Tensor  # [B, Hkv] long, the valid prefix of kept_k / kept_v
-    open_k: torch.Tensor  # [B, C, Hkv, D]  open chunk, slot s = position open_start + s
-    open_v: torch.Tensor  # [B, C, Hkv, Dv]
-    kept_chunks: torch.Tensor  # [B, Hkv] long, routable chunks closed softmax (the realised fraction)
-    closed_chunks: torch.Tensor  # [B] long, routable chunks closed
-    overflow_chunks: torch.Tensor  # [B, Hkv] long, softmax chunks sent to GDN because the kept KV was full
-    gdn_k: torch.Tensor | None = None  # [B, C, Hkv, K]  L2-normalised GDN keys of the open chunk
-    gdn_g: torch.Tensor | None = None  # [B, C, Hkv] fp32 log decay
-    gdn_beta: torch.Tensor | None = None  # [B, C, Hkv] fp32 raw write strength
-    gdn_state: torch.Tensor | None = None  # [B, Hkv, K, V] fp32, state at the open chunk's start
-    gdn_run: torch.Tensor | None = None  # [B, Hkv, K, V] fp32, with the open chunk written as linear
-    gdn_decay: torch.Tensor | None = None  # [B, Hkv] fp32, sum of g since the open chunk's start
-    conv_state: torch.Tensor | None = None  # [B, W-1, channels] short-conv inputs
-    router_sum: torch.Tensor | None = None  # [B, hidden] fp32 sum of the open chunk's hidden states
+    Layout: `kept_k`, `kept_v` are tensors of their own; the other fields are views of `packed`, one flat buffer per
+    dtype (`layout`, a PackedLayout; the buffers in the order their dtypes first appear below): int64 (the counters and
+    `seen`), the model's dtype (the open chunk's KV and the conv window) and fp32 (the GDN inputs and states, the
+    router sum), the last two one buffer in an fp32 model. The views alias the buffers: the transitions' in-place
+    writes (`copy_`, `add_`, the Triton kernels' stores) land in them. A full-softmax layer's layout has no GDN fields
+    (they read None).
+    """
+
+    seen = _packed("seen")  # [B] long
+    kept_len = _packed("kept_len")  # [B, Hkv] long, the valid prefix of kept_k / kept_v
+    kept_chunks = _packed("kept_chunks")  # [B, Hkv] long, routable chunks closed softmax (the realised fraction)
+    closed_chunks = _packed("closed_chunks")  # [B] long, routable chunks closed
+    overflow_chunks = _packed("overflow_chunks")  # [B, Hkv] long, softmax chunks sent to GDN: the kept KV was full
+    open_k = _packed("open_k")  # [B, C, Hkv, D]  open chunk, slot s = position open_start + s
+    open_v = _packed("open_v")  # [B, C, Hkv, Dv]
+    conv_state = _packed("conv_state")  # [B, W-1, channels] short-conv inputs
+    gdn_k = _packed("gdn_k")  # [B, C, Hkv, K] fp32, L2-normalised GDN keys of the open chunk
+    gdn_g = _packed("gdn_g")  # [B, C, Hkv] fp32 log decay
+    gdn_beta = _packed("gdn_beta")  # [B, C, Hkv] fp32 raw write strength
+    gdn_state = _packed("gdn_state")  # [B, Hkv, K, V] fp32, state at the open chunk's start
+    gdn_run = _packed("gdn_run")  # [B, Hkv, K, V] fp32, with the open chunk written as linear
+    gdn_decay = _packed("gdn_decay")  # [B, Hkv] fp32, sum of g since the open chunk's start
+    router_sum = _packed("router_sum")  # [B, hidden] fp32 sum of the open chunk's hidden states
+
+    def __init__(self, kept_k: torch.Tensor, kept_v: torch.Tensor, layout: PackedLayout,
+                 packed: tuple[torch.Tensor, ...]):
+        self.kept_k = kept_k  # [B, Hkv, capacity + C, D]   RoPE'd keys of complete softmax chunks
+        self.kept_v = kept_v  # [B, Hkv, capacity + C, Dv]
+        self.layout, self.packed = layout, tuple(packed)
+
+    @staticmethod
+    def layout_for(*, batch_size: int, chunk_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   natsl: bool, hidden_size: int = 0, conv_size: int = 0, conv_channels: int = 0) -> PackedLayout:
+        """The packed fields' layout of a state of these sizes, its KV in `dtype` (`allocate`'s, and a layer's
+        attention module's: modeling.layer `state_layout`, by which a compiled decode step views the buffers)."""
+        B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
+        long, f32 = torch.long, torch.float32
+        fields = [("seen", long, (B,)), ("kept_len", long, (B, H)), ("kept_chunks", long, (B, H)),
+                  ("closed_chunks", long, (B,)), ("overflow_chunks", long, (B, H)),
+                  ("open_k", dtype, (B, C, H, D)), ("open_v", dtype, (B, C, H, D))]
+        if natsl:
+            fields += [("conv_state", dtype, (B, conv_size - 1, conv_channels)), ("gdn_k", f32, (B, C, H, D)),
+                       ("gdn_g", f32, (B, C, H)), ("gdn_beta", f32, (B, C, H)), ("gdn_state", f32, (B, H, D, D)),
+                       ("gdn_run", f32, (B, H, D, D)), ("gdn_decay", f32, (B, H)),
+                       ("router_sum", f32, (B, hidden_size))]
+        return PackedLayout.of(tuple(fields))
 
     @classmethod
     def allocate(cls, *, batch_size: int, capacity: int, chunk_size: int, num_kv_heads: int, head_dim: int,
@@ -75,34 +170,37 @@ class NatslLayerState:
         """An empty state with room for `capacity` kept tokens per (row, KV group), rounded up to whole chunks."""
         B, C, H, D = batch_size, chunk_size, num_kv_heads, head_dim
         capacity = math.ceil(capacity / C) * C
-        zeros = lambda *shape, dtype=dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        long, f32 = torch.long, torch.float32
-        gdn = {}
-        if natsl:
-            gdn = dict(gdn_k=zeros(B, C, H, D, dtype=f32), gdn_g=zeros(B, C, H, dtype=f32), gdn_beta=zeros(B, C, H, dtype=f32),
-                       gdn_state=zeros(B, H, D, D, dtype=f32), gdn_run=zeros(B, H, D, D, dtype=f32),
-                       gdn_decay=zeros(B, H, dtype=f32), conv_state=zeros(B, conv_size - 1, conv_channels),
-                       router_sum=zeros(B, hidden_size, dtype=f32))
-        return cls(
-            seen=zeros(B, dtype=long), kept_k=zeros(B, H, capacity + C, D), kept_v=zeros(B, H, capacity + C, D),
-            kept_len=zeros(B, H, dtype=long), open_k=zeros(B, C, H, D), open_v=zeros(B, C, H, D),
-            kept_chunks=zeros(B, H, dtype=long), closed_chunks=zeros(B, dtype=long),
-            overflow_chunks=zeros(B, H, dtype=long), **gdn,
-        )
+        layout = cls.layout_for(batch_size=B, chunk_size=C, num_kv_heads=H, head_dim=D, dtype=dtype, natsl=natsl,
+                                hidden_size=hidden_size, conv_size=conv_size, conv_channels=conv_channels)
+        kept = [torch.zeros(B, H, capacity + C, D, dtype=dtype, device=device) for _ in range(2)]
+        return cls(*kept, layout, layout.allocate(device))
+
+    @classmethod
+    def of(cls, kept_k: torch.Tensor, kept_v: torch.Tensor, **fields: torch.Tensor) -> "NatslLayerState":
+        """A state holding copies of `fields` (the packed fields by name, in allocation order) packed, and the kept KV
+        as given."""
+        layout = PackedLayout.of(tuple((name, t.dtype, tuple(t.shape)) for name, t in fields.items()))
+        state = cls(kept_k, kept_v, layout, layout.allocate(kept_k.device))
+        for name, t in fields.items():
+            getattr(state, name).copy_(t)
+        return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        """Every field by name: the kept KV, then the packed fields (views) in allocation order."""
+        packed = {name: getattr(self, name) for name in self.layout.names}
+        return {"kept_k": self.kept_k, "kept_v": self.kept_v, **packed}
 
     def buffers(self) -> list[torch.Tensor]:
-        return list(self.tensors().values())
+        """The tensors that hold the state: the kept KV and the packed buffers."""
+        return [self.kept_k, self.kept_v, *self.packed]
 
     def map(self, fn) -> "NatslLayerState":
-        """A new state with `fn` applied to every tensor (batch reorder / select / repeat, device moves)."""
-        return replace(self, **{name: fn(t) for name, t in self.tensors().items()})
+        """A new state with `fn` applied to every field (batch reorder / select / repeat, device moves), repacked."""
+        return NatslLayerState.of(**{name: fn(t) for name, t in self.tensors().items()})
 
     @property
     def chunk_size(self) -> int:
-        return self.open_k.shape[1]
+        return self.layout.shape("open_k")[1]
 
     @property
     def capacity(self) -> int:

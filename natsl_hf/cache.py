@@ -26,7 +26,7 @@ import numbers
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
-from .modeling.state import NatslLayerState
+from .modeling.state import NatslLayerState, PackedLayout
 
 # What a cache's layers are shaped by: a cache built from one config cannot serve a model of another
 # (`check_model`, run before the first layer reads the cache).
@@ -312,16 +312,18 @@ class NatslStaticCacheLayer(NatslCacheLayer):
         return [*self.state.buffers(), self.columns]
 
     def step_tensors(self) -> tuple[torch.Tensor, ...]:
-        """What a decode step reads and writes, as tensors (a compile region's inputs, which must be tensors:
-        modeling_natsl.decode_step_region): the column count, then the state's tensors in field order (a full-softmax
-        layer's state lacks only the trailing GDN fields). `over` is the layer again over these same buffers."""
+        """What a decode step reads and writes, as tensors (a compile region's inputs:
+        modeling_natsl.decode_step_region): the column count, then the state's buffers (`NatslLayerState.buffers`: the
+        kept KV and one packed buffer per dtype, never the fields' views, so that each is one input of the compiled
+        step). `over` is the layer again over these same buffers."""
         return (self.columns, *self.state.buffers())
 
     @classmethod
-    def over(cls, tensors: tuple[torch.Tensor, ...]) -> "NatslStaticCacheLayer":
-        """The cache layer whose buffers are `step_tensors()` (nothing allocated or copied: the step writes them)."""
-        columns, *state = tensors
-        return cls(NatslLayerState(*state), columns)  # the GDN fields a full-softmax layer lacks default to None
+    def over(cls, tensors: tuple[torch.Tensor, ...], layout: PackedLayout) -> "NatslStaticCacheLayer":
+        """The cache layer whose buffers are `step_tensors()`, its packed fields where `layout` says (the state's
+        `layout`, or its attention module's `state_layout`; nothing allocated or copied: the step writes them)."""
+        columns, kept_k, kept_v, *packed = tensors
+        return cls(NatslLayerState(kept_k, kept_v, layout, packed), columns)
 
     def reserve(self, kept_len: torch.Tensor) -> None:
         """A multi-token call that keeps more than the capacity raises, naming `max_kept_fraction`."""
@@ -347,7 +349,7 @@ class NatslStaticCacheLayer(NatslCacheLayer):
             t.zero_()
 
     def _map(self, fn) -> None:
-        for t in self.state.buffers():
+        for t in self.state.tensors().values():  # the fields (views of the packed buffers): fn's batch dim is theirs
             t.copy_(fn(t))
 
     def _fixed_batch(self, *args) -> None:

@@ -176,8 +176,13 @@ class NatslRotaryEmbedding(nn.Module):
 
 def decode_step(layer: "NatslDecoderLayer", hidden_states, cos, sin, token_mask, *cache_tensors) -> torch.Tensor:
     """One decoder layer's decode step against a NatslStaticCache layer whose buffers are `cache_tensors`
-    (NatslStaticCacheLayer.step_tensors, written in place): hidden_states [B, 1, D] -> [B, 1, D]."""
-    return layer._layer(hidden_states, (cos, sin), token_mask, NatslStaticCacheLayer.over(cache_tensors), None)[0]
+    (NatslStaticCacheLayer.step_tensors, written in place): hidden_states [B, 1, D] -> [B, 1, D]. The state's packed
+    fields are viewed where the layer's shapes put them (`state_layout`: plain ints, so that the step's inputs are
+    the buffers and nothing else)."""
+    kept_k = cache_tensors[1]
+    layout = layer.self_attn.state_layout(kept_k.shape[0], kept_k.dtype)
+    cache_layer = NatslStaticCacheLayer.over(cache_tensors, layout)
+    return layer._layer(hidden_states, (cos, sin), token_mask, cache_layer, None)[0]
 
 
 # `decode_step` as a compile region (torch.compiler.nested_compile_region), what the decoder layers call: when

@@ -292,3 +292,28 @@ def test_a_natsl_cache_decode_step_reads_no_value_on_the_host():
         with NoValueRead(), unittest.mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("tolist")):
             step = model(ids[:, :1], attention_mask=mask, position_ids=position, cache=cache).logits
         torch.testing.assert_close(step, model(ids[:, :1], cache=bare).logits, rtol=0, atol=0)
+
+
+def test_state_fields_are_views_of_its_buffers_and_map_repacks_them():
+    """A NatslCache layer's fields (all but the kept KV) are views of its packed buffers: a write through one is in
+    the buffer; `map` (batch ops, device moves) gives a state of new buffers, its fields the rows asked for, whose
+    writes leave the old state as it was."""
+    model = tiny_model(seed=4)
+    cache = NatslCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (3, 2 * C + 1)), past_key_values=cache)
+    state = next(layer.state for layer in cache.layers if layer.state.gdn_state is not None)
+    state.overflow_chunks[2].add_(3)
+    state.router_sum[1].fill_(-2.0)
+    assert torch.equal(state.layout.view(state.packed, "overflow_chunks")[2], torch.full((state.kept_len.shape[1],), 3))
+    assert bool((state.layout.view(state.packed, "router_sum")[1] == -2.0).all())
+    rows = torch.tensor([2, 0])
+    mapped = state.map(lambda t: t.index_select(0, rows))
+    assert len(mapped.packed) == len(state.packed) and mapped.layout.dtypes == state.layout.dtypes
+    for name, t in mapped.tensors().items():
+        assert torch.equal(t, getattr(state, name)[rows]), name
+    old = [b.clone() for b in state.packed]
+    mapped.seen.add_(1)
+    mapped.gdn_state.zero_()
+    assert torch.equal(mapped.layout.view(mapped.packed, "seen"), state.seen[rows] + 1)
+    assert all(torch.equal(a, b) for a, b in zip(old, state.packed))

@@ -222,10 +222,10 @@ def _chunk_close_case(B, Hkv, D, Dv, C, capacity, kept, closing, softmax, natsl)
     state = State.allocate(batch_size=B, capacity=capacity, chunk_size=C, num_kv_heads=Hkv, head_dim=D,
                            dtype=torch.float32, device="cpu", natsl=natsl, hidden_size=40, conv_size=4,
                            conv_channels=8)
-    state.kept_v = torch.zeros(B, Hkv, capacity + C, Dv)
-    state.open_v = torch.zeros(B, C, Hkv, Dv)
-    for name, t in vars(state).items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
+    fields = {**state.tensors(), "kept_v": torch.zeros(B, Hkv, capacity + C, Dv), "open_v": torch.zeros(B, C, Hkv, Dv)}
+    state = State.of(**fields)  # the value head dim the allocation does not make
+    for t in state.tensors().values():
+        if t.is_floating_point():
             t.copy_(torch.randn(t.shape, generator=g))
     state.kept_len.copy_(torch.tensor(kept))
     state.kept_chunks.copy_(torch.randint(0, 5, (B, Hkv), generator=g))

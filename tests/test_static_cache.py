@@ -435,3 +435,80 @@ def test_a_compiled_decode_step_serves_static_caches_of_every_length():
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = run(cache_len, step)
         torch.testing.assert_close(compiled, run(cache_len, model.forward))
+
+
+def _storages(tensors) -> list[int]:
+    return [t.untyped_storage().data_ptr() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_takes_each_layers_state_as_its_packed_buffers(dtype):
+    """A static cache layer's step passes the column count, the kept KV and one flat buffer per dtype of the state
+    (int64 counters, the model's dtype, fp32 GDN fields: the last two one buffer in an fp32 model), never the
+    fields' views; every other field is a contiguous view of one of those buffers. A full-softmax layer has no GDN
+    fields."""
+    model = tiny_model(seed=3, num_hidden_layers=2, natsl_layers=[1])
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=16, dtype=dtype)
+    full, natsl = cache.layers
+    assert len(full.step_tensors()) == 5  # columns, kept_k, kept_v, int64, the model's dtype
+    assert len(natsl.step_tensors()) == (5 if dtype == torch.float32 else 6)  # ... and fp32
+    for layer in cache.layers:
+        tensors = layer.step_tensors()
+        assert all(t._base is None for t in tensors) and len(set(_storages(tensors))) == len(tensors)
+        packed = _storages(layer.state.packed)
+        for name, t in layer.state.tensors().items():
+            if name not in ("kept_k", "kept_v"):
+                assert t.untyped_storage().data_ptr() in packed and t.is_contiguous(), name
+    assert full.state.gdn_state is None and full.state.conv_state is None and full.state.router_sum is None
+    assert natsl.state.gdn_run.dtype == torch.float32
+    assert natsl.state.conv_state.dtype == natsl.state.open_k.dtype == dtype
+    for layer, attention in zip(cache.layers, (block.self_attn for block in model.model.layers)):
+        assert layer.state.layout == attention.state_layout(2, dtype)  # what the decode step views the buffers by
+
+
+def test_a_compiled_decode_step_lifts_each_state_buffer_once():
+    """The compiled step's inputs hold each layer's state as its buffers: every packed buffer is one graph input, no
+    field's view is an input of its own (dynamo lifts every tensor it reaches)."""
+    import torch._dynamo
+
+    model = tiny_model(seed=8, num_hidden_layers=2, natsl_layers=[1])
+    ids = torch.randint(1, 97, (2, 7))
+    inputs = []
+
+    def backend(gm, example_inputs):
+        inputs.extend(t for t in example_inputs if isinstance(t, torch.Tensor))
+        return gm.forward
+
+    torch._dynamo.reset()
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=8)
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
+    with torch.no_grad():
+        model(ids[:, :6], past_key_values=cache)
+        compiled(ids[:, 6:], past_key_values=cache)
+    lifted = _storages(inputs)
+    for layer in cache.layers:
+        state = layer.state
+        assert all(lifted.count(p) == 1 for p in _storages(layer.step_tensors()))
+        views = [t for name, t in state.tensors().items() if name not in ("kept_k", "kept_v")]
+        assert not any(t.data_ptr() == i.data_ptr() and t.shape == i.shape for t in views for i in inputs)
+
+
+def test_writes_through_a_static_layers_fields_land_in_its_buffers_and_a_reorder_keeps_them():
+    """The fields alias the packed buffers: an in-place write through one is in the buffer (read back by the layout,
+    as a compiled step views it), and a beam reorder (`reorder_cache`) moves the rows inside the same buffers."""
+    model = tiny_model(seed=9, num_hidden_layers=2, natsl_layers=[1])
+    cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=16)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (2, 6)), past_key_values=cache)
+    layer = cache.layers[1]
+    state, buffers = layer.state, list(layer.state.packed)
+    state.kept_chunks[1].add_(5)
+    state.gdn_run[0].fill_(7.0)
+    assert torch.equal(state.layout.view(state.packed, "kept_chunks")[1], torch.full((2,), 5))
+    assert bool((state.layout.view(state.packed, "gdn_run")[0] == 7.0).all())
+    before = {name: t.clone() for name, t in state.tensors().items()}
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert all(a is b for a, b in zip(layer.state.packed, buffers))
+    for name, t in layer.state.tensors().items():
+        assert torch.equal(t, before[name].flip(0)), name
+    assert torch.equal(layer.state.kept_chunks[0], torch.full((2,), 5))
