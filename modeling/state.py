@@ -12,8 +12,9 @@ What a layer keeps between calls, per batch row:
 Full-softmax layers keep only the KV fields and counters (every chunk is softmax there).
 
 Storage: the kept KV is two tensors of its own (it grows, and its length is a dynamic size of the compiled step);
-every other field is a view of one flat buffer per dtype (`PackedLayout`), so that a compiled decode step takes a
-layer's state as a handful of inputs (two kept KV tensors and two or three buffers) instead of one per field.
+every other field is a view of one of three flat buffers (`PackedLayout`, `BUFFER_OF`: the counters, the open chunk,
+the GDN side), so that a compiled decode step takes a layer's state as a handful of inputs (two kept KV tensors and
+two or three buffers) instead of one per field.
 
 One layout, two allocations: NatslStaticCache allocates it once (`capacity` kept tokens per (row, KV group), fixed
 shapes, so a decode step has no host sync and can be captured); NatslCache grows the same buffers as the kept KV
@@ -48,15 +49,31 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+# The flat buffer that holds each packed field: the counters ("counters", int64), the open chunk's softmax KV and the
+# conv window ("open", the model's dtype), the GDN fields and the router's sum ("gdn", fp32). The fused decode
+# kernels take these buffers and the fields' offsets (`NatslLayerState.buffer`, `PackedLayout.offset`), not the
+# fields: inductor lets a user Triton kernel write a compiled step's input in place only when the argument is the
+# input itself; an argument that is a view of one is cloned before the kernel and copied back after it
+# (torch/_inductor/fx_passes/reinplace.py, `can_inplace`), two small copies per field, layer and token. By name, not
+# by dtype: an fp32 model keeps "open" and "gdn" apart too, so that a kernel writing fields of both never takes two
+# arguments that alias one tensor.
+BUFFER_OF = {
+    **dict.fromkeys(("seen", "kept_len", "kept_chunks", "closed_chunks", "overflow_chunks"), "counters"),
+    **dict.fromkeys(("open_k", "open_v", "conv_state"), "open"),
+    **dict.fromkeys(("gdn_k", "gdn_g", "gdn_beta", "gdn_state", "gdn_run", "gdn_decay", "router_sum"), "gdn"),
+}
+
+
 @dataclass
 class PackedLayout:
-    """Where a state's packed fields lie: one flat buffer per dtype (in the order the dtypes first appear among the
-    fields), each field a contiguous run of its buffer (so a field is a contiguous view, as the kernels take it)
-    starting on a 16-byte boundary. Plain Python values, a function of the layer's shapes (`of`, `layout_for`): a
-    compiled step that takes the buffers as inputs makes the views inside (`view`)."""
+    """Where a state's packed fields lie: flat buffers (`BUFFER_OF`, in the order they first appear among the fields),
+    each field a contiguous run of its buffer (so a field is a contiguous view, as the kernels take it) starting on a
+    16-byte boundary. Plain Python values, a function of the layer's shapes (`of`, `layout_for`): a compiled step that
+    takes the buffers as inputs makes the views inside (`view`)."""
 
     names: tuple[str, ...]
     slots: tuple[tuple[int, int, tuple[int, ...]], ...]  # per field: (buffer, first element, shape)
+    buffer_names: tuple[str, ...]  # "counters", "open", "gdn" (those the fields use)
     dtypes: tuple[torch.dtype, ...]  # of the buffers
     sizes: tuple[int, ...]  # elements of each buffer
 
@@ -65,14 +82,18 @@ class PackedLayout:
     @classmethod
     def of(cls, fields: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> "PackedLayout":
         """The layout of `fields`, ((name, dtype, shape), ...), in that order."""
-        dtypes = tuple(dict.fromkeys(dtype for _, dtype, _ in fields))
-        sizes, slots = [0] * len(dtypes), []
-        for _, dtype, shape in fields:
-            i, step = dtypes.index(dtype), max(1, cls.ALIGN // dtype.itemsize)
+        buffer_names = tuple(dict.fromkeys(BUFFER_OF[name] for name, _, _ in fields))
+        dtypes = {}
+        sizes, slots = [0] * len(buffer_names), []
+        for name, dtype, shape in fields:
+            i, step = buffer_names.index(BUFFER_OF[name]), max(1, cls.ALIGN // dtype.itemsize)
+            if dtypes.setdefault(i, dtype) != dtype:
+                raise ValueError(f"{name} is {dtype}, the other fields of the {buffer_names[i]!r} buffer {dtypes[i]}")
             start = -(-sizes[i] // step) * step
             slots.append((i, start, tuple(shape)))
             sizes[i] = start + math.prod(shape)
-        return cls(tuple(name for name, _, _ in fields), tuple(slots), dtypes, tuple(sizes))
+        return cls(tuple(name for name, _, _ in fields), tuple(slots), buffer_names,
+                   tuple(dtypes[i] for i in range(len(buffer_names))), tuple(sizes))
 
     def allocate(self, device) -> tuple[torch.Tensor, ...]:
         """Zero buffers of this layout."""
@@ -87,6 +108,10 @@ class PackedLayout:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.slots[self.names.index(name)][2]
+
+    def offset(self, name: str) -> int:
+        """The first element of field `name` in its buffer."""
+        return self.slots[self.names.index(name)][1]
 
 
 # Eager reads' views, per state: (its packed buffers, their views by name). Made once, not at each read (a view
@@ -116,12 +141,12 @@ class NatslLayerState:
     they are never counted in `kept_len`. NatslCache's layers grow the kept KV to what the rows keep (`grow_`),
     NatslStaticCache's keep it as allocated (`check_fits`).
 
-    Layout: `kept_k`, `kept_v` are tensors of their own; the other fields are views of `packed`, one flat buffer per
-    dtype (`layout`, a PackedLayout; the buffers in the order their dtypes first appear below): int64 (the counters and
-    `seen`), the model's dtype (the open chunk's KV and the conv window) and fp32 (the GDN inputs and states, the
-    router sum), the last two one buffer in an fp32 model. The views alias the buffers: the transitions' in-place
-    writes (`copy_`, `add_`, the Triton kernels' stores) land in them. A full-softmax layer's layout has no GDN fields
-    (they read None).
+    Layout: `kept_k`, `kept_v` are tensors of their own; the other fields are views of `packed`, flat buffers
+    (`layout`, a PackedLayout; `BUFFER_OF`, in the order below): "counters", int64 (the counters and `seen`); "open",
+    the model's dtype (the open chunk's KV and the conv window); "gdn", fp32 (the GDN inputs and states, the router
+    sum). The views alias the buffers: the transitions' in-place writes (`copy_`, `add_`) land in them; the fused
+    kernels write through the buffers themselves (`buffer`, `layout.offset`). A full-softmax layer's layout has no
+    GDN fields (they read None) and no "gdn" buffer.
     """
 
     seen = _packed("seen")  # [B] long
@@ -193,6 +218,12 @@ class NatslLayerState:
     def buffers(self) -> list[torch.Tensor]:
         """The tensors that hold the state: the kept KV and the packed buffers."""
         return [self.kept_k, self.kept_v, *self.packed]
+
+    def buffer(self, name: str) -> torch.Tensor | None:
+        """The packed buffer `name` ("counters", "open", "gdn"; None where the layout has none: a full-softmax layer's
+        "gdn"), as a fused kernel that writes its fields takes it, with their `layout.offset`s."""
+        names = self.layout.buffer_names
+        return self.packed[names.index(name)] if name in names else None
 
     def map(self, fn) -> "NatslLayerState":
         """A new state with `fn` applied to every field (batch reorder / select / repeat, device moves), repacked."""

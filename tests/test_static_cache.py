@@ -443,15 +443,17 @@ def _storages(tensors) -> list[int]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_step_takes_each_layers_state_as_its_packed_buffers(dtype):
-    """A static cache layer's step passes the column count, the kept KV and one flat buffer per dtype of the state
-    (int64 counters, the model's dtype, fp32 GDN fields: the last two one buffer in an fp32 model), never the
-    fields' views; every other field is a contiguous view of one of those buffers. A full-softmax layer has no GDN
-    fields."""
+    """A static cache layer's step passes the column count, the kept KV and the state's flat buffers (the int64
+    counters, the open chunk in the model's dtype, the fp32 GDN fields: apart in an fp32 model too, so that a kernel
+    writing both never takes aliasing arguments), never the fields' views; every other field is a contiguous view of
+    one of those buffers. A full-softmax layer has no GDN fields and no GDN buffer."""
     model = tiny_model(seed=3, num_hidden_layers=2, natsl_layers=[1])
     cache = NatslStaticCache(model.config, max_batch_size=2, max_cache_len=16, dtype=dtype)
     full, natsl = cache.layers
-    assert len(full.step_tensors()) == 5  # columns, kept_k, kept_v, int64, the model's dtype
-    assert len(natsl.step_tensors()) == (5 if dtype == torch.float32 else 6)  # ... and fp32
+    assert len(full.step_tensors()) == 5 and full.state.buffer("gdn") is None  # columns, kept_k, kept_v, 2 buffers
+    assert len(natsl.step_tensors()) == 6  # ... and the GDN buffer
+    assert natsl.state.layout.buffer_names == ("counters", "open", "gdn")
+    assert natsl.state.layout.dtypes == (torch.long, dtype, torch.float32)
     for layer in cache.layers:
         tensors = layer.step_tensors()
         assert all(t._base is None for t in tensors) and len(set(_storages(tensors))) == len(tensors)

@@ -21,12 +21,18 @@ from .utils import _pow2
 
 @triton.jit
 def _chunk_close_kernel(
-    CLOSING, SOFTMAX, ROUTABLE, KEPT_K, KEPT_V, KEPT_LEN, OPEN_K, OPEN_V, KEPT_CHUNKS, CLOSED_CHUNKS, OVERFLOW,
-    S0, RUN, DECAY, ROUTER_SUM,
+    CLOSING, SOFTMAX, ROUTABLE, KEPT_K, KEPT_V, COUNTERS, OPEN, GDN,
+    off_kept_len, off_kept_chunks, off_closed_chunks, off_overflow, off_open_k, off_open_v,
+    off_s0, off_run, off_decay, off_router_sum,
     HKV, L, CAP, HIDDEN,
     C: tl.constexpr, BC: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     NATSL: tl.constexpr, BH: tl.constexpr,
 ):
+    """The state's fields where the layout puts them in its "counters", "open" and "gdn" buffers
+    (NatslLayerState.buffer, layout.offset; GDN and its offsets unused when not NATSL)."""
+    KEPT_LEN, KEPT_CHUNKS = COUNTERS + off_kept_len, COUNTERS + off_kept_chunks
+    CLOSED_CHUNKS, OVERFLOW = COUNTERS + off_closed_chunks, COUNTERS + off_overflow
+    OPEN_K, OPEN_V = OPEN + off_open_k, OPEN + off_open_v
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     bh = b * HKV + h
@@ -50,6 +56,7 @@ def _chunk_close_kernel(
     if h == 0:
         tl.store(CLOSED_CHUNKS + b, tl.load(CLOSED_CHUNKS + b) + counted.to(tl.int64))
     if NATSL:
+        S0, RUN, DECAY, ROUTER_SUM = GDN + off_s0, GDN + off_run, GDN + off_decay, GDN + off_router_sum
         if closing:
             ok, ov = tl.arange(0, BD), tl.arange(0, BDV)
             sp = bh * D * DV + ok[:, None] * DV + ov[None, :]
@@ -72,16 +79,16 @@ def close_chunk(state, closing: torch.Tensor, softmax: torch.Tensor, routable: t
     B, HKV, L, D = state.kept_k.shape
     C, DV = state.chunk_size, state.kept_v.shape[-1]
     natsl = state.gdn_state is not None
-    tensors = [state.kept_k, state.kept_v, state.kept_len, state.open_k, state.open_v, state.kept_chunks,
-               state.closed_chunks, state.overflow_chunks]
-    if natsl:
-        tensors += [state.gdn_state, state.gdn_run, state.gdn_decay, state.router_sum]
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("close_chunk updates the NatslLayerState buffers in place: they must be contiguous "
+    if not (state.kept_k.is_contiguous() and state.kept_v.is_contiguous()):
+        raise ValueError("close_chunk appends to the kept KV in place: kept_k / kept_v must be contiguous "
                          "(as NatslLayerState.allocate makes them).")
+    offset = state.layout.offset
+    gdn_fields = ("gdn_state", "gdn_run", "gdn_decay", "router_sum")
     _chunk_close_kernel[(B, HKV)](
-        closing.contiguous(), softmax.contiguous(), routable.contiguous(), *tensors[:8],
-        *(tensors[8:] if natsl else (None,) * 4),  # a full-softmax layer has no GDN state (NATSL=False)
+        closing.contiguous(), softmax.contiguous(), routable.contiguous(), state.kept_k, state.kept_v,
+        state.buffer("counters"), state.buffer("open"), state.buffer("gdn"),  # no "gdn" buffer in a full-softmax layer
+        *(offset(name) for name in ("kept_len", "kept_chunks", "closed_chunks", "overflow_chunks", "open_k", "open_v")),
+        *(offset(name) if natsl else 0 for name in gdn_fields),
         HKV, L, state.capacity, state.router_sum.shape[-1] if natsl else 0,
         C=C, BC=_pow2(C), D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), NATSL=natsl, BH=1024, num_warps=4,
     )

@@ -13,7 +13,9 @@ Torch ran these as ~30 kernels per layer and token (profile in bench/results/mod
 872 kernels per token at 8k against the source's 351); the a_proj / b_proj matmuls stay outside, where
 a LoRA adapter on them still applies.
 
-Layout: every tensor as the state allocates it (contiguous); q, k, v, a, b contiguous rows. fp32 maths.
+Layout: the state's fields are contiguous runs of its packed buffers, which the kernel takes with the fields' offsets
+(a compiled decode step then hands the kernel its graph inputs to write, not views of them: modeling/state.py
+`BUFFER_OF`); q, k, v, a, b contiguous rows. fp32 maths.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .utils import _pow2
 
 @triton.jit
 def _gdn_decode_kernel(
-    Q, K, V, A, BETA_IN, VALID, W, A_LOG, DT_BIAS, CONV, GK, GG, GB, RUN, S0, DECAY, SEEN, O,
+    Q, K, V, A, BETA_IN, VALID, W, A_LOG, DT_BIAS, OPEN, GDN, COUNTERS, O,
+    off_conv, off_gk, off_gg, off_gb, off_run, off_s0, off_decay, off_seen,
     scale, HQ, HKV, CH, C,
     G: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
     WIN: tl.constexpr, BW: tl.constexpr,
@@ -36,7 +39,12 @@ def _gdn_decode_kernel(
     store computes (the compiler cannot move it above a store to memory it may alias), so the per-channel
     "conv, then slide the window" steps of the earlier kernel were ~10 dependent trips to memory, ~16 us a call at
     batch 1 on an H100 (the second-largest NAtS-L kernel of the 8k decode step: bench/MODEL_BENCH_NOTES.md). The conv
-    runs on one [BR, BD] tile of channels: rows 0..G-1 the group's q heads, row G its k head."""
+    runs on one [BR, BD] tile of channels: rows 0..G-1 the group's q heads, row G its k head. The state's fields are
+    where the layout puts them in its "open", "gdn" and "counters" buffers (NatslLayerState.buffer, layout.offset)."""
+    CONV = OPEN + off_conv
+    GK, GG, GB = GDN + off_gk, GDN + off_gg, GDN + off_gb
+    RUN, S0, DECAY = GDN + off_run, GDN + off_s0, GDN + off_decay
+    SEEN = COUNTERS + off_seen
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     bh = b * HKV + h
@@ -108,17 +116,14 @@ def gdn_decode_step(q, k, v, a, b, valid, conv_weight, A_log, dt_bias, state, sc
     D = k.shape[1] // HKV
     HQ, DV = q.shape[1] // D, v.shape[-1]
     CH, WIN = conv_weight.shape[0], conv_weight.shape[-1]
-    buffers = (state.conv_state, state.gdn_k, state.gdn_g, state.gdn_beta, state.gdn_run, state.gdn_state,
-               state.gdn_decay, state.seen)
-    if not all(t.is_contiguous() for t in buffers):
-        raise ValueError("gdn_decode_step updates the NatslLayerState buffers in place: they must be contiguous "
-                         "(as NatslLayerState.allocate makes them).")
     assert CH == (HQ + HKV) * D and state.gdn_run.shape == (B, HKV, D, DV) and HQ % HKV == 0
     o = torch.empty(B, HQ, DV, device=q.device, dtype=torch.float32)
+    offset = state.layout.offset
     _gdn_decode_kernel[(B, HKV)](
         q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(), b.contiguous(), valid.contiguous(),
-        conv_weight.contiguous(), A_log, dt_bias, state.conv_state, state.gdn_k, state.gdn_g, state.gdn_beta,
-        state.gdn_run, state.gdn_state, state.gdn_decay, state.seen, o,
+        conv_weight.contiguous(), A_log, dt_bias, state.buffer("open"), state.buffer("gdn"), state.buffer("counters"),
+        o, *(offset(name) for name in ("conv_state", "gdn_k", "gdn_g", "gdn_beta", "gdn_run", "gdn_state",
+                                       "gdn_decay", "seen")),
         scale, HQ, HKV, CH, state.chunk_size,
         G=HQ // HKV, BR=triton.next_power_of_2(HQ // HKV + 1), D=D, BD=_pow2(D), DV=DV, BDV=_pow2(DV), WIN=WIN,
         BW=triton.next_power_of_2(max(WIN - 1, 1)),
