@@ -99,8 +99,12 @@ def versions() -> dict:
     try:
         import subprocess
 
-        out["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
+        git = ["git", "-C", str(REPO)]
+        out["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        # tracked files changed against that commit: the numbers are of the tree, not of the commit alone
+        out["git_dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                               capture_output=True, text=True, check=True).stdout.strip())
     except Exception:  # noqa: BLE001 - not a git checkout
         pass
     return out
@@ -675,6 +679,7 @@ def main(argv=None) -> int:
     data = prepare_data(args, tokenizer, device)
 
     results, t_start = {}, time.time()
+    run_versions = versions()  # at the start: the code that runs, not the checkout at the end of a long run
     for label, path in [("source", args.source), *models]:
         t0 = time.time()
         model = load_model(path, device, dtype)
@@ -698,7 +703,7 @@ def main(argv=None) -> int:
                                                                   else __file__, *argv]),
         "device": device_info(device),
         "dtype": args.dtype,
-        "versions": versions(),
+        "versions": run_versions,
         "settings": {k: v for k, v in vars(args).items() if k not in ("model",)},
         "note": args.note,
         "summary": summarise(results),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -52,6 +53,10 @@ def test_eval_quality_on_a_tiny_conversion(tmp_path):
                              "--passkey-contexts", "2", "--qa-file", str(qa), "--qa-context", "40", "--qa-tokens", "3", "--qa-batch-size", "2",
                              "--chat-prompts", "2", "--chat-passage", "24", "--chat-tokens", "3"]) == 0
     report = json.loads(out.read_text())
+    head = subprocess.run(["git", "-C", str(EVAL.parent.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the commit the run started on, and whether tracked files differed from it
+        assert report["versions"]["git_commit"] == head.stdout.strip()
+        assert isinstance(report["versions"]["git_dirty"], bool)
     src_row, row = report["summary"]["source"], report["summary"]["init"]
     # freshly converted: every chunk softmax, the source's numbers exactly
     assert abs(row["ppl_gap_vs_source"]) < 1e-5 and row["top1_agreement"] == 1.0 and row["gen_prefix_match"] == 1.0
