@@ -18,7 +18,7 @@
 #                                        # -> /tmp/rw0/ckpt (+ $OUT/refit): evaluate it with EVAL_CKPT=/tmp/rw0/ckpt, go on
 #                                        # from it with RESUME=/tmp/rw0/ckpt
 #   bash bench/recovery_gpu.sh recalibrate  # the same without the fit: RESUME's router biases set again (RECAL_ARGS, by
-#                                        # default at 2048 on half recall blocks), no training -> /tmp/rw0/ckpt
+#                                        # default as piece 12's: 64 x 2048, recall 0.2), no training -> /tmp/rw0/ckpt
 #   bash bench/recovery_gpu.sh eval      # export EVAL_CKPT (default /tmp/rw2/ckpt, the last stage-2 piece's) as the shipped
 #                                        # layout -> $OUT/ship, bench/eval_quality.py -> $OUT/quality.*
 #   bash bench/recovery_gpu.sh compare   # COMPARE="LABEL=FOLDER ..." (shipped layouts, carried): all of them and the source
@@ -34,9 +34,9 @@ export PYTHONPATH=/tmp/site:/tmp/shim
 STAGE1_ARGS=${STAGE1_ARGS:---minutes 5 --max-steps 624 --recall-share 0.2 --layer-budgets}
 STAGE2_ARGS=${STAGE2_ARGS:---minutes 8 --recall-share 0.2 --lm-weight 0.25}  # KD-weighted since piece 6 (RECOVERY_NOTES)
 REFIT_ARGS=${REFIT_ARGS:---fit-recall-share 0.5 --fit-blocks 256}
-# at the evaluated length, on a recall-rich set: piece 12 at 4096 over-kept at 2048, and half recall blocks brought
-# the 2k key-value contexts to 0.30 (CPU, RECOVERY_NOTES 2026-12-07 session 5)
-RECAL_ARGS=${RECAL_ARGS:---calibration-seq-len 2048 --calibration-blocks 32 --calibration-recall-share 0.5 --varied-recall}
+# at the evaluated length, as the shipped piece 12 was (a recall-rich set, --calibration-recall-share 0.5, brought the
+# 2k key-value contexts to 0.30 on the CPU but cost the 4k lookups: RECOVERY_NOTES 2026-12-08)
+RECAL_ARGS=${RECAL_ARGS:---calibration-seq-len 2048 --calibration-blocks 64 --calibration-recall-share 0.2 --varied-recall}
 RESUME=${RESUME:-/tmp/rw1/ckpt}
 EVAL_CKPT=${EVAL_CKPT:-/tmp/rw2/ckpt}
 copy_data() { rm -rf /tmp/rd && cp -r runs/recovery-data /tmp/rd; }  # the carried shards, where the pieces read them
