@@ -26,8 +26,9 @@
 #
 # Prepared here (CPU): `python bench/build_recovery_data.py --with-code` (runs/recovery-data), the GGUF split in
 # two (`split -n 2 -d GGUF runs/carry-x.` -> runs/carry-a/gguf.00, runs/carry-b/gguf.01), the wheels the GPU image
-# lacks in .whl/ (flash-linear-attention, fla-core 0.6.0, peft, gguf), and the tracked safetensors moved out of the
-# tree (a call carries <= 64 MiB). STAGE1_ARGS / STAGE2_ARGS / EVAL_ARGS override the recipe below.
+# lacks in .whl/ (flash-linear-attention, fla-core 0.6.0, peft, gguf), and before each call the tree that call carries
+# (<= 64 MiB: `bash bench/device_tree.sh none|recovered|b0.125`, `restore` after). STAGE1_ARGS / STAGE2_ARGS /
+# EVAL_ARGS override the recipe below.
 set -euo pipefail
 G=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:/tmp/shim
