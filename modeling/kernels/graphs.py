@@ -20,8 +20,9 @@ When a call is graphed (otherwise it runs eagerly, the same launches):
   time grows with the work, and around 2^25 elements of q (the forward of 8k tokens x 32 heads x 128 on an H200:
   ~1 ms) the GPU time alone covers it, so a larger call's launches hide behind its own kernels and a graph adds only
   its copies and buffers. The SmolLM2 shape at 16 x 2048 (q: 18.9M elements) and the 1B shape at 8k (16.8M) are
-  graphed; the 1B shape at 32k (67M), where the graphs' copies were ~4 % of the step (TRAINING_NOTES 2026-12-08),
-  is not. Elements, not bytes: the GDN op takes fp32 q / k and the softmax op bf16 ones for the same work;
+  graphed; the 1B shape at 32k (67M) is not (its step is GPU-bound, and at 8k the replays' copies were already ~4 % of
+  it: TRAINING_NOTES 2026-12-08). Elements, not bytes: the GDN op takes fp32 q / k and the softmax op bf16 ones
+  for the same work;
 - from the `WARMUP + 1`-th call of a signature on: the first calls run eagerly, so that Triton compiles and fla's
   autotuners choose their configs there (benchmarking cannot run inside a capture).
 A capture that fails leaves its signature eager, with one warning (the results are the same, only slower). At most
@@ -112,8 +113,8 @@ class GraphedOp:
     def wanted(self, args: tuple) -> bool:
         largest = max(a.numel() for a in args if isinstance(a, Tensor))
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        return (graphs_enabled() and (not self.forward or getattr(_scope, "training", False)) and largest <= MAX_ELEMENTS
-                and not capturing)
+        return (graphs_enabled() and (not self.forward or getattr(_scope, "training", False))
+                and largest <= MAX_ELEMENTS and not capturing)
 
     def __call__(self, *args):
         if not self.wanted(args):
