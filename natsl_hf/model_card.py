@@ -83,11 +83,13 @@ def _layers_text(layers: list[int], num_layers: int) -> str:
     return f"{', '.join(runs)} ({len(layers)} of {num_layers})"
 
 
-def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A markdown table: each row a name (formatted here) and its formatted cells, one per header column after the
+    first."""
     if not rows:
         return NOT_MEASURED
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {_fmt(k)} | {v} |" for k, v in rows]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join([_fmt(name), *cells]) + " |" for name, *cells in rows]
     return "\n".join(lines)
 
 
@@ -104,13 +106,13 @@ def _flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
 def _columns_table(evaluation: dict) -> str:
     """A side-by-side evaluation (natsl_hf.metrics.side_by_side_evaluation): a column per model, a row per metric."""
     columns = list(evaluation["columns"])
-    lines = ["| metric | " + " | ".join(map(_fmt, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = []
     for metric, cells in evaluation["quality"].items():
         if not isinstance(cells, dict):
             raise ValueError(f"metrics['evaluations'] with 'columns' hold {{metric: {{column: value}}}}; {metric!r} "
                              f"has {cells!r}.")
-        lines.append(f"| {_fmt(metric)} | " + " | ".join(_fmt(cells[c]) if c in cells else "" for c in columns) + " |")
-    return "\n".join(lines)
+        rows.append((metric, *(_fmt(cells[c]) if c in cells else "" for c in columns)))
+    return _table(rows, ("metric", *map(_fmt, columns)))
 
 
 def _evaluation_text(evaluation: dict) -> str:
